@@ -1,0 +1,173 @@
+"""The one console script, `z2all <stage> [<command>] [options]`: the only place that knows every stage.
+
+    z2all --help                      list the stages
+    z2all data convert --help         every option of one command, with its help text
+    z2all train --config configs/demo_cpu.toml --optim.lr=1e-3
+    torchrun --standalone --nproc_per_node=2 -m z2all train --config configs/demo_cpu.toml
+
+Each command is a module exposing a dataclass `Config` and `run(cfg)`. Options are generated from the
+dataclass: every leaf is `--section.key VALUE` (also `--section.key=VALUE`); top-level leaves also get a
+dashed alias (`--memory-budget`). `--config FILE.toml` loads a preset; precedence is
+defaults < TOML < command line. Modules are imported only when their command runs (fast `--help`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import sys
+from dataclasses import dataclass
+
+from z2all.config import ConfigError, _strip_optional, leaves, load_config
+from z2all.utils import UserError
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    module: str  # defines `Config` (a dataclass) and `run(cfg)`
+
+
+# stage -> Command, or stage -> (help, {command -> Command}). A test pins this table.
+STAGES: dict[str, Command | tuple[str, dict[str, Command]]] = {
+    "data": ("corpus preparation: raw corpora -> unified shards -> token files", {
+        "convert": Command("stream raw corpora into unified jsonl shards (clean, dedup, manifest)",
+                           "z2all.data.convert"),
+        "tokenize": Command("shards + tokenizer -> memory-mapped train/val token files", "z2all.data.tokenize"),
+    }),
+    "tokenizer": ("byte-level BPE tokenizer", {
+        "train": Command("train a tokenizer (backends: z2all, hf, spm) in bounded memory", "z2all.tokenizer.train"),
+        "eval": Command("bytes/token and chars/token per domain vs other tokenizers", "z2all.tokenizer.evaluate"),
+    }),
+    "train": Command("pretrain a Z2all model (one CPU to many GPUs through torchrun)", "z2all.train.pretrain"),
+    "generate": Command("sample text from a checkpoint with a KV cache", "z2all.model.generate"),
+    "export": ("export a checkpoint to other ecosystems", {
+        "hf": Command("write a standard Hugging Face LlamaForCausalLM directory", "z2all.model.hf_compat"),
+    }),
+    "bench": ("benchmarks that print markdown tables (ours vs the peers, same machine)", {
+        "data": Command("conversion MB/s and RSS vs a bare orjson loop; tokenization tokens/s",
+                        "z2all.bench.data"),
+        "tokenizer": Command("training time, RSS and bytes/token: ours vs HF vs sentencepiece",
+                             "z2all.bench.tokenizer"),
+        "kernels": Command("per-op fwd+bwd time and memory: reference, Triton, torch.compile, libraries",
+                           "z2all.bench.kernels"),
+        "model": Command("training and generation tokens/s: ours vs transformers", "z2all.bench.model"),
+        "ablation": Command("the seed's ablation table: naive, use_all, w/o each op, +compile",
+                            "z2all.bench.ablation"),
+    }),
+    "plot": Command("draw loss and throughput curves of a run to PNG", "z2all.train.plot"),
+    "demo": Command("the whole pipeline on the embedded demo corpus", "z2all.demo"),
+}
+
+
+def _load_command(cmd: Command):
+    mod = importlib.import_module(cmd.module)
+    return mod.Config, mod.run
+
+
+def _type_name(hint) -> str:
+    base, _ = _strip_optional(hint)
+    return getattr(base, "__name__", str(base)).upper()
+
+
+def build_parser(prog: str, cmd: Command, config_cls) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=cmd.help,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", metavar="TOML", help="a TOML preset; command-line options override it")
+    top = {f.name for f in dataclasses.fields(config_cls)}
+    for key, f, hint in leaves(config_cls):
+        meta = f.metadata
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        help_text = meta.get("help", "")
+        if meta.get("choices"):
+            help_text += f" (one of: {', '.join(map(str, meta['choices']))})"
+        base, _ = _strip_optional(hint)
+        kw = dict(dest=key, default=argparse.SUPPRESS, help=f"{help_text} [default: {default}]")
+        if meta.get("positional"):
+            p.add_argument(key, nargs="?", metavar=key.upper(), **{k: v for k, v in kw.items() if k != "dest"})
+            continue
+        names = [f"--{key}"]
+        if key in top and "_" in key:
+            names.append("--" + key.replace("_", "-"))
+        if base is bool:
+            p.add_argument(*names, nargs="?", const="true", metavar="BOOL", **kw)
+        else:
+            p.add_argument(*names, metavar=_type_name(hint), **kw)
+    return p
+
+
+def top_help() -> str:
+    lines = ["usage: z2all <stage> [<command>] [options]   (z2all <stage> --help for more)", "",
+             "llm-zero2all: every piece of a Llama-2-style LLM written from scratch.", "", "stages:"]
+    for name, entry in STAGES.items():
+        if isinstance(entry, Command):
+            lines.append(f"  {name:<11} {entry.help}")
+        else:
+            help_, cmds = entry
+            lines.append(f"  {name:<11} {help_}")
+            for cname, c in cmds.items():
+                lines.append(f"      {cname:<10} {c.help}")
+    return "\n".join(lines)
+
+
+def resolve(argv: list[str]) -> tuple[str, Command, list[str]]:
+    """Find the command in argv; returns (prog, command, remaining args). Raises SystemExit with help."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(top_help())
+        raise SystemExit(0 if argv else 2)
+    if argv[0] in ("-V", "--version"):
+        from z2all import __version__
+
+        print(f"z2all {__version__}")
+        raise SystemExit(0)
+    stage = argv[0]
+    if stage not in STAGES:
+        print(f"z2all: unknown stage '{stage}'; choose from {', '.join(STAGES)}", file=sys.stderr)
+        raise SystemExit(2)
+    entry = STAGES[stage]
+    if isinstance(entry, Command):
+        return f"z2all {stage}", entry, argv[1:]
+    help_, cmds = entry
+    if len(argv) < 2 or argv[1] in ("-h", "--help"):
+        print(f"usage: z2all {stage} <command> [options]\n\n{help_}\n\ncommands:")
+        for cname, c in cmds.items():
+            print(f"  {cname:<10} {c.help}")
+        raise SystemExit(0 if len(argv) >= 2 else 2)
+    if argv[1] not in cmds:
+        print(f"z2all {stage}: unknown command '{argv[1]}'; choose from {', '.join(cmds)}", file=sys.stderr)
+        raise SystemExit(2)
+    return f"z2all {stage} {argv[1]}", cmds[argv[1]], argv[2:]
+
+
+def parse_config(prog: str, cmd: Command, args: list[str]):
+    """Parse a command's arguments into its resolved Config (defaults < --config TOML < options)."""
+    config_cls, _ = _load_command(cmd)
+    parser = build_parser(prog, cmd, config_cls)
+    ns, unknown = parser.parse_known_args(args)
+    if unknown:
+        parser.error(f"unknown option(s): {' '.join(unknown)} (see {prog} --help)")
+    values = dict(vars(ns))
+    toml = values.pop("config", None)
+    return load_config(config_cls, toml, values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog, cmd, rest = resolve(argv)
+    try:
+        cfg = parse_config(prog, cmd, rest)
+    except ConfigError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    _, run = _load_command(cmd)
+    try:
+        result = run(cfg)
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return 130
+    except (ConfigError, UserError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    return result if isinstance(result, int) else 0
