@@ -1,0 +1,1 @@
+"""Corpus preparation: raw corpora -> unified record shards -> memory-mapped token files."""
