@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import importlib
 import sys
+import typing
 from dataclasses import dataclass
 
 from z2all.config import ConfigError, _strip_optional, leaves, load_config
@@ -93,6 +94,9 @@ def build_parser(prog: str, cmd: Command, config_cls) -> argparse.ArgumentParser
             names.append("--" + key.replace("_", "-"))
         if base is bool:
             p.add_argument(*names, nargs="?", const="true", metavar="BOOL", **kw)
+        elif typing.get_origin(base) in (list, tuple):
+            # repeatable, and each occurrence may itself be a comma list: --inputs a --inputs b,c
+            p.add_argument(*names, action="append", metavar="ITEM[,ITEM...]", **kw)
         else:
             p.add_argument(*names, metavar=_type_name(hint), **kw)
     return p
@@ -150,6 +154,9 @@ def parse_config(prog: str, cmd: Command, args: list[str]):
         parser.error(f"unknown option(s): {' '.join(unknown)} (see {prog} --help)")
     values = dict(vars(ns))
     toml = values.pop("config", None)
+    for key, value in values.items():
+        if isinstance(value, list):  # appended occurrences -> one flat list
+            values[key] = [item for v in value for item in str(v).split(",") if item]
     return load_config(config_cls, toml, values)
 
 

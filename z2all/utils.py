@@ -12,8 +12,9 @@ import os
 import random
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 
 class UserError(Exception):
@@ -77,7 +78,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def pick_device(name: str = "auto") -> "torch.device":  # noqa: F821
+def pick_device(name: str = "auto") -> torch.device:  # noqa: F821
     """'auto' -> cuda:LOCAL_RANK when CUDA is there, else cpu; any torch device string otherwise."""
     import torch
 
@@ -91,7 +92,7 @@ def pick_device(name: str = "auto") -> "torch.device":  # noqa: F821
     return dev
 
 
-def pick_dtype(name: str, device: "torch.device") -> "torch.dtype":  # noqa: F821
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:  # noqa: F821
     """'auto' -> bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU; or 'fp32'/'bf16'/'fp16'."""
     import torch
 
@@ -149,3 +150,21 @@ def progress(iterable: Iterable | None = None, *, total: float | None = None, de
     quiet = quiet_progress()
     return tqdm(iterable, total=total, desc=desc, unit=unit, unit_scale=unit_scale, disable=quiet,
                 dynamic_ncols=True, mininterval=0.5, **kwargs)
+
+
+# ---------------------------------------------------------------- tables
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:,.3g}" if abs(v) < 100 else f"{v:,.0f}"
+        if isinstance(v, int):
+            return f"{v:,}"
+        return str(v)
+
+    cells = [[fmt(v) for v in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"
+    out = [line(headers), "| " + " | ".join("-" * w for w in widths) + " |"]
+    out += [line(r) for r in cells]
+    return "\n".join(out)

@@ -1,5 +1,5 @@
 """`z2all bench ...`: side-by-side measurements printed as markdown tables (ours vs the peers, same input,
-same machine). Shared helpers: a markdown table, the machine's name, and running a function in a fresh
+same machine). Shared helpers: the machine's name, `markdown_table` (from utils), and running a function in a fresh
 process to measure its wall time and peak RSS without the parent's memory in the number.
 """
 
@@ -9,7 +9,10 @@ import multiprocessing as mp
 import os
 import platform
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable
+from typing import Any
+
+from z2all.utils import markdown_table  # noqa: F401  (re-exported: benches import it from here)
 
 
 def machine_name() -> str:
@@ -27,22 +30,6 @@ def machine_name() -> str:
     except ImportError:  # pragma: no cover
         pass
     return ", ".join(parts)
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:,.3g}" if abs(v) < 100 else f"{v:,.0f}"
-        if isinstance(v, int):
-            return f"{v:,}"
-        return str(v)
-
-    cells = [[fmt(v) for v in r] for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"
-    out = [line(headers), "| " + " | ".join("-" * w for w in widths) + " |"]
-    out += [line(r) for r in cells]
-    return "\n".join(out)
 
 
 def _child(conn, fn, args, kwargs):

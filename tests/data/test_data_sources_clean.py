@@ -1,0 +1,132 @@
+"""Adapters map each corpus's raw fields as DESIGN.md says (others keeps the rest); cleaning normalises
+prose and never touches code; filters and dedup structures behave."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from data_helpers import raw_rows, real_docs
+
+from z2all.data.clean import CleanConfig, Cleaner, HashSet64, MinHash, content_hash
+from z2all.data.schema import FIELDS, record_text
+from z2all.data.sources import SOURCES, get_source
+from z2all.utils import UserError
+
+# source -> (category, title field, content field, desc field) per DESIGN.md
+EXPECTED = {
+    "baike2018qa": ("科技", "title", "answer", "desc"),
+    "news2016zh": ("", "title", "content", "desc"),
+    "webtext2019zh": ("生活", "title", "content", "desc"),
+    "wikipedia_zh": ("wikipedia_zh", "title", "text", None),
+    "wikipedia_en": ("wikipedia_en", "title", "text", None),
+    "github_python": ("python_code", "path", "content", None),
+    "zhihu_kol": ("zhihu", "INSTRUCTION", "RESPONSE", None),
+    "wudao": ("百科", "title", "content", None),
+}
+
+
+def test_every_design_corpus_has_an_adapter():
+    assert set(SOURCES) == set(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_adapter_mapping(shared_corpora, name):
+    docs = real_docs(shared_corpora, "zh_fortunes", 3)
+    raw = raw_rows(name, docs)[1]
+    rec = get_source(name).to_record(dict(raw))
+    category, title, content, desc = EXPECTED[name]
+    assert tuple(rec) == FIELDS
+    assert rec["data_src"] == name and rec["category"] == category
+    assert rec["title"] == raw[title] and rec["content"] == raw[content]
+    assert rec["desc"] == (raw[desc] if desc else "")
+    mapped = {title, content, desc, {"baike2018qa": "category", "webtext2019zh": "topic",
+                                     "wudao": "dataType"}.get(name)}
+    assert rec["others"] == {k: v for k, v in raw.items() if k not in mapped}
+
+
+def test_missing_and_empty_content_are_reasons():
+    src = get_source("baike2018qa")
+    assert src.to_record({"title": "t"}) == "missing field 'answer'"
+    assert src.to_record({"answer": "  "}) == "empty field 'answer'"
+    assert src.to_record([1, 2]) == "not a JSON object"
+
+
+def test_generic_source():
+    src = get_source("forum", text_field="body", title_field="subject", kind="prose")
+    rec = src.to_record({"body": "hello", "subject": "hi", "votes": 3})
+    assert (rec["category"], rec["title"], rec["content"], rec["others"]) == ("forum", "hi", "hello", {"votes": 3})
+    with pytest.raises(UserError, match="--text-field"):
+        get_source("forum")
+    with pytest.raises(UserError, match="letters, digits"):
+        get_source("a/b", text_field="x")
+
+
+@pytest.fixture
+def cleaner():
+    return Cleaner(CleanConfig())
+
+
+def test_clean_prose_rules(cleaner):
+    c = cleaner.clean_prose
+    assert c("a\r\nb\rc") == "a\nb\nc"
+    assert c("x\x00y\u200bz\ue000w\U000e0001") == "xyzw"  # control, format, private use, tag char
+    assert c("行\u3000中\xa0文\tend") == "行中文 end"  # exotic spaces -> " ", then none between CJK
+    assert c("在 Debian 这种 规模") == "在 Debian 这种规模"
+    assert c("one   two  \nthree") == "one two\nthree"
+    assert c("code:\n    indented  line") == "code:\n    indented line"  # indentation kept
+    assert c("p1\n\n\n\n\np2") == "p1\n\np2"
+    assert c("真的吗？？？？？？好!!!!!!") == "真的吗？？？好!!!"
+    assert c("Title\n=========") == "Title\n========="  # markup runs are not punctuation
+    assert c("👨\u200d👩\u200d👧") == "👨\u200d👩\u200d👧"  # ZWJ sequences survive
+    assert c("  \n\n  text  \n\n") == "text"
+
+
+def test_clean_on_real_text_is_idempotent(shared_corpora, cleaner):
+    for name in ("zh_manpages", "en_python_docs", "zh_fortunes"):
+        for d in real_docs(shared_corpora, name, 40):
+            once = cleaner.clean_prose(d["text"])
+            assert cleaner.clean_prose(once) == once
+            assert "\n" in once or len(once) < 200
+
+
+def test_nfkc_is_optional():
+    assert Cleaner(CleanConfig()).clean_prose("ＡＢＣ，好") == "ＡＢＣ，好"
+    assert Cleaner(CleanConfig(nfkc=True)).clean_prose("ＡＢＣ，好") == "ABC,好"
+
+
+def test_code_is_never_touched_and_filters(shared_corpora, cleaner):
+    code = real_docs(shared_corpora, "code_cpython_stdlib", 5)[3]["text"] + "\r\n\t x  = 1\x0c\n\n\n\n"
+    rec = get_source("github_python").to_record({"content": code, "path": "a.py"})
+    assert cleaner(rec, "code")[0]["content"] == code
+    assert record_text(rec) == code
+    prose = get_source("wikipedia_zh")
+    assert cleaner(prose.to_record({"text": "短"}), "prose") == "shorter than 10 chars"
+    assert Cleaner(CleanConfig(max_chars=20))(prose.to_record({"text": "x" * 21}), "prose") == \
+        "longer than 20 chars"
+    junk = "正文内容" * 5 + "▅█▂" * 10
+    assert cleaner(prose.to_record({"text": junk}), "prose").startswith("junk")
+    assert isinstance(cleaner(prose.to_record({"text": "正文内容" * 20 + "█"}), "prose"), tuple)
+
+
+def test_hashset64_in_order_and_across_merges():
+    s = HashSet64(flush=4)
+    vals = [content_hash(f"doc {i % 7}") for i in range(20)]
+    assert s.add_new(vals) == [True] * 7 + [False] * 13
+    assert len(s) == 7 and s.base.size >= 4  # merged into the sorted array at least once
+    assert s.add_new([content_hash("doc 3"), content_hash("new")]) == [False, True]
+    t = HashSet64()
+    t.add_all(s.values())
+    assert t.add_new(vals[:7]) == [False] * 7
+    assert s.values().dtype == np.uint64 and list(s.values()) == sorted(s.values())
+
+
+def test_minhash_flags_near_duplicates_only(shared_corpora):
+    docs = [d["text"] for d in real_docs(shared_corpora, "en_kjv_bible", 6)]
+    mh = MinHash()
+    base = docs[2]
+    edited = base.replace("the", "teh", 3)  # a few small edits
+    k0, k1, k2 = mh.band_keys(base), mh.band_keys(edited), mh.band_keys(docs[4])
+    assert len(k0) == 16
+    assert set(k0) & set(k1)
+    assert not set(k0) & set(k2)
+    assert mh.band_keys(base) == k0  # deterministic

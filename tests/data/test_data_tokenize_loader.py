@@ -1,0 +1,170 @@
+"""`z2all data tokenize` round-trips to the original text with one eos per document and never turns a
+literal "<|endoftext|>" into the special id; the loader is deterministic, rank-disjoint, invariant to
+(world, accum) reshaping, and reads windows across file boundaries."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from data_helpers import make_tokenizer, raw_rows, read_records, real_docs, write_jsonl
+
+from z2all.data import convert, tokenize
+from z2all.data.loader import FeistelPermutation, TokenLoader
+from z2all.data.schema import record_text
+from z2all.utils import UserError
+
+EOS = "<|endoftext|>"
+
+
+@pytest.fixture(scope="module")
+def corpus(shared_corpora, tmp_path_factory):
+    """A converted two-source corpus (one doc carries a literal <|endoftext|>) and a small BPE."""
+    d = tmp_path_factory.mktemp("tok")
+    zh = real_docs(shared_corpora, "zh_fortunes", 200)
+    zh[7] = dict(zh[7], text=zh[7]["text"] + f"\n\nliteral {EOS} inside a document")
+    code = real_docs(shared_corpora, "code_cpython_stdlib", 12)
+    convert.run(convert.Config(inputs=[f"wikipedia_zh={write_jsonl(d / 'zh.jsonl', raw_rows('wikipedia_zh', zh))}",
+                                       f"github_python={write_jsonl(d / 'py.jsonl', raw_rows('github_python', code))}"],
+                               out=str(d / "conv"), shard_mb=0.1, batch_mb=0.05))
+    texts = [x["text"] for x in zh[:100] + code[:4]]
+    tok = make_tokenizer(d / "tokenizer", texts, vocab_size=400)
+    return d, tok
+
+
+def tokenize_to(corpus, name, **kw):
+    d, tok = corpus
+    out = d / name
+    cfg = tokenize.Config(shards=str(d / "conv"), tokenizer=str(tok), out=str(out), **kw)
+    assert tokenize.run(cfg) == 0
+    return out, json.loads((out / "meta.json").read_text())
+
+
+def read_split(out, meta, split):
+    return np.concatenate([np.fromfile(out / f, dtype=meta["dtype"]) for f in meta[f"{split}_files"]])
+
+
+def test_round_trip_split_and_special_token_safety(corpus):
+    from tokenizers import Tokenizer
+
+    out, meta = tokenize_to(corpus, "t1", workers=1, val_fraction=0.1, file_mb=0.02)
+    d, tok_dir = corpus
+    tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    eos = tok.token_to_id(EOS)
+    assert meta["dtype"] == "uint16" and meta["eos_id"] == eos and meta["vocab_size"] == tok.get_vocab_size()
+    assert len(meta["train_files"]) > 1  # rolled at file_mb
+    recs = read_records(d / "conv", "wikipedia_zh") + read_records(d / "conv", "github_python")
+    val_ids = {r["gid"] for r in recs if tokenize.is_val(r["gid"], 0, 0.1)}
+    assert 0 < len(val_ids) < len(recs)
+    for split, want in (("train", [r for r in recs if r["gid"] not in val_ids]),
+                        ("val", [r for r in recs if r["gid"] in val_ids])):
+        ids = read_split(out, meta, split)
+        assert len(ids) == meta[f"{split}_tokens"]
+        assert int((ids == eos).sum()) == len(want) == meta["documents"][split]  # exactly one eos per doc
+        docs = np.split(ids, np.flatnonzero(ids == eos) + 1)[:-1]
+        assert [tok.decode(list(map(int, x[:-1])), skip_special_tokens=False) for x in docs] == \
+            [record_text(r) for r in want]
+    assert any(EOS in record_text(r) for r in recs)  # the literal text survived as ordinary tokens
+
+
+def test_workers_give_identical_files_and_uint32(corpus, tmp_path):
+    out1, m1 = tokenize_to(corpus, "w1", workers=1, batch_mb=0.02)
+    out2, m2 = tokenize_to(corpus, "w2", workers=2, batch_mb=0.02)
+    for split in ("train", "val"):
+        assert np.array_equal(read_split(out1, m1, split), read_split(out2, m2, split))
+    assert tokenize.dtype_for(70000) == np.dtype("<u4") and tokenize.dtype_for(65535) == np.dtype("<u2")
+
+
+def test_tokenize_user_errors(corpus, tmp_path):
+    d, tok = corpus
+    with pytest.raises(UserError, match="tokenizer.json"):
+        tokenize.run(tokenize.Config(shards=str(d / "conv"), tokenizer=str(tmp_path), out=str(tmp_path / "o")))
+    with pytest.raises(UserError, match="convert"):
+        tokenize.run(tokenize.Config(shards=str(tmp_path / "none"), tokenizer=str(tok), out=str(tmp_path / "o")))
+
+
+# ---------------------------------------------------------------- loader
+
+@pytest.fixture
+def token_dir(tmp_path):
+    """Two train files of consecutive ids (so a window's content tells where it starts) and one val file."""
+    ids = np.arange(5000, dtype=np.uint16)
+    ids[:3001].tofile(tmp_path / "train-00000.bin")
+    ids[3001:].tofile(tmp_path / "train-00001.bin")
+    np.arange(1000, 1400, dtype=np.uint16).tofile(tmp_path / "val-00000.bin")
+    meta = {"dtype": "uint16", "vocab_size": 6000, "eos_id": 0, "train_tokens": 5000, "val_tokens": 400,
+            "train_files": ["train-00000.bin", "train-00001.bin"], "val_files": ["val-00000.bin"],
+            "tokenizer_dir": "", "documents": {}}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    return tmp_path
+
+
+def test_batches_are_shifted_windows_across_files(token_dir):
+    L = TokenLoader(token_dir, "train", batch_size=4, seq_len=16, seed=3)
+    assert L.n_windows == (5000 - 1) // 16
+    for step in range(60):
+        x, y = L.get_batch(step)
+        assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (4, 16)
+        assert torch.equal(y, x + 1)  # consecutive ids: y is x shifted by one, even across the file boundary
+        assert all(int(r[0]) % 16 == 0 for r in x)  # windows start at multiples of seq_len
+
+
+def test_determinism_and_epoch_coverage(token_dir):
+    a = TokenLoader(token_dir, "train", batch_size=4, seq_len=16, seed=1)
+    b = TokenLoader(token_dir, "train", batch_size=4, seq_len=16, seed=1)
+    c = TokenLoader(token_dir, "train", batch_size=4, seq_len=16, seed=2)
+    assert torch.equal(a.get_batch(17)[0], b.get_batch(17)[0])
+    assert not torch.equal(a.get_batch(17)[0], c.get_batch(17)[0])
+    n = a.n_windows
+    epoch0 = [w for s in range((n + 3) // 4) for w in a.window_indices(s)][:n]
+    assert sorted(epoch0) == list(range(n))  # a permutation: every window once per epoch
+    assert epoch0 != list(range(n))
+    one = TokenLoader(token_dir, "train", batch_size=1, seq_len=16, seed=1)
+    epoch1 = [one.window_indices(s)[0] for s in range(n, 2 * n)]  # the next epoch: reshuffled
+    assert sorted(epoch1) == list(range(n)) and epoch1 != epoch0
+    assert [one.window_indices(s)[0] for s in range(n)] == epoch0
+
+
+def test_ranks_disjoint_and_world_accum_reshape(token_dir):
+    kw = dict(batch_size=3, seq_len=16, seed=5)
+    r0 = TokenLoader(token_dir, "train", rank=0, world_size=2, **kw)
+    r1 = TokenLoader(token_dir, "train", rank=1, world_size=2, **kw)
+    single = TokenLoader(token_dir, "train", grad_accum=2, **kw)
+    seen0, seen1 = set(), set()
+    steps = r0.n_windows // 6  # within the first epoch
+    for step in range(steps):
+        w0, w1 = r0.window_indices(step), r1.window_indices(step)
+        seen0 |= set(w0)
+        seen1 |= set(w1)
+        assert set(w0) | set(w1) == set(single.window_indices(step, 0)) | set(single.window_indices(step, 1))
+    assert not seen0 & seen1 and len(seen0) == len(seen1) == steps * 3
+    # resume: a fresh loader at step k gives what the running one gives, nothing replayed
+    assert torch.equal(TokenLoader(token_dir, "train", rank=1, world_size=2, **kw).get_batch(steps)[0],
+                       r1.get_batch(steps)[0])
+
+
+def test_eval_batches_and_errors(token_dir):
+    L = TokenLoader(token_dir, "val", batch_size=8, seq_len=16)
+    batches = list(L.eval_batches(100))
+    assert sum(len(x) for x, _ in batches) == L.n_windows == 399 // 16
+    assert int(batches[0][0][0, 0]) == 1000 and int(batches[0][0][1, 0]) == 1016
+    assert [torch.equal(a[0], b[0]) for a, b in zip(batches, L.eval_batches(2))] == [True, True]
+    with pytest.raises(UserError, match="too few"):
+        TokenLoader(token_dir, "val", seq_len=400)
+    with pytest.raises(UserError, match="meta.json"):
+        TokenLoader(token_dir / "nope")
+
+
+def test_feistel_is_a_bijection_for_awkward_sizes():
+    for n in (1, 2, 3, 7, 64, 1000, 4097):
+        p = FeistelPermutation(n, key=123)
+        assert sorted(p(i) for i in range(n)) == list(range(n))
+
+
+def test_loader_reads_tokenize_output(corpus):
+    out, meta = tokenize_to(corpus, "t3", workers=1, val_fraction=0.2)
+    L = TokenLoader(out, "train", batch_size=2, seq_len=32)
+    x, y = L.get_batch(0)
+    assert torch.equal(x[:, 1:], y[:, :-1]) and int(x.max()) < meta["vocab_size"]

@@ -1,0 +1,251 @@
+"""Text normalisation, document filters, exact and near-duplicate removal.
+
+Prose cleaning (`Cleaner.clean_prose`), in order; every step is a precompiled regex or a C string method,
+never a per-character Python loop:
+  1. CR/CRLF, NEL, U+2028/2029 -> "\\n"; tabs and exotic spaces (NBSP, U+3000, U+2000-200A ...) -> " ".
+  2. drop control (Cc, except "\\n"), format (Cf, except ZWNJ/ZWJ which shape scripts and emoji),
+     private-use (Co), surrogate (Cs) and unassigned (Cn) code points. Newlines stay: paragraphs matter.
+  3. collapse runs of spaces inside a line to one, drop trailing spaces; leading indentation is kept
+     (poems, reStructuredText and Markdown code blocks live in it).
+  4. no space between two CJK characters ("中文 中文" -> "中文中文"); "Debian 的" keeps its space.
+  5. 3+ newlines -> 2 (at most one blank line between paragraphs).
+  6. a run of the same sentence punctuation (!?.,~。！？，、；…～) longer than `max_punct_run` is cut to
+     `max_punct_run`; markup characters (= - * # _) are left alone, they draw reST/Markdown headings.
+  7. optional NFKC (off by default: it turns Chinese full-width punctuation "，" into ",").
+Code (`kind="code"`) is never cleaned: a single changed byte can change what a program means.
+
+Filters: min/max length in characters, and the share of junk block characters (U+2580-259F, "▅█▂").
+
+Dedup: `HashSet64` keeps 64-bit hashes in a sorted NumPy array plus a pending Python set (at most 2**18
+entries, ~17 MB) merged in with one O(n) insert when full: 8 bytes per kept document (10 M documents =
+80 MB, 2x during a merge), never the text. Exact dedup keys on `content_hash` (blake2b-64 of the cleaned
+content). `MinHash` (optional) finds near duplicates with character 5-gram MinHash and LSH banding: 128
+permutations in 16 bands of 8 rows flag pairs above Jaccard similarity ~0.7 ((1/16)**(1/8)) with high
+probability; it costs O(characters x permutations)
+of NumPy work per document (see `z2all bench data` for the measured slowdown) and 16 more hashes (128 B)
+per document in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from dataclasses import dataclass
+
+import numpy as np
+import regex
+
+from z2all.config import opt
+
+
+@dataclass
+class CleanConfig:
+    clean: bool = opt(True, "normalise prose text (code is never touched)")
+    nfkc: bool = opt(False, "apply Unicode NFKC to prose (changes full-width CJK punctuation)")
+    max_punct_run: int = opt(3, "cut runs of the same sentence punctuation to this many (0 = keep)")
+    min_chars: int = opt(10, "drop documents whose cleaned content is shorter than this")
+    max_chars: int = opt(2_000_000, "drop documents whose cleaned content is longer than this")
+    max_junk_share: float = opt(0.2, "drop prose whose share of block characters (▅█▂) is above this")
+    dedup: bool = opt(True, "drop documents whose cleaned content exactly repeats an earlier one")
+    near_dedup: bool = opt(False, "also drop near duplicates (MinHash + LSH; several times slower)")
+    minhash_perms: int = opt(128, "MinHash permutations (a multiple of minhash_bands)")
+    minhash_bands: int = opt(16, "LSH bands: more bands catch less similar pairs")
+
+    def validate(self) -> None:
+        from z2all.utils import UserError
+
+        if self.min_chars < 0 or self.max_chars < self.min_chars:
+            raise UserError(f"need 0 <= min_chars <= max_chars (got {self.min_chars}, {self.max_chars})")
+        if self.near_dedup and (self.minhash_perms % self.minhash_bands or self.minhash_bands < 1):
+            raise UserError(f"minhash_perms ({self.minhash_perms}) must be a multiple of minhash_bands "
+                            f"({self.minhash_bands})")
+
+
+# ---------------------------------------------------------------- patterns
+# Measured on ../shared/corpora prose (2 shared cores, MB/s of UTF-8): a lookbehind-first pattern such as
+# (?<=[CJK]) +(?=[CJK]) runs at ~13 MB/s because the engine tries every position; starting the pattern
+# with the literal it must contain (" (?<=[CJK] ) *(?=[CJK])") lets the C fast search skip to candidates:
+# ~45 MB/s (same trick for inner space runs). The drop class uses the `regex` module's \p{C}: the same
+# class spelled as code-point ranges for `re` is ~0.5 MB/s.
+# Each step is guarded by a C-speed test (`in`, isascii, isprintable) so most documents skip most steps.
+
+_CJK = ("\u2e80-\u2fdf\u3001-\u303f\u3040-\u30ff\u3100-\u312f\u31a0-\u31ff\u3400-\u4dbf"
+        "\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef\U00020000-\U0003134f")
+_NEWLINE_LIKE = re.compile("[\x85\u2028\u2029]")
+_SPACE_LIKE = re.compile("[\t\x0b\x0c\xa0\u1680\u2000-\u200a\u202f\u205f\u3000]")
+_DROP = regex.compile(r"[^\P{C}\n\u200c\u200d]+")  # control, format, private, surrogate, unassigned
+_INNER_SPACES = re.compile(r"  (?<=\S  ) *")  # 2+ spaces after a non-space: indentation is left alone
+_CJK_SPACE = re.compile(f" (?<=[{_CJK}] ) *(?=[{_CJK}])")
+_JUNK = re.compile("[\u2580-\u259f]+")
+_ASCII_CONTROLS = bytes([*range(10), *range(11, 32), 127])
+_PUNCT = "!?.,~。！？，、；…～"
+_PUNCT_ASCII = "!?.,~"
+
+
+class Cleaner:
+    """Applies CleanConfig to one record at a time: (cleaned record, content hash) or a skip reason.
+    Measured on the bench's prose (10 MB, one core): cleaning costs ~2x everything else convert does
+    (parse, map, hash, serialise, write); the isprintable guard and the punctuation-run scans are the
+    largest parts, then the inner-space regex (man pages and reST are full of double spaces)."""
+
+    def __init__(self, cfg: CleanConfig):
+        self.cfg = cfg
+        n = cfg.max_punct_run
+        self.punct = re.compile(f"([{re.escape(_PUNCT)}])\\1{{{n},}}") if cfg.clean and n > 0 else None
+        self.punct_repl = "\\1" * n
+        self.runs = [c * (n + 1) for c in _PUNCT]
+        self.runs_ascii = [c * (n + 1) for c in _PUNCT_ASCII]
+
+    def clean_prose(self, s: str) -> str:
+        if not s:
+            return s
+        if "\r" in s:
+            s = s.replace("\r\n", "\n").replace("\r", "\n")
+        ascii_ = s.isascii()
+        if ascii_:  # only C0 controls and DEL can be wrong: a bytes.translate deletion is ~2x isprintable
+            dirty = len(s.encode("ascii").translate(None, _ASCII_CONTROLS)) != len(s)
+        else:  # isprintable is false for controls, format, private, unassigned, and spaces other than " "
+            dirty = not s.replace("\n", "").isprintable()
+        if dirty:  # rare: the full treatment
+            s = _SPACE_LIKE.sub(" ", _NEWLINE_LIKE.sub("\n", s))
+            if not s.replace("\n", "").isprintable():
+                s = _DROP.sub("", s)
+        if "  " in s:
+            s = _INNER_SPACES.sub(" ", s)
+        if " \n" in s:  # after the collapse a trailing run is one space: one C replace, ~6x re.sub(r" +\n")
+            s = s.replace(" \n", "\n")
+            if " \n" in s:  # indentation-only lines keep their runs
+                s = "\n".join([x.rstrip(" ") for x in s.split("\n")])
+        if not ascii_ and " " in s:
+            s = _CJK_SPACE.sub("", s)
+        while "\n\n\n" in s:  # str.replace: ~4x the speed of re.sub(r"\n{3,}") here
+            s = s.replace("\n\n\n", "\n\n")
+        if self.punct is not None and any(map(s.__contains__, self.runs_ascii if ascii_ else self.runs)):
+            s = self.punct.sub(self.punct_repl, s)
+        if self.cfg.nfkc:
+            s = unicodedata.normalize("NFKC", s)
+        return s.strip()
+
+    def __call__(self, record: dict, kind: str) -> tuple[dict, int] | str:
+        """(cleaned record, content hash) or the reason the record is dropped."""
+        cfg = self.cfg
+        if kind != "code" and cfg.clean:
+            record["content"] = self.clean_prose(record["content"])
+            record["title"] = self.clean_prose(record["title"]).replace("\n", " ")
+            record["desc"] = self.clean_prose(record["desc"])
+        content = record["content"]
+        n = len(content)
+        if n < cfg.min_chars:
+            return f"shorter than {cfg.min_chars} chars"
+        if n > cfg.max_chars:
+            return f"longer than {cfg.max_chars} chars"
+        data = content.encode("utf-8", "surrogatepass")
+        # U+2580-25BF all encode as E2 96 xx: one byte search tells whether junk can be there at all
+        if kind != "code" and cfg.max_junk_share < 1.0 and b"\xe2\x96" in data:
+            junk = sum(map(len, _JUNK.findall(content)))
+            if junk > cfg.max_junk_share * n:
+                return f"junk block characters > {cfg.max_junk_share:.0%}"
+        return record, content_hash(data)
+
+
+def content_hash(data: bytes | str) -> int:
+    """64-bit blake2b of the UTF-8 text (deterministic across processes, unlike hash())."""
+    if isinstance(data, str):
+        data = data.encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+class HashSet64:
+    """A set of 64-bit integers at ~8 bytes each: sorted uint64 array + a pending set merged every `flush`."""
+
+    def __init__(self, flush: int = 1 << 18):
+        self.base = np.empty(0, dtype=np.uint64)
+        self.pending: set[int] = set()
+        self.flush = flush  # 2**18 pending ints ~ 17 MB of Python set; merging is one O(n) np.insert
+
+    def __len__(self) -> int:
+        return len(self.base) + len(self.pending)
+
+    def _in_base(self, values: np.ndarray) -> np.ndarray:
+        if not len(self.base):
+            return np.zeros(len(values), dtype=bool)
+        pos = np.searchsorted(self.base, values).clip(max=len(self.base) - 1)
+        return self.base[pos] == values
+
+    def add_new(self, values) -> list[bool]:
+        """For each value in order: True if it was not in the set (and add it), False if seen before
+        (including earlier in the same call)."""
+        arr = np.asarray(values, dtype=np.uint64)
+        seen = self._in_base(arr)
+        out = []
+        pending = self.pending
+        for v, s in zip(arr.tolist(), seen.tolist()):
+            if s or v in pending:
+                out.append(False)
+            else:
+                pending.add(v)
+                out.append(True)
+        if len(pending) >= self.flush:
+            self.merge()
+        return out
+
+    def add_all(self, values) -> None:
+        self._insert(np.asarray(values, dtype=np.uint64))
+
+    def merge(self) -> None:
+        if self.pending:
+            self._insert(np.fromiter(self.pending, dtype=np.uint64, count=len(self.pending)))
+            self.pending = set()
+
+    def _insert(self, arr: np.ndarray) -> None:
+        arr = np.unique(arr)
+        if len(self.base):
+            arr = arr[~self._in_base(arr)]
+        self.base = np.insert(self.base, np.searchsorted(self.base, arr), arr)  # O(n + m), stays sorted
+
+    def values(self) -> np.ndarray:
+        self.merge()
+        return self.base
+
+
+# ---------------------------------------------------------------- MinHash near-duplicates
+
+_MERSENNE = np.uint64((1 << 61) - 1)
+
+
+class MinHash:
+    """Character 5-gram MinHash signatures and their LSH band keys (computed in the workers)."""
+
+    def __init__(self, perms: int = 128, bands: int = 16, shingle: int = 5, seed: int = 1):
+        rng = np.random.default_rng(seed)
+        # 31-bit multipliers keep (a * h) below 2**62 for 31-bit shingle hashes: exact in uint64
+        self.a = rng.integers(1, 1 << 31, size=perms, dtype=np.uint64)
+        self.b = rng.integers(0, 1 << 31, size=perms, dtype=np.uint64)
+        self.perms, self.bands, self.shingle = perms, bands, shingle
+
+    def shingles(self, text: str) -> np.ndarray:
+        """31-bit hashes of every character n-gram (lower-cased, whitespace dropped), vectorised."""
+        s = "".join(text.lower().split())
+        cps = np.frombuffer(s.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+        n = self.shingle
+        if len(cps) < n:
+            cps = np.concatenate([cps, np.zeros(n - len(cps), dtype=np.uint64)])
+        h = np.zeros(len(cps) - n + 1, dtype=np.uint64)
+        for j in range(n):  # polynomial rolling hash, wrapping mod 2**64
+            h = h * np.uint64(1_000_003) + cps[j: len(cps) - n + 1 + j]
+        return np.unique(h & np.uint64(0x7FFFFFFF))
+
+    def band_keys(self, text: str) -> list[int]:
+        sh = self.shingles(text)
+        sig = np.empty(self.perms, dtype=np.uint64)
+        for i in range(0, self.perms, 32):  # 32 permutations at a time bounds the [32, shingles] temporary
+            a, b = self.a[i: i + 32, None], self.b[i: i + 32, None]
+            sig[i: i + 32] = ((a * sh[None, :] + b) % _MERSENNE).min(axis=1)
+        rows = self.perms // self.bands
+        keys = []
+        for band in range(self.bands):
+            digest = hashlib.blake2b(sig[band * rows: (band + 1) * rows].tobytes(), digest_size=8,
+                                     person=band.to_bytes(2, "little")).digest()
+            keys.append(int.from_bytes(digest, "little"))
+        return keys

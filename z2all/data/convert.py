@@ -1,0 +1,500 @@
+"""`z2all data convert`: stream raw corpora into unified, cleaned, deduplicated jsonl shards.
+
+    z2all data convert --inputs wikipedia_zh=zh_wiki.jsonl.gz,wikipedia_en=en_wiki.parquet \\
+        --inputs ... --out data/converted --txt --workers 2
+    z2all data convert --source baike2018qa --inputs baike_qa_train.json,baike_qa_valid.json --out data/c
+    z2all data convert --source my_corpus --text-field body --title-field headline --inputs dump/ --out data/c
+
+`--inputs` is a comma list (or a TOML list) of `source=path` or plain `path` (then `--source` names the
+source). A path may be a file or a directory (all files under it, sorted: WuDao style). Known sources and
+their field mapping are in sources.py; any other source name is generic and needs `--text-field` (plus
+optionally `--title-field`, `--desc-field`, `--category-field`, `--category`, `--kind code|prose`).
+The format comes from the suffix (`--format` forces one); see readers.py for formats and compressions.
+
+Several sources go into one output in one run: inputs are grouped by source (first-appearance order, input
+order kept within a source) and numbered in that order, so `gid` is unique over the whole output,
+contiguous, and the same on every run and for any `--workers`.
+
+How it runs: the parent reads inputs and hands ~4 MB batches (raw jsonl lines, or decoded items for
+arrays/parquet/txt) to `--workers` processes that parse, map, clean, filter, hash and serialise; results
+come back in order (at most 2 x workers + 1 batches in flight: bounded memory) and the parent alone
+deduplicates, numbers and writes, so the output does not depend on timing. With `--workers 1` everything
+runs in-process.
+
+Resume: the parent commits `OUT/.convert_state.json` (input position, next gid, shard lists, skip counts)
+each time a shard is finished, atomically. A rerun with the same inputs continues from the last commit:
+finished inputs are skipped, a half-read input is reread from the committed item on without rewriting,
+the unfinished shard of a killed run (a hidden temp file) is dropped and redone. SIGKILL therefore loses
+nothing already written. A finished output reruns in no time and prints its stats again; other inputs
+or settings for the same --out are refused unless --overwrite.
+
+Bad input: a malformed line is skipped and counted with its file:line (first `max_examples` kept in the
+manifest); invalid UTF-8 is replaced and counted; a missing/empty content field is its own reason; a
+broken JSON array drops the rest of that file (counted); a truncated .gz/.zst/.bz2 stops the run with an
+error naming the file after committing every complete shard (they stay listed in the manifests).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+from z2all.config import ConfigError, atomic_write_text, opt, save_config, section, to_dict
+from z2all.data.clean import CleanConfig, Cleaner, HashSet64, MinHash
+from z2all.data.readers import (
+    FORMATS,
+    TXT_MODES,
+    InputReader,
+    MalformedJSON,
+    decode_utf8,
+    detect_format,
+    expand_inputs,
+    utf8_errors,
+    where,
+)
+from z2all.data.schema import record_text
+from z2all.data.shards import ShardWriter, load_shard_hashes, remove_stale, write_manifest
+from z2all.data.sources import KINDS, SOURCES, Source, get_source
+from z2all.utils import UserError, human_bytes, markdown_table, print0, progress
+
+STATE = ".convert_state.json"
+STATE_VERSION = 1
+
+
+@dataclass
+class Config:
+    inputs: list[str] = opt(None, "inputs: comma list of source=path or path (file or directory)", factory=list)
+    out: str = opt("data/converted", "output directory: <out>/<source>/part-*.jsonl + manifest.json")
+    source: str = opt("", "source of inputs given without 'source=' (known: " + ", ".join(SOURCES) + ")")
+    format: str = opt("", "force the input format instead of guessing it from the suffix",
+                      choices=("",) + FORMATS)
+    text_field: str = opt("", "generic source: raw field with the main text")
+    title_field: str = opt("", "generic source: raw field with the title")
+    desc_field: str = opt("", "generic source: raw field with a description / question")
+    category_field: str = opt("", "generic source: raw field with the category")
+    category: str = opt("", "generic source: fixed category label (default: the source name)")
+    kind: str = opt("", "generic source: prose (cleaned) or code (kept byte for byte)", choices=("",) + KINDS)
+    txt_mode: str = opt("paragraph", "txt inputs: one document per blank-line block, line, or file",
+                        choices=TXT_MODES)
+    workers: int = opt(1, "worker processes for parsing and cleaning (1 = all in this process)")
+    shard_mb: float = opt(200.0, "roll shards at this many MB of jsonl")
+    compress: str = opt("none", "shard compression", choices=("none", "zstd"))
+    txt: bool = opt(False, "also write tokenizer-training text files (<out>/<source>/part-*.txt)")
+    overwrite: bool = opt(False, "replace an output directory that holds a conversion of other inputs")
+    batch_mb: float = opt(4.0, "raw bytes per work batch (memory in flight ~ batch_mb x (2 x workers + 1))")
+    max_examples: int = opt(5, "file:line examples kept per skip reason")
+    clean: CleanConfig = section(CleanConfig, "cleaning, filters and deduplication")
+
+    def validate(self) -> None:
+        if self.workers < 1:
+            raise ConfigError(f"workers must be >= 1 (got {self.workers})")
+        if self.shard_mb <= 0 or self.batch_mb <= 0:
+            raise ConfigError("shard_mb and batch_mb must be > 0")
+        try:
+            self.clean.validate()
+        except UserError as e:
+            raise ConfigError(str(e)) from None
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One input file of one source: the unit of work, of resume and of ordering."""
+    source: Source
+    path: Path
+    fmt: str
+
+
+def plan(cfg: Config) -> list[Unit]:
+    """Expand --inputs into units, grouped by source in first-appearance order."""
+    if not cfg.inputs:
+        raise UserError("no inputs: give --inputs source=path[,source=path...] (or --source NAME --inputs path)")
+    by_source: dict[str, list[Path]] = {}
+    for spec in cfg.inputs:
+        name, sep, path = spec.partition("=")
+        if not sep or "/" in name or "\\" in name:
+            name, path = cfg.source, spec
+            if not name:
+                raise UserError(f"input '{spec}' has no source: write it as source=path or give --source "
+                                f"(known sources: {', '.join(SOURCES)})")
+        by_source.setdefault(name, []).extend(expand_inputs(path.strip()))
+    units = []
+    for name, paths in by_source.items():
+        src = get_source(name, text_field=cfg.text_field, title_field=cfg.title_field, desc_field=cfg.desc_field,
+                         category_field=cfg.category_field, category=cfg.category, kind=cfg.kind)
+        for p in paths:
+            units.append(Unit(src, p, cfg.format or detect_format(p)))
+    return units
+
+
+# ---------------------------------------------------------------- worker side
+
+_W: dict = {}
+
+
+def _init_worker(sources: list[Source], clean: CleanConfig, txt: bool, max_examples: int) -> None:
+    _W.update(sources=sources, cleaner=Cleaner(clean), txt=txt, max_examples=max_examples,
+              minhash=MinHash(clean.minhash_perms, clean.minhash_bands) if clean.near_dedup else None)
+
+
+def _note(table: dict, reason: str, at: str) -> None:
+    entry = table.setdefault(reason, [0, []])
+    entry[0] += 1
+    if len(entry[1]) < _W["max_examples"]:
+        entry[1].append(at)
+
+
+def _work(task: tuple) -> tuple:
+    """Parse, map, clean, filter, hash and serialise one batch. Returns
+    ("batch", unit, first, n_items, [(body, text, hash, near_keys)], skipped, repaired) where skipped and
+    repaired map reason -> [count, [file:line examples]]."""
+    _, u, first, kind, items, path = task
+    src: Source = _W["sources"][u]
+    cleaner, txt, minhash = _W["cleaner"], _W["txt"], _W["minhash"]
+    out, skipped, repaired = [], {}, {}
+    loads, dumps = orjson.loads, orjson.dumps
+    for i, item in enumerate(items):
+        if kind == "lines":
+            try:
+                raw = loads(item)
+            except orjson.JSONDecodeError:
+                if not item.strip():
+                    _note(skipped, "blank line", where(path, kind, first + i))
+                    continue
+                before = utf8_errors()
+                text = decode_utf8(item)
+                try:
+                    raw = loads(text)
+                except orjson.JSONDecodeError as e:
+                    _note(skipped, "malformed JSON", f"{where(path, kind, first + i)} ({e})")
+                    continue
+                if utf8_errors() > before:
+                    _note(repaired, "invalid UTF-8 replaced", where(path, kind, first + i))
+        else:
+            raw = item
+        rec = src.to_record(raw)
+        if isinstance(rec, str):
+            _note(skipped, rec, where(path, kind, first + i))
+            continue
+        cleaned = cleaner(rec, src.kind)
+        if isinstance(cleaned, str):
+            _note(skipped, cleaned, where(path, kind, first + i))
+            continue
+        rec, h = cleaned
+        try:
+            body = dumps({"data_src": rec["data_src"], "category": rec["category"], "title": rec["title"],
+                          "content": rec["content"], "desc": rec["desc"], "others": rec["others"]}, default=str)
+        except TypeError as e:  # lone surrogates in code, which is never cleaned
+            _note(skipped, "unencodable text", f"{where(path, kind, first + i)} ({e})")
+            continue
+        text = record_text(rec).encode("utf-8") if txt else None
+        near = minhash.band_keys(rec["content"]) if minhash is not None else None
+        out.append((body, text, h, near))
+    return "batch", u, first, len(items), out, skipped, repaired
+
+
+class Ready:
+    """An already computed result with AsyncResult's get(): inline work (workers=1) and markers travel
+    through the same in-order queue as pool results."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def get(self):
+        return self.value
+
+
+# ---------------------------------------------------------------- parent side
+
+def _settings(cfg: Config) -> dict:
+    """Everything besides the inputs that changes what is written: a resume must not mix two of them."""
+    keys = ("shard_mb", "compress", "txt", "txt_mode", "batch_mb", "text_field", "title_field", "desc_field",
+            "category_field", "category", "kind")
+    return {**{k: getattr(cfg, k) for k in keys}, "clean": to_dict(cfg.clean)}
+
+
+def _fresh_state(units: list[Unit], cfg: Config) -> dict:
+    return {"version": STATE_VERSION, "inputs": _signature(units), "settings": _settings(cfg),
+            "next_unit": 0, "unit_items": 0, "next_gid": 0,
+            "done": False, "sources": {}, "units": [{"documents": 0, "skipped": 0, "status": "pending"}
+                                                    for _ in units]}
+
+
+def _signature(units: list[Unit]) -> list[dict]:
+    return [{"source": u.source.name, "path": str(u.path), "format": u.fmt} for u in units]
+
+
+class Converter:
+    def __init__(self, cfg: Config, units: list[Unit]):
+        self.cfg, self.units = cfg, units
+        self.out = Path(cfg.out)
+        self.state = self._load_state()
+        self.exact = HashSet64()
+        self.near = HashSet64() if cfg.clean.near_dedup else None
+        self.writer: ShardWriter | None = None
+        self.writer_source: str | None = None
+        self.pos = (self.state["next_unit"], self.state["unit_items"])
+
+    # -- state
+    def _load_state(self) -> dict:
+        path = self.out / STATE
+        if not path.exists():
+            return _fresh_state(self.units, self.cfg)
+        state = json.loads(path.read_text(encoding="utf-8"))
+        same_inputs = state.get("inputs") == _signature(self.units)
+        if same_inputs and state.get("settings") == _settings(self.cfg) and state.get("version") == STATE_VERSION:
+            return state
+        if not self.cfg.overwrite:
+            what = "other settings (cleaning, shard size, ...)" if same_inputs else "other inputs"
+            raise UserError(f"{self.out} holds a conversion of {what} ({path}); use another --out, or "
+                            f"--overwrite to replace it")
+        for name in state.get("sources", {}):
+            shutil.rmtree(self.out / name, ignore_errors=True)
+        path.unlink()
+        return _fresh_state(self.units, self.cfg)
+
+    def _restore(self) -> None:
+        """After a kill: drop files no commit lists, reload dedup hashes, rewrite manifests."""
+        for name in dict.fromkeys(u.source.name for u in self.units):
+            shards = self.state["sources"].get(name, {}).get("shards", [])
+            remove_stale(self.out / name, {sh["file"] for sh in shards} | {sh["txt"] for sh in shards if "txt" in sh})
+            for sh in shards:
+                index = int(sh["file"][5:10])
+                self.exact.add_all(load_shard_hashes(self.out / name, index))
+                if self.near is not None:
+                    self.near.add_all(load_shard_hashes(self.out / name, index, "near"))
+        self._write_manifests()
+
+    def _src(self, name: str) -> dict:
+        return self.state["sources"].setdefault(name, {"shards": [], "documents": 0, "skipped": {},
+                                                       "repaired": {}, "examples": {}})
+
+    def _commit(self) -> None:
+        self.state["next_unit"], self.state["unit_items"] = self.pos
+        atomic_write_text(self.out / STATE, json.dumps(self.state, ensure_ascii=False) + "\n")
+        self._write_manifests()
+
+    def _write_manifests(self) -> None:
+        for name, s in self.state["sources"].items():
+            src = next(u.source for u in self.units if u.source.name == name)
+            inputs = [{"path": str(u.path), "format": u.fmt, "raw_bytes": u.path.stat().st_size, **st}
+                      for u, st in zip(self.units, self.state["units"]) if u.source.name == name]
+            write_manifest(self.out / name, {
+                "source": name, "kind": src.kind, "documents": s["documents"],
+                "bytes": sum(sh["bytes"] for sh in s["shards"]),
+                "skipped": s["skipped"], "repaired": s["repaired"], "examples": s["examples"],
+                "shards": s["shards"], "inputs": inputs, "complete": self.state["done"]})
+
+    # -- shards
+    def _finish_shard(self) -> None:
+        if self.writer is None:
+            return
+        if self.writer.count:
+            info = self.writer.finish()
+            s = self._src(self.writer_source)
+            s["shards"].append(info)
+        else:
+            self.writer.abort()
+        self.writer = None
+
+    def _writer_for(self, name: str) -> ShardWriter:
+        if self.writer is not None and self.writer_source != name:
+            self._finish_shard()
+            self._commit()
+        if self.writer is None:
+            index = len(self._src(name)["shards"])
+            self.writer = ShardWriter(self.out / name, index, compress=self.cfg.compress, txt=self.cfg.txt)
+            self.writer_source = name
+        return self.writer
+
+    # -- the pipeline
+    def _tasks(self):
+        u0, start = self.state["next_unit"], self.state["unit_items"]
+        batch_bytes = int(self.cfg.batch_mb * 2**20)
+        for u in range(u0, len(self.units)):
+            unit = self.units[u]
+            reader = InputReader(unit.path, unit.fmt, txt_mode=self.cfg.txt_mode)
+            self._reader = reader
+            before = utf8_errors()
+            try:
+                for first, items in reader.batches(start if u == u0 else 0, batch_bytes=batch_bytes):
+                    fixed = utf8_errors() - before  # arrays and txt are decoded here, jsonl in the workers
+                    before += fixed
+                    if fixed:  # queued before its batch so that a commit after the batch includes it
+                        yield ("repaired", u, fixed, where(unit.path, "records", first))
+                    yield ("batch", u, first, reader.kind, items, str(unit.path))
+            except MalformedJSON as e:
+                yield ("malformed", u, e.index, str(e), where(unit.path, "records", e.index))
+            yield ("end", u)
+
+    def _apply(self, result: tuple) -> None:
+        tag, u = result[0], result[1]
+        name = self.units[u].source.name
+        s = self._src(name)
+        ustat = self.state["units"][u]
+        ustat["status"] = "partial"
+        if tag == "end":
+            ustat["status"] = "done"
+            self.pos = (u + 1, 0)
+            return
+        if tag == "repaired":
+            _, _, count, at = result
+            self._count(s, "invalid UTF-8 replaced", count, [f"near {at}"], table="repaired")
+            return
+        if tag == "malformed":
+            _, _, index, msg, at = result
+            self._count(s, "malformed JSON array (rest of file dropped)", 1, [f"{at} ({msg})"])
+            ustat["skipped"] += 1
+            return
+        _, _, first, n, recs, skipped, repaired = result
+        writer = self._writer_for(name)
+        for reason, (count, ex) in skipped.items():
+            self._count(s, reason, count, ex)
+            ustat["skipped"] += count
+        for reason, (count, ex) in repaired.items():
+            self._count(s, reason, count, ex, table="repaired")
+        keep = self.exact.add_new([r[2] for r in recs]) if self.cfg.clean.dedup else [True] * len(recs)
+        dups = near_dups = 0
+        for (body, text, h, near), ok in zip(recs, keep):
+            if not ok:
+                dups += 1
+                continue
+            if self.near is not None and self._near_seen(near):
+                near_dups += 1
+                continue
+            writer.write(self.state["next_gid"], body, text, h, near)
+            self.state["next_gid"] += 1
+            s["documents"] += 1
+            ustat["documents"] += 1
+        if dups:
+            self._count(s, "duplicate", dups, [])
+            ustat["skipped"] += dups
+        if near_dups:
+            self._count(s, "near duplicate", near_dups, [])
+            ustat["skipped"] += near_dups
+        self.pos = (u, first + n)
+        if writer.size >= self.cfg.shard_mb * 2**20:
+            self._finish_shard()
+            self._commit()
+
+    def _near_seen(self, keys: list[int]) -> bool:
+        """A document is a near duplicate when any LSH band key was seen; its keys are added either way."""
+        fresh = self.near.add_new(keys)
+        return not all(fresh)
+
+    def _count(self, s: dict, reason: str, count: int, examples: list[str], table: str = "skipped") -> None:
+        s[table][reason] = s[table].get(reason, 0) + count
+        if examples:
+            ex = s["examples"].setdefault(reason, [])
+            ex.extend(examples[: max(0, self.cfg.max_examples - len(ex))])
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.state["done"]:
+            print0(f"data convert: {self.out} is complete (rerun of the same inputs), nothing to do")
+            return self.state
+        self._restore()
+        sources = [u.source for u in self.units]
+        pool = None
+        if cfg.workers > 1:
+            import multiprocessing as mp
+
+            pool = mp.get_context("spawn").Pool(cfg.workers, _init_worker,
+                                                (sources, cfg.clean, cfg.txt, cfg.max_examples))
+        else:
+            _init_worker(sources, cfg.clean, cfg.txt, cfg.max_examples)
+        total = sum(u.path.stat().st_size for u in self.units)
+        done_bytes = sum(u.path.stat().st_size for u in self.units[: self.state["next_unit"]])
+        bar = progress(total=total, initial=done_bytes, desc="convert", unit="B", unit_scale=True)
+        limit = 2 * cfg.workers + 1
+        inflight: deque = deque()
+        error: Exception | None = None
+        tasks = self._tasks()
+        self._reader = None
+        last_pos = 0
+        try:
+            while True:
+                while error is None and len(inflight) < limit:
+                    try:
+                        task = next(tasks)
+                    except StopIteration:
+                        break
+                    except UserError as e:  # ReadError: truncated archive, unreadable parquet
+                        error = e
+                        break
+                    if task[0] == "batch":
+                        inflight.append(pool.apply_async(_work, (task,)) if pool else Ready(_work(task)))
+                    else:
+                        inflight.append(Ready(task))
+                    pos = self._reader.position() if self._reader else 0
+                    if task[0] == "end":
+                        bar.update(self.units[task[1]].path.stat().st_size - last_pos)
+                        last_pos = 0
+                    else:
+                        bar.update(max(0, pos - last_pos))
+                        last_pos = pos
+                if not inflight:
+                    break
+                self._apply(inflight.popleft().get())
+        finally:
+            bar.close()
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+        self._finish_shard()
+        if error is not None:
+            u = self.pos[0]
+            if u < len(self.units):
+                self.state["units"][u]["status"] = f"error: {error}"
+            self._commit()
+            n = sum(len(s["shards"]) for s in self.state["sources"].values())
+            raise UserError(f"{error}\n{n} complete shard(s) were written and are listed in the manifests under "
+                            f"{self.out}; replace the file and rerun the same command to continue from there "
+                            f"(dropping it from --inputs means a new conversion: --overwrite)")
+        self.state["done"] = True
+        self.pos = (len(self.units), 0)
+        self._commit()
+        return self.state
+
+
+def stats_table(state: dict, units: list[Unit], out: Path) -> tuple[list[str], list[list]]:
+    """The seed's stats table: one row per source plus a total."""
+    headers = ["source", "inputs", "raw size", "jsonl size", "shards", "txt size", "documents", "skipped"]
+    rows, tot = [], [0, 0, 0, 0, 0, 0, 0]
+    for name, s in state["sources"].items():
+        us = [(u, st) for u, st in zip(units, state["units"]) if u.source.name == name]
+        raw = sum(u.path.stat().st_size for u, _ in us)
+        jsonl = sum(sh["bytes"] for sh in s["shards"])
+        txt = sum(sh.get("txt_bytes", 0) for sh in s["shards"])
+        skipped = sum(s["skipped"].values())
+        vals = [len(us), raw, jsonl, len(s["shards"]), txt, s["documents"], skipped]
+        tot = [a + b for a, b in zip(tot, vals)]
+        rows.append([name, vals[0], human_bytes(raw), human_bytes(jsonl), vals[3], human_bytes(txt), vals[5],
+                     vals[6]])
+    rows.append(["total", tot[0], human_bytes(tot[1]), human_bytes(tot[2]), tot[3], human_bytes(tot[4]), tot[5],
+                 tot[6]])
+    return headers, rows
+
+
+def run(cfg: Config) -> int:
+    cfg.validate()
+    units = plan(cfg)
+    t0 = time.perf_counter()
+    conv = Converter(cfg, units)
+    state = conv.run()
+
+    headers, rows = stats_table(state, units, conv.out)
+    table = markdown_table(headers, rows)
+    atomic_write_text(conv.out / "stats.md", table + "\n")
+    save_config(cfg, conv.out / "convert.json", stats={"headers": headers, "rows": rows},
+                inputs=_signature(units), next_gid=state["next_gid"])
+    print0(table)
+    print0(f"data convert: {rows[-1][6]:,} documents, {rows[-1][7]:,} skipped, "
+           f"{time.perf_counter() - t0:.1f} s -> {conv.out}")
+    return 0

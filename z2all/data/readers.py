@@ -1,0 +1,406 @@
+"""Streaming readers for raw corpora: constant memory whatever the file size.
+
+Formats (`FORMATS`): `jsonl` (one JSON object per line), `json` (a JSON array streamed item by item with
+ijson's C backend, a single object, or jsonl that happens to be named `.json`, as baike2018qa is), `parquet`
+(pyarrow `iter_batches` with column projection), `txt` (plain text; a document is a blank-line separated
+block, a line, or the whole file). A directory input expands to the files under it (WuDao style: one JSON
+array per file). Compression is taken from the suffix: `.gz`, `.zst`/`.zstd`, `.bz2`.
+
+Decompression goes through one small raw stream (`_Decompressing`) over zlib/bz2/zstandard decompressor
+objects instead of gzip.open & co: it checks at end of file that the last frame was complete, because a
+truncated `.zst` otherwise reads as a silently shorter file. `InputReader.position()` is the number of bytes
+of the file on disk consumed so far (progress bars count those).
+
+Bounds: jsonl batches hold `batch_bytes` of raw lines (default 4 MB); arrays hold at most `batch_items`
+decoded items; parquet holds one record batch of 1,024 rows; txt blocks are cut at 1 M characters.
+"""
+
+from __future__ import annotations
+
+import bz2
+import codecs
+import io
+import os
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from z2all.utils import UserError
+
+FORMATS = ("jsonl", "json", "parquet", "txt")
+TXT_MODES = ("paragraph", "line", "file")
+COMPRESSIONS = (".gz", ".zst", ".zstd", ".bz2")
+_EXT_FORMAT = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".txt": "txt",
+               ".text": "txt"}
+_MAX_TXT_CHARS = 1_000_000
+_CHUNK = 1 << 20  # buffered reader size
+_IN_CHUNK = 64 << 10  # compressed bytes fed to a decompressor at a time
+
+
+class ReadError(UserError):
+    """The file itself is broken (truncated archive, unreadable parquet): the message names the file."""
+
+
+class MalformedJSON(Exception):
+    """A JSON array/object stopped parsing at item `index`; the rest of that file cannot be read."""
+
+    def __init__(self, index: int, msg: str):
+        super().__init__(msg)
+        self.index = index
+
+
+# ---------------------------------------------------------------- invalid UTF-8: replaced and counted
+
+_UTF8_ERRORS = [0]
+
+
+def _count_and_replace(err: UnicodeDecodeError):
+    _UTF8_ERRORS[0] += 1
+    return "\ufffd", err.end
+
+
+codecs.register_error("z2all_replace", _count_and_replace)
+
+
+def utf8_errors() -> int:
+    """Invalid UTF-8 sequences replaced by U+FFFD in this process so far (callers diff two readings)."""
+    return _UTF8_ERRORS[0]
+
+
+def decode_utf8(data: bytes) -> str:
+    """Decode UTF-8, replacing (and counting, see `utf8_errors`) invalid sequences."""
+    return data.decode("utf-8", "z2all_replace")
+
+
+# ---------------------------------------------------------------- compression
+
+def compression_of(path: str | os.PathLike) -> str:
+    """'' or one of COMPRESSIONS, from the file name."""
+    suffix = Path(path).suffix.lower()
+    return suffix if suffix in COMPRESSIONS else ""
+
+
+def _decompressor(kind: str):
+    if kind == ".gz":
+        return zlib.decompressobj(wbits=47)  # 32 + 15: gzip or zlib header, auto-detected
+    if kind == ".bz2":
+        return bz2.BZ2Decompressor()
+    import zstandard
+
+    return zstandard.ZstdDecompressor().decompressobj()
+
+
+class _Decompressing(io.RawIOBase):
+    """Raw byte stream of a compressed file; concatenated members/frames are read through; a file that
+    ends inside a member raises ReadError naming it. Compressed input is fed 64 KB at a time so one
+    decompressed piece stays small (~64 KB x the compression ratio)."""
+
+    def __init__(self, raw, kind: str, name: str):
+        self._raw, self._kind, self._name = raw, kind, name
+        self._d = _decompressor(kind)
+        self._buf = memoryview(b"")
+        self._done = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not len(self._buf) and not self._done:
+            if self._d.eof:  # a member/frame ended: the next one starts in its leftover bytes or the file
+                data = self._d.unused_data
+                self._d = _decompressor(self._kind)
+                if not data:
+                    data = self._raw.read(_IN_CHUNK)
+                    if not data:
+                        self._done = True
+                        break
+            else:
+                data = self._raw.read(_IN_CHUNK)
+                if not data:
+                    raise ReadError(f"{self._name}: truncated or corrupt {self._kind} file (it ends in the middle "
+                                    f"of a compressed block); re-download it or drop it from the inputs")
+            try:
+                self._buf = memoryview(self._d.decompress(data))
+            except Exception as e:  # zlib.error, OSError, EOFError, zstd.ZstdError
+                raise ReadError(f"{self._name}: corrupt {self._kind} data ({e})") from None
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]  # a view: no copy of the rest
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+def open_bytes(path: str | os.PathLike) -> tuple[io.BufferedReader, Any]:
+    """(buffered decompressed byte stream, the raw file on disk — its tell() is the progress)."""
+    path = Path(path)
+    try:
+        raw = open(path, "rb")
+    except OSError as e:
+        raise ReadError(f"{path}: cannot open ({e.strerror})") from None
+    kind = compression_of(path)
+    if not kind:
+        return io.BufferedReader(raw, buffer_size=_CHUNK), raw
+    return io.BufferedReader(_Decompressing(raw, kind, str(path)), buffer_size=_CHUNK), raw
+
+
+# ---------------------------------------------------------------- formats
+
+def detect_format(path: str | os.PathLike) -> str:
+    """Format from the suffix under any compression suffix; UserError listing FORMATS when unknown."""
+    p = Path(path)
+    name = p.name[: -len(compression_of(p))] if compression_of(p) else p.name
+    fmt = _EXT_FORMAT.get(Path(name).suffix.lower())
+    if fmt is None:
+        raise UserError(f"{path}: unknown input format '{Path(name).suffix or name}'; supported formats: "
+                        f"{', '.join(FORMATS)} (suffixes {', '.join(_EXT_FORMAT)}; compressed with "
+                        f"{', '.join(COMPRESSIONS)}); or name the format with --format")
+    return fmt
+
+
+def expand_inputs(path: str | os.PathLike) -> list[Path]:
+    """A file -> [file]; a directory -> its files (recursive, sorted, hidden files skipped)."""
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and not any(part.startswith(".")
+                                                                         for part in f.relative_to(p).parts))
+        if not files:
+            raise UserError(f"{p}: the input directory holds no files")
+        return files
+    raise UserError(f"{p}: no such input file or directory")
+
+
+class _Utf8Repair(io.RawIOBase):
+    """Bytes in, valid UTF-8 out (bad sequences -> U+FFFD, counted): ijson would stop at the first one."""
+
+    def __init__(self, inner):
+        self._inner = inner
+        self._dec = codecs.getincrementaldecoder("utf-8")("z2all_replace")
+        self._buf = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not len(self._buf):
+            data = self._inner.read(_IN_CHUNK)
+            self._buf = memoryview(self._dec.decode(data, final=not data).encode("utf-8"))
+            if not data:
+                break
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+
+def where(path, kind: str, index: int) -> str:
+    """Human location of item `index` (0-based): file:line for jsonl, file:item N otherwise."""
+    return f"{path}:{index + 1}" if kind == "lines" else f"{path}:item {index + 1}"
+
+
+class InputReader:
+    """One input file as batches of items. `kind` is "lines" (raw jsonl lines as bytes, parsed by the
+    worker so parsing runs in parallel) or "records" (dicts already decoded).
+
+        r = InputReader("baike_qa.json.gz")
+        for first_index, items in r.batches(): ...
+    """
+
+    def __init__(self, path: str | os.PathLike, fmt: str | None = None, *, columns: list[str] | None = None,
+                 txt_mode: str = "paragraph"):
+        self.path = Path(path)
+        self.fmt = fmt or detect_format(self.path)
+        if self.fmt not in FORMATS:
+            raise UserError(f"--format '{self.fmt}' is not supported; use one of {', '.join(FORMATS)}")
+        if txt_mode not in TXT_MODES:
+            raise UserError(f"txt mode '{txt_mode}' is not one of {', '.join(TXT_MODES)}")
+        self.columns, self.txt_mode = columns, txt_mode
+        self.size = self.path.stat().st_size
+        self._raw = None
+        self._pos_estimate = 0
+        self.kind = "lines" if self.fmt == "jsonl" else "records"
+        if self.fmt == "parquet" and compression_of(self.path):
+            raise UserError(f"{self.path}: parquet compresses internally; decompress the file first")
+
+    def position(self) -> int:
+        """Bytes of the on-disk file consumed so far."""
+        if self._raw is not None and not self._raw.closed:
+            return self._raw.tell()
+        return self._pos_estimate
+
+    def where(self, index: int) -> str:
+        return where(self.path, self.kind, index)
+
+    def batches(self, start: int = 0, batch_bytes: int = 4 << 20, batch_items: int = 2048
+                ) -> Iterator[tuple[int, list]]:
+        """Yield (index of the first item, items), skipping the first `start` items (resume)."""
+        if self.fmt == "parquet":
+            yield from self._parquet(start, batch_items)
+            return
+        f, self._raw = open_bytes(self.path)
+        try:
+            if self.fmt == "jsonl":
+                yield from self._lines(f, start, batch_bytes)
+            elif self.fmt == "txt":
+                yield from self._group(self._txt(f), start, batch_items)
+            else:
+                yield from self._json(f, start, batch_bytes, batch_items)
+        finally:
+            self._pos_estimate = self.size
+            f.close()
+
+    # -- jsonl: raw lines; the hint makes readlines() stop after ~batch_bytes (C speed)
+    def _lines(self, f, start: int, batch_bytes: int, first: list[bytes] | None = None):
+        index = 0
+        pending = first or []
+        while True:
+            lines = pending or f.readlines(batch_bytes)
+            pending = []
+            if not lines:
+                return
+            if index + len(lines) <= start:
+                index += len(lines)
+                continue
+            if index < start:
+                lines = lines[start - index:]
+                index = start
+            yield index, lines
+            index += len(lines)
+
+    def _json(self, f, start: int, batch_bytes: int, batch_items: int):
+        head = f.peek(64).lstrip()[:1]
+        if head == b"{":
+            first = f.readline()
+            try:
+                orjson.loads(first)
+                jsonl = True
+            except orjson.JSONDecodeError:
+                jsonl = False
+            if jsonl:  # jsonl named .json (baike2018qa, news2016zh ship like this)
+                self.kind = "lines"
+                yield from self._lines(f, start, batch_bytes, first=[first])
+                return
+            f = io.BufferedReader(_Utf8Repair(_Prepend(first, f)), buffer_size=_CHUNK)
+            prefix = ""
+        else:
+            f = io.BufferedReader(_Utf8Repair(f), buffer_size=_CHUNK)
+            prefix = "item"
+        import ijson
+
+        it = ijson.items(f, prefix, use_float=True)
+        yield from self._group(_guard(it), start, batch_items)
+
+    def _txt(self, f) -> Iterator[dict]:
+        mode = self.txt_mode
+        if mode == "line":
+            for line in f:
+                yield {"text": decode_utf8(line).rstrip("\r\n")}
+            return
+        block: list[str] = []
+        size = 0
+        for line in f:
+            s = decode_utf8(line)
+            if mode == "paragraph" and not s.strip():
+                if block:
+                    yield {"text": "".join(block).rstrip("\n")}
+                block, size = [], 0
+                continue
+            block.append(s)
+            size += len(s)
+            if size >= _MAX_TXT_CHARS:
+                yield {"text": "".join(block).rstrip("\n")}
+                block, size = [], 0
+        if block:
+            yield {"text": "".join(block).rstrip("\n")}
+
+    @staticmethod
+    def _group(items: Iterator, start: int, batch_items: int):
+        batch: list = []
+        first = start
+        try:
+            for i, item in enumerate(items):
+                if i < start:
+                    continue
+                if not batch:
+                    first = i
+                batch.append(item)
+                if len(batch) >= batch_items:
+                    yield first, batch
+                    batch = []
+        except MalformedJSON:
+            if batch:  # the items before the bad spot are good: hand them over first
+                yield first, batch
+            raise
+        if batch:
+            yield first, batch
+
+    def _parquet(self, start: int, batch_items: int):
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(self.path)
+        except Exception as e:  # pyarrow.ArrowInvalid and friends
+            raise ReadError(f"{self.path}: not a readable parquet file ({e})") from None
+        names = pf.schema_arrow.names
+        columns = None
+        if self.columns is not None:
+            missing = [c for c in self.columns if c not in names]
+            if missing:
+                raise UserError(f"{self.path}: parquet columns {missing} not found; the file has {names}")
+            columns = self.columns
+        total = max(1, pf.metadata.num_rows)
+        index = 0
+        try:
+            for rb in pf.iter_batches(batch_size=min(batch_items, 1024), columns=columns):
+                n = rb.num_rows
+                if index + n > start:
+                    rows = rb.to_pylist()
+                    skip = max(0, start - index)
+                    yield index + skip, rows[skip:]
+                index += n
+                self._pos_estimate = int(self.size * index / total)
+        except OSError as e:
+            raise ReadError(f"{self.path}: parquet read failed after row {index} ({e})") from None
+
+
+class _Prepend(io.RawIOBase):
+    """A stream that first returns `head`, then the rest of `f` (we consumed one line to sniff jsonl)."""
+
+    def __init__(self, head: bytes, f):
+        self._head, self._f = head, f
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if self._head:
+            n = min(len(b), len(self._head))
+            b[:n] = self._head[:n]
+            self._head = self._head[n:]
+            return n
+        data = self._f.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+def _guard(it: Iterator) -> Iterator:
+    """ijson errors -> MalformedJSON carrying the item index (ReadError from the stream passes through)."""
+    import ijson
+
+    i = 0
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        except ijson.JSONError as e:
+            raise MalformedJSON(i, f"invalid JSON after item {i}: {e}") from None
+        yield item
+        i += 1

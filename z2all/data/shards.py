@@ -1,0 +1,187 @@
+"""Size-rolled shard writer (atomic), per-source manifest, and the tokenizer-training txt export.
+
+Layout of a converted corpus (`z2all data convert --out OUT`):
+
+    OUT/<source>/part-00000.jsonl[.zst]   one unified record per line (schema.FIELDS order), ~shard_mb each
+    OUT/<source>/part-00000.txt           with --txt: record_text of each document, a blank line between
+    OUT/<source>/manifest.json            shards (count, bytes, sha256, gid range), skipped counts by reason
+                                          with the first few file:line examples, inputs
+    OUT/<source>/.dedup/part-00000.u64    the shard's content hashes (raw uint64), reloaded on resume
+                                          (+ .near.u64: MinHash band keys with --clean.near-dedup)
+
+A shard is written to a hidden temp file and renamed into place only when complete (fsync first), so a
+reader or a crash never sees half a shard. The writer gets records already serialised without their ids
+(`b'{"data_src":...}'`) and splices `{"gid":G,"id":I,` in front: id assignment costs one bytes format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from z2all.config import atomic_write_text
+
+MANIFEST = "manifest.json"
+
+
+def shard_name(index: int, compress: str) -> str:
+    return f"part-{index:05d}.jsonl" + (".zst" if compress == "zstd" else "")
+
+
+class _HashingFile:
+    """Counts and sha256-hashes the bytes that reach the disk (the compressed bytes for .zst shards)."""
+
+    def __init__(self, path: Path):
+        self.f = open(path, "wb")
+        self.sha = hashlib.sha256()
+        self.bytes = 0
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.bytes += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+
+
+class ShardWriter:
+    """One open shard of one source. `write` appends a batch; `finish` makes it visible and returns its
+    manifest entry. Sizes count uncompressed jsonl bytes (what `shard_mb` means)."""
+
+    def __init__(self, out_dir: Path, index: int, *, compress: str = "none", txt: bool = False):
+        self.dir = Path(out_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.index = index
+        self.name = shard_name(index, compress)
+        self.tmp = self.dir / f".{self.name}.tmp"
+        self.file = _HashingFile(self.tmp)
+        self._zw = None
+        if compress == "zstd":
+            import zstandard
+
+            self._zw = zstandard.ZstdCompressor(level=3).stream_writer(self.file, closefd=False)
+        self.txt_tmp = self.dir / f".part-{index:05d}.txt.tmp" if txt else None
+        self.txt_f = open(self.txt_tmp, "wb") if txt else None
+        self.txt_bytes = 0
+        self.size = 0
+        self.count = 0
+        self.gid_first: int | None = None
+        self.gid_last: int | None = None
+        self.hashes: list[int] = []
+        self.near_keys: list[int] = []
+
+    def write(self, gid: int, body: bytes, text: bytes | None, content_hash: int,
+              near_keys: list[int] | None = None) -> None:
+        """`body` is a serialised record without gid/id, starting with '{'."""
+        line = b'{"gid":%d,"id":%d,%b\n' % (gid, self.count, body[1:])
+        (self._zw or self.file).write(line)
+        self.size += len(line)
+        if self.txt_f is not None and text is not None:
+            if self.count:
+                self.txt_f.write(b"\n\n")
+                self.txt_bytes += 2
+            self.txt_f.write(text)
+            self.txt_bytes += len(text)
+        if self.gid_first is None:
+            self.gid_first = gid
+        self.gid_last = gid
+        self.count += 1
+        self.hashes.append(content_hash)
+        if near_keys:
+            self.near_keys.extend(near_keys)
+
+    def finish(self) -> dict:
+        """Flush, fsync, rename into place; returns the manifest entry."""
+        if self._zw is not None:
+            self._zw.close()  # ends the zstd frame; closefd=False leaves our file open
+        self.file.close()
+        info = {"file": self.name, "count": self.count, "bytes": self.file.bytes, "jsonl_bytes": self.size,
+                "sha256": self.file.sha.hexdigest(), "gid_first": self.gid_first, "gid_last": self.gid_last}
+        dedup = self.dir / ".dedup"
+        dedup.mkdir(exist_ok=True)
+        _atomic_bytes(dedup / f"part-{self.index:05d}.u64", np.asarray(self.hashes, dtype=np.uint64).tobytes())
+        if self.near_keys:
+            _atomic_bytes(dedup / f"part-{self.index:05d}.near.u64",
+                          np.asarray(self.near_keys, dtype=np.uint64).tobytes())
+        if self.txt_f is not None:
+            self.txt_f.flush()
+            os.fsync(self.txt_f.fileno())
+            self.txt_f.close()
+            txt_name = f"part-{self.index:05d}.txt"
+            os.replace(self.txt_tmp, self.dir / txt_name)
+            info.update(txt=txt_name, txt_bytes=self.txt_bytes)
+        os.replace(self.tmp, self.dir / self.name)
+        return info
+
+    def abort(self) -> None:
+        for f in (self.file.f, self.txt_f):
+            if f is not None and not f.closed:
+                f.close()
+        for p in (self.tmp, self.txt_tmp):
+            if p is not None and p.exists():
+                p.unlink()
+
+
+def _atomic_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_shard_hashes(out_dir: Path, index: int, kind: str = "") -> np.ndarray:
+    """The content hashes (kind "") or MinHash band keys (kind "near") a finished shard saved."""
+    path = Path(out_dir) / ".dedup" / f"part-{index:05d}{'.' + kind if kind else ''}.u64"
+    return np.fromfile(path, dtype=np.uint64) if path.exists() else np.empty(0, dtype=np.uint64)
+
+
+def remove_stale(out_dir: Path, keep: set[str]) -> None:
+    """Delete shard files and temp files a killed run left behind that no committed manifest lists."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return
+    for p in out_dir.iterdir():
+        stem = p.name.lstrip(".")
+        if p.is_file() and stem.startswith("part-") and p.name not in keep:
+            p.unlink()
+
+
+def write_manifest(out_dir: Path, manifest: dict) -> None:
+    atomic_write_text(Path(out_dir) / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_manifest(out_dir: Path) -> dict:
+    return json.loads((Path(out_dir) / MANIFEST).read_text(encoding="utf-8"))
+
+
+def find_shards(root: str | os.PathLike) -> list[Path]:
+    """Every shard of a converted corpus in gid order: source directories ordered by their first gid (from
+    the manifests; directories without one come after, by name), and within one the manifest's list (else
+    `part-*.jsonl[.zst]` sorted). `root` may also be one source directory or one shard file."""
+    root = Path(root)
+    if root.is_file():
+        return [root]
+    dirs = [root] if (root / MANIFEST).exists() else [d for d in root.iterdir() if d.is_dir()
+                                                       and not d.name.startswith(".")]
+    keyed = []
+    for d in dirs:
+        if (d / MANIFEST).exists():
+            shards = read_manifest(d)["shards"]
+            first = shards[0]["gid_first"] if shards else -1
+            keyed.append(((0, first, d.name), [d / s["file"] for s in shards]))
+        else:
+            files = sorted(p for p in d.glob("part-*.jsonl*") if p.name.endswith((".jsonl", ".jsonl.zst")))
+            keyed.append(((1, 0, d.name), files))
+    return [p for _, files in sorted(keyed) for p in files]

@@ -1,0 +1,262 @@
+"""`z2all data tokenize`: converted shards + a tokenizer directory -> flat token files for training.
+
+    z2all data tokenize --shards data/converted --tokenizer data/tokenizer --out data/tokens --workers 2
+
+Output (`--out`):
+    train-00000.bin, train-00001.bin, ...   raw little-endian token ids, no header; uint16 when the vocab
+    val-00000.bin, ...                      has < 65,536 ids, else uint32; files roll at --file-mb
+    meta.json                               {"dtype", "vocab_size", "eos_id", "train_tokens", "val_tokens",
+                                             "train_files", "val_files", "tokenizer_dir", "documents", ...}
+Every document is `record_text(record)` (schema.py) encoded without special tokens, followed by the id of
+`<|endoftext|>`. The encoder runs with `encode_special_tokens = True`, so a document that *contains* the text
+"<|endoftext|>" is encoded as ordinary text and only our appended id is the real separator.
+
+Validation split: by document, deterministic: a document goes to val when blake2b(seed, gid) falls below
+--val-fraction of the hash range, independent of worker count, shard size and order.
+
+How it runs: the parent reads shards as ~8 MB blocks of raw lines and hands them to --workers processes
+(each encodes its block with `encode_batch_fast`, single-threaded; with --workers 1 the encoding runs
+in-process on Rust's thread pool); results are written in order, at most 2 x workers + 1 blocks in
+flight, so memory is bounded and the output does not depend on timing. Files are written under hidden
+temp names and renamed when complete; meta.json is written last, so a directory without meta.json is
+an unfinished run. A killed run is redone from the start (stale files are removed first).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from z2all.config import ConfigError, atomic_write_text, opt
+from z2all.data.convert import Ready
+from z2all.data.readers import InputReader
+from z2all.data.schema import record_text
+from z2all.data.shards import find_shards
+from z2all.utils import UserError, human_bytes, print0, progress
+
+EOS = "<|endoftext|>"
+
+
+@dataclass
+class Config:
+    shards: str = opt("data/converted", "converted corpus: the convert --out dir, one source dir, or one shard")
+    tokenizer: str = opt("data/tokenizer", "tokenizer directory holding tokenizer.json")
+    out: str = opt("data/tokens", "output directory for train-*.bin, val-*.bin and meta.json")
+    val_fraction: float = opt(0.01, "share of documents that go to the validation split")
+    seed: int = opt(0, "salt of the deterministic validation split")
+    workers: int = opt(2, "encoding processes (1 = in-process, using the tokenizer's own threads)")
+    batch_mb: float = opt(8.0, "raw shard bytes per work block")
+    file_mb: float = opt(2048.0, "roll token files at this many MB")
+
+    def validate(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in [0, 1) (got {self.val_fraction})")
+        if self.workers < 1 or self.batch_mb <= 0 or self.file_mb <= 0:
+            raise ConfigError("workers must be >= 1 and batch_mb, file_mb > 0")
+
+
+def load_tokenizer(tok_dir: str | os.PathLike):
+    """`tokenizers.Tokenizer` from `<dir>/tokenizer.json`, special-token text encoded as plain text."""
+    from tokenizers import Tokenizer
+
+    path = Path(tok_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise UserError(f"{path} not found: --tokenizer must be a directory made by `z2all tokenizer train`")
+    tok = Tokenizer.from_file(str(path))
+    tok.encode_special_tokens = True
+    eos = tok.token_to_id(EOS)
+    if eos is None:
+        raise UserError(f"{path} has no {EOS} token; train the tokenizer with it as a special token")
+    return tok, eos
+
+
+def dtype_for(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size < 65536 else np.uint32).newbyteorder("<")
+
+
+def is_val(gid: int, seed: int, fraction: float) -> bool:
+    if fraction <= 0:
+        return False
+    h = hashlib.blake2b(f"{seed}:{gid}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") < fraction * 2**64
+
+
+# ---------------------------------------------------------------- worker side
+
+_W: dict = {}
+
+
+def _init_worker(tok_dir: str, dtype: str, seed: int, val_fraction: float, threads: bool) -> None:
+    if not threads:  # one Rust thread per worker process: workers x threads would oversubscribe the cores
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    tok, eos = load_tokenizer(tok_dir)
+    _W.update(tok=tok, eos=eos, dtype=np.dtype(dtype), seed=seed, frac=val_fraction)
+
+
+def _encode(texts: list[str]) -> np.ndarray:
+    """Concatenated ids of `texts`, each followed by eos."""
+    if not texts:
+        return np.empty(0, dtype=_W["dtype"])
+    tok = _W["tok"]
+    encs = getattr(tok, "encode_batch_fast", tok.encode_batch)(texts, add_special_tokens=False)
+    eos = _W["eos"]
+    flat: list[int] = []
+    for e in encs:
+        flat.extend(e.ids)
+        flat.append(eos)
+    return np.asarray(flat, dtype=_W["dtype"])
+
+
+def _work(task: tuple) -> tuple:
+    lines, where = task
+    train, val, bad = [], [], 0
+    seed, frac = _W["seed"], _W["frac"]
+    for line in lines:
+        try:
+            rec = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            bad += 1  # shards come from convert; a bad line means a hand-edited or foreign file
+            continue
+        text = record_text(rec)
+        if not text:
+            continue
+        (val if is_val(rec.get("gid", 0), seed, frac) else train).append(text)
+    return _encode(train).tobytes(), _encode(val).tobytes(), len(train), len(val), bad, where
+
+
+# ---------------------------------------------------------------- parent side
+
+class _BinWriter:
+    """`<out>/<split>-NNNNN.bin`, rolled at `file_tokens`; each file appears only when complete."""
+
+    def __init__(self, out: Path, split: str, itemsize: int, file_tokens: int):
+        self.out, self.split, self.itemsize, self.file_tokens = out, split, itemsize, file_tokens
+        self.files: list[str] = []
+        self.tokens = 0
+        self._f = None
+        self._n = 0
+
+    def _open(self) -> None:
+        name = f"{self.split}-{len(self.files):05d}.bin"
+        self._tmp = self.out / f".{name}.tmp"
+        self._name = name
+        self._f = open(self._tmp, "wb")
+        self._n = 0
+
+    def _close(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self._tmp, self.out / self._name)
+        self.files.append(self._name)
+        self._f = None
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while len(view):
+            if self._f is None:
+                self._open()
+            room = (self.file_tokens - self._n) * self.itemsize
+            part = view[:room]
+            self._f.write(part)
+            n = len(part) // self.itemsize
+            self._n += n
+            self.tokens += n
+            view = view[len(part):]
+            if self._n >= self.file_tokens:
+                self._close()
+
+    def finish(self) -> list[str]:
+        if self._f is not None or not self.files:  # an empty split still gets one (empty) file
+            if self._f is None:
+                self._open()
+            self._close()
+        return self.files
+
+
+def run(cfg: Config) -> int:
+    cfg.validate()
+    t0 = time.perf_counter()
+    shards_root = Path(cfg.shards)
+    if not shards_root.exists():
+        raise UserError(f"{shards_root} not found: --shards must be the output of `z2all data convert`")
+    shards = find_shards(shards_root)
+    if not shards:
+        raise UserError(f"{shards_root} holds no part-*.jsonl shards; run `z2all data convert` first")
+    tok, eos = load_tokenizer(cfg.tokenizer)
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    dtype = dtype_for(vocab)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for p in list(out.glob("*.bin")) + list(out.glob(".*.bin.tmp")) + [out / "meta.json"]:
+        if p.exists():
+            p.unlink()
+    file_tokens = max(1, int(cfg.file_mb * 2**20) // dtype.itemsize)
+    writers = {s: _BinWriter(out, s, dtype.itemsize, file_tokens) for s in ("train", "val")}
+    initargs = (str(cfg.tokenizer), dtype.str, cfg.seed, cfg.val_fraction, cfg.workers == 1)
+    pool = None
+    if cfg.workers > 1:
+        import multiprocessing as mp
+
+        pool = mp.get_context("spawn").Pool(cfg.workers, _init_worker, initargs)
+    else:
+        _init_worker(*initargs)
+    docs = {"train": 0, "val": 0, "bad_lines": 0}
+    total = sum(p.stat().st_size for p in shards)
+    bar = progress(total=total, desc="tokenize", unit="B", unit_scale=True)
+    inflight: deque = deque()
+    limit = 2 * cfg.workers + 1
+
+    def collect() -> None:
+        tr, va, ntr, nva, bad, _ = inflight.popleft().get()
+        writers["train"].write(tr)
+        writers["val"].write(va)
+        docs["train"] += ntr
+        docs["val"] += nva
+        docs["bad_lines"] += bad
+
+    try:
+        for shard in shards:
+            reader = InputReader(shard, "jsonl")
+            last = 0
+            for first, lines in reader.batches(batch_bytes=int(cfg.batch_mb * 2**20)):
+                task = (lines, f"{shard}:{first + 1}")
+                inflight.append(pool.apply_async(_work, (task,)) if pool else Ready(_work(task)))
+                while len(inflight) >= limit:
+                    collect()
+                pos = reader.position()
+                bar.update(pos - last)
+                last = pos
+            bar.update(shard.stat().st_size - last)
+        while inflight:
+            collect()
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    files = {s: w.finish() for s, w in writers.items()}
+    meta = {
+        "dtype": dtype.name, "vocab_size": vocab, "eos_id": eos,
+        "train_tokens": writers["train"].tokens, "val_tokens": writers["val"].tokens,
+        "train_files": files["train"], "val_files": files["val"],
+        "tokenizer_dir": str(Path(cfg.tokenizer).resolve()), "documents": docs,
+        "val_fraction": cfg.val_fraction, "seed": cfg.seed,
+        "shards": [str(p) for p in shards], "byteorder": "little",
+    }
+    atomic_write_text(out / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    dt = time.perf_counter() - t0
+    ntok = meta["train_tokens"] + meta["val_tokens"]
+    print0(f"data tokenize: {docs['train']:,} train / {docs['val']:,} val documents, {ntok:,} tokens "
+           f"({human_bytes(total)} of shards, {ntok / max(dt, 1e-9):,.0f} tokens/s, {dt:.1f} s) -> {out}")
+    if docs["bad_lines"]:
+        print0(f"data tokenize: warning: {docs['bad_lines']} unparseable shard lines were skipped")
+    return 0
