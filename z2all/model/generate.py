@@ -1,0 +1,273 @@
+"""Text generation with a preallocated KV cache: greedy, temperature, top-k, top-p (nucleus) and
+repetition-penalty sampling; stops at EOS or stop strings; streams to the terminal; batched prompts of
+different lengths (left-padded, with a key padding mask and per-row RoPE positions).
+
+    z2all generate --ckpt runs/demo/checkpoints/step-1000 --prompt "Once upon a time" --max-new-tokens 100
+    z2all generate --ckpt CKPT --prompt-file prompts.txt --temperature 0    # one batch, greedy
+
+From Python (the trainer's sample generations):
+
+    from z2all.model.generate import generate
+    new_ids = generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=32, eos_id=tok.eos_token_id)
+
+The tokenizer is `--tokenizer DIR`, else `<ckpt>/tokenizer/`, loaded with transformers.AutoTokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from z2all.config import opt
+from z2all.utils import UserError, pick_device, pick_dtype, seed_everything
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """logits [B, V] with -inf outside the sampling set: top_k keeps the k most likely tokens (0 = all);
+    top_p keeps the smallest set whose probability reaches p, always at least one (1.0 = all)."""
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens before it already reach top_p (so the first is always kept)
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits [B, V] (any float dtype) -> next token ids [B]. temperature 0 = greedy (argmax); otherwise
+    softmax(logits / temperature) restricted by filter_logits, in transformers' order."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty (as transformers applies it): for tokens already in the row (prompt or output),
+    positive logits are divided by `penalty` and negative ones multiplied. seen [B, V] bool."""
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+@torch.inference_mode()
+def generate(model, input_ids: list[list[int]], max_new_tokens: int = 64, *, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+             eos_id: int | list[int] | None = None, should_stop: Callable[[int, list[int]], bool] | None = None,
+             on_token: Callable[[int, int], None] | None = None, generator: torch.Generator | None = None,
+             pad_id: int = 0) -> list[list[int]]:
+    """Continue each prompt in one batch; returns the new tokens of each row (without the EOS that ended
+    it). A row finishes at eos_id, when should_stop(row, new_tokens) is true (stop strings), or after
+    max_new_tokens; generation ends when every row has finished. on_token(row, token) is called for each
+    new token of an unfinished row (streaming). Prompts of different lengths are left-padded with pad_id
+    and masked, and each row gets the RoPE positions it would have alone, so the result per row equals
+    generating it by itself (up to floating-point reduction order)."""
+    if not input_ids or any(len(p) == 0 for p in input_ids):
+        raise UserError("every prompt needs at least one token")
+    if max_new_tokens <= 0:
+        return [[] for _ in input_ids]
+    was_training = model.training
+    model.eval()
+    device = model.tok_embeddings.weight.device
+    B = len(input_ids)
+    lengths = [len(p) for p in input_ids]
+    P = max(lengths)
+    eos = set([eos_id] if isinstance(eos_id, int) else (eos_id or []))
+    idx = torch.full((B, P), pad_id, dtype=torch.long, device=device)
+    for b, p in enumerate(input_ids):
+        idx[b, P - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
+    padded = min(lengths) != P
+    # key padding mask over every position the cache will hold; None when no row is padded (fast path)
+    mask = None
+    if padded:
+        mask = torch.ones(B, P + max_new_tokens, dtype=torch.bool, device=device)
+        for b, n in enumerate(lengths):
+            mask[b, :P - n] = False
+    seen = None
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(B, model.cfg.vocab_size, dtype=torch.bool, device=device)
+        for b, p in enumerate(input_ids):
+            seen[b, torch.tensor(p, device=device)] = True
+
+    cache = model.new_kv_cache(B, P + max_new_tokens)
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    try:
+        logits, _ = model(idx, kv_cache=cache, start_pos=0,
+                          key_padding_mask=None if mask is None else mask[:, :P], logits_to_keep=1)
+        pos = P
+        for _ in range(max_new_tokens):
+            step = logits[:, -1]
+            if seen is not None:
+                step = apply_repetition_penalty(step.float(), seen, repetition_penalty)
+            nxt = sample_next(step, temperature, top_k, top_p, generator)  # [B]
+            if seen is not None:
+                seen[torch.arange(B, device=device), nxt] = True
+            for b, t in enumerate(nxt.tolist()):
+                if done[b]:
+                    continue
+                if t in eos:
+                    done[b] = True
+                    continue
+                out[b].append(t)
+                if on_token is not None:
+                    on_token(b, t)
+                if should_stop is not None and should_stop(b, out[b]):
+                    done[b] = True
+            if all(done) or pos == P + max_new_tokens - 1:
+                break
+            logits, _ = model(nxt[:, None], kv_cache=cache, start_pos=pos,
+                              key_padding_mask=None if mask is None else mask[:, :pos + 1], logits_to_keep=1)
+            pos += 1
+    finally:
+        model.train(was_training)
+    return out
+
+
+# ---------------------------------------------------------------------- the command
+
+def load_tokenizer(path: str | Path):
+    """A transformers tokenizer from a local directory (no network). Trusts the directory's own Python
+    tokenizer class only when its tokenizer_config.json names one (auto_map), as a local checkpoint of
+    this project may."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"tokenizer directory {path} not found; pass --tokenizer DIR")
+    remote = False
+    cfg_file = path / "tokenizer_config.json"
+    if cfg_file.is_file():
+        remote = "auto_map" in json.loads(cfg_file.read_text(encoding="utf-8"))
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=remote)
+
+
+class _Streamer:
+    """Prints one row's text as it grows. Decodes the whole continuation each time and prints the new
+    part, holding back while the text ends in an incomplete UTF-8 sequence (U+FFFD, a byte-level token can
+    be half a character) and the last len(longest stop) - 1 characters, which may be the start of a stop
+    string that must not be shown."""
+
+    def __init__(self, tokenizer, stops: list[str], stream=None):
+        self.tok, self.stops, self.stream = tokenizer, stops, stream or sys.stdout
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.ids: list[int] = []
+        self.printed = 0
+
+    def _emit(self, upto: int) -> None:
+        if upto > self.printed:
+            self.stream.write(self.text[self.printed:upto])
+            self.stream.flush()
+            self.printed = upto
+
+    def __call__(self, row: int, token: int) -> None:
+        self.ids.append(token)
+        self.text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if self.text.endswith("\ufffd"):
+            return
+        cut = len(cut_at_stop(self.text, self.stops))
+        self._emit(cut if cut < len(self.text) else len(self.text) - self.hold)
+
+    def finish(self) -> None:
+        if self.ids:
+            self._emit(len(cut_at_stop(self.text, self.stops)))
+        self.stream.write("\n")
+        self.stream.flush()
+
+
+def _stop_checker(tokenizer, stops: list[str]):
+    # decode only a tail: a stop string cannot span more tokens than it has characters (+ a margin for
+    # tokens that are partial characters)
+    tail = max((len(s) for s in stops), default=0) + 8
+
+    def should_stop(row: int, new: list[int]) -> bool:
+        text = tokenizer.decode(new[-tail:], skip_special_tokens=True)
+        return any(s in text for s in stops)
+
+    return should_stop
+
+
+def cut_at_stop(text: str, stops: list[str]) -> str:
+    """text up to the first occurrence of any stop string."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+@dataclass
+class Config:
+    ckpt: str = opt("", "checkpoint directory (model.safetensors + model_config.json [+ tokenizer/])")
+    prompt: str = opt("", "the prompt (one); use --prompt-file for a batch")
+    prompt_file: str = opt("", "text file with one prompt per line, generated together as one batch "
+                           "(blank lines skipped; \\n inside a line stands for a newline)")
+    max_new_tokens: int = opt(128, "tokens to generate per prompt at most")
+    temperature: float = opt(0.8, "sampling temperature; 0 = greedy")
+    top_k: int = opt(0, "sample from the k most likely tokens only; 0 = off")
+    top_p: float = opt(0.95, "nucleus sampling: the smallest set of tokens with probability >= p; 1 = off")
+    repetition_penalty: float = opt(1.0, "penalise tokens already in the prompt or output (CTRL, as transformers: "
+                                    "positive logits / p, negative * p); 1 = off")
+    stop: list[str] = opt(help="stop strings (comma separated): a row ends when its text contains one",
+                          factory=list)
+    seed: int = opt(1234, "random seed for sampling")
+    device: str = opt("auto", "auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
+    dtype: str = opt("auto", "compute dtype: auto = bf16/fp16 on GPU, fp32 on CPU",
+                     choices=("auto", "fp32", "bf16", "fp16"))
+    tokenizer: str = opt("", "tokenizer directory (default: <ckpt>/tokenizer/)")
+
+
+def _prompts(cfg: Config) -> list[str]:
+    prompts = [cfg.prompt] if cfg.prompt else []
+    if cfg.prompt_file:
+        path = Path(cfg.prompt_file)
+        if not path.is_file():
+            raise UserError(f"prompt file {path} not found")
+        lines = path.read_text(encoding="utf-8").splitlines()
+        prompts += [line.replace("\\n", "\n") for line in lines if line.strip()]
+    if not prompts:
+        raise UserError("give a prompt: --prompt TEXT or --prompt-file FILE")
+    return prompts
+
+
+def run(cfg: Config) -> int:
+    from z2all.model.llama import load_model
+
+    if not cfg.ckpt:
+        raise UserError("give --ckpt: a checkpoint directory (e.g. runs/<run>/checkpoints/step-N)")
+    prompts = _prompts(cfg)
+    tok = load_tokenizer(cfg.tokenizer or Path(cfg.ckpt) / "tokenizer")
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    model = load_model(cfg.ckpt, map_location=device).to(pick_dtype(cfg.dtype, device))
+    ids = []
+    for p in prompts:
+        enc = tok(p, add_special_tokens=True)["input_ids"]
+        if not enc:
+            raise UserError(f"prompt {p!r} encodes to no tokens")
+        ids.append(enc)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    streamer = _Streamer(tok, cfg.stop) if len(prompts) == 1 else None
+    if streamer is not None:
+        sys.stdout.write(prompts[0])
+        sys.stdout.flush()
+    out = generate(model, ids, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                   top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty, eos_id=tok.eos_token_id,
+                   should_stop=_stop_checker(tok, cfg.stop) if cfg.stop else None, on_token=streamer,
+                   generator=gen, pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
+    if streamer is not None:
+        streamer.finish()
+        return 0
+    for i, (p, new) in enumerate(zip(prompts, out)):
+        text = cut_at_stop(tok.decode(new, skip_special_tokens=True), cfg.stop)
+        print(f"--- [{i}] ---\n{p}{text}")
+    return 0

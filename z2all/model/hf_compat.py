@@ -1,0 +1,235 @@
+"""Hugging Face interop: our Z2all <-> transformers `LlamaForCausalLM`, with an exact weight mapping, and
+the `z2all export hf` command that writes a standard Llama directory (config.json, model.safetensors,
+generation_config.json, tokenizer files) loadable with `AutoModelForCausalLM.from_pretrained` and no
+remote code.
+
+    z2all export hf --ckpt runs/demo/checkpoints/step-1000 --out exports/demo-hf --dtype bf16
+
+Both models use the rotate-half RoPE layout, so q/k projections copy 1:1 (no permutation); the map is:
+
+    tok_embeddings.weight                  model.embed_tokens.weight
+    layers.{i}.attention.w{q,k,v,o}        model.layers.{i}.self_attn.{q,k,v,o}_proj.weight
+    layers.{i}.feed_forward.w1 / w3 / w2   model.layers.{i}.mlp.gate_proj / up_proj / down_proj.weight
+    layers.{i}.attention_norm / ffn_norm   model.layers.{i}.input_layernorm / post_attention_layernorm.weight
+    norm.weight                            model.norm.weight
+    output.weight                          lm_head.weight  (absent from the file when tied)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from z2all.config import atomic_write_text, opt
+from z2all.model.config import ModelConfig
+from z2all.model.llama import Z2all, load_model
+from z2all.utils import UserError, pick_dtype, print0
+
+# (our regex, HF template) for per-layer tensors
+_LAYER_MAP = [
+    ("attention.wq", "self_attn.q_proj"), ("attention.wk", "self_attn.k_proj"),
+    ("attention.wv", "self_attn.v_proj"), ("attention.wo", "self_attn.o_proj"),
+    ("feed_forward.w1", "mlp.gate_proj"), ("feed_forward.w3", "mlp.up_proj"),
+    ("feed_forward.w2", "mlp.down_proj"),
+    ("attention_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm"),
+]
+_TOP_MAP = [("tok_embeddings.weight", "model.embed_tokens.weight"), ("norm.weight", "model.norm.weight"),
+            ("output.weight", "lm_head.weight")]
+
+
+def ours_to_hf_key(key: str) -> str:
+    for ours, hf in _TOP_MAP:
+        if key == ours:
+            return hf
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", key)
+    if m:
+        for ours, hf in _LAYER_MAP:
+            if m.group(2) == ours:
+                return f"model.layers.{m.group(1)}.{hf}.weight"
+    raise KeyError(f"no Hugging Face name for parameter '{key}'")
+
+
+def hf_to_ours_key(key: str) -> str:
+    for ours, hf in _TOP_MAP:
+        if key == hf:
+            return ours
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", key)
+    if m:
+        for ours, hf in _LAYER_MAP:
+            if m.group(2) == hf:
+                return f"layers.{m.group(1)}.{ours}.weight"
+    raise KeyError(f"no Z2all name for Hugging Face parameter '{key}'")
+
+
+def hf_config(cfg: ModelConfig, **token_ids):
+    """The LlamaConfig of the same shape. token_ids: bos_token_id / eos_token_id / pad_token_id (None when
+    unknown; LlamaConfig's own defaults 1 and 2 belong to Meta's tokenizer, not ours)."""
+    from transformers import LlamaConfig
+
+    ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None, **token_ids}
+    return LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_hidden,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim, hidden_act="silu", max_position_embeddings=cfg.max_seq_len,
+        initializer_range=cfg.init_std, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
+        rope_theta=cfg.rope_theta, attention_bias=False, mlp_bias=False, attention_dropout=0.0, **ids)
+
+
+def _rope_theta(hf_cfg) -> float:
+    params = getattr(hf_cfg, "rope_parameters", None) or {}
+    scaling = getattr(hf_cfg, "rope_scaling", None) or {}
+    rope_type = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+    if rope_type not in ("default", None):
+        raise UserError(f"RoPE scaling '{rope_type}' is not supported; only plain Llama-2 RoPE imports")
+    return float(params.get("rope_theta", getattr(hf_cfg, "rope_theta", 10000.0)))
+
+
+def config_from_hf(hf_cfg) -> ModelConfig:
+    """Our ModelConfig for a transformers LlamaConfig (errors on features Llama-2 does not have)."""
+    if getattr(hf_cfg, "model_type", "llama") != "llama":
+        raise UserError(f"only Llama models import, got model_type '{hf_cfg.model_type}'")
+    if getattr(hf_cfg, "attention_bias", False) or getattr(hf_cfg, "mlp_bias", False):
+        raise UserError("Llama checkpoints with attention_bias / mlp_bias do not fit the Z2all architecture")
+    if getattr(hf_cfg, "hidden_act", "silu") != "silu":
+        raise UserError(f"hidden_act '{hf_cfg.hidden_act}' is not SwiGLU's silu")
+    head_dim = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads
+    if head_dim * hf_cfg.num_attention_heads != hf_cfg.hidden_size:
+        raise UserError(f"head_dim {head_dim} x {hf_cfg.num_attention_heads} heads != hidden_size "
+                        f"{hf_cfg.hidden_size}; Z2all needs head_dim = dim / n_heads")
+    return ModelConfig(
+        dim=hf_cfg.hidden_size, n_layers=hf_cfg.num_hidden_layers, n_heads=hf_cfg.num_attention_heads,
+        n_kv_heads=hf_cfg.num_key_value_heads or hf_cfg.num_attention_heads, vocab_size=hf_cfg.vocab_size,
+        ffn_dim=hf_cfg.intermediate_size, norm_eps=hf_cfg.rms_norm_eps, rope_theta=_rope_theta(hf_cfg),
+        max_seq_len=hf_cfg.max_position_embeddings, tie_embeddings=bool(hf_cfg.tie_word_embeddings),
+        init_std=getattr(hf_cfg, "initializer_range", 0.02))
+
+
+def to_hf(model: Z2all, **token_ids):
+    """A transformers LlamaForCausalLM with model's weights (copied), dtype and device."""
+    from transformers import LlamaForCausalLM
+
+    p = model.tok_embeddings.weight
+    hf = LlamaForCausalLM(hf_config(model.cfg, **token_ids)).to(device=p.device, dtype=p.dtype)
+    sd = {ours_to_hf_key(k): v for k, v in model.state_dict().items()}
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    # a tied lm_head is the embedding itself; anything else missing would be a mapping bug
+    missing = [k for k in missing if not (model.cfg.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"weight mapping mismatch: missing {missing}, unexpected {unexpected}")
+    if model.cfg.tie_embeddings:
+        hf.tie_weights()
+    return hf.eval()
+
+
+def from_hf(hf_model, ops=None) -> Z2all:
+    """Our Z2all with the weights (copied) of a transformers LlamaForCausalLM, on the same device/dtype."""
+    cfg = config_from_hf(hf_model.config)
+    sd = {}
+    for k, v in hf_model.state_dict().items():
+        if k.endswith("rotary_emb.inv_freq"):
+            continue
+        if cfg.tie_embeddings and k == "lm_head.weight":
+            continue
+        sd[hf_to_ours_key(k)] = v.detach().clone()
+    if cfg.tie_embeddings:
+        sd["output.weight"] = sd["tok_embeddings.weight"]
+    with torch.device("meta"):
+        model = Z2all(cfg, ops)
+    model.load_state_dict(sd, strict=True, assign=True)
+    if cfg.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return model
+
+
+# ---------------------------------------------------------------------- export command
+
+TOKENIZER_SUBDIR = "tokenizer"
+_NOT_TOKENIZER = {"config.json", "model.safetensors", "generation_config.json"}
+
+
+def _token_ids(tok_dir: Path | None) -> dict:
+    if tok_dir is None:
+        return {}
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+    return {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id}
+
+
+def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "auto",
+              tokenizer_dir: str | os.PathLike | None = None) -> Path:
+    """Write a standard LlamaForCausalLM directory at out_dir from a save_model checkpoint. Tokenizer files
+    come from tokenizer_dir, else <ckpt>/tokenizer/ when present. Built in a temp dir next to out_dir and
+    renamed into place, so out_dir is either the old or the complete new export. dtype 'auto' keeps the
+    checkpoint's dtype."""
+    from transformers import GenerationConfig
+
+    ckpt, out = Path(ckpt_dir), Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise UserError(f"{out} exists and is not an earlier export (no config.json); choose another --out, "
+                        f"it would be replaced")
+    if out.resolve() == ckpt.resolve():
+        raise UserError("--out must differ from --ckpt")
+    tok_dir = Path(tokenizer_dir) if tokenizer_dir else ckpt / TOKENIZER_SUBDIR
+    if tokenizer_dir and not tok_dir.is_dir():
+        raise UserError(f"tokenizer directory {tok_dir} not found")
+    if not tok_dir.is_dir():
+        tok_dir = None
+    model = load_model(ckpt)
+    if dtype != "auto":
+        model = model.to(pick_dtype(dtype, torch.device("cpu")))
+    ids = _token_ids(tok_dir)
+    hf = to_hf(model, **ids)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        hf.save_pretrained(tmp, safe_serialization=True)
+        # transformers 5 writes rope_theta inside rope_parameters only; 4.x reads the top-level key and would
+        # silently fall back to 10000, so write both (5.x reads the legacy key too)
+        conf = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
+        conf.setdefault("rope_theta", model.cfg.rope_theta)
+        atomic_write_text(tmp / "config.json", json.dumps(conf, indent=2, sort_keys=True) + "\n")
+        gen = GenerationConfig(**{k: v for k, v in ids.items() if v is not None})
+        gen.save_pretrained(tmp)
+        if tok_dir is not None:
+            for f in sorted(tok_dir.iterdir()):
+                if f.is_file() and f.name not in _NOT_TOKENIZER:
+                    shutil.copy2(f, tmp / f.name)
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+@dataclass
+class Config:
+    ckpt: str = opt("", "checkpoint directory written by save_model (model.safetensors + model_config.json)")
+    out: str = opt("", "output directory for the Hugging Face Llama model (an earlier export there is replaced)")
+    dtype: str = opt("auto", "weight dtype of the export; auto keeps the checkpoint's",
+                     choices=("auto", "fp32", "bf16", "fp16"))
+    tokenizer: str = opt("", "tokenizer directory to copy (default: <ckpt>/tokenizer/ when present)")
+
+
+def run(cfg: Config) -> int:
+    if not cfg.ckpt or not cfg.out:
+        raise UserError("give both --ckpt (a checkpoint directory) and --out (the export directory)")
+    out = export_hf(cfg.ckpt, cfg.out, cfg.dtype, cfg.tokenizer or None)
+    has_tok = (out / "tokenizer_config.json").exists() or (out / "tokenizer.json").exists()
+    print0(f"exported {cfg.ckpt} -> {out} (LlamaForCausalLM{', with tokenizer' if has_tok else ', no tokenizer'}); "
+           f"load with transformers.AutoModelForCausalLM.from_pretrained('{out}')")
+    return 0

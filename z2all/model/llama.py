@@ -1,0 +1,320 @@
+"""The Z2all model: the Llama-2 architecture (pre-norm RMSNorm, RoPE, grouped-query attention, SwiGLU FFN,
+untied or tied LM head), written as single-device code. Parallelism (FSDP2, activation checkpointing),
+compilation and kernel choice are applied from outside: the trainer wraps each of `model.layers`, and every
+op the model computes (RMSNorm, RoPE, SwiGLU, attention, LM-head cross-entropy) goes through the
+`z2all.ops` switch (`model.ops.*`), so `set_ops` swaps the PyTorch references for Triton kernels.
+
+    from z2all.model.config import model_preset
+    from z2all.model.llama import Z2all, save_model, load_model
+    model = Z2all(model_preset("tiny", vocab_size=8192))
+    _, loss = model(idx, targets)                 # idx, targets [B, T]; targets -100 = ignored
+    logits, _ = model(idx)                        # [B, T, V] in the model's dtype
+    save_model(model, "ckpt/"); model = load_model("ckpt/")
+
+RoPE layout: rotate-half (the two halves of each head are the real and imaginary parts), which is the
+Hugging Face Llama layout, so weights map 1:1 to/from `LlamaForCausalLM` with no q/k permutation (Meta's
+original checkpoints use the interleaved layout; HF's converter permutes them once, we never need to).
+
+Parameter names: tok_embeddings, layers.{i}.attention.{wq,wk,wv,wo}, layers.{i}.feed_forward.{w1 (gate),
+w2 (down), w3 (up)}, layers.{i}.{attention_norm, ffn_norm}, norm, output (see hf_compat.py for the map).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from z2all.config import from_dict, save_config
+from z2all.model.config import ModelConfig
+from z2all.ops import Ops, OpsConfig, resolve
+from z2all.ops.reference import rope_cache
+from z2all.utils import UserError
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "model_config.json"
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, each [B, K, max_len, D], so decoding never reallocates
+    (Hugging Face's default DynamicCache concatenates, copying the whole cache every step).
+
+    `update(layer, start_pos, k, v)` writes k, v [B, K, T, D] at positions start_pos..start_pos+T-1 and
+    returns views of the cache up to there: [B, K, start_pos + T, D]. Rows of a batch share the cache
+    index (prompts are left-padded; padding keys are masked with key_padding_mask)."""
+
+    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 device=None, dtype=torch.float32):
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.max_len = max_len
+
+    def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor):
+        end = start_pos + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; asked to write up to {end}")
+        self.k[layer][:, :, start_pos:end] = k
+        self.v[layer][:, :, start_pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, ops: Ops):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, ops: Ops):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.ops = ops
+
+    def forward(self, x, cos, sin, kv_cache: KVCache | None, start_pos: int, key_padding_mask):
+        B, T, _ = x.shape
+        # [B, T, H*D] -> [B, H, T, D]; the transpose is a view, the ops accept strided inputs
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self.ops.rope(q, k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_id, start_pos, k, v)  # [B, K, start_pos + T, D]
+        # GQA: k, v keep K heads; the op maps query head h to kv head h // (H / K) (no repeat here).
+        # One new token (decoding) sees every cached key, so its causal mask is all-true: causal=False
+        # lets the op skip building a [T, S] mask every step.
+        y = self.ops.attention(q, k, v, causal=T > 1, key_padding_mask=key_padding_mask)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig, ops: Ops):
+        super().__init__()
+        hidden = cfg.ffn_hidden
+        self.w1 = nn.Linear(cfg.dim, hidden, bias=False)  # gate
+        self.w2 = nn.Linear(hidden, cfg.dim, bias=False)  # down
+        self.w3 = nn.Linear(cfg.dim, hidden, bias=False)  # up
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(self.ops.swiglu(self.w1(x), self.w3(x)))
+
+
+class Block(nn.Module):
+    """x + attn(norm(x)), then + ffn(norm(x)). The unit the trainer wraps (FSDP2 / checkpointing)."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int, ops: Ops):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, ops)
+        self.attention = Attention(cfg, layer_id, ops)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, ops)
+        self.feed_forward = FeedForward(cfg, ops)
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+
+    def forward(self, x, cos, sin, kv_cache: KVCache | None = None, start_pos: int = 0, key_padding_mask=None):
+        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, kv_cache, start_pos,
+                                            key_padding_mask))
+        return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
+
+
+class Z2all(nn.Module):
+    def __init__(self, cfg: ModelConfig, ops: OpsConfig | Ops | None = None):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.ops = ops if isinstance(ops, Ops) else resolve(ops)
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.layers = nn.ModuleList(Block(cfg, i, self.ops) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, self.ops)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        # cos/sin tables [n, D/2] fp32 per device. Deliberately not buffers: `model.to(bf16)` would round
+        # them, and a model built on the meta device (FSDP init) would hold garbage after to_empty().
+        self._rope: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        if not self.tok_embeddings.weight.is_meta:  # on meta there is nothing to fill (and normal_ costs
+            self.init_weights()                     # ~50 ms a call there in torch 2.13: 6 s for the 1.7b)
+
+    # ------------------------------------------------------------------ set-up
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """normal(0, init_std) for embeddings and projections; the projections that write into the
+        residual stream (wo, w2) get init_std / sqrt(2 * n_layers) so the stream's variance does not grow
+        with depth (GPT-2's scaled init); RMSNorm weights 1. Public so an FSDP trainer that built the
+        model on the meta device can initialise after `to_empty()`."""
+        std = self.cfg.init_std
+        res_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, m in self.named_modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                if self.cfg.tie_embeddings and m is self.output:
+                    continue  # shares the embedding's weight, initialised once
+                nn.init.normal_(m.weight, 0.0, res_std if name.endswith(("wo", "w2")) else std)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+
+    def set_ops(self, ops: OpsConfig | Ops | None) -> None:
+        """Switch op implementations (e.g. to Triton) on an existing model; weights are untouched."""
+        self.ops = ops if isinstance(ops, Ops) else resolve(ops)
+        for m in self.modules():
+            if isinstance(m, (RMSNorm, Attention, FeedForward)):
+                m.ops = self.ops
+
+    def new_kv_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> KVCache:
+        """An empty cache for `batch_size` rows and up to `max_len` positions (prompt + new tokens)."""
+        p = self.tok_embeddings.weight
+        return KVCache(self.cfg.n_layers, batch_size, self.cfg.n_kv_heads, max_len, self.cfg.head_dim,
+                       device=device or p.device, dtype=dtype or p.dtype)
+
+    # ------------------------------------------------------------------ accounting
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Unique parameters (a tied matrix counts once). exclude_embeddings drops the token embedding
+        table and the LM head (Kaplan et al.'s non-embedding N)."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.tok_embeddings.weight.numel()
+            if not self.cfg.tie_embeddings:
+                n -= self.output.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token (forward + backward) at context seq_len: 6N + 12·L·H·Q·T (PaLM's
+        appendix B), where N = num_params(exclude_embeddings=True) + V·C, i.e. every weight that does a
+        matmul: the blocks, the final norm and the LM head (counted even when tied), but not the embedding
+        lookup. 12·L·H·Q·T is attention's QK^T and PV with H heads of size Q, counted over the full T×T
+        square (the convention MFU numbers are quoted with, though causal kernels skip half)."""
+        c = self.cfg
+        n = self.num_params(exclude_embeddings=True) + c.vocab_size * c.dim
+        return 6 * n + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len
+
+    # ------------------------------------------------------------------ forward
+
+    def _rope_table(self, device: torch.device, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        table = self._rope.get(device)
+        if table is None or table[0].shape[0] < length:
+            n = max(length, self.cfg.max_seq_len)
+            table = rope_cache(n, self.cfg.head_dim, self.cfg.rope_theta, device=device)
+            self._rope[device] = table
+        return table
+
+    def rope_for(self, T: int, start_pos: int, key_padding_mask: torch.Tensor | None, device):
+        """cos/sin for the T new positions: [T, D/2] when every row is at start_pos.., or [B, T, D/2] with
+        left padding, where row b's position of key s is (number of real keys before s) so a padded
+        prompt sees exactly the positions it would see alone (as HF's position_ids = cumsum(mask) - 1)."""
+        if key_padding_mask is None:
+            cos, sin = self._rope_table(device, start_pos + T)
+            return cos[start_pos:start_pos + T], sin[start_pos:start_pos + T]
+        pos = (key_padding_mask.long().cumsum(-1) - 1).clamp_min(0)[:, start_pos:start_pos + T]  # [B, T]
+        cos, sin = self._rope_table(device, start_pos + T)
+        return cos[pos], sin[pos]
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, kv_cache: KVCache | None = None,
+                start_pos: int = 0, key_padding_mask: torch.Tensor | None = None, logits_to_keep: int = 0):
+        """idx [B, T] token ids.
+
+        targets [B, T] (ignore_index -100): returns (None, mean loss), computed by ops.linear_cross_entropy
+        on the final hidden states [B*T, C] and the LM head weight, so a fused backend never holds the
+        [B*T, V] logits. Without targets: returns (logits [B, T, V] in the model's dtype, None), only the
+        last `logits_to_keep` positions when that is > 0 (generation wants 1).
+
+        kv_cache / start_pos: the T tokens sit at positions start_pos.. of the cache (decoding).
+        key_padding_mask [B, start_pos + T] bool, True = a real token: left padding for batched prompts of
+        different lengths; it also sets each row's RoPE positions (see rope_for)."""
+        B, T = idx.shape
+        if key_padding_mask is not None and key_padding_mask.shape != (B, start_pos + T):
+            raise ValueError(f"key_padding_mask must be [B, start_pos + T] = [{B}, {start_pos + T}], "
+                             f"got {list(key_padding_mask.shape)}")
+        cos, sin = self.rope_for(T, start_pos, key_padding_mask, idx.device)
+        x = self.dropout(self.tok_embeddings(idx))
+        for layer in self.layers:
+            x = layer(x, cos, sin, kv_cache, start_pos, key_padding_mask)
+        x = self.norm(x)
+        if targets is not None:
+            loss = self.ops.linear_cross_entropy(x.reshape(B * T, -1), self.output.weight, targets.reshape(-1))
+            return None, loss
+        if logits_to_keep > 0:
+            x = x[:, -logits_to_keep:]
+        return self.output(x), None
+
+
+# ---------------------------------------------------------------------- checkpoints
+
+def save_model(model: Z2all, path: str | os.PathLike, state_dict: dict | None = None) -> Path:
+    """Write <path>/model.safetensors and <path>/model_config.json, each through a temp file + rename, so
+    a crash never leaves a half-written file under the final name. A tied LM head is stored once (as
+    tok_embeddings.weight). `state_dict` overrides model.state_dict() (e.g. a full state dict gathered
+    from FSDP; DTensors are gathered with full_tensor()). Returns the directory."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    sd = model.state_dict() if state_dict is None else state_dict
+    tensors = {}
+    for k, v in sd.items():
+        if model.cfg.tie_embeddings and k == "output.weight":
+            continue
+        v = v.full_tensor() if hasattr(v, "full_tensor") else v
+        tensors[k] = v.detach().to("cpu").contiguous()
+    fd, tmp = tempfile.mkstemp(prefix=f".{WEIGHTS_FILE}.", suffix=".tmp", dir=path)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, path / WEIGHTS_FILE)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    save_config(model.cfg, path / CONFIG_FILE, format="z2all-model", dtype=dtype,
+                num_params=model.num_params(), num_params_non_embedding=model.num_params(exclude_embeddings=True))
+    return path
+
+
+def load_model_config(path: str | os.PathLike) -> ModelConfig:
+    import json
+
+    file = Path(path) / CONFIG_FILE
+    if not file.is_file():
+        raise UserError(f"{file} not found: --ckpt must be a directory written by save_model (a training "
+                        f"checkpoint step-N/ or an export)")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+        return from_dict(ModelConfig, data["config"])
+    except (ValueError, KeyError) as e:
+        raise UserError(f"{file}: not a valid model config ({e})") from None
+
+
+def load_model(path: str | os.PathLike, map_location="cpu", ops: OpsConfig | Ops | None = None) -> Z2all:
+    """The model save_model wrote, with its saved dtype, on `map_location`. Built on the meta device and
+    filled by assignment, so loading does not pay for a random init."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg = load_model_config(path)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise UserError(f"{weights} not found next to {CONFIG_FILE}")
+    sd = load_file(str(weights), device=str(torch.device(map_location)))
+    if cfg.tie_embeddings:
+        sd["output.weight"] = sd["tok_embeddings.weight"]
+    with torch.device("meta"):
+        model = Z2all(cfg, ops)
+    model.load_state_dict(sd, strict=True, assign=True)
+    if cfg.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight  # assign=True made two Parameters; share one
+    return model
