@@ -125,7 +125,16 @@ def human_bytes(n: float) -> str:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (Linux ru_maxrss is in KiB)."""
+    """Peak resident set size of this process: VmHWM from /proc. `getrusage().ru_maxrss` is not used
+    because Linux keeps it across execve, so a freshly spawned child would report its parent's peak
+    whenever that was higher than its own."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # pragma: no cover - not Linux
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from z2all.utils import markdown_table  # noqa: F401  (re-exported: benches import it from here)
+from z2all.utils import markdown_table, peak_rss_bytes  # noqa: F401  (markdown_table re-exported for benches)
 
 
 def machine_name() -> str:
@@ -33,8 +33,6 @@ def machine_name() -> str:
 
 
 def _child(conn, fn, args, kwargs):
-    import resource
-
     t0 = time.perf_counter()
     try:
         result = fn(*args, **kwargs)
@@ -42,7 +40,7 @@ def _child(conn, fn, args, kwargs):
     except BaseException as e:  # report, do not hang the parent
         result, err = None, f"{type(e).__name__}: {e}"
     wall = time.perf_counter() - t0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss = peak_rss_bytes()
     conn.send((result, wall, rss, err))
     conn.close()
 

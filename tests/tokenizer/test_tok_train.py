@@ -1,0 +1,152 @@
+"""`z2all tokenizer train`: every input kind, the output-directory contract others rely on, all three
+backends, the memory budget binding, and bad input turned into messages that say what to change."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from z2all import cli
+from z2all.data.schema import make_record, record_text
+from z2all.tokenizer import bpe, hf
+from z2all.tokenizer.train import Config, ReadStats, _iter_file, expand_inputs, iter_texts, train_tokenizer
+from z2all.utils import UserError
+
+DEMO = Path(__file__).resolve().parents[2] / "z2all" / "data" / "demo"
+
+
+def demo_docs(per_file_chars: int) -> dict[str, list[str]]:
+    if not DEMO.is_dir():
+        pytest.skip("demo corpus not built")
+    out = {}
+    for name in ("zh_wiki.jsonl.gz", "en_wiki.parquet", "code_python.jsonl.gz"):
+        docs, n = [], 0
+        for t in _iter_file(DEMO / name, "text", ReadStats()):
+            docs.append(t)
+            n += len(t)
+            if n > per_file_chars:
+                break
+        out[name.split("_")[0]] = docs
+    return out
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A directory with every input kind: txt, unified-record jsonl.gz, plain jsonl.zst, nested dir."""
+    d = tmp_path_factory.mktemp("corpus")
+    docs = demo_docs(40_000)
+    (d / "en.txt").write_text("\n".join(docs["en"]), encoding="utf-8")
+    with gzip.open(d / "zh.jsonl.gz", "wt", encoding="utf-8") as f:
+        for t in docs["zh"]:
+            f.write(json.dumps(make_record(data_src="wikipedia_zh", category="wikipedia_zh", title="T",
+                                           content=t), ensure_ascii=False) + "\n")
+    (d / "sub").mkdir()
+    raw = "".join(json.dumps({"body": t}) + "\n" for t in docs["code"]).encode()
+    (d / "sub" / "code.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(raw))
+    (d / "manifest.json.lock").write_text("not an input")
+    return d
+
+
+def test_reader_handles_every_kind(corpus):
+    files = expand_inputs([str(corpus)])
+    assert sorted(f.name for f in files) == ["code.jsonl.zst", "en.txt", "zh.jsonl.gz"]
+    st = ReadStats()
+    texts = list(iter_texts(files, "body", st))
+    zh_first = next(_iter_file(corpus / "zh.jsonl.gz", "text", ReadStats()))
+    rec = json.loads(gzip.open(corpus / "zh.jsonl.gz", "rt").readline())
+    assert zh_first == record_text(rec) and zh_first.startswith("T\n")  # unified records -> record_text
+    assert st.files == 3 and st.no_text == 0 and st.bad_lines == 0
+    assert any("def " in t for t in texts)  # the custom text field of the .zst file
+    capped = list(iter_texts(files, "body", ReadStats(), max_chars=1000))
+    assert sum(map(len, capped)) == 1000
+
+
+def test_train_writes_the_contract_directory(corpus, tmp_path):
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "tok"
+    rc = cli.main(["tokenizer", "train", str(corpus), "--out-dir", str(out), "--vocab-size", "1000",
+                   "--text-field", "body", "--workers", "2", "--special-tokens", "<|tool|>,<|fim|>"])
+    assert rc == 0
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenization_z2all.py",
+                 hf.PROVENANCE):
+        assert (out / name).is_file(), name
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert tok.get_vocab_size() == 1024  # 1000 rounded up to a multiple of 64
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>", "<|tool|>", "<|fim|>"]
+    ids = [tok.token_to_id(t) for t in specials]
+    base = tok.get_vocab_size(with_added_tokens=False)
+    assert ids == list(range(base, base + 6))
+    added = {t.content: t.special for t in tok.get_added_tokens_decoder().values()}
+    assert added["<|endoftext|>"] and all(added[t] for t in specials)
+    assert sum(1 for t in added if t.startswith("<|reserved_")) == 1024 - base - 6
+    prov = json.loads((out / hf.PROVENANCE).read_text())
+    assert prov["config"]["backend"] == "z2all" and prov["summary"]["counting"]["words_total"] > 0
+    assert prov["summary"]["counting"]["error_bound"] == 0  # 2 GB holds this corpus exactly
+    at = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    assert at.eos_token == "<|endoftext|>" and at.pad_token == "<|pad|>" and at.eos_token_id == ids[0]
+    text = "中文 text\n    code = 1"
+    assert at.decode(at(text)["input_ids"]) == text
+
+
+def test_budget_that_binds_prunes_and_reports(corpus, tmp_path):
+    budget = bpe.BASE_BYTES + bpe.WORKER_BYTES + 5000 * bpe.BYTES_PER_WORD
+    s = train_tokenizer(Config(inputs=[str(corpus)], out_dir=str(tmp_path / "t"), vocab_size=512, workers=1,
+                               memory_budget=str(budget), text_field="body"))
+    c = s["counting"]
+    assert c["capacity"] == 5000 and c["prunes"] > 0 and c["error_bound"] >= 1 and c["unique_kept"] <= 5000
+    assert s["vocab"]["vocab_size"] == 512
+
+
+@pytest.mark.parametrize("backend,vocab", [("hf", 640), ("spm", 2048)])
+def test_other_backends_write_the_same_format(corpus, tmp_path, backend, vocab):
+    from transformers import AutoTokenizer
+
+    out = tmp_path / backend
+    s = train_tokenizer(Config(inputs=[str(corpus)], out_dir=str(out), vocab_size=vocab, backend=backend,
+                               text_field="body"))
+    assert s["vocab"]["vocab_size"] == vocab
+    at = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    assert at.convert_tokens_to_ids("<|endoftext|>") == s["vocab"]["specials"]["<|endoftext|>"]
+    text = "def f(x):\n    return x  # 注释，中文"
+    ids = at(text)["input_ids"]
+    assert at.decode(ids) == text and max(ids) < vocab
+    if backend == "spm":  # the converted tokenizer.json encodes exactly like sentencepiece itself
+        import sentencepiece
+
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(out / "spm.model"))
+        lines = [ln for t in demo_docs(20_000)["zh"] + demo_docs(20_000)["code"] for ln in t.split("\n") if ln]
+        assert lines and all(sp.encode(ln) == at(ln)["input_ids"] for ln in lines[:300])
+
+
+def test_bad_input_says_what_to_change(corpus, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(UserError, match="no text found"):
+        train_tokenizer(Config(inputs=[str(empty)], out_dir=str(tmp_path / "o")))
+    with pytest.raises(UserError, match="--vocab-size 100 is too small.*use --vocab-size 320"):
+        train_tokenizer(Config(inputs=[str(corpus)], vocab_size=100))
+    with pytest.raises(UserError, match="--memory-budget 64MB is too small.*use --memory-budget"):
+        train_tokenizer(Config(inputs=[str(corpus)], memory_budget="64MB", workers=1))
+    with pytest.raises(UserError, match="too small for the spm backend.*use --vocab-size"):
+        train_tokenizer(Config(inputs=[str(corpus)], vocab_size=640, backend="spm", text_field="body"))
+    with pytest.raises(UserError, match="write a size like"):
+        train_tokenizer(Config(inputs=[str(corpus)], memory_budget="lots"))
+    bad_gz = tmp_path / "broken.jsonl.gz"
+    bad_gz.write_bytes(b"this is not gzip data at all")
+    with pytest.raises(UserError, match="broken.jsonl.gz.*damaged"):
+        train_tokenizer(Config(inputs=[str(bad_gz)], out_dir=str(tmp_path / "o")))
+    with pytest.raises(UserError, match="no such file"):
+        train_tokenizer(Config(inputs=[str(tmp_path / "missing.txt")]))
+    nofield = tmp_path / "x.jsonl"
+    nofield.write_text('{"body": "hello"}\n{not json\n')
+    with pytest.raises(UserError, match="had no 'text' field; set --text-field"):
+        train_tokenizer(Config(inputs=[str(nofield)], out_dir=str(tmp_path / "o")))
+    # through the CLI: exit status 2 and the message, no traceback
+    assert cli.main(["tokenizer", "train", str(corpus), "--vocab-size", "10"]) == 2
+    assert "too small" in capsys.readouterr().err

@@ -1,0 +1,418 @@
+"""`z2all tokenizer train`: train a byte-level BPE tokenizer in bounded memory and write a tokenizer directory.
+
+    z2all tokenizer train data/shards --out-dir runs/tok --vocab-size 32000 --memory-budget 2GB
+    z2all tokenizer train corpus.txt,more/ --backend hf                # HF tokenizers' BpeTrainer
+    z2all tokenizer train corpus.txt --backend spm                     # sentencepiece BPE, byte_fallback
+
+Inputs (streamed, never loaded whole): .txt (read in ~1 MB blocks of lines), .jsonl / .json lines (a
+unified record from `z2all data convert` -> `record_text`; any other object -> its `--text-field`, then
+"text", then "content"), .parquet (the `--text-field` column), each optionally .gz / .zst / .bz2;
+directories are searched recursively for those. Bad JSON lines and records without text are skipped and
+counted in the summary.
+
+Backends write the same directory (see hf.py): `z2all` (ours, bpe.py: parallel lossy word counting under
+`--memory-budget`, then the incremental merge loop), `hf` (tokenizers.BpeTrainer with the same split
+pattern and byte-level alphabet), `spm` (sentencepiece BPE with byte_fallback, converted to a
+tokenizer.json with a Metaspace pre-tokenizer; no split pattern).
+
+`vocab_size` is the total including the special tokens, rounded up to a multiple of 64; if the corpus runs
+out of pairs first, `<|reserved_N|>` tokens fill up to the next multiple of 64. Training is one pass and is
+not resumable: a run either writes a complete directory (the provenance file is written last) or nothing
+new.
+"""
+
+from __future__ import annotations
+
+import bz2
+import dataclasses
+import gzip
+import importlib.metadata
+import io
+import re
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+from z2all.config import opt, save_config
+from z2all.data.schema import FIELDS, record_text
+from z2all.tokenizer import bpe, hf
+from z2all.tokenizer.pretokenize import DEFAULT_HAN_CHUNK, split_pattern
+from z2all.utils import UserError, human_bytes, print0, progress
+
+TEXT_SUFFIXES = (".txt", ".text", ".md")
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+PARQUET_SUFFIXES = (".parquet",)
+COMPRESSIONS = (".gz", ".zst", ".bz2")
+TXT_BLOCK_CHARS = 1 << 20
+
+
+@dataclass
+class Config:
+    inputs: list[str] = opt(factory=list, help="text inputs: files or directories (comma separated), .txt/.jsonl/"
+                            ".parquet, optionally .gz/.zst/.bz2", positional=True)
+    out_dir: str = opt("runs/tokenizer", "where the tokenizer directory is written")
+    backend: str = opt("z2all", "trainer: z2all (ours), hf (tokenizers BpeTrainer), spm (sentencepiece BPE)",
+                       choices=("z2all", "hf", "spm"))
+    vocab_size: int = opt(32000, "total vocabulary including special tokens; rounded up to a multiple of 64")
+    memory_budget: str = opt("2GB", "z2all backend: RAM for counting and merging, e.g. 2GB, 512MB; the word "
+                             "table is pruned (lossy counting) to fit")
+    workers: int = opt(0, "z2all backend: word-counting processes (0 = all cores)")
+    han_chunk: int = opt(DEFAULT_HAN_CHUNK, "split pattern: Han runs are cut into pieces of at most this many "
+                         "characters (see pretokenize.py)")
+    min_frequency: int = opt(2, "a pair must occur at least this often to be merged (z2all and hf)")
+    special_tokens: list[str] = opt(factory=list, help="extra special tokens after <|endoftext|>, <|im_start|>, "
+                                    "<|im_end|>, <|pad|>")
+    text_field: str = opt("text", "jsonl/parquet field with the text when the record is not a unified record")
+    max_chars: int = opt(0, "stop reading after this many characters of text (0 = read everything)")
+    model_max_length: int = opt(4096, "model_max_length written to tokenizer_config.json")
+
+    def check(self) -> None:
+        """Settings that cannot work, as UserErrors saying what to change (checked when training starts)."""
+        specials = hf.special_tokens(self.special_tokens)
+        need = 256 + len(specials) + 1
+        if self.vocab_size < need:
+            raise UserError(f"--vocab-size {self.vocab_size} is too small: 256 byte tokens + {len(specials)} special "
+                            f"tokens + at least one merge need {need}; use --vocab-size {_round64(need)} or more")
+        if self.han_chunk < 1:
+            raise UserError(f"--han-chunk must be >= 1 (got {self.han_chunk})")
+        parse_bytes(self.memory_budget)
+
+
+def _round64(n: int) -> int:
+    return -(-n // 64) * 64
+
+
+def parse_bytes(text: str | int) -> int:
+    """'2GB', '512MB', '1.5g', '1000000' -> bytes (binary units: 1 GB = 2**30)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*", str(text).lower())
+    if not m:
+        raise UserError(f"--memory-budget {text!r}: write a size like 2GB, 512MB or 1500000000")
+    return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
+
+
+# ------------------------------------------------------------------ streaming input
+
+@dataclass
+class ReadStats:
+    files: int = 0
+    docs: int = 0
+    chars: int = 0
+    bad_lines: int = 0
+    no_text: int = 0
+    first_bad: str = ""
+
+
+def _kind(path: Path) -> tuple[str, str]:
+    """(format, compression) from the file name, e.g. part-0.jsonl.zst -> ('jsonl', '.zst')."""
+    name = path.name.lower()
+    comp = next((c for c in COMPRESSIONS if name.endswith(c)), "")
+    base = name[: len(name) - len(comp)] if comp else name
+    if base.endswith(JSONL_SUFFIXES):
+        return "jsonl", comp
+    if base.endswith(PARQUET_SUFFIXES):
+        return "parquet", comp
+    if base.endswith(TEXT_SUFFIXES):
+        return "txt", comp
+    return "", comp
+
+
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Files named directly (any name; unknown kinds read as text) plus the known kinds under directories."""
+    if not inputs:
+        raise UserError("no inputs given: pass text files or directories, e.g. `z2all tokenizer train data/`")
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and _kind(f)[0]
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            if not found:
+                raise UserError(f"{p}: no .txt/.jsonl/.parquet files (optionally .gz/.zst/.bz2) in this directory")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise UserError(f"{p}: no such file or directory; check the input path")
+    return files
+
+
+def _open_text(path: Path, comp: str):
+    try:
+        if comp == ".gz":
+            return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+        if comp == ".bz2":
+            return bz2.open(path, "rt", encoding="utf-8", errors="replace")
+        if comp == ".zst":
+            import zstandard
+
+            raw = open(path, "rb")
+            return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True),
+                                    encoding="utf-8", errors="replace")
+        return open(path, encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e}); fix its permissions or leave it out") from None
+
+
+def _record_to_text(rec, text_field: str) -> str | None:
+    if not isinstance(rec, dict):
+        return None
+    if "content" in rec and "data_src" in rec and all(k in FIELDS for k in rec):
+        return record_text(rec)
+    for key in (text_field, "text", "content"):
+        v = rec.get(key)
+        if isinstance(v, str):
+            return v
+    return None
+
+
+def _iter_file(path: Path, text_field: str, stats: ReadStats) -> Iterator[str]:
+    kind, comp = _kind(path)
+    if kind == "parquet":
+        try:
+            import pyarrow.parquet as pq
+
+            pf = pq.ParquetFile(path)
+            col = text_field if text_field in pf.schema_arrow.names else (
+                "text" if "text" in pf.schema_arrow.names else "content")
+            if col not in pf.schema_arrow.names:
+                raise UserError(f"{path}: no column '{text_field}' (columns: {', '.join(pf.schema_arrow.names)}); "
+                                "set --text-field")
+            for batch in pf.iter_batches(columns=[col], batch_size=1024):
+                for v in batch.column(0).to_pylist():
+                    if isinstance(v, str):
+                        yield v
+                    else:
+                        stats.no_text += 1
+        except OSError as e:
+            raise UserError(f"{path}: cannot read as parquet ({e}); fix or leave it out") from None
+        return
+    f = _open_text(path, comp)
+    try:
+        if kind == "jsonl":
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    stats.bad_lines += 1
+                    stats.first_bad = stats.first_bad or f"{path}:{line_no}"
+                    continue
+                text = _record_to_text(rec, text_field)
+                if text is None:
+                    stats.no_text += 1
+                    stats.first_bad = stats.first_bad or f"{path}:{line_no} (no '{text_field}' field)"
+                    continue
+                yield text
+        else:
+            block: list[str] = []
+            size = 0
+            for line in f:
+                block.append(line)
+                size += len(line)
+                if size >= TXT_BLOCK_CHARS:
+                    yield "".join(block)
+                    block, size = [], 0
+            if block:
+                yield "".join(block)
+    except OSError as e:  # e.g. a truncated .gz
+        raise UserError(f"{path}: read failed ({e}); the file is damaged, fix or leave it out") from None
+    finally:
+        f.close()
+
+
+def iter_texts(files: list[Path], text_field: str = "text", stats: ReadStats | None = None,
+               max_chars: int = 0) -> Iterator[str]:
+    """Every document (or txt block) of `files`, in order, streamed; counts go into `stats`."""
+    stats = stats if stats is not None else ReadStats()
+    for path in files:
+        stats.files += 1
+        for text in _iter_file(path, text_field, stats):
+            if not text:
+                continue
+            if max_chars and stats.chars + len(text) > max_chars:
+                text = text[: max_chars - stats.chars]
+            stats.docs += 1
+            stats.chars += len(text)
+            yield text
+            if max_chars and stats.chars >= max_chars:
+                return
+
+
+# ------------------------------------------------------------------ backends
+
+def _drain(counts: dict[str, int]):
+    """(utf-8 word, count) pairs, emptying the table as the trainer copies it (word order does not matter:
+    ties break on token ids), so its key strings are freed while the trainer's words are built."""
+    while counts:
+        w, c = counts.popitem()
+        yield w.encode("utf-8"), c
+
+
+def _train_z2all(cfg: Config, texts, pattern: str, vocab_target: int, summary: dict):
+    budget = parse_bytes(cfg.memory_budget)
+    workers = cfg.workers or bpe.default_workers()
+    capacity = bpe.capacity_for_budget(budget, workers)
+    min_cap = bpe.MIN_WORDS
+    if capacity < min_cap:
+        need = bpe.BASE_BYTES + workers * bpe.WORKER_BYTES + min_cap * bpe.BYTES_PER_WORD
+        raise UserError(f"--memory-budget {cfg.memory_budget} is too small: with {workers} worker(s) it leaves room "
+                        f"for {capacity} words, and the byte alphabet plus a usable word table need {min_cap}; use "
+                        f"--memory-budget {human_bytes(need).replace(' ', '')} or more (or fewer --workers)")
+    bar = progress(desc="counting words", unit="word", unit_scale=True)
+    t0 = time.perf_counter()
+    counts, cstats = bpe.count_words(texts, pattern, capacity, workers, progress=bar.update)
+    bar.close()
+    t_count = time.perf_counter() - t0
+    if cstats.docs == 0:
+        return None
+    bar = progress(total=max(0, vocab_target - 256), desc="merging", unit="tok")
+    result = bpe.train(_drain(counts), vocab_target, cfg.min_frequency, progress=bar.update)
+    bar.close()
+    summary.update(count_seconds=round(t_count, 3), merge_seconds=round(time.perf_counter() - t0 - t_count, 3),
+                   counting=dataclasses.asdict(cstats), budget_bytes=budget, merges=len(result.merges))
+    return hf.tokenizer_from_bpe(result.vocab, result.merges, pattern)
+
+
+def train_hf(cfg: Config, texts, pattern: str, vocab_target: int, summary: dict):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = hf.byte_level_parts(pattern)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_target, min_frequency=cfg.min_frequency, special_tokens=[],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    seen = [0]
+
+    def counted():
+        for t in texts:
+            seen[0] += 1
+            yield t
+
+    tok.train_from_iterator(counted(), trainer)
+    return tok if seen[0] else None
+
+
+def _train_spm(cfg: Config, texts, vocab_target: int, summary: dict):
+    import sentencepiece as spm
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    seen = [0]
+
+    def lines():
+        for t in texts:
+            seen[0] += 1
+            for line in t.split("\n"):
+                if line.strip():
+                    yield line
+
+    model = io.BytesIO()
+    # byte_fallback keeps it lossless like byte-level BPE; identity normalisation and no dummy prefix keep
+    # the text as is; spm's own limits (max_sentence_length 16 KB) skip longer lines
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=lines(), model_writer=model, model_type="bpe", vocab_size=vocab_target,
+            byte_fallback=True, character_coverage=0.9995, split_digits=True, add_dummy_prefix=False,
+            remove_extra_whitespaces=False, normalization_rule_name="identity", max_sentence_length=16384,
+            allow_whitespace_only_pieces=True,
+            num_threads=max(1, cfg.workers or bpe.default_workers()), minloglevel=2, unk_id=0, bos_id=-1,
+            eos_id=-1, pad_id=-1)
+    except RuntimeError as e:
+        if not seen[0]:
+            return None
+        m = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", str(e))
+        if m:  # spm needs every character covering 99.95% of the text in the vocabulary
+            raise UserError(f"--vocab-size {cfg.vocab_size} is too small for the spm backend: this corpus needs "
+                            f"{m.group(2)} single characters; use --vocab-size {_round64(int(m.group(2)) + 600)} "
+                            "or more") from None
+        raise
+    if not seen[0]:
+        return None
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    vocab = {p: i for i, p in enumerate(pieces)}
+    # sentencepiece's BPE encoder repeatedly joins the adjacent pair whose concatenation is the best-scored
+    # piece (pieces are listed best first). The same rule as ranked merges: every split (a, b) of a piece
+    # into two pieces is a merge, ranked by the piece's id, then by the ids of a and b.
+    merges = []
+    for i, p in enumerate(pieces):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or len(p) < 2:
+            continue
+        for k in range(1, len(p)):
+            a, b = vocab.get(p[:k]), vocab.get(p[k:])
+            if a is not None and b is not None:
+                merges.append((i, a, b, pieces[a], pieces[b]))
+    merges.sort()
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[(a, b) for _, _, _, a, b in merges], unk_token=pieces[0],
+                               byte_fallback=True, fuse_unk=True))
+    # split=False: a whole line is one BPE word, so whitespace-only pieces ("▁▁▁▁") can form as in spm
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    summary["spm_pieces"] = len(pieces)
+    summary["spm_model"] = model.getvalue()  # written next to tokenizer.json as spm.model
+    return tok
+
+
+def train_tokenizer(cfg: Config) -> dict:
+    """Train and write `cfg.out_dir`; returns a summary dict (also stored in the provenance file)."""
+    cfg.check()
+    files = expand_inputs(cfg.inputs)
+    specials = hf.special_tokens(cfg.special_tokens)
+    total = _round64(cfg.vocab_size)
+    vocab_target = total - len(specials)
+    pattern = split_pattern(cfg.han_chunk)
+    rstats = ReadStats()
+    texts = iter_texts(files, cfg.text_field, rstats, cfg.max_chars)
+    summary: dict = {"backend": cfg.backend, "pattern": pattern}
+    t0 = time.perf_counter()
+    if cfg.backend == "z2all":
+        tok = _train_z2all(cfg, texts, pattern, vocab_target, summary)
+    elif cfg.backend == "hf":
+        tok = train_hf(cfg, texts, pattern, vocab_target, summary)
+    else:
+        summary["pattern"] = None
+        tok = _train_spm(cfg, texts, vocab_target, summary)
+    seconds = time.perf_counter() - t0
+    if tok is None or rstats.docs == 0:
+        hint = ""
+        if rstats.no_text:
+            hint = f" ({rstats.no_text} records had no '{cfg.text_field}' field; set --text-field)"
+        raise UserError(f"no text found in {', '.join(cfg.inputs)}{hint}: give files with text in them")
+    info = hf.add_specials(tok, specials, pad_to=64)
+    out = hf.save_dir(tok, cfg.out_dir, specials, cfg.model_max_length)
+    if "spm_model" in summary:
+        (out / "spm.model").write_bytes(summary.pop("spm_model"))
+    summary.update(seconds=round(seconds, 3), read=dataclasses.asdict(rstats), vocab=info,
+                   requested_vocab_size=cfg.vocab_size)
+    # versions from package metadata: importing transformers here would pull in torch (~300 MB of RSS)
+    versions = {"python": sys.version.split()[0]}
+    for pkg in ("tokenizers", "transformers", "sentencepiece", "regex"):
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            versions[pkg] = None
+    save_config(cfg, out / hf.PROVENANCE, summary=summary, inputs=[str(f) for f in files], versions=versions)
+    return summary
+
+
+def run(cfg: Config) -> int:
+    s = train_tokenizer(cfg)
+    r = s["read"]
+    print0(f"tokenizer ({s['backend']}) -> {cfg.out_dir}: vocab {s['vocab']['vocab_size']} "
+           f"(base {s['vocab']['base_vocab']}, specials {len(s['vocab']['specials'])}, reserved "
+           f"{s['vocab']['reserved']}) from {r['docs']:,} docs / {r['chars']:,} chars in {s['seconds']:.1f}s")
+    if r["bad_lines"] or r["no_text"]:
+        print0(f"  skipped {r['bad_lines']} bad JSON lines and {r['no_text']} records without text "
+               f"(first: {r['first_bad']})")
+    if "counting" in s:
+        c = s["counting"]
+        print0(f"  counting {s['count_seconds']:.1f}s with {c['workers']} worker(s): {c['words_total']:,} words, "
+               f"{c['unique_kept']:,} distinct kept (capacity {c['capacity']:,} under {cfg.memory_budget}); "
+               f"{c['prunes']} prunes, error bound {c['error_bound']} (max undercount of any word); "
+               f"merging {s['merge_seconds']:.1f}s")
+    return 0
