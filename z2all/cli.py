@@ -87,7 +87,9 @@ def build_parser(prog: str, cmd: Command, config_cls) -> argparse.ArgumentParser
         base, _ = _strip_optional(hint)
         kw = dict(dest=key, default=argparse.SUPPRESS, help=f"{help_text} [default: {default}]")
         if meta.get("positional"):
-            p.add_argument(key, nargs="?", metavar=key.upper(), **{k: v for k, v in kw.items() if k != "dest"})
+            many = typing.get_origin(base) in (list, tuple)
+            p.add_argument(key, nargs="*" if many else "?", metavar=key.upper(),
+                           **{k: v for k, v in kw.items() if k != "dest"})
             continue
         names = [f"--{key}"]
         if key in top and "_" in key:
