@@ -31,3 +31,8 @@ demo: $(VENV)/.installed
 
 clean-venv:
 	rm -rf $(VENV)
+
+# on a CUDA machine: the gpu-marked tests + `z2all bench kernels` + `z2all bench ablation --short` in < 8 min;
+# logs to $$OUT or runs/gpu-check/ (no venv step: GPU boxes usually bring their own CUDA torch; PY=... to choose)
+gpu-check:
+	bash scripts/gpu_check.sh

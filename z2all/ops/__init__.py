@@ -11,8 +11,9 @@ Implementations:
     attention:                             naive (explicit masked softmax) | sdpa (torch SDPA) | triton (ours)
 
 Presets (the seed's ablation rows): "naive" = every op torch and naive attention; "use_all" = every op
-Triton. A preset sets all ops first; then any op named explicitly with a non-default value overrides it,
-so `preset=use_all, rope=torch` is the "w/o RoPE" row.
+Triton. A preset sets all ops first; then any op named explicitly overrides it, so `preset=use_all,
+rope=torch` is the "w/o RoPE" row. An op left unset ("") takes the preset's choice, or without a preset
+the default (DEFAULTS: torch everywhere, sdpa attention).
 
 The signatures are those of `reference.py`; every backend implements exactly them. Implementations are
 imported on first use, so choosing torch never imports Triton.
@@ -20,10 +21,9 @@ imported on first use, so choosing torch never imports Triton.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from z2all.config import ConfigError, opt
 
@@ -51,26 +51,37 @@ PRESETS = {
 }
 
 
+# what an op gets when neither it nor a preset names an implementation
+DEFAULTS = {"rmsnorm": "torch", "rope": "torch", "swiglu": "torch", "attention": "sdpa", "cross_entropy": "torch"}
+_UNSET = " ('' = the preset's choice, else {})"
+
+
 @dataclass
 class OpsConfig:
-    preset: str = opt("", "shorthand for every op at once: '' (use the per-op values), naive, use_all",
-                      choices=("", "naive", "use_all"))
-    rmsnorm: str = opt("torch", "RMSNorm implementation", choices=tuple(IMPLS["rmsnorm"]))
-    rope: str = opt("torch", "rotary embedding implementation", choices=tuple(IMPLS["rope"]))
-    swiglu: str = opt("torch", "SwiGLU silu(a)*b implementation", choices=tuple(IMPLS["swiglu"]))
-    attention: str = opt("sdpa", "causal attention implementation", choices=tuple(IMPLS["attention"]))
-    cross_entropy: str = opt("torch", "LM head + cross-entropy implementation (triton/liger are fused and "
-                             "chunked: full-vocabulary logits are never held at once)",
-                             choices=tuple(IMPLS["cross_entropy"]))
+    preset: str = opt("", "shorthand for every op at once: '' (use the per-op values), naive, use_all; "
+                      "ops named explicitly override it", choices=("", "naive", "use_all"))
+    rmsnorm: str = opt("", "RMSNorm implementation" + _UNSET.format(DEFAULTS["rmsnorm"]),
+                       choices=("", *IMPLS["rmsnorm"]))
+    rope: str = opt("", "rotary embedding implementation" + _UNSET.format(DEFAULTS["rope"]),
+                    choices=("", *IMPLS["rope"]))
+    swiglu: str = opt("", "SwiGLU silu(a)*b implementation" + _UNSET.format(DEFAULTS["swiglu"]),
+                      choices=("", *IMPLS["swiglu"]))
+    attention: str = opt("", "causal attention implementation" + _UNSET.format(DEFAULTS["attention"]),
+                         choices=("", *IMPLS["attention"]))
+    cross_entropy: str = opt("", "LM head + cross-entropy implementation (triton/liger are fused and chunked: "
+                             "full-vocabulary logits are never held at once)"
+                             + _UNSET.format(DEFAULTS["cross_entropy"]),
+                             choices=("", *IMPLS["cross_entropy"]))
 
     def selected(self) -> dict[str, str]:
-        """The implementation of each op after applying the preset."""
-        defaults = {f.name: f.default for f in dataclasses.fields(OpsConfig)}
-        chosen = dict(PRESETS.get(self.preset, {})) if self.preset else {}
+        """The implementation of each op: the explicit value, else the preset's, else DEFAULTS."""
+        if self.preset and self.preset not in PRESETS:
+            raise ConfigError(f"ops.preset: unknown preset '{self.preset}'; choose from {', '.join(PRESETS)}")
+        chosen = dict(DEFAULTS)
+        chosen.update(PRESETS.get(self.preset, {}))
         for op in OPS:
-            value = getattr(self, op)
-            if not chosen or value != defaults[op]:
-                chosen[op] = value
+            if getattr(self, op):
+                chosen[op] = getattr(self, op)
         for op, impl in chosen.items():
             if impl not in IMPLS[op]:
                 raise ConfigError(f"ops.{op}: unknown implementation '{impl}'; choose from {', '.join(IMPLS[op])}")
