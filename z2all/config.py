@@ -23,11 +23,15 @@ import dataclasses
 import json
 import os
 import tempfile
-import tomllib
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10: the same parser as the tomli package
+    import tomli as tomllib
 
 T = TypeVar("T")
 
