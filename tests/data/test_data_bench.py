@@ -35,5 +35,5 @@ def test_bench_runs_end_to_end(shared_corpora, tmp_path, capsys):
                        tokenize_mb=0.2, near_dedup=True)
     assert bench.run(cfg) == 0
     out = capsys.readouterr().out
-    for row in ("bare orjson", "ours: convert", "1/4 input", "MinHash", "tokens/s", "cores"):
+    for row in ("bare orjson", "ours: convert", "1/4 input", "cleaning off", "MinHash", "tokens/s", "cores"):
         assert row in out

@@ -3,11 +3,16 @@ prose and never touches code; filters and dedup structures behave."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
+import regex
 from data_helpers import raw_rows, real_docs
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from z2all.data.clean import CleanConfig, Cleaner, HashSet64, MinHash, content_hash
+from z2all.data.clean import _CJK, CleanConfig, Cleaner, HashSet64, MinHash, content_hash
 from z2all.data.schema import FIELDS, record_text
 from z2all.data.sources import SOURCES, get_source
 from z2all.utils import UserError
@@ -87,6 +92,40 @@ def test_clean_on_real_text_is_idempotent(shared_corpora, cleaner):
             once = cleaner.clean_prose(d["text"])
             assert cleaner.clean_prose(once) == once
             assert "\n" in once or len(once) < 200
+
+
+def reference_clean(s: str) -> str:
+    """The prose rules of clean.py's docstring as plain regex passes, with none of Cleaner's fast paths."""
+    s = s.replace("\r\n", "\n").replace("\r", "\n")
+    s = re.sub("[\x85\u2028\u2029]", "\n", s)
+    s = re.sub("[\t\x0b\x0c\xa0\u1680\u2000-\u200a\u202f\u205f\u3000]", " ", s)
+    s = regex.sub(r"[^\P{C}\n\u200c\u200d]", "", s)
+    s = re.sub(r"(?<=\S)  +", " ", s)
+    s = re.sub(r" +\n", "\n", s)
+    s = re.sub(f"(?<=[{_CJK}]) +(?=[{_CJK}])", "", s)
+    s = re.sub(r"\n{3,}", "\n\n", s)
+    s = re.sub(r"([!?.,~。！？，、；…～])\1{3,}", r"\1\1\1", s)
+    return s.strip()
+
+
+# characters every rule and every fast-path guard of clean_prose cares about
+_ALPHABET = list("ab. ,!?~\n\r\t中文。，、！？；…～é") + ["\x00", "\x7f", "\x0c", "\xa0", "\u3000", "\u2002", "\u2028",
+                                                      "\x85", "\u200b", "\u200d", "\ue000", "\U000e0001",
+                                                      "\U00020001", "\u0378", "  ", "\n\n", "...."]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(_ALPHABET), max_size=40).map("".join))
+def test_clean_prose_matches_the_plain_rules_and_is_idempotent(s):
+    c = Cleaner(CleanConfig()).clean_prose
+    assert c(s) == reference_clean(s)
+    assert c(c(s)) == c(s)
+
+
+def test_clean_prose_matches_the_plain_rules_on_real_text(shared_corpora, cleaner):
+    for name in ("zh_manpages", "zh_debian_reference", "en_python_docs"):
+        for d in real_docs(shared_corpora, name, 150):
+            assert cleaner.clean_prose(d["text"]) == reference_clean(d["text"])
 
 
 def test_nfkc_is_optional():

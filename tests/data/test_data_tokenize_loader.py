@@ -5,6 +5,11 @@ literal "<|endoftext|>" into the special id; the loader is deterministic, rank-d
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,6 +80,68 @@ def test_workers_give_identical_files_and_uint32(corpus, tmp_path):
     for split in ("train", "val"):
         assert np.array_equal(read_split(out1, m1, split), read_split(out2, m2, split))
     assert tokenize.dtype_for(70000) == np.dtype("<u4") and tokenize.dtype_for(65535) == np.dtype("<u2")
+
+
+KILLER = """
+import os, signal, sys
+from z2all.data import tokenize
+n, where, shards, tok, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
+calls = {"commit": 0, "close": 0}
+orig_write, orig_close = tokenize.atomic_write_text, tokenize._BinWriter._close
+def write(path, text):
+    if path.name == tokenize.STATE:
+        calls["commit"] += 1
+        if where == "before_commit" and calls["commit"] == n:
+            os.kill(os.getpid(), signal.SIGKILL)  # a block written to the open files, not committed
+    if where == "before_meta" and path.name == "meta.json":
+        os.kill(os.getpid(), signal.SIGKILL)  # every file renamed into place, no meta.json yet
+    orig_write(path, text)
+def close(self):
+    orig_close(self)
+    calls["close"] += 1
+    if where == "after_roll" and calls["close"] == n:
+        os.kill(os.getpid(), signal.SIGKILL)  # a finished file renamed, the commit not yet made
+tokenize.atomic_write_text, tokenize._BinWriter._close = write, close
+sys.exit(tokenize.run(tokenize.Config(shards=shards, tokenizer=tok, out=out, workers=1, val_fraction=0.1,
+                                      batch_mb=0.01, file_mb=0.01)))
+"""
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus):
+    return tokenize_to(corpus, "uninterrupted", workers=1, val_fraction=0.1, file_mb=0.01)
+
+
+@pytest.mark.parametrize("where", ["before_commit", "after_roll", "before_meta"])
+def test_tokenize_sigkill_and_resume(corpus, uninterrupted, tmp_path, where):
+    d, tok = corpus
+    out = d / f"killed-{where}"
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    env = {**os.environ, "PYTHONPATH": str(Path(tokenize.__file__).resolve().parents[2])}
+    args = [sys.executable, str(script), "4", where, str(d / "conv"), str(tok), str(out)]
+    p = subprocess.run(args, env=env, capture_output=True)
+    assert p.returncode == -signal.SIGKILL, p.stderr.decode()[-2000:]
+    assert not (out / "meta.json").exists()
+    state = json.loads((out / tokenize.STATE).read_text())
+    committed = [f for w in state["writers"].values() for f in w["files"]]
+    assert committed  # finished files survive the kill ...
+    finished = {f: (out / f).stat().st_mtime_ns for f in committed}
+    # the rerun (other workers and batch size: they do not change the output) keeps and skips what is done
+    _, meta = tokenize_to(corpus, out.name, workers=2, val_fraction=0.1, batch_mb=0.03, file_mb=0.01)
+    assert all((out / f).stat().st_mtime_ns == t for f, t in finished.items())  # ... and are not redone
+    ref, ref_meta = uninterrupted
+    assert len(meta["train_files"]) > 2
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == \
+        sorted(p.name for p in ref.iterdir() if not p.name.startswith("."))
+    for f in meta["train_files"] + meta["val_files"]:
+        assert (out / f).read_bytes() == (ref / f).read_bytes(), f
+    assert {**meta, "tokenizer_dir": 0} == {**ref_meta, "tokenizer_dir": 0}
+    assert (out / "meta.json").read_bytes() == (ref / "meta.json").read_bytes()
+    assert not list(out.glob(".*.tmp"))
+    mtime = (out / "meta.json").stat().st_mtime_ns
+    tokenize_to(corpus, out.name, workers=1, val_fraction=0.1, file_mb=0.01)  # finished: nothing to do
+    assert (out / "meta.json").stat().st_mtime_ns == mtime
 
 
 def test_tokenize_user_errors(corpus, tmp_path):

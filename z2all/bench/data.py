@@ -11,7 +11,8 @@ ids and a copy number appended to the text (so exact dedup keeps them: an honest
 run in a fresh process (bench.run_isolated) so peak RSS is the run's own:
   - bare: orjson.loads + orjson.dumps + write of every line: the floor any converter pays;
   - ours: `z2all data convert` on the same file, cleaning and dedup on, --workers 1 (so MB/s is per core),
-    at the full size and at a quarter of it (peak RSS must not grow with the input);
+    at the full size and at a quarter of it (peak RSS must not grow with the input), and the quarter
+    with --clean.clean false (dedup and filters still on) to split the cost between cleaning and the rest;
   - near-dedup (optional, --near-dedup): the same quarter-size run with MinHash on, to put a number on it;
   - tokenize: a --tokenize-mb conversion through `z2all data tokenize --workers 2` with a byte-level BPE
     trained here on a sample (tokenizers, --vocab-size).
@@ -94,11 +95,12 @@ def bare_loop(src: str, dst: str) -> int:
     return n
 
 
-def ours(src: str, out: str, near_dedup: bool = False) -> int:
+def ours(src: str, out: str, near_dedup: bool = False, clean: bool = True) -> int:
     from z2all.data import convert
 
     cfg = convert.Config(inputs=[f"wikipedia_zh={src}"], out=out, workers=1)
     cfg.clean.near_dedup = near_dedup
+    cfg.clean.clean = clean
     convert.run(cfg)
     return sum(s["documents"] for s in _state(out)["sources"].values())
 
@@ -157,6 +159,9 @@ def run(cfg: Config) -> int:
             rows.append([label, f"{mb:.0f}", t, mb / t, (mb / t) / (mb_big / t_bare), rss / 2**20])
             if src is big:
                 shutil.rmtree(out)
+        _, t, rss = run_isolated(ours, str(small), str(work / "out-noclean"), False, False)
+        rows.append(["ours: same, 1/4 input, cleaning off", f"{mb_small:.0f}", t, mb_small / t,
+                     (mb_small / t) / (mb_big / t_bare), rss / 2**20])
         if cfg.near_dedup:
             _, t, rss = run_isolated(ours, str(small), str(work / "out-near"), True)
             rows.append(["ours + MinHash near-dedup, 1/4 input", f"{mb_small:.0f}", t, mb_small / t,

@@ -64,7 +64,7 @@ from z2all.data.sources import KINDS, SOURCES, Source, get_source
 from z2all.utils import UserError, human_bytes, markdown_table, print0, progress
 
 STATE = ".convert_state.json"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: content hashes are SHA-256 (were blake2b): old dedup files do not mix
 
 
 @dataclass
@@ -186,9 +186,8 @@ def _work(task: tuple) -> tuple:
             _note(skipped, cleaned, where(path, kind, first + i))
             continue
         rec, h = cleaned
-        try:
-            body = dumps({"data_src": rec["data_src"], "category": rec["category"], "title": rec["title"],
-                          "content": rec["content"], "desc": rec["desc"], "others": rec["others"]}, default=str)
+        try:  # gid/id are -1 here: the writer swaps in the real ones (shards.PLACEHOLDER)
+            body = dumps(rec, default=str, option=orjson.OPT_APPEND_NEWLINE)
         except TypeError as e:  # lone surrogates in code, which is never cleaned
             _note(skipped, "unencodable text", f"{where(path, kind, first + i)} ({e})")
             continue
@@ -250,7 +249,8 @@ class Converter:
         if same_inputs and state.get("settings") == _settings(self.cfg) and state.get("version") == STATE_VERSION:
             return state
         if not self.cfg.overwrite:
-            what = "other settings (cleaning, shard size, ...)" if same_inputs else "other inputs"
+            what = ("an older version of this converter" if state.get("version") != STATE_VERSION else
+                    "other settings (cleaning, shard size, ...)" if same_inputs else "other inputs")
             raise UserError(f"{self.out} holds a conversion of {what} ({path}); use another --out, or "
                             f"--overwrite to replace it")
         for name in state.get("sources", {}):
@@ -360,17 +360,18 @@ class Converter:
             self._count(s, reason, count, ex, table="repaired")
         keep = self.exact.add_new([r[2] for r in recs]) if self.cfg.clean.dedup else [True] * len(recs)
         dups = near_dups = 0
-        for (body, text, h, near), ok in zip(recs, keep):
+        docs = []
+        for doc, ok in zip(recs, keep):
             if not ok:
                 dups += 1
-                continue
-            if self.near is not None and self._near_seen(near):
+            elif self.near is not None and self._near_seen(doc[3]):
                 near_dups += 1
-                continue
-            writer.write(self.state["next_gid"], body, text, h, near)
-            self.state["next_gid"] += 1
-            s["documents"] += 1
-            ustat["documents"] += 1
+            else:
+                docs.append(doc)
+        writer.write(self.state["next_gid"], docs)
+        self.state["next_gid"] += len(docs)
+        s["documents"] += len(docs)
+        ustat["documents"] += len(docs)
         if dups:
             self._count(s, "duplicate", dups, [])
             ustat["skipped"] += dups

@@ -10,8 +10,10 @@ Layout of a converted corpus (`z2all data convert --out OUT`):
                                           (+ .near.u64: MinHash band keys with --clean.near-dedup)
 
 A shard is written to a hidden temp file and renamed into place only when complete (fsync first), so a
-reader or a crash never sees half a shard. The writer gets records already serialised without their ids
-(`b'{"data_src":...}'`) and splices `{"gid":G,"id":I,` in front: id assignment costs one bytes format.
+reader or a crash never sees half a shard. The writer gets a batch of records already serialised (in the
+workers) with placeholder ids (`b'{"gid":-1,"id":-1,"data_src":...}\n'`, what sources.to_record makes) and
+swaps in the real `{"gid":G,"id":I,`: numbering costs one small bytes format per record, and a batch
+reaches the file (and the sha256) as one joined write.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 from z2all.config import atomic_write_text
 
 MANIFEST = "manifest.json"
+PLACEHOLDER = b'{"gid":-1,"id":-1,'  # how a record from sources.to_record serialises
 
 
 def shard_name(index: int, compress: str) -> str:
@@ -80,25 +83,38 @@ class ShardWriter:
         self.hashes: list[int] = []
         self.near_keys: list[int] = []
 
-    def write(self, gid: int, body: bytes, text: bytes | None, content_hash: int,
-              near_keys: list[int] | None = None) -> None:
-        """`body` is a serialised record without gid/id, starting with '{'."""
-        line = b'{"gid":%d,"id":%d,%b\n' % (gid, self.count, body[1:])
-        (self._zw or self.file).write(line)
-        self.size += len(line)
-        if self.txt_f is not None and text is not None:
-            if self.count:
-                self.txt_f.write(b"\n\n")
-                self.txt_bytes += 2
-            self.txt_f.write(text)
-            self.txt_bytes += len(text)
+    def write(self, first_gid: int, docs: list[tuple[bytes, bytes | None, int, list[int] | None]]) -> None:
+        """Append `docs` [(body, txt text, content hash, MinHash band keys)] as gids first_gid, first_gid+1,
+        ...; each body is one jsonl line that starts with PLACEHOLDER."""
+        if not docs:
+            return
+        skip = len(PLACEHOLDER)
+        n0 = self.count
+        parts = []
+        for k, (body, _, _, _) in enumerate(docs):
+            if not body.startswith(PLACEHOLDER):
+                raise ValueError(f"shard body does not start with {PLACEHOLDER!r}: {bytes(body[:40])!r}")
+            parts.append(b'{"gid":%d,"id":%d,' % (first_gid + k, n0 + k))
+            parts.append(memoryview(body)[skip:])
+        data = b"".join(parts)
+        (self._zw or self.file).write(data)
+        self.size += len(data)
+        if self.txt_f is not None:
+            texts = [t for _, t, _, _ in docs if t is not None]
+            if texts:
+                chunk = b"\n\n".join(texts)
+                if n0:  # a blank line between documents, none before the first
+                    chunk = b"\n\n" + chunk
+                self.txt_f.write(chunk)
+                self.txt_bytes += len(chunk)
         if self.gid_first is None:
-            self.gid_first = gid
-        self.gid_last = gid
-        self.count += 1
-        self.hashes.append(content_hash)
-        if near_keys:
-            self.near_keys.extend(near_keys)
+            self.gid_first = first_gid
+        self.gid_last = first_gid + len(docs) - 1
+        self.count += len(docs)
+        self.hashes.extend(h for _, _, h, _ in docs)
+        for _, _, _, near in docs:
+            if near:
+                self.near_keys.extend(near)
 
     def finish(self) -> dict:
         """Flush, fsync, rename into place; returns the manifest entry."""

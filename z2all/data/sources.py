@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from z2all.data.schema import Record, make_record
+from z2all.data.schema import Record
 from z2all.utils import UserError
 
 KINDS = ("prose", "code")
@@ -47,27 +47,29 @@ class Source:
             raise UserError(f"source '{self.name}': kind '{self.kind}' is not one of {', '.join(KINDS)}")
         if not self.content:
             raise UserError(f"source '{self.name}' needs a content field (--text-field)")
+        object.__setattr__(self, "_mapped", self.mapped)  # frozen: cached by hand for to_record
 
     @property
-    def mapped(self) -> tuple[str, ...]:
-        return tuple(f for f in (self.content, self.title, self.desc, self.category_field) if f)
+    def mapped(self) -> frozenset[str]:
+        return frozenset(f for f in (self.content, self.title, self.desc, self.category_field) if f)
 
     def to_record(self, raw) -> Record | str:
+        # on the per-document hot path: one dict literal (make_record's field order), no keyword calls
         if not isinstance(raw, dict):
             return "not a JSON object"
         content = raw.get(self.content)
         if content is None:
             return f"missing field '{self.content}'"
-        content = _as_text(content)
-        if not content.strip():
+        if type(content) is not str:
+            content = _as_text(content)
+        if not content or content.isspace():  # = not content.strip(), without copying the text
             return f"empty field '{self.content}'"
-        mapped = self.mapped
-        others = {k: v for k, v in raw.items() if k not in mapped}
-        category = _as_text(raw.get(self.category_field)) if self.category_field else self.category
-        return make_record(data_src=self.name, category=category or self.category,
-                           title=_as_text(raw.get(self.title)) if self.title else "",
-                           desc=_as_text(raw.get(self.desc)) if self.desc else "",
-                           content=content, others=others)
+        mapped = self._mapped
+        title = _as_text(raw.get(self.title)) if self.title else ""
+        desc = _as_text(raw.get(self.desc)) if self.desc else ""
+        category = _as_text(raw.get(self.category_field)) if self.category_field else ""
+        return {"gid": -1, "id": -1, "data_src": self.name, "category": category or self.category, "title": title,
+                "content": content, "desc": desc, "others": {k: v for k, v in raw.items() if k not in mapped}}
 
 
 # The corpora of DESIGN.md. Categories "python_code"/"code" are what schema.is_code recognises.

@@ -43,6 +43,8 @@ from z2all.data.shards import find_shards
 from z2all.utils import UserError, human_bytes, print0, progress
 
 EOS = "<|endoftext|>"
+STATE = ".tokenize_state.json"
+STATE_VERSION = 1
 
 
 @dataclass
@@ -135,21 +137,39 @@ def _work(task: tuple) -> tuple:
 # ---------------------------------------------------------------- parent side
 
 class _BinWriter:
-    """`<out>/<split>-NNNNN.bin`, rolled at `file_tokens`; each file appears only when complete."""
+    """`<out>/<split>-NNNNN.bin`, rolled at `file_tokens`; each file appears only when complete.
+    `files`, `tokens` and `open_tokens` come from a committed state when resuming."""
 
-    def __init__(self, out: Path, split: str, itemsize: int, file_tokens: int):
+    def __init__(self, out: Path, split: str, itemsize: int, file_tokens: int, files: list[str] | None = None,
+                 tokens: int = 0, open_tokens: int = 0):
         self.out, self.split, self.itemsize, self.file_tokens = out, split, itemsize, file_tokens
-        self.files: list[str] = []
-        self.tokens = 0
+        self.files: list[str] = list(files or [])
+        self.tokens = tokens  # every token written, the open file's included
         self._f = None
         self._n = 0
+        if open_tokens:
+            self._reopen(open_tokens)
+
+    def _names(self) -> tuple[str, Path]:
+        name = f"{self.split}-{len(self.files):05d}.bin"
+        return name, self.out / f".{name}.tmp"
 
     def _open(self) -> None:
-        name = f"{self.split}-{len(self.files):05d}.bin"
-        self._tmp = self.out / f".{name}.tmp"
-        self._name = name
+        self._name, self._tmp = self._names()
         self._f = open(self._tmp, "wb")
         self._n = 0
+
+    def _reopen(self, n: int) -> None:
+        """Continue the open file of a killed run from its committed `n` tokens."""
+        self._name, self._tmp = self._names()
+        if not self._tmp.exists() and (self.out / self._name).exists():
+            os.replace(self.out / self._name, self._tmp)  # killed after the rename, before the commit
+        if not self._tmp.exists() or self._tmp.stat().st_size < n * self.itemsize:
+            raise UserError(f"{self._tmp} is missing or shorter than {STATE} says; delete {self.out} and rerun")
+        self._f = open(self._tmp, "r+b")
+        self._f.truncate(n * self.itemsize)
+        self._f.seek(0, os.SEEK_END)
+        self._n = n
 
     def _close(self) -> None:
         self._f.flush()
@@ -174,12 +194,48 @@ class _BinWriter:
             if self._n >= self.file_tokens:
                 self._close()
 
+    def state(self) -> dict:
+        """Make the open file durable and describe it for a commit."""
+        if self._f is not None:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        return {"files": list(self.files), "tokens": self.tokens, "open_tokens": self._n if self._f else 0}
+
+    def keep(self) -> set[str]:
+        """Names in `out` this writer owns (finished files and the open temp file)."""
+        return set(self.files) | ({self._tmp.name} if self._f is not None else set())
+
     def finish(self) -> list[str]:
         if self._f is not None or not self.files:  # an empty split still gets one (empty) file
             if self._f is None:
                 self._open()
             self._close()
         return self.files
+
+
+def _signature(cfg: Config, shards: list[Path], vocab: int, dtype: np.dtype) -> dict:
+    """Everything that changes the output: a resume must not mix two of them."""
+    tok = Path(cfg.tokenizer) / "tokenizer.json"
+    return {"version": STATE_VERSION, "shards": [[str(p), p.stat().st_size] for p in shards],
+            "tokenizer_sha256": hashlib.sha256(tok.read_bytes()).hexdigest(), "vocab_size": vocab,
+            "dtype": dtype.name, "val_fraction": cfg.val_fraction, "seed": cfg.seed, "file_mb": cfg.file_mb}
+
+
+def _load_state(out: Path, sig: dict) -> dict | None:
+    """The committed state of an earlier run of the same job, else None (and the directory is cleared)."""
+    path = out / STATE
+    state = None
+    if path.exists():
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            state = None
+    if state is not None and state.get("signature") == sig:
+        return state
+    for p in [*out.glob("*.bin"), *out.glob(".*.bin.tmp"), out / "meta.json", path]:
+        if p.exists():
+            p.unlink()
+    return None
 
 
 def run(cfg: Config) -> int:
@@ -196,11 +252,24 @@ def run(cfg: Config) -> int:
     dtype = dtype_for(vocab)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    for p in list(out.glob("*.bin")) + list(out.glob(".*.bin.tmp")) + [out / "meta.json"]:
-        if p.exists():
-            p.unlink()
+    sig = _signature(cfg, shards, vocab, dtype)
+    state = _load_state(out, sig)
+    if state is not None and state["done"] and (out / "meta.json").exists():
+        print0(f"data tokenize: {out} is complete (same shards, tokenizer and settings), nothing to do")
+        return 0
+    if state is None:
+        state = {"signature": sig, "done": False, "shard": 0, "line": 0,
+                 "documents": {"train": 0, "val": 0, "bad_lines": 0}, "writers": {}}
+    else:
+        (out / "meta.json").unlink(missing_ok=True)  # rewritten, identical, at the end
+        print0(f"data tokenize: resuming {out} at shard {state['shard'] + 1}/{len(shards)}, line {state['line'] + 1}")
     file_tokens = max(1, int(cfg.file_mb * 2**20) // dtype.itemsize)
-    writers = {s: _BinWriter(out, s, dtype.itemsize, file_tokens) for s in ("train", "val")}
+    writers = {s: _BinWriter(out, s, dtype.itemsize, file_tokens, **state["writers"].get(s, {}))
+               for s in ("train", "val")}
+    keep = set().union(*(w.keep() for w in writers.values()))
+    for p in [*out.glob("*.bin"), *out.glob(".*.bin.tmp")]:  # written after the last commit of a killed run
+        if p.name not in keep:
+            p.unlink()
     initargs = (str(cfg.tokenizer), dtype.str, cfg.seed, cfg.val_fraction, cfg.workers == 1)
     pool = None
     if cfg.workers > 1:
@@ -209,27 +278,34 @@ def run(cfg: Config) -> int:
         pool = mp.get_context("spawn").Pool(cfg.workers, _init_worker, initargs)
     else:
         _init_worker(*initargs)
-    docs = {"train": 0, "val": 0, "bad_lines": 0}
+    docs = state["documents"]
     total = sum(p.stat().st_size for p in shards)
-    bar = progress(total=total, desc="tokenize", unit="B", unit_scale=True)
-    inflight: deque = deque()
+    bar = progress(total=total, initial=sum(p.stat().st_size for p in shards[: state["shard"]]), desc="tokenize",
+                   unit="B", unit_scale=True)
+    inflight: deque = deque()  # (result, (shard index, line after the block))
     limit = 2 * cfg.workers + 1
 
     def collect() -> None:
-        tr, va, ntr, nva, bad, _ = inflight.popleft().get()
+        result, (si, line) = inflight.popleft()
+        tr, va, ntr, nva, bad, _ = result.get()
         writers["train"].write(tr)
         writers["val"].write(va)
         docs["train"] += ntr
         docs["val"] += nva
         docs["bad_lines"] += bad
+        state.update(shard=si, line=line, writers={s: w.state() for s, w in writers.items()})
+        atomic_write_text(out / STATE, json.dumps(state) + "\n")
 
     try:
-        for shard in shards:
+        for si in range(state["shard"], len(shards)):
+            shard = shards[si]
             reader = InputReader(shard, "jsonl")
             last = 0
-            for first, lines in reader.batches(batch_bytes=int(cfg.batch_mb * 2**20)):
+            start = state["line"] if si == state["shard"] else 0
+            for first, lines in reader.batches(start, batch_bytes=int(cfg.batch_mb * 2**20)):
                 task = (lines, f"{shard}:{first + 1}")
-                inflight.append(pool.apply_async(_work, (task,)) if pool else Ready(_work(task)))
+                inflight.append((pool.apply_async(_work, (task,)) if pool else Ready(_work(task)),
+                                 (si, first + len(lines))))
                 while len(inflight) >= limit:
                     collect()
                 pos = reader.position()
@@ -253,6 +329,8 @@ def run(cfg: Config) -> int:
         "shards": [str(p) for p in shards], "byteorder": "little",
     }
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    state.update(done=True, shard=len(shards), line=0, writers={s: w.state() for s, w in writers.items()})
+    atomic_write_text(out / STATE, json.dumps(state) + "\n")
     dt = time.perf_counter() - t0
     ntok = meta["train_tokens"] + meta["val_tokens"]
     print0(f"data tokenize: {docs['train']:,} train / {docs['val']:,} val documents, {ntok:,} tokens "
