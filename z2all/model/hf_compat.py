@@ -29,7 +29,7 @@ import torch
 
 from z2all.config import atomic_write_text, opt
 from z2all.model.config import ModelConfig
-from z2all.model.llama import Z2all, load_model
+from z2all.model.llama import Z2all, load_model, model_from_state_dict
 from z2all.utils import UserError, pick_dtype, print0
 
 # (our regex, HF template) for per-layer tensors
@@ -138,14 +138,7 @@ def from_hf(hf_model, ops=None) -> Z2all:
         if cfg.tie_embeddings and k == "lm_head.weight":
             continue
         sd[hf_to_ours_key(k)] = v.detach().clone()
-    if cfg.tie_embeddings:
-        sd["output.weight"] = sd["tok_embeddings.weight"]
-    with torch.device("meta"):
-        model = Z2all(cfg, ops)
-    model.load_state_dict(sd, strict=True, assign=True)
-    if cfg.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-    return model
+    return model_from_state_dict(cfg, sd, ops)
 
 
 # ---------------------------------------------------------------------- export command

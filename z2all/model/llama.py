@@ -309,9 +309,14 @@ def load_model(path: str | os.PathLike, map_location="cpu", ops: OpsConfig | Ops
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise UserError(f"{weights} not found next to {CONFIG_FILE}")
-    sd = load_file(str(weights), device=str(torch.device(map_location)))
+    return model_from_state_dict(cfg, load_file(str(weights), device=str(torch.device(map_location))), ops)
+
+
+def model_from_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor], ops: OpsConfig | Ops | None = None) -> Z2all:
+    """A Z2all holding exactly these tensors (no copy, no random init): built on the meta device and filled
+    by assignment. With tied embeddings `output.weight` may be absent; it is shared with the embedding."""
     if cfg.tie_embeddings:
-        sd["output.weight"] = sd["tok_embeddings.weight"]
+        sd = {**sd, "output.weight": sd["tok_embeddings.weight"]}
     with torch.device("meta"):
         model = Z2all(cfg, ops)
     model.load_state_dict(sd, strict=True, assign=True)
