@@ -93,6 +93,19 @@ _NO_SPECIALIZE = ["H", "T", "S", "TUNE_T", "TUNE_S", "GROUP"]
 
 
 @triton.jit
+def _key_split(m0, S, T, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key range of the query block starting at row m0: [0, full_end) holds the key blocks every row sees in
+    full (no mask needed), [full_end, hi) the diagonal/tail blocks that need the causal or length mask."""
+    if CAUSAL:
+        full_end = tl.maximum(tl.minimum(S, m0 + (S - T) + 1), 0) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(S, m0 + BLOCK_M + (S - T))
+    else:
+        full_end = S // BLOCK_N * BLOCK_N
+        hi = S
+    return full_end, hi
+
+
+@triton.jit
 def _fwd_block(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_d, n0, S, T, skn, skd, svn, svd, qk_scale,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                PREC: tl.constexpr):
@@ -141,13 +154,7 @@ def _attn_fwd(Q, K, V, O, L, sqb, sqh, sqt, sqd, skb, skh, skn, skd, svb, svh, s
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    if CAUSAL:
-        # key blocks every row of this query block sees in full, then the diagonal ones up to the last row's
-        full_end = tl.maximum(tl.minimum(S, m0 + (S - T) + 1), 0) // BLOCK_N * BLOCK_N
-        hi = tl.minimum(S, m0 + BLOCK_M + (S - T))
-    else:
-        full_end = S // BLOCK_N * BLOCK_N
-        hi = S
+    full_end, hi = _key_split(m0, S, T, CAUSAL, BLOCK_M, BLOCK_N)
     for n0 in range(0, full_end, BLOCK_N):
         acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_d, n0, S, T, skn, skd, svn,
                                    svd, qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_N, PREC)
@@ -287,13 +294,7 @@ def _attn_bwd_dq(Q, K, V, DO, L, DELTA, DQ, sqb, sqh, sqt, sqd, skb, skh, skn, s
     k_base = K + b * skb + kvh * skh
     v_base = V + b * svb + kvh * svh
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    # the same split as the forward: key blocks every row sees in full, then the diagonal/tail ones
-    if CAUSAL:
-        full_end = tl.maximum(tl.minimum(S, m0 + (S - T) + 1), 0) // BLOCK_N * BLOCK_N
-        hi = tl.minimum(S, m0 + BLOCK_M + (S - T))
-    else:
-        full_end = S // BLOCK_N * BLOCK_N
-        hi = S
+    full_end, hi = _key_split(m0, S, T, CAUSAL, BLOCK_M, BLOCK_N)  # the same split as the forward
     for n0 in range(0, full_end, BLOCK_N):
         dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, offs_m, offs_d, n0, T, S, skn, skd, svn, svd,
                        qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_N, PREC)
