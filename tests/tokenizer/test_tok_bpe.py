@@ -5,29 +5,9 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from pathlib import Path
-
-import pytest
 
 from z2all.tokenizer import bpe, hf
 from z2all.tokenizer.pretokenize import split_pattern, token_str
-from z2all.tokenizer.train import ReadStats, _iter_file
-
-DEMO = Path(__file__).resolve().parents[2] / "z2all" / "data" / "demo"
-
-
-def demo_docs(per_file_chars: int) -> list[str]:
-    if not DEMO.is_dir():
-        pytest.skip("demo corpus not built")
-    out = []
-    for name in ("zh_wiki.jsonl.gz", "en_wiki.parquet", "code_python.jsonl.gz"):
-        n = 0
-        for t in _iter_file(DEMO / name, "text", ReadStats()):
-            out.append(t)
-            n += len(t)
-            if n > per_file_chars:
-                break
-    return out
 
 
 def word_counts(texts, pattern=None) -> dict[bytes, int]:
@@ -47,17 +27,21 @@ def test_fast_equals_reference_on_tricky_words():
     assert len(fast.merges) > 20
 
 
-def test_fast_equals_reference_on_real_text():
-    wc = word_counts(demo_docs(4_000))
+def all_docs(take, per_file_chars: int) -> list[str]:
+    return [t for docs in take(per_file_chars).values() for t in docs]
+
+
+def test_fast_equals_reference_on_real_text(demo_docs):
+    wc = word_counts(all_docs(demo_docs, 4_000))
     ref = bpe.train_reference(wc, 256 + 60, min_frequency=2)
     fast = bpe.train(wc.items(), 256 + 60, min_frequency=2)
     assert fast.merges == ref.merges and len(fast.merges) == 60
 
 
-def test_fast_matches_hf_bpetrainer_merges():
+def test_fast_matches_hf_bpetrainer_merges(demo_docs):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    docs = demo_docs(60_000)
+    docs = all_docs(demo_docs, 60_000)
     pattern = split_pattern()
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer, tok.decoder = hf.byte_level_parts(pattern)
@@ -72,8 +56,8 @@ def test_fast_matches_hf_bpetrainer_merges():
     assert len(hf_merges) >= 1024 - 256
 
 
-def test_rust_encoder_matches_reference_encoder():
-    docs = demo_docs(30_000)
+def test_rust_encoder_matches_reference_encoder(demo_docs):
+    docs = all_docs(demo_docs, 30_000)
     train, held = docs[::2], docs[1::2]
     pattern = split_pattern()
     result = bpe.train(word_counts(train).items(), 256 + 300, min_frequency=2)
@@ -107,14 +91,16 @@ def test_lossy_counter_error_bound():
     assert all(w in table.counts for w in top)
 
 
-def test_parallel_counting_equals_serial_and_prunes_under_small_capacity():
-    docs = demo_docs(40_000)
+def test_parallel_counting_equals_serial_and_prunes_under_small_capacity(demo_docs):
+    docs = all_docs(demo_docs, 40_000)
     pattern = split_pattern()
     one, s1 = bpe.count_words(docs, pattern, capacity=10**9, workers=1)
     two, s2 = bpe.count_words(docs, pattern, capacity=10**9, workers=2)
     assert one == two and s1.words_total == s2.words_total and s1.error_bound == 0
     small, s3 = bpe.count_words(docs, pattern, capacity=500, workers=1)
     assert s3.prunes > 0 and s3.error_bound > 0 and len(small) <= 500
+    small2, s4 = bpe.count_words(docs, pattern, capacity=500, workers=2)  # batches added in input order
+    assert small2 == small and s4.error_bound == s3.error_bound
     for w, c in small.items():
         assert c <= one[w] <= c + s3.error_bound
 

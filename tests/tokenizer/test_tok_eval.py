@@ -4,32 +4,22 @@ tokenizers (when ../shared/reference_tokenizers exists)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from z2all import cli
 from z2all.tokenizer.evaluate import Config, default_references, evaluate
 from z2all.tokenizer.train import Config as TrainConfig
-from z2all.tokenizer.train import ReadStats, _iter_file, train_tokenizer
-
-DEMO = Path(__file__).resolve().parents[2] / "z2all" / "data" / "demo"
+from z2all.tokenizer.train import train_tokenizer
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    if not DEMO.is_dir():
-        pytest.skip("demo corpus not built")
+def setup(tmp_path_factory, demo_docs):
     d = tmp_path_factory.mktemp("eval")
     corpora = d / "corpora"
     corpora.mkdir()
-    for name, dom in (("zh_wiki.jsonl.gz", "zh"), ("en_wiki.parquet", "en"), ("code_python.jsonl.gz", "code")):
-        docs, n = [], 0
-        for t in _iter_file(DEMO / name, "text", ReadStats()):
-            docs.append(t[:4000])
-            n += len(docs[-1])
-            if n > 40_000:
-                break
+    for dom, docs in demo_docs(40_000).items():
+        docs = [t[:4000] for t in docs]
         (corpora / f"{dom}_demo.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
     train_tokenizer(TrainConfig(inputs=[str(corpora)], out_dir=str(d / "ours"), vocab_size=640, workers=1))
     return d, corpora

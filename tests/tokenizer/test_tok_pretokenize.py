@@ -3,16 +3,12 @@ loses nothing, bounds Han pieces, and the byte alphabet order matches HF's."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import regex
 from tokenizers import Regex, pre_tokenizers
 
 from z2all.tokenizer.pretokenize import byte_order, byte_to_id, bytes_to_unicode, pretokenize, split_pattern
-from z2all.tokenizer.train import ReadStats, _iter_file
 
-DEMO = Path(__file__).resolve().parents[2] / "z2all" / "data" / "demo"
 TRICKY = [
     "Hello 世界你好呀朋友们，  def foo(x):\n    return 12345 + x\r\n\tこんにちは café 한국어 𠀀𠀁𠀂𠀃𠀄 👍🏽",
     "if x:\n\n        y = 'it''s' + \"we're\"  \n\t\t# 注释：中文注释在代码里\n",
@@ -21,26 +17,11 @@ TRICKY = [
 ]
 
 
-def demo_texts(limit_chars: int = 60_000) -> list[str]:
-    if not DEMO.is_dir():
-        pytest.skip("demo corpus not built")
-    out = []
-    for f in sorted(DEMO.iterdir()):
-        if f.suffix in (".gz", ".parquet"):
-            n = 0
-            for t in _iter_file(f, "text", ReadStats()):
-                out.append(t)
-                n += len(t)
-                if n > limit_chars:
-                    break
-    return out
-
-
 @pytest.mark.parametrize("han_chunk", [1, 2, 4])
-def test_regex_and_rust_split_agree(han_chunk):
+def test_regex_and_rust_split_agree(han_chunk, demo_docs):
     pat = split_pattern(han_chunk)
     split = pre_tokenizers.Split(Regex(pat), behavior="isolated")
-    for text in TRICKY + demo_texts(20_000):
+    for text in TRICKY + [t for docs in demo_docs(20_000).values() for t in docs]:
         py = regex.findall(pat, text)
         rust = [p for p, _ in split.pre_tokenize_str(text)]
         assert py == rust

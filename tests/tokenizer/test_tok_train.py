@@ -13,29 +13,12 @@ import zstandard
 from z2all import cli
 from z2all.data.schema import make_record, record_text
 from z2all.tokenizer import bpe, hf
-from z2all.tokenizer.train import Config, ReadStats, _iter_file, expand_inputs, iter_texts, train_tokenizer
+from z2all.tokenizer.train import Config, ReadStats, expand_inputs, iter_texts, read_texts, train_tokenizer
 from z2all.utils import UserError
-
-DEMO = Path(__file__).resolve().parents[2] / "z2all" / "data" / "demo"
-
-
-def demo_docs(per_file_chars: int) -> dict[str, list[str]]:
-    if not DEMO.is_dir():
-        pytest.skip("demo corpus not built")
-    out = {}
-    for name in ("zh_wiki.jsonl.gz", "en_wiki.parquet", "code_python.jsonl.gz"):
-        docs, n = [], 0
-        for t in _iter_file(DEMO / name, "text", ReadStats()):
-            docs.append(t)
-            n += len(t)
-            if n > per_file_chars:
-                break
-        out[name.split("_")[0]] = docs
-    return out
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
+def corpus(tmp_path_factory, demo_docs) -> Path:
     """A directory with every input kind: txt, unified-record jsonl.gz, plain jsonl.zst, nested dir."""
     d = tmp_path_factory.mktemp("corpus")
     docs = demo_docs(40_000)
@@ -56,13 +39,28 @@ def test_reader_handles_every_kind(corpus):
     assert sorted(f.name for f in files) == ["code.jsonl.zst", "en.txt", "zh.jsonl.gz"]
     st = ReadStats()
     texts = list(iter_texts(files, "body", st))
-    zh_first = next(_iter_file(corpus / "zh.jsonl.gz", "text", ReadStats()))
+    zh_first = next(read_texts(corpus / "zh.jsonl.gz"))
     rec = json.loads(gzip.open(corpus / "zh.jsonl.gz", "rt").readline())
     assert zh_first == record_text(rec) and zh_first.startswith("T\n")  # unified records -> record_text
     assert st.files == 3 and st.no_text == 0 and st.bad_lines == 0
     assert any("def " in t for t in texts)  # the custom text field of the .zst file
     capped = list(iter_texts(files, "body", ReadStats(), max_chars=1000))
     assert sum(map(len, capped)) == 1000
+
+
+def test_reader_keeps_txt_exact_and_counts_bad_records(tmp_path):
+    txt = "para one\n\n\n    indented\r\n\ttab\n\n"
+    (tmp_path / "a.txt").write_text(txt, encoding="utf-8", newline="")
+    assert "".join(read_texts(tmp_path / "a.txt")) == txt.rstrip("\n")  # blank lines and CRLF kept
+    (tmp_path / "notes.log").write_text("named directly: read as text")
+    assert list(read_texts(tmp_path / "notes.log")) == ["named directly: read as text"]
+    (tmp_path / "arr.json").write_text(json.dumps([{"text": "first"}, {"content": "second"}, {"x": 1}]))
+    st = ReadStats()
+    assert list(read_texts(tmp_path / "arr.json", stats=st)) == ["first", "second"] and st.no_text == 1
+    (tmp_path / "b.jsonl").write_bytes(b'{"text": "ok"}\n\n{broken\n{"text": "bad \xff utf8"}\n')
+    st = ReadStats()
+    assert list(read_texts(tmp_path / "b.jsonl", stats=st)) == ["ok", "bad \ufffd utf8"]
+    assert st.bad_lines == 1 and st.first_bad == f"{tmp_path / 'b.jsonl'}:3" and st.utf8_replaced == 1
 
 
 def test_train_writes_the_contract_directory(corpus, tmp_path):
@@ -104,7 +102,7 @@ def test_budget_that_binds_prunes_and_reports(corpus, tmp_path):
 
 
 @pytest.mark.parametrize("backend,vocab", [("hf", 640), ("spm", 2048)])
-def test_other_backends_write_the_same_format(corpus, tmp_path, backend, vocab):
+def test_other_backends_write_the_same_format(corpus, tmp_path, backend, vocab, demo_docs):
     from transformers import AutoTokenizer
 
     out = tmp_path / backend
@@ -139,8 +137,12 @@ def test_bad_input_says_what_to_change(corpus, tmp_path, capsys):
         train_tokenizer(Config(inputs=[str(corpus)], memory_budget="lots"))
     bad_gz = tmp_path / "broken.jsonl.gz"
     bad_gz.write_bytes(b"this is not gzip data at all")
-    with pytest.raises(UserError, match="broken.jsonl.gz.*damaged"):
+    with pytest.raises(UserError, match="broken.jsonl.gz.*corrupt.*repair the file.*or leave it out"):
         train_tokenizer(Config(inputs=[str(bad_gz)], out_dir=str(tmp_path / "o")))
+    cut = tmp_path / "cut.jsonl.zst"
+    cut.write_bytes(zstandard.ZstdCompressor().compress(b'{"text": "hello"}\n' * 5000)[:-20])
+    with pytest.raises(UserError, match="cut.jsonl.zst: truncated"):
+        train_tokenizer(Config(inputs=[str(cut)], out_dir=str(tmp_path / "o")))
     with pytest.raises(UserError, match="no such file"):
         train_tokenizer(Config(inputs=[str(tmp_path / "missing.txt")]))
     nofield = tmp_path / "x.jsonl"

@@ -28,7 +28,7 @@ from z2all.config import opt
 from z2all.tokenizer import bpe
 from z2all.tokenizer.evaluate import DOMAINS, corpus_files, default_corpora, domain_of
 from z2all.tokenizer.train import Config as TrainConfig
-from z2all.tokenizer.train import ReadStats, _iter_file, train_tokenizer
+from z2all.tokenizer.train import read_texts, train_tokenizer
 from z2all.utils import peak_rss_bytes, print0
 
 MB = 2**20
@@ -78,7 +78,7 @@ def _docs(corpora: Path) -> dict[str, list[list[str]]]:
     """domain -> one doc list per file."""
     out: dict[str, list[list[str]]] = {d: [] for d in DOMAINS}
     for f in corpus_files(corpora):
-        out[domain_of(f)].append([t for t in _iter_file(f, "text", ReadStats()) if t])
+        out[domain_of(f)].append([t for t in read_texts(f) if t])
     return out
 
 

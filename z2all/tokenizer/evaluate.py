@@ -26,7 +26,7 @@ from pathlib import Path
 from z2all.config import opt
 from z2all.tokenizer import hf
 from z2all.tokenizer.train import Config as TrainConfig
-from z2all.tokenizer.train import ReadStats, _iter_file, _kind, train_tokenizer
+from z2all.tokenizer.train import input_format, read_texts, train_tokenizer
 from z2all.utils import UserError, markdown_table, print0
 
 DOMAINS = ("zh", "en", "code")
@@ -65,7 +65,7 @@ def domain_of(path: Path) -> str | None:
 def corpus_files(corpora: Path) -> list[Path]:
     if not corpora.is_dir():
         raise UserError(f"--corpora {corpora}: not a directory")
-    files = sorted(f for f in corpora.iterdir() if f.is_file() and _kind(f)[0] and domain_of(f))
+    files = sorted(f for f in corpora.iterdir() if f.is_file() and input_format(f) and domain_of(f))
     if not files:
         raise UserError(f"--corpora {corpora}: no zh_*/en_*/code_* .jsonl/.parquet/.txt files")
     return files
@@ -78,7 +78,7 @@ def split_docs(files: list[Path], every: int, max_chars: int) -> tuple[dict[str,
     train: list[str] = []
     for f in files:
         dom = domain_of(f)
-        for i, text in enumerate(_iter_file(f, "text", ReadStats())):
+        for i, text in enumerate(read_texts(f)):
             if not text:
                 continue
             if i % every == every - 1:

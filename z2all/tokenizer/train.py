@@ -4,11 +4,11 @@
     z2all tokenizer train corpus.txt,more/ --backend hf                # HF tokenizers' BpeTrainer
     z2all tokenizer train corpus.txt --backend spm                     # sentencepiece BPE, byte_fallback
 
-Inputs (streamed, never loaded whole): .txt (read in ~1 MB blocks of lines), .jsonl / .json lines (a
-unified record from `z2all data convert` -> `record_text`; any other object -> its `--text-field`, then
-"text", then "content"), .parquet (the `--text-field` column), each optionally .gz / .zst / .bz2;
-directories are searched recursively for those. Bad JSON lines and records without text are skipped and
-counted in the summary.
+Inputs are streamed (never loaded whole) by z2all/data/readers.py: .txt (~1 M-character blocks, the
+text as written but for each block's trailing newlines), .jsonl / .json (lines or an array) and .parquet
+rows, each optionally .gz / .zst / .bz2; directories are searched recursively for those. A unified record
+from `z2all data convert` becomes text through `record_text`; any other record gives its `--text-field`,
+then "text", then "content". Bad JSON lines and records without text are skipped and counted.
 
 Backends write the same directory (see hf.py): `z2all` (ours, bpe.py: parallel lossy word counting under
 `--memory-budget`, then the incremental merge loop), `hf` (tokenizers.BpeTrainer with the same split
@@ -23,9 +23,7 @@ new.
 
 from __future__ import annotations
 
-import bz2
 import dataclasses
-import gzip
 import importlib.metadata
 import io
 import re
@@ -38,16 +36,11 @@ from pathlib import Path
 import orjson
 
 from z2all.config import opt, save_config
+from z2all.data import readers
 from z2all.data.schema import FIELDS, record_text
 from z2all.tokenizer import bpe, hf
 from z2all.tokenizer.pretokenize import DEFAULT_HAN_CHUNK, split_pattern
 from z2all.utils import UserError, human_bytes, print0, progress
-
-TEXT_SUFFIXES = (".txt", ".text", ".md")
-JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
-PARQUET_SUFFIXES = (".parquet",)
-COMPRESSIONS = (".gz", ".zst", ".bz2")
-TXT_BLOCK_CHARS = 1 << 20
 
 
 @dataclass
@@ -96,7 +89,7 @@ def parse_bytes(text: str | int) -> int:
     return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
 
 
-# ------------------------------------------------------------------ streaming input
+# ------------------------------------------------------------------ streaming input (through data/readers.py)
 
 @dataclass
 class ReadStats:
@@ -105,21 +98,16 @@ class ReadStats:
     chars: int = 0
     bad_lines: int = 0
     no_text: int = 0
+    utf8_replaced: int = 0
     first_bad: str = ""
 
 
-def _kind(path: Path) -> tuple[str, str]:
-    """(format, compression) from the file name, e.g. part-0.jsonl.zst -> ('jsonl', '.zst')."""
-    name = path.name.lower()
-    comp = next((c for c in COMPRESSIONS if name.endswith(c)), "")
-    base = name[: len(name) - len(comp)] if comp else name
-    if base.endswith(JSONL_SUFFIXES):
-        return "jsonl", comp
-    if base.endswith(PARQUET_SUFFIXES):
-        return "parquet", comp
-    if base.endswith(TEXT_SUFFIXES):
-        return "txt", comp
-    return "", comp
+def input_format(path: Path) -> str | None:
+    """The reader format of a file name (readers.FORMATS), or None when it is not a known text input."""
+    try:
+        return readers.detect_format(path)
+    except UserError:
+        return None
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
@@ -130,33 +118,16 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and _kind(f)[0]
-                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            found = [f for f in readers.expand_inputs(p) if input_format(f)]
             if not found:
-                raise UserError(f"{p}: no .txt/.jsonl/.parquet files (optionally .gz/.zst/.bz2) in this directory")
+                raise UserError(f"{p}: no .txt/.jsonl/.json/.parquet files (optionally .gz/.zst/.bz2) in this "
+                                "directory; point at the files or the directory that holds them")
             files.extend(found)
         elif p.is_file():
             files.append(p)
         else:
             raise UserError(f"{p}: no such file or directory; check the input path")
     return files
-
-
-def _open_text(path: Path, comp: str):
-    try:
-        if comp == ".gz":
-            return gzip.open(path, "rt", encoding="utf-8", errors="replace")
-        if comp == ".bz2":
-            return bz2.open(path, "rt", encoding="utf-8", errors="replace")
-        if comp == ".zst":
-            import zstandard
-
-            raw = open(path, "rb")
-            return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True),
-                                    encoding="utf-8", errors="replace")
-        return open(path, encoding="utf-8", errors="replace")
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror or e}); fix its permissions or leave it out") from None
 
 
 def _record_to_text(rec, text_field: str) -> str | None:
@@ -171,60 +142,45 @@ def _record_to_text(rec, text_field: str) -> str | None:
     return None
 
 
-def _iter_file(path: Path, text_field: str, stats: ReadStats) -> Iterator[str]:
-    kind, comp = _kind(path)
-    if kind == "parquet":
-        try:
-            import pyarrow.parquet as pq
-
-            pf = pq.ParquetFile(path)
-            col = text_field if text_field in pf.schema_arrow.names else (
-                "text" if "text" in pf.schema_arrow.names else "content")
-            if col not in pf.schema_arrow.names:
-                raise UserError(f"{path}: no column '{text_field}' (columns: {', '.join(pf.schema_arrow.names)}); "
-                                "set --text-field")
-            for batch in pf.iter_batches(columns=[col], batch_size=1024):
-                for v in batch.column(0).to_pylist():
-                    if isinstance(v, str):
-                        yield v
-                    else:
-                        stats.no_text += 1
-        except OSError as e:
-            raise UserError(f"{path}: cannot read as parquet ({e}); fix or leave it out") from None
-        return
-    f = _open_text(path, comp)
+def read_texts(path: Path, text_field: str = "text", stats: ReadStats | None = None) -> Iterator[str]:
+    """The documents of one file, streamed by `readers.InputReader`: a jsonl/json record's text (see
+    `_record_to_text`), a parquet row's, or ~1 M-character blocks of a txt file (txt_mode "file": blank
+    lines and CRLF kept, each block's trailing newlines dropped; a file of no known format reads as txt).
+    Bad JSON lines and records without text are skipped and counted in `stats`; a damaged file is a
+    UserError."""
+    stats = stats if stats is not None else ReadStats()
+    reader = readers.InputReader(path, input_format(path) or "txt", txt_mode="file")
+    loads = orjson.loads
+    utf8_before = readers.utf8_errors()
     try:
-        if kind == "jsonl":
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = orjson.loads(line)
-                except orjson.JSONDecodeError:
-                    stats.bad_lines += 1
-                    stats.first_bad = stats.first_bad or f"{path}:{line_no}"
-                    continue
-                text = _record_to_text(rec, text_field)
+        # txt items are 1 M-character blocks and arrays are decoded dicts: a few per batch bound the memory
+        for first, items in reader.batches(batch_bytes=1 << 20, batch_items=4 if reader.fmt == "txt" else 256):
+            for i, item in enumerate(items):
+                if reader.kind == "lines":
+                    if not item.strip():
+                        continue
+                    try:
+                        item = loads(item)
+                    except orjson.JSONDecodeError:
+                        try:  # invalid UTF-8 inside an otherwise good line: replaced (and counted)
+                            item = loads(readers.decode_utf8(item))
+                        except orjson.JSONDecodeError:
+                            stats.bad_lines += 1
+                            stats.first_bad = stats.first_bad or reader.where(first + i)
+                            continue
+                text = _record_to_text(item, text_field)
                 if text is None:
                     stats.no_text += 1
-                    stats.first_bad = stats.first_bad or f"{path}:{line_no} (no '{text_field}' field)"
+                    stats.first_bad = stats.first_bad or f"{reader.where(first + i)} (no '{text_field}' field)"
                     continue
                 yield text
-        else:
-            block: list[str] = []
-            size = 0
-            for line in f:
-                block.append(line)
-                size += len(line)
-                if size >= TXT_BLOCK_CHARS:
-                    yield "".join(block)
-                    block, size = [], 0
-            if block:
-                yield "".join(block)
-    except OSError as e:  # e.g. a truncated .gz
-        raise UserError(f"{path}: read failed ({e}); the file is damaged, fix or leave it out") from None
+    except readers.MalformedJSON as e:  # a broken JSON array: the items before it were read
+        stats.bad_lines += 1
+        stats.first_bad = stats.first_bad or f"{path}: {e}"
+    except readers.ReadError as e:
+        raise UserError(f"{e} (tokenizer input: repair the file or its permissions, or leave it out)") from None
     finally:
-        f.close()
+        stats.utf8_replaced += readers.utf8_errors() - utf8_before
 
 
 def iter_texts(files: list[Path], text_field: str = "text", stats: ReadStats | None = None,
@@ -233,7 +189,7 @@ def iter_texts(files: list[Path], text_field: str = "text", stats: ReadStats | N
     stats = stats if stats is not None else ReadStats()
     for path in files:
         stats.files += 1
-        for text in _iter_file(path, text_field, stats):
+        for text in read_texts(path, text_field, stats):
             if not text:
                 continue
             if max_chars and stats.chars + len(text) > max_chars:
