@@ -152,3 +152,21 @@ def test_bad_input_says_what_to_change(corpus, tmp_path, capsys):
     # through the CLI: exit status 2 and the message, no traceback
     assert cli.main(["tokenizer", "train", str(corpus), "--vocab-size", "10"]) == 2
     assert "too small" in capsys.readouterr().err
+
+
+def test_converted_corpus_dir_is_read_once(tmp_path):
+    """Pointing the tokenizer at a `data convert --txt` output reads each document once (its shards), not
+    the txt copies nor the manifests and convert.json."""
+    from z2all.data import convert
+
+    demo = Path(convert.__file__).parent / "demo" / "zh_wiki.jsonl.gz"
+    out = tmp_path / "conv"
+    convert.run(convert.Config(inputs=[f"wikipedia_zh={demo}"], out=str(out), txt=True, workers=1))
+    files = expand_inputs([str(out)])
+    assert files and all(f.name.endswith(".jsonl") for f in files)
+    stats = ReadStats()
+    texts = list(iter_texts(files, stats=stats))
+    manifest = json.loads((out / "wikipedia_zh" / "manifest.json").read_text())
+    assert len(texts) == sum(s["count"] for s in manifest["shards"])
+    assert stats.no_text == 0
+    assert expand_inputs([str(out / "wikipedia_zh")]) == files  # one source directory works the same way

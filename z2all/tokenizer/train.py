@@ -38,6 +38,7 @@ import orjson
 from z2all.config import opt, save_config
 from z2all.data import readers
 from z2all.data.schema import FIELDS, record_text
+from z2all.data.shards import MANIFEST, find_shards
 from z2all.tokenizer import bpe, hf
 from z2all.tokenizer.pretokenize import DEFAULT_HAN_CHUNK, split_pattern
 from z2all.utils import UserError, human_bytes, print0, progress
@@ -117,7 +118,10 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     files: list[Path] = []
     for item in inputs:
         p = Path(item)
-        if p.is_dir():
+        if p.is_dir() and _is_converted(p):
+            # a `z2all data convert` output: its shards once each, not the --txt copies or the JSON metadata
+            files.extend(find_shards(p))
+        elif p.is_dir():
             found = [f for f in readers.expand_inputs(p) if input_format(f)]
             if not found:
                 raise UserError(f"{p}: no .txt/.jsonl/.json/.parquet files (optionally .gz/.zst/.bz2) in this "
@@ -128,6 +132,11 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
         else:
             raise UserError(f"{p}: no such file or directory; check the input path")
     return files
+
+
+def _is_converted(d: Path) -> bool:
+    """A converted corpus root (convert.json) or one of its source directories (manifest.json)."""
+    return (d / "convert.json").is_file() or (d / MANIFEST).is_file()
 
 
 def _record_to_text(rec, text_field: str) -> str | None:
