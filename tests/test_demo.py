@@ -41,3 +41,23 @@ def test_demo_end_to_end_ci_sized(tmp_path, capsys):
     assert val < baseline, f"val loss {val:.3f} not under the unigram baseline {baseline:.3f}"
     assert "transformers greedy tokens match ours" in text
     assert str(out / "hf") in text and str(final) in text
+
+
+def test_demo_trains_with_the_settings_of_configs_demo_cpu(tmp_path):
+    """The demo builds its training config in code (it must run from an installed wheel, where configs/ is
+    absent); configs/demo_cpu.toml documents the same run for `z2all train`. Only the demo's run-specific
+    fields (paths, resume, thread choice, time budget, prompts) may differ, so the two cannot drift."""
+    from pathlib import Path
+
+    from z2all.config import load_config, to_dict
+    from z2all.train.pretrain import Config as TrainConfig
+
+    toml = Path(__file__).resolve().parents[1] / "configs" / "demo_cpu.toml"
+    ours = to_dict(demo.train_config(demo.Config(), tmp_path / "tokens", tmp_path / "train"))
+    theirs = to_dict(load_config(TrainConfig, toml))
+    for key in ("out_dir", "resume", "threads"):
+        ours.pop(key), theirs.pop(key)
+    ours["data"].pop("dir"), theirs["data"].pop("dir")
+    ours["train"].pop("time_budget_s"), theirs["train"].pop("time_budget_s")
+    ours["eval"].pop("prompts"), theirs["eval"].pop("prompts")
+    assert ours == theirs
