@@ -48,6 +48,18 @@ def test_triton_on_cpu_without_interpreter_says_what_to_do(monkeypatch):
         swiglu(x, x)
 
 
+def test_old_triton_interpreter_is_a_clear_error(monkeypatch):
+    import z2all.ops.triton as T
+    from z2all.ops.triton.swiglu import swiglu
+
+    monkeypatch.setattr(T, "INTERPRET", True)
+    monkeypatch.setattr(T.triton, "__version__", "3.6.0")
+    x = torch.zeros(4)
+    with pytest.raises(RuntimeError, match=r"triton>=3\.7"):
+        swiglu(x, x)
+    assert T._version("3.10.1+git") == (3, 10) and T._version("3.7.0") >= T.MIN_INTERPRETER_VERSION
+
+
 def test_model_with_all_kernels_matches_reference():
     model_mod = pytest.importorskip("z2all.model.llama")
     from z2all.model.config import ModelConfig

@@ -27,13 +27,29 @@ import triton
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Triton 3.6's interpreter turns a runtime int argument into a 1-element array and calls int() on it in
+# `range(...)`, which numpy 2.x refuses ("only 0-dimensional arrays can be converted to Python scalars"): every
+# kernel with a loop bound or a program-id expression fails there. 3.7 fixed it (checked with 3.6, 3.7, 3.8
+# and 3.9 on numpy 2.4). Compiled GPU runs are unaffected: every kernel compiles for sm_90 with 3.6 too.
+MIN_INTERPRETER_VERSION = (3, 7)
+
+
+def _version(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in v.split("+")[0].split(".")[:2] if x.isdigit())
+
+
 def check_device(*tensors: torch.Tensor) -> None:
     """Fail early and clearly when a Triton op would be launched on CPU tensors without the interpreter
-    (otherwise Triton dies deep inside with a pointer error)."""
+    (otherwise Triton dies deep inside with a pointer error), or with an interpreter too old to run them."""
     for t in tensors:
         if t.device.type == "cuda":
             continue
         if t.device.type == "cpu" and INTERPRET:
+            if _version(triton.__version__) < MIN_INTERPRETER_VERSION:
+                raise RuntimeError(
+                    f"Triton {triton.__version__}'s interpreter cannot run these kernels on CPU (it fails on "
+                    "numpy 2.x); install triton>=3.7 for CPU runs (pip install 'triton>=3.7'), or use the "
+                    "torch implementation (--model.ops.preset=naive)")
             continue
         raise RuntimeError(
             f"Triton kernels need CUDA tensors, got a tensor on {t.device}. Use the torch implementation "
