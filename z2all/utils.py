@@ -154,7 +154,8 @@ def progress(iterable: Iterable | None = None, *, total: float | None = None, de
              unit: str = "it", unit_scale: bool = False, **kwargs: Any):
     """A tqdm bar, silent off a terminal (see `quiet_progress`); stages print their own one-line summary
     when they finish so logs still show the work was done."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # not tqdm.auto: its notebook check imports asyncio (+40-80 ms per stage), and a
+    # notebook's stderr is no TTY, so the bar would be off there anyway
 
     quiet = quiet_progress()
     return tqdm(iterable, total=total, desc=desc, unit=unit, unit_scale=unit_scale, disable=quiet,

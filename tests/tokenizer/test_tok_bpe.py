@@ -6,6 +6,8 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+import pytest
+
 from z2all.tokenizer import bpe, hf
 from z2all.tokenizer.pretokenize import split_pattern, token_str
 
@@ -17,12 +19,18 @@ def word_counts(texts, pattern=None) -> dict[bytes, int]:
     return {w.encode(): n for w, n in c.items()}
 
 
-def test_fast_equals_reference_on_tricky_words():
+# the fast trainer merges in numpy when a merge visits >= vector_min positions, else in a Python loop:
+# 0 and "never" force one path for every merge, the default mixes them
+PATHS = pytest.mark.parametrize("vector_min", [0, 10**9, bpe.VECTOR_MIN], ids=["numpy", "loop", "mixed"])
+
+
+@PATHS
+def test_fast_equals_reference_on_tricky_words(vector_min):
     # repeated letters (overlapping pairs), alternations, a spelling reachable by two merge orders, Han, emoji
     wc = {b"aaaaaaa": 5, b"abababab": 3, b"abcabc": 4, b"bcab": 2, b"cab": 7, b" the": 9, b"the": 4,
           "中文中文".encode(): 3, "😀😀".encode(): 2, b"ab": 1}
     ref = bpe.train_reference(wc, 256 + 40)
-    fast = bpe.train(wc.items(), 256 + 40)
+    fast = bpe.train(wc.items(), 256 + 40, vector_min=vector_min)
     assert fast.merges == ref.merges and fast.vocab == ref.vocab
     assert len(fast.merges) > 20
 
@@ -31,10 +39,11 @@ def all_docs(take, per_file_chars: int) -> list[str]:
     return [t for docs in take(per_file_chars).values() for t in docs]
 
 
-def test_fast_equals_reference_on_real_text(demo_docs):
+@PATHS
+def test_fast_equals_reference_on_real_text(demo_docs, vector_min):
     wc = word_counts(all_docs(demo_docs, 4_000))
     ref = bpe.train_reference(wc, 256 + 60, min_frequency=2)
-    fast = bpe.train(wc.items(), 256 + 60, min_frequency=2)
+    fast = bpe.train(wc.items(), 256 + 60, min_frequency=2, vector_min=vector_min)
     assert fast.merges == ref.merges and len(fast.merges) == 60
 
 
@@ -111,7 +120,8 @@ def test_min_frequency_stops_training():
     assert len(res.merges) == 3 and len(res.vocab) == 259
 
 
-def test_fast_equals_reference_on_random_small_vocabularies():
+@PATHS
+def test_fast_equals_reference_on_random_small_vocabularies(vector_min):
     rng = random.Random(7)
     for _ in range(150):
         wc = {}
@@ -121,5 +131,5 @@ def test_fast_equals_reference_on_random_small_vocabularies():
         target = 256 + rng.randint(1, 25)
         min_frequency = rng.choice([1, 2])
         ref = bpe.train_reference(wc, target, min_frequency=min_frequency)
-        fast = bpe.train(wc.items(), target, min_frequency=min_frequency)
+        fast = bpe.train(wc.items(), target, min_frequency=min_frequency, vector_min=vector_min)
         assert fast.merges == ref.merges and fast.vocab == ref.vocab

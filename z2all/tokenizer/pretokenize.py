@@ -107,6 +107,7 @@ def byte_to_id() -> tuple[int, ...]:
 
 
 def token_str(data: bytes) -> str:
-    """The tokenizer.json spelling of a byte string (each byte through `bytes_to_unicode`)."""
-    m = bytes_to_unicode()
-    return "".join(m[b] for b in data)
+    """The tokenizer.json spelling of a byte string (each byte through `bytes_to_unicode`). One C-level
+    translate (the byte -> character dict is a translate table on latin-1 characters): a vocabulary's 8k
+    tokens + 16k merge halves took 80 ms as a per-byte join."""
+    return data.decode("latin-1").translate(bytes_to_unicode())
