@@ -11,6 +11,7 @@ import pytest
 import zstandard
 
 from z2all import cli
+from z2all.data import readers
 from z2all.data.schema import make_record, record_text
 from z2all.tokenizer import bpe, hf
 from z2all.tokenizer.train import Config, ReadStats, expand_inputs, iter_texts, read_texts, train_tokenizer
@@ -48,10 +49,16 @@ def test_reader_handles_every_kind(corpus):
     assert sum(map(len, capped)) == 1000
 
 
-def test_reader_keeps_txt_exact_and_counts_bad_records(tmp_path):
+def test_reader_keeps_txt_exact_and_counts_bad_records(tmp_path, monkeypatch):
     txt = "para one\n\n\n    indented\r\n\ttab\n\n"
     (tmp_path / "a.txt").write_text(txt, encoding="utf-8", newline="")
     assert "".join(read_texts(tmp_path / "a.txt")) == txt.rstrip("\n")  # blank lines and CRLF kept
+    # a file longer than one block: blocks are cut at line ends and concatenate back to the file
+    monkeypatch.setattr(readers, "_MAX_TXT_CHARS", 20)
+    long = "".join(f"line {i}\n" + ("\n" if i % 3 == 0 else "") for i in range(40))
+    (tmp_path / "long.txt").write_text(long, encoding="utf-8")
+    blocks = list(read_texts(tmp_path / "long.txt"))
+    assert len(blocks) > 5 and "".join(blocks) == long.rstrip("\n")
     (tmp_path / "notes.log").write_text("named directly: read as text")
     assert list(read_texts(tmp_path / "notes.log")) == ["named directly: read as text"]
     (tmp_path / "arr.json").write_text(json.dumps([{"text": "first"}, {"content": "second"}, {"x": 1}]))
@@ -61,6 +68,28 @@ def test_reader_keeps_txt_exact_and_counts_bad_records(tmp_path):
     st = ReadStats()
     assert list(read_texts(tmp_path / "b.jsonl", stats=st)) == ["ok", "bad \ufffd utf8"]
     assert st.bad_lines == 1 and st.first_bad == f"{tmp_path / 'b.jsonl'}:3" and st.utf8_replaced == 1
+
+
+def test_parquet_inputs_read_only_their_text_columns(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from z2all.tokenizer.train import _parquet_columns
+
+    wide = pa.table({"text": ["alpha", None, "gamma"], "body": [None, "beta", None],
+                     "embedding": [[0.5] * 256] * 3, "meta": ["x", "y", "z"]})
+    pq.write_table(wide, tmp_path / "wide.parquet")
+    assert _parquet_columns(tmp_path / "wide.parquet", "body") == ["body", "text"]
+    # per row the first candidate with a string wins, as for json lines
+    assert list(read_texts(tmp_path / "wide.parquet", "body")) == ["alpha", "beta", "gamma"]
+    rec = make_record(gid=0, id=1, data_src="wiki", title="Title", content="Body text.", others={"url": "u"})
+    pq.write_table(pa.Table.from_pylist([rec]), tmp_path / "unified.parquet")
+    assert set(_parquet_columns(tmp_path / "unified.parquet", "text")) == {"data_src", "category", "title",
+                                                                          "desc", "content"}
+    assert list(read_texts(tmp_path / "unified.parquet")) == [record_text(rec)]
+    pq.write_table(pa.table({"other": ["x"]}), tmp_path / "none.parquet")
+    st = ReadStats()
+    assert list(read_texts(tmp_path / "none.parquet", stats=st)) == [] and st.no_text == 1
 
 
 def test_train_writes_the_contract_directory(corpus, tmp_path):

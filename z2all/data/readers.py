@@ -315,7 +315,10 @@ class InputReader:
             block.append(s)
             size += len(s)
             if size >= _MAX_TXT_CHARS:
-                yield {"text": "".join(block).rstrip("\n")}
+                # a "file" block cut for size keeps its newlines, so the blocks concatenate back to the file
+                # (the tokenizer counts them); a paragraph ends at a blank line either way
+                text = "".join(block)
+                yield {"text": text if mode == "file" else text.rstrip("\n")}
                 block, size = [], 0
         if block:
             yield {"text": "".join(block).rstrip("\n")}

@@ -151,14 +151,34 @@ def _record_to_text(rec, text_field: str) -> str | None:
     return None
 
 
+def _parquet_columns(path: Path, text_field: str) -> list[str] | None:
+    """The columns `_record_to_text` can read from a parquet file, so a wide file (embeddings, metadata)
+    is not decoded whole: a unified record's text fields, else the candidate text columns present (all of
+    them: a row whose first candidate is null falls back to the next, as for json). None = read every
+    column (an unreadable file: the reader reports it; no candidate: every row counts as having no text)."""
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(path).names
+    except Exception:  # pyarrow.ArrowInvalid and friends: InputReader names the damage
+        return None
+    if "content" in names and "data_src" in names and all(n in FIELDS for n in names):
+        return [n for n in ("data_src", "category", "title", "desc", "content") if n in names]
+    present = [k for k in dict.fromkeys((text_field, "text", "content")) if k in names]
+    return present or None
+
+
 def read_texts(path: Path, text_field: str = "text", stats: ReadStats | None = None) -> Iterator[str]:
     """The documents of one file, streamed by `readers.InputReader`: a jsonl/json record's text (see
-    `_record_to_text`), a parquet row's, or ~1 M-character blocks of a txt file (txt_mode "file": blank
-    lines and CRLF kept, each block's trailing newlines dropped; a file of no known format reads as txt).
+    `_record_to_text`), a parquet row's (only its text columns are read), or ~1 M-character blocks of a
+    txt file (txt_mode "file": blank lines and CRLF kept, blocks cut at line ends and concatenating back to
+    the file but for its final newlines; a file of no known format reads as txt).
     Bad JSON lines and records without text are skipped and counted in `stats`; a damaged file is a
     UserError."""
     stats = stats if stats is not None else ReadStats()
-    reader = readers.InputReader(path, input_format(path) or "txt", txt_mode="file")
+    fmt = input_format(path) or "txt"
+    columns = _parquet_columns(path, text_field) if fmt == "parquet" else None
+    reader = readers.InputReader(path, fmt, columns=columns, txt_mode="file")
     loads = orjson.loads
     utf8_before = readers.utf8_errors()
     try:
