@@ -5,8 +5,8 @@
     z2all tokenizer train corpus.txt --backend spm                     # sentencepiece BPE, byte_fallback
 
 Inputs are streamed (never loaded whole) by z2all/data/readers.py: .txt (~1 M-character blocks, the
-text as written but for each block's trailing newlines), .jsonl / .json (lines or an array) and .parquet
-rows, each optionally .gz / .zst / .bz2; directories are searched recursively for those. A unified record
+text as written but for the file's final newlines), .jsonl / .json (lines or an array) and .parquet rows
+(text columns only), each optionally .gz / .zst / .bz2; directories are searched recursively for those. A unified record
 from `z2all data convert` becomes text through `record_text`; any other record gives its `--text-field`,
 then "text", then "content". Bad JSON lines and records without text are skipped and counted.
 
