@@ -30,6 +30,7 @@ maximum. Each merge touches only the positions that hold the pair (see `train`).
 
 from __future__ import annotations
 
+import gc
 import heapq
 import multiprocessing as mp
 import os
@@ -131,10 +132,10 @@ def encode_reference(text: str, result: BPEResult, pattern: str) -> list[int]:
 # ------------------------------------------------------------------ the fast trainer
 
 # A merge visiting at least this many positions runs in numpy (`_Text.merge_vector`), a smaller one in a
-# Python loop (`merge_scalar`): a numpy merge costs ~40 array calls (~0.2-0.5 ms here) whatever its size,
-# the loop ~2-4 us per position. Instruction counts (valgrind) of `train` at 1 MB / vocab 8192: 2.18 G at
-# 24, 2.12 G at 32, 2.03 G at 48, 1.99 G at 64, 1.99 G at 96 (3.07 G for the all-Python trainer before);
-# at 9 MB 64 / 128 / 256 are within 3% of each other.
+# Python loop (`merge_scalar`): a numpy merge costs ~30 array calls (~0.1-0.3 ms here) whatever its size,
+# the loop ~2-4 us per position. Instruction counts (valgrind) of `train` at 1 MB / vocab 8192 /
+# min_frequency 2: 1.61 G at 32, 1.55 G at 48, 1.53 G at 64, 1.54 G at 96, 1.55 G at 128 (the trainer
+# before this one: 1.97 G at 32, 1.82 G at 64, 1.77 G at 128); at 9 MB 3.59 / 3.46 / 3.49 G at 32 / 64 / 128.
 VECTOR_MIN = 64
 
 
@@ -150,21 +151,26 @@ def train(word_counts: Iterable[tuple[bytes, int]], vocab_target: int, min_frequ
     created while merging are indexed by the merge that creates them, with the positions it wrote.
 
     Per merge of (a, b) -> z, an occurrence "x a b y" loses (x, a), (a, b), (b, y) and gains (x, z) and
-    (z, y), weighted by its word's count; the changes are summed per pair before they reach the pair table
-    and the heap, so those see one update per distinct neighbour rather than one per occurrence.
+    (z, y), weighted by its word's count. Both merge paths group the occurrences by neighbour: per distinct
+    x one group moves its summed weight from (x, a) to (x, z), per distinct y one moves it from (b, y) to
+    (z, y), and the (a, b) count is dropped; so the pair table, the heap and the index see one update per
+    group rather than one per occurrence, and the merge applies them itself (`book`).
 
-    Measured (vocab 8192, 7932 merges; the bench's 1 / 3 / 9 MB of the shared corpora = 30k / 55k / 109k
-    distinct words; best CPU s of interleaved runs on the shared 2-core machine): 0.68 / 1.16 / 1.82
-    against 1.09 / 1.89 / 3.95 for the previous trainer (words as strings of token characters rewritten
-    by str.replace, one word at a time, and an initial pair count and index built by a Python loop over
-    every pair occurrence: 0.5-0.8 s at 9 MB, now ~0.15 s); valgrind instruction count at 1 MB: 1.90 G
-    against 3.07 G. Where a run's time goes (instrumented, one slower moment of the same machine): at 9 MB
-    (loop 2.1 s) 2076 numpy merges visit 868k positions (1.0 s), 5856 loop merges visit 87k (0.3 s), and
-    applying 338k summed count changes to the pair table and heap takes 0.6 s; at 1 MB (loop 0.85 s) 742
-    numpy merges visit 180k positions (0.25 s), 7190 loop merges 70k (0.24 s), 146k count changes 0.22 s.
-    The rest is the heap (~15k stale entries re-sifted). Tried and dropped: numpy for every merge (a numpy
-    merge costs ~0.2-0.5 ms whatever its size: 1.8 s at 1 MB); applying the count changes through
-    map/zip into dict.update (15% more instructions than this plain loop)."""
+    Measured (vocab 8192, min_frequency 2 as `z2all tokenizer train`, 7936 merges; the bench's 1 / 3 / 9 MB
+    of the shared corpora = 30k / 55k / 109k distinct words): valgrind instruction counts of `train` at
+    1 / 9 MB: 1.50 / 3.46 G against 1.89 / 4.79 G for the version before (its numpy merge built the codes
+    of all five pairs of every occurrence and sorted them, then sorted the created ones again: ~40% more
+    array work than grouping by neighbour; and each merge returned its count changes and index entries
+    as lists of tuples for this loop to apply); best wall s of 5 interleaved runs on the shared 2-core
+    machine, which scatters +-30% from run to run: 0.62 / 0.90 / 1.50 against 0.75 / 1.03 / 1.62 (another
+    time 0.64 / 1.16 / 1.92 against 0.71 / 1.46 / 2.49). Where a 1 MB run goes (cProfile): 742 numpy
+    merges visit 180k positions (~35%), 7194 loop merges visit 70k (~35%), including the ~73k group updates
+    of the pair table, heap and index they make; the rest is the heap (16k pops, 7k stale entries
+    re-sifted, 41k pushes) and ~20 ms of setup. Tried and dropped: numpy for every merge (a numpy merge
+    costs ~0.1-0.3 ms whatever its size: 1.8 s at 1 MB); applying the count changes through map/zip into
+    dict.update (15% more instructions than the plain loop); a helper function for the index update (2%
+    more instructions than writing it out in the three loops); a shortcut past the `parts` list for a
+    merge whose positions are one list (0.5% fewer, not worth the branch)."""
     if vocab_target > 1 << 21:
         raise ValueError(f"vocab_target {vocab_target} exceeds 2**21: ids must fit the 21-bit halves of a pair code")
     vocab, index = _base_vocab()
@@ -179,54 +185,53 @@ def train(word_counts: Iterable[tuple[bytes, int]], vocab_target: int, min_frequ
     # pair code -> the positions where merges created it (stale ones are skipped): one chunk (a list from
     # merge_scalar, an array from merge_vector) or a tuple of chunks
     where: dict[int, object] = {}
+    book = (pair_counts, heap, where, floor)  # what a merge updates itself (see `merge_scalar`)
     get = pair_counts.get
-    push, pop, replace = heapq.heappush, heapq.heappop, heapq.heapreplace
+    pop, replace = heapq.heappop, heapq.heapreplace
     M21, M42 = (1 << 21) - 1, (1 << 42) - 1
 
-    while len(vocab) < vocab_target and heap:
-        key = heap[0]
-        code = key & M42
-        cur = get(code, 0)
-        if cur != -(key >> 42):  # stale: the count changed since this entry was pushed
-            if cur >= floor:
-                replace(heap, (-cur << 42) + code)  # one sift instead of a pop and a push
+    # no cyclic GC while merging: the trainer's containers hold only ints and arrays (no cycles to find),
+    # yet the ~100k lists and tuples it makes trigger collections that walk every tracked object of the
+    # process, the growing index included (~1% of the instructions here, more in a bigger process)
+    gc_on = gc.isenabled()
+    gc.disable()
+    try:
+        while len(vocab) < vocab_target and heap:
+            key = heap[0]
+            code = key & M42
+            cur = get(code, 0)
+            if cur != -(key >> 42):  # stale: the count changed since this entry was pushed
+                if cur >= floor:
+                    replace(heap, (-cur << 42) + code)  # one sift instead of a pop and a push
+                else:
+                    pop(heap)
+                continue
+            if cur < floor:
+                break
+            pop(heap)
+            a, b = code >> 21, code & M21
+            before = len(vocab)
+            z = _add_token(vocab, index, vocab[a] + vocab[b])
+            merges.append((a, b))
+            got = where.pop(code, ())
+            parts = list(got) if type(got) is tuple else [got]
+            span = first_at.pop(code, None)
+            if span is not None:
+                parts.append(first_pos[span[0]:span[1]])
+            size = sum(map(len, parts))
+            if size >= vector_min:
+                t.merge_vector(parts, a, b, z, book)
             else:
-                pop(heap)
-            continue
-        if cur < floor:
-            break
-        pop(heap)
-        a, b = code >> 21, code & M21
-        before = len(vocab)
-        z = _add_token(vocab, index, vocab[a] + vocab[b])
-        merges.append((a, b))
-        got = where.pop(code, ())
-        parts = list(got) if type(got) is tuple else [got]
-        span = first_at.pop(code, None)
-        if span is not None:
-            parts.append(first_pos[span[0]:span[1]])
-        size = sum(map(len, parts))
-        if size >= vector_min:
-            deltas, made = t.merge_vector(parts, a, b, z)
-        else:
-            todo: list[int] = []
-            for p in parts:
-                todo += p if isinstance(p, list) else p.tolist()
-            deltas, made = t.merge_scalar(todo, a, b, z)
-        for c, d in deltas:
-            n = get(c, 0) + d
-            pair_counts[c] = n
-            if d > 0 and n >= floor:  # a count only rises where a merge creates the pair: push it
-                push(heap, (-n << 42) + c)
-        for c, pos in made:  # one chunk as is, several in a tuple: a wrapping list per pair cost 64 B
-            old = where.get(c)
-            if old is None:
-                where[c] = pos
-            else:
-                where[c] = old + (pos,) if type(old) is tuple else (old, pos)
-        pair_counts.pop(code, None)
-        if progress is not None and len(vocab) > before:
-            progress(len(vocab) - before)
+                todo: list[int] = []
+                for p in parts:
+                    todo += p if isinstance(p, list) else p.tolist()
+                t.merge_scalar(todo, a, b, z, book)
+            pair_counts.pop(code, None)
+            if progress is not None and len(vocab) > before:
+                progress(len(vocab) - before)
+    finally:
+        if gc_on:
+            gc.enable()
     return BPEResult(vocab, merges)
 
 
@@ -289,12 +294,13 @@ class _Text:
         first_at = {c: (bounds[i], bounds[i + 1]) for i, (c, t) in enumerate(zip(codes, totals)) if t >= floor}
         return dict(zip(codes, totals)), pos, first_at
 
-    def merge_scalar(self, todo: list[int], a: int, b: int, z: int):
+    def merge_scalar(self, todo: list[int], a: int, b: int, z: int, book: tuple):
         """Merge (a, b) -> z at the positions in `todo` (stale ones skipped), one at a time on the live
         lists, which is what makes touching occurrences ("a b a b", "a a a") come out right: the second
         sees the first's z as its left neighbour. Occurrences are grouped by their neighbour tokens x and
-        y ("x a b y" -> "x z y"), so the count changes are summed per group rather than per occurrence.
-        Returns ([(code, count change)], [(code, left positions of the new pairs)])."""
+        y ("x a b y" -> "x z y"), and each group updates `book` = (pair counts, heap, index, floor) once:
+        its summed weight moves from (x, a) to (x, z) or from (b, y) to (z, y). (Returning the changes as
+        lists for `train` to apply cost 3% more instructions of the whole run.)"""
         tv, nv, pv, end = self.tv, self.nv, self.pv, self.end
         if a == b:
             todo.sort()  # left to right: in "a a a" the first two merge
@@ -327,26 +333,40 @@ class _Text:
             tv[k] = z
             tv[r] = -1
             nv[k] = q
-        # count changes are listed per group, not summed per pair: `train` applies them in order, and a pair
-        # listed twice (the "z z" of touching occurrences) is pushed with each rising count (lazy heap)
-        changes: list[tuple[int, int]] = []
-        made = []
-        wget = self.wv.__getitem__
+        # a pair met twice here (the "z z" of touching occurrences) is pushed with each rising count (lazy
+        # heap); the index update is written out in the three loops (a helper call per pair cost 2%)
+        counts, heap, where, floor = book
+        get, push, wget = counts.get, heapq.heappush, self.wv.__getitem__
         for x, lst in left.items():  # (x, a) became (x, z)
             w = wget(lst[0]) if len(lst) == 1 else sum(map(wget, lst))
-            changes.append(((x << 21) | a, -w))
+            c = (x << 21) | a
+            counts[c] = get(c, 0) - w
             c = (x << 21) | z
-            changes.append((c, w))
-            made.append((c, lst))
+            n = get(c, 0) + w
+            counts[c] = n
+            if n >= floor:
+                push(heap, (-n << 42) + c)
+            old = where.get(c)
+            if old is None:
+                where[c] = lst
+            else:
+                where[c] = old + (lst,) if type(old) is tuple else (old, lst)
         for y, lst in right.items():  # (b, y) became (z, y)
             w = wget(lst[0]) if len(lst) == 1 else sum(map(wget, lst))
-            changes.append(((b << 21) | y, -w))
+            c = (b << 21) | y
+            counts[c] = get(c, 0) - w
             c = (z << 21) | y
-            changes.append((c, w))
-            made.append((c, lst))
-        return changes, made
+            n = get(c, 0) + w
+            counts[c] = n
+            if n >= floor:
+                push(heap, (-n << 42) + c)
+            old = where.get(c)
+            if old is None:
+                where[c] = lst
+            else:
+                where[c] = old + (lst,) if type(old) is tuple else (old, lst)
 
-    def merge_vector(self, parts: list, a: int, b: int, z: int):
+    def merge_vector(self, parts: list, a: int, b: int, z: int, book: tuple):
         """`merge_scalar` in numpy, for merges with many positions (same result, tested)."""
         tok, nxt, prv, weight, mark, end = self.tok, self.nxt, self.prv, self.weight, self.mark, self.end
         K = np.concatenate(parts) if len(parts) > 1 else np.asarray(parts[0])
@@ -364,37 +384,47 @@ class _Text:
                 keep = (i - run_start) % 2 == 0
                 K, R = K[keep], R[keep]
         L, Q = prv[K], nxt[R]
-        # destroyed pairs, each once: at L (x, a), at K (a, b), at R (b, y); where two occurrences touch
-        # the pair between them is both the first's (b, y) and the second's (x, a): counted at R only
-        mark[R] = True
         has_y = Q != end
-        lost = np.concatenate((L[~mark[L]], K, R[has_y]))
+        Y, KY = Q[has_y], K[has_y]
+        # left neighbours x, except where occurrences touch ("a b a b"): the (b, a) between them is the first
+        # one's (b, y), so it is counted on the right only, and becomes its (z, z)
+        mark[R] = True
+        X = L[~mark[L]]
         mark[R] = False
-        lost_codes = (tok[lost].astype(np.int64) << 21) | tok[nxt[lost]]
+        y_before = tok[Y]
         tok[K] = z
         tok[R] = -1
         nxt[K] = Q
         prv[Q] = K
-        # created pairs: at prv[K] (x, z) unless that is another occurrence (its own (z, z)), at K (z, y)
-        L = prv[K]
-        mark[K] = True
-        made = np.concatenate((L[~mark[L]], K[has_y]))
-        mark[K] = False
-        made_codes = (tok[made].astype(np.int64) << 21) | tok[nxt[made]]
-        codes = np.concatenate((lost_codes, made_codes))
-        w = np.concatenate((-weight[lost].astype(np.int64), weight[made]))
-        order = codes.argsort()  # methods, not np.argsort: the Python-level wrappers cost ~10-40 us a call here
-        codes, w = codes[order], w[order]
-        starts = _run_starts(codes)
-        deltas = zip(codes[starts].tolist(), np.add.reduceat(w, starts, dtype=np.int64).tolist())
-        # the index entries: a compact copy of the created positions, sorted by pair, one view per pair
-        # (views of `made` itself would keep each merge's whole arrays alive)
-        order = made_codes.argsort()
-        made_codes, made = made_codes[order], made[order].astype(np.int32)
-        starts = _run_starts(made_codes).tolist()
-        bounds = starts + [len(made)]
-        made_list = [(c, made[lo:hi]) for c, lo, hi in zip(made_codes[starts].tolist(), bounds, bounds[1:])]
-        return deltas, made_list
+        # as in merge_scalar: per left neighbour x, (x, a) became (x, z) at X; per right neighbour, (b, y)
+        # became (z, y') at K, where y' is y or, where occurrences touch, z. The lost (a, b) itself is left
+        # out: `train` drops that pair. The index entries are compact copies (pos[order]), one view per pair.
+        yy = (y_before.astype(np.int64) << 21) | tok[Y]
+        counts, heap, where, floor = book
+        get, push, M21 = counts.get, heapq.heappush, (1 << 21) - 1
+        for keys, pos, left in ((tok[X], X, True), (yy, KY, False)):
+            if not len(pos):
+                continue
+            order = keys.argsort()  # methods, not np.argsort: the Python-level wrappers cost ~10-40 us a call
+            keys, pos = keys[order], pos[order].astype(np.int32, copy=False)  # K is int64 if a part was a list
+            starts = _run_starts(keys)
+            sums = np.add.reduceat(weight[pos], starts, dtype=np.int64).tolist()
+            bounds = starts.tolist() + [len(pos)]
+            for key, w, lo, hi in zip(keys[starts].tolist(), sums, bounds, bounds[1:]):
+                if left:
+                    lost, c = (key << 21) | a, (key << 21) | z
+                else:
+                    lost, c = (b << 21) | (key >> 21), (z << 21) | (key & M21)
+                counts[lost] = get(lost, 0) - w
+                n = get(c, 0) + w
+                counts[c] = n
+                if n >= floor:
+                    push(heap, (-n << 42) + c)
+                chunk, old = pos[lo:hi], where.get(c)
+                if old is None:
+                    where[c] = chunk
+                else:
+                    where[c] = old + (chunk,) if type(old) is tuple else (old, chunk)
 
 
 def _run_starts(sorted_codes: np.ndarray) -> np.ndarray:
