@@ -82,10 +82,11 @@ def tokenizer_from_bpe(vocab: list[bytes], merges: list[tuple[int, int]], patter
     """A `tokenizers.Tokenizer` for our trainer's result (ids as in bpe.py)."""
     from tokenizers import Tokenizer, models
 
+    strs = [token_str(t) for t in vocab]  # once per token: the merges reuse them (~20 ms saved at 8k)
     vocab_map = {}
-    for i, t in enumerate(vocab):
-        vocab_map.setdefault(token_str(t), i)
-    merge_strs = [(token_str(vocab[a]), token_str(vocab[b])) for a, b in merges]
+    for i, s in enumerate(strs):
+        vocab_map.setdefault(s, i)
+    merge_strs = [(strs[a], strs[b]) for a, b in merges]
     tok = Tokenizer(models.BPE(vocab=vocab_map, merges=merge_strs, fuse_unk=False))
     tok.pre_tokenizer, tok.decoder = byte_level_parts(pattern)
     return tok
