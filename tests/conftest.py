@@ -4,8 +4,6 @@ without CUDA, and `shared_corpora` points at ../shared/corpora (tests that need 
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
 from pathlib import Path
 
@@ -43,14 +41,3 @@ def shared_corpora() -> Path:
     if not path.is_dir():
         pytest.skip("../shared/corpora is not present")
     return path
-
-
-def read_shared_docs(path: Path, limit: int | None = None) -> list[dict]:
-    """The first `limit` documents of a ../shared/corpora/*.jsonl.gz file."""
-    out = []
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            out.append(json.loads(line))
-            if limit is not None and len(out) >= limit:
-                break
-    return out

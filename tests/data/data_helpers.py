@@ -10,7 +10,6 @@ from pathlib import Path
 
 import orjson
 import zstandard
-from conftest import read_shared_docs
 
 COMPRESSORS = {
     "": lambda b: b,
@@ -21,7 +20,16 @@ COMPRESSORS = {
 
 
 def real_docs(shared: Path, name: str, n: int) -> list[dict]:
-    return read_shared_docs(shared / f"{name}.jsonl.gz", n)
+    """The first n documents of ../shared/corpora/<name>.jsonl.gz. (Not imported from the root conftest:
+    `from conftest import` resolves to whichever conftest module pytest loaded first, e.g. tests/tokenizer's
+    when both directories are collected in one run.)"""
+    out = []
+    with gzip.open(shared / f"{name}.jsonl.gz", "rt", encoding="utf-8") as f:
+        for line in f:
+            out.append(json.loads(line))
+            if len(out) >= n:
+                break
+    return out
 
 
 def write_bytes(path: Path, data: bytes) -> Path:
