@@ -168,9 +168,10 @@ def train(word_counts: Iterable[tuple[bytes, int]], vocab_target: int, min_frequ
     of the pair table, heap and index they make; the rest is the heap (16k pops, 7k stale entries
     re-sifted, 41k pushes) and ~20 ms of setup. Tried and dropped: numpy for every merge (a numpy merge
     costs ~0.1-0.3 ms whatever its size: 1.8 s at 1 MB); applying the count changes through map/zip into
-    dict.update (15% more instructions than the plain loop); a helper function for the index update (2%
-    more instructions than writing it out in the three loops); a shortcut past the `parts` list for a
-    merge whose positions are one list (0.5% fewer, not worth the branch)."""
+    dict.update (15% more instructions than the plain loop); writing `_move` out in each of its three
+    callers (~2% fewer instructions, best wall time the same: 0.62 s at 1 MB either way; not worth three
+    copies); a shortcut past the `parts` list for a merge whose positions are one list (0.5% fewer, not
+    worth the branch)."""
     if vocab_target > 1 << 21:
         raise ValueError(f"vocab_target {vocab_target} exceeds 2**21: ids must fit the 21-bit halves of a pair code")
     vocab, index = _base_vocab()
@@ -333,38 +334,14 @@ class _Text:
             tv[k] = z
             tv[r] = -1
             nv[k] = q
-        # a pair met twice here (the "z z" of touching occurrences) is pushed with each rising count (lazy
-        # heap); the index update is written out in the three loops (a helper call per pair cost 2%)
-        counts, heap, where, floor = book
-        get, push, wget = counts.get, heapq.heappush, self.wv.__getitem__
+        # a pair met twice here (the "z z" of touching occurrences) is pushed with each rising count (lazy heap)
+        wget = self.wv.__getitem__
         for x, lst in left.items():  # (x, a) became (x, z)
             w = wget(lst[0]) if len(lst) == 1 else sum(map(wget, lst))
-            c = (x << 21) | a
-            counts[c] = get(c, 0) - w
-            c = (x << 21) | z
-            n = get(c, 0) + w
-            counts[c] = n
-            if n >= floor:
-                push(heap, (-n << 42) + c)
-            old = where.get(c)
-            if old is None:
-                where[c] = lst
-            else:
-                where[c] = old + (lst,) if type(old) is tuple else (old, lst)
+            _move(book, (x << 21) | a, (x << 21) | z, w, lst)
         for y, lst in right.items():  # (b, y) became (z, y)
             w = wget(lst[0]) if len(lst) == 1 else sum(map(wget, lst))
-            c = (b << 21) | y
-            counts[c] = get(c, 0) - w
-            c = (z << 21) | y
-            n = get(c, 0) + w
-            counts[c] = n
-            if n >= floor:
-                push(heap, (-n << 42) + c)
-            old = where.get(c)
-            if old is None:
-                where[c] = lst
-            else:
-                where[c] = old + (lst,) if type(old) is tuple else (old, lst)
+            _move(book, (b << 21) | y, (z << 21) | y, w, lst)
 
     def merge_vector(self, parts: list, a: int, b: int, z: int, book: tuple):
         """`merge_scalar` in numpy, for merges with many positions (same result, tested)."""
@@ -400,8 +377,7 @@ class _Text:
         # became (z, y') at K, where y' is y or, where occurrences touch, z. The lost (a, b) itself is left
         # out: `train` drops that pair. The index entries are compact copies (pos[order]), one view per pair.
         yy = (y_before.astype(np.int64) << 21) | tok[Y]
-        counts, heap, where, floor = book
-        get, push, M21 = counts.get, heapq.heappush, (1 << 21) - 1
+        M21 = (1 << 21) - 1
         for keys, pos, left in ((tok[X], X, True), (yy, KY, False)):
             if not len(pos):
                 continue
@@ -412,19 +388,27 @@ class _Text:
             bounds = starts.tolist() + [len(pos)]
             for key, w, lo, hi in zip(keys[starts].tolist(), sums, bounds, bounds[1:]):
                 if left:
-                    lost, c = (key << 21) | a, (key << 21) | z
+                    _move(book, (key << 21) | a, (key << 21) | z, w, pos[lo:hi])
                 else:
-                    lost, c = (b << 21) | (key >> 21), (z << 21) | (key & M21)
-                counts[lost] = get(lost, 0) - w
-                n = get(c, 0) + w
-                counts[c] = n
-                if n >= floor:
-                    push(heap, (-n << 42) + c)
-                chunk, old = pos[lo:hi], where.get(c)
-                if old is None:
-                    where[c] = chunk
-                else:
-                    where[c] = old + (chunk,) if type(old) is tuple else (old, chunk)
+                    _move(book, (b << 21) | (key >> 21), (z << 21) | (key & M21), w, pos[lo:hi])
+
+
+def _move(book: tuple, lost: int, made: int, w: int, chunk) -> None:
+    """One neighbour group's update of `book` = (pair counts, heap, index, floor): weight w moves from pair
+    `lost` to pair `made`, which the merge created at the left positions `chunk` (a list or an int32 array;
+    a pair's index entry is one chunk, or a tuple of them: a wrapping list per pair cost 64 B). The call
+    per group costs ~2% of `train`'s instructions against writing this out in each caller (see `train`)."""
+    counts, heap, where, floor = book
+    counts[lost] = counts.get(lost, 0) - w
+    n = counts.get(made, 0) + w
+    counts[made] = n
+    if n >= floor:  # a count only rises where a merge creates the pair: push it (stale entries are lazy)
+        heapq.heappush(heap, (-n << 42) + made)
+    old = where.get(made)
+    if old is None:
+        where[made] = chunk
+    else:
+        where[made] = old + (chunk,) if type(old) is tuple else (old, chunk)
 
 
 def _run_starts(sorted_codes: np.ndarray) -> np.ndarray:
