@@ -105,6 +105,22 @@ def _heavy_first(CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _query_block(Q, sqb, sqh, sqt, sqd, H, T, GROUP, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """What a program of the forward or dQ grid (query block, batch*head) works on: (bh, b, h, kv head,
+    first row m0, row offsets, head-dim offsets, the rows' mask, its q block [BLOCK_M, BLOCK_D])."""
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    m0 = _heavy_first(CAUSAL) * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_mask = (offs_m[:, None] < T) & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
+    return bh, b, h, h // GROUP, m0, offs_m, offs_d, q_mask, q
+
+
+@triton.jit
 def _key_split(m0, S, T, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Key range of the query block starting at row m0: [0, full_end) holds the key blocks every row sees in
     full (no mask needed), [full_end, hi) the diagonal/tail blocks that need the causal or length mask."""
@@ -149,17 +165,8 @@ def _fwd_block(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_d, n0, S, T, skn, 
 def _attn_fwd(Q, K, V, O, L, sqb, sqh, sqt, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, sot,
               H, T, S, qk_scale, TUNE_T, TUNE_S, GROUP, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
               BLOCK_D: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = _heavy_first(CAUSAL)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    kvh = h // GROUP
-    m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < HEAD_DIM
-    q_mask = (offs_m[:, None] < T) & dmask[None, :]
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
+    bh, b, h, kvh, m0, offs_m, offs_d, q_mask, q = _query_block(Q, sqb, sqh, sqt, sqd, H, T, GROUP, HEAD_DIM,
+                                                                CAUSAL, BLOCK_D, BLOCK_M)
     k_base = K + b * skb + kvh * skh
     v_base = V + b * svb + kvh * svh
 
@@ -290,16 +297,8 @@ def _attn_bwd_dq(Q, K, V, DO, L, DELTA, DQ, sqb, sqh, sqt, sqd, skb, skh, skn, s
                  sdob, sdoh, sdot, sdod, sdqb, sdqh, sdqt, H, T, S, qk_scale, sm_scale, TUNE_T, TUNE_S,
                  GROUP, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr,
                  PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = _heavy_first(CAUSAL)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    kvh = h // GROUP
-    m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    q_mask = (offs_m[:, None] < T) & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
+    bh, b, h, kvh, m0, offs_m, offs_d, q_mask, q = _query_block(Q, sqb, sqh, sqt, sqd, H, T, GROUP, HEAD_DIM,
+                                                                CAUSAL, BLOCK_D, BLOCK_M)
     do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdot + offs_d[None, :] * sdod, mask=q_mask, other=0.0)
     lse = tl.load(L + bh * T + offs_m, mask=offs_m < T, other=float("inf"))
     delta = tl.load(DELTA + bh * T + offs_m, mask=offs_m < T, other=0.0)
