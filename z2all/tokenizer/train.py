@@ -6,9 +6,9 @@
 
 Inputs are streamed (never loaded whole) by z2all/data/readers.py: .txt (~1 M-character blocks, the
 text as written but for the file's final newlines), .jsonl / .json (lines or an array) and .parquet rows
-(text columns only), each optionally .gz / .zst / .bz2; directories are searched recursively for those. A unified record
-from `z2all data convert` becomes text through `record_text`; any other record gives its `--text-field`,
-then "text", then "content". Bad JSON lines and records without text are skipped and counted.
+(text columns only), each optionally .gz / .zst / .bz2; directories are searched recursively for those. A
+unified record from `z2all data convert` becomes text through `record_text`; any other record gives its
+`--text-field`, then "text", then "content". Bad JSON lines and records without text are skipped and counted.
 
 Backends write the same directory (see hf.py): `z2all` (ours, bpe.py: parallel lossy word counting under
 `--memory-budget`, then the incremental merge loop), `hf` (tokenizers.BpeTrainer with the same split
@@ -139,12 +139,22 @@ def _is_converted(d: Path) -> bool:
     return (d / "convert.json").is_file() or (d / MANIFEST).is_file()
 
 
+def _is_unified(keys) -> bool:
+    """Whether a record's keys (or a parquet file's columns) are those of `z2all data convert` output."""
+    return "content" in keys and "data_src" in keys and all(k in FIELDS for k in keys)
+
+
+def _text_keys(text_field: str) -> tuple[str, ...]:
+    """Where the text of any other record is looked for, in order."""
+    return tuple(dict.fromkeys((text_field, "text", "content")))
+
+
 def _record_to_text(rec, text_field: str) -> str | None:
     if not isinstance(rec, dict):
         return None
-    if "content" in rec and "data_src" in rec and all(k in FIELDS for k in rec):
+    if _is_unified(rec):
         return record_text(rec)
-    for key in (text_field, "text", "content"):
+    for key in _text_keys(text_field):
         v = rec.get(key)
         if isinstance(v, str):
             return v
@@ -162,10 +172,9 @@ def _parquet_columns(path: Path, text_field: str) -> list[str] | None:
         names = pq.read_schema(path).names
     except Exception:  # pyarrow.ArrowInvalid and friends: InputReader names the damage
         return None
-    if "content" in names and "data_src" in names and all(n in FIELDS for n in names):
+    if _is_unified(names):
         return [n for n in ("data_src", "category", "title", "desc", "content") if n in names]
-    present = [k for k in dict.fromkeys((text_field, "text", "content")) if k in names]
-    return present or None
+    return [k for k in _text_keys(text_field) if k in names] or None
 
 
 def read_texts(path: Path, text_field: str = "text", stats: ReadStats | None = None) -> Iterator[str]:

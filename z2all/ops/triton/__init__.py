@@ -19,6 +19,7 @@ the environment before this package is imported.
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 import triton
@@ -35,7 +36,9 @@ MIN_INTERPRETER_VERSION = (3, 7)
 
 
 def _version(v: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in v.split("+")[0].split(".")[:2] if x.isdigit())
+    """(major, minor) of a version string such as "3.7.0", "3.10.1+git" or "3.7rc1"."""
+    m = re.match(r"(\d+)\.(\d+)", v)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
 def check_device(*tensors: torch.Tensor) -> None:
