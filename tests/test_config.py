@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from z2all import cli
-from z2all.config import ConfigError, from_dict, load_config, opt, save_config, section
+from z2all.config import from_dict, load_config, opt, save_config, section
+from z2all.utils import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,14 +57,14 @@ def test_coercion_and_none():
     ({"kind": "c"}, "'c' is not one of a, b"),
 ])
 def test_errors_name_the_key(override, needle):
-    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(UserError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         load_config(Stage, None, override)
 
 
 def test_unknown_key_in_toml_names_file_and_key(tmp_path):
     toml = tmp_path / "p.toml"
     toml.write_text("[optim]\nmomentum = 0.9\n")
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(UserError) as e:
         load_config(Stage, toml)
     assert "optim.momentum" in str(e.value) and str(toml) in str(e.value)
 
@@ -71,9 +72,9 @@ def test_unknown_key_in_toml_names_file_and_key(tmp_path):
 def test_invalid_toml_and_missing_file(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("steps = = 3")
-    with pytest.raises(ConfigError, match="invalid TOML"):
+    with pytest.raises(UserError, match="invalid TOML"):
         load_config(Stage, bad)
-    with pytest.raises(ConfigError, match="not found"):
+    with pytest.raises(UserError, match="not found"):
         load_config(Stage, tmp_path / "missing.toml")
 
 

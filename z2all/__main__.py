@@ -2,7 +2,10 @@
 
 import sys
 
-from z2all.cli import main
+try:
+    from z2all.cli import main
+except KeyboardInterrupt:  # Ctrl-C while importing: quiet, like Ctrl-C anywhere else
+    sys.exit(130)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import importlib
+import os
 import sys
 import typing
 from dataclasses import dataclass
 
-from z2all.config import ConfigError, _strip_optional, leaves, load_config
+from z2all.config import leaves, load_config, strip_optional
 from z2all.utils import UserError
 
 
@@ -68,7 +70,7 @@ def _load_command(cmd: Command):
 
 
 def _type_name(hint) -> str:
-    base, _ = _strip_optional(hint)
+    base, _ = strip_optional(hint)
     return getattr(base, "__name__", str(base)).upper()
 
 
@@ -84,7 +86,7 @@ def build_parser(prog: str, cmd: Command, config_cls) -> argparse.ArgumentParser
         help_text = meta.get("help", "")
         if meta.get("choices"):
             help_text += f" (one of: {', '.join(map(str, meta['choices']))})"
-        base, _ = _strip_optional(hint)
+        base, _ = strip_optional(hint)
         kw = dict(dest=key, default=argparse.SUPPRESS, help=f"{help_text} [default: {default}]")
         if meta.get("positional"):
             many = typing.get_origin(base) in (list, tuple)
@@ -105,7 +107,8 @@ def build_parser(prog: str, cmd: Command, config_cls) -> argparse.ArgumentParser
 
 
 def top_help() -> str:
-    lines = ["usage: z2all <stage> [<command>] [options]   (z2all <stage> --help for more)", "",
+    lines = ["usage: z2all <stage> [<command>] [options] [--debug]   (z2all <stage> --help for more)", "",
+             "Errors print one line; --debug (or Z2ALL_DEBUG=1) shows the traceback instead.", "",
              "llm-zero2all: every piece of a Llama-2-style LLM written from scratch.", "", "stages:"]
     for name, entry in STAGES.items():
         if isinstance(entry, Command):
@@ -162,21 +165,64 @@ def parse_config(prog: str, cmd: Command, args: list[str]):
     return load_config(config_cls, toml, values)
 
 
+def _os_error_line(e: OSError) -> str:
+    """One line for an operating-system error: what failed, on which path, and what to do."""
+    where = f" {e.filename}" if e.filename else ""
+    if e.filename2:
+        where += f" -> {e.filename2}"
+    what = e.strerror or str(e)
+    hint = {
+        errno.ENOSPC: "disk full: free space or write elsewhere; files written before are intact",
+        errno.EDQUOT: "disk quota exceeded: free space or write elsewhere",
+        errno.EACCES: "permission denied: choose a path you may write, or fix its permissions",
+        errno.EPERM: "operation not permitted: choose a path you may write",
+        errno.EROFS: "read-only file system: write elsewhere",
+        errno.ENOENT: "check the path",
+        errno.ENOTDIR: "a file stands where a directory is needed: check the path",
+        errno.EISDIR: "a directory stands where a file is needed: check the path",
+        errno.EEXIST: "something already exists there: choose another path",
+        errno.EMFILE: "too many open files: raise `ulimit -n` or use fewer workers",
+        errno.ENOMEM: "out of memory: use smaller settings",
+    }.get(e.errno, "")
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = "disk full" if e.errno == errno.ENOSPC else what
+    return f"{what}:{where}" + (f" ({hint})" if hint else "")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Every failure becomes one line on stderr and a non-zero exit: 2 for bad input
+    (UserError, usage), 1 for an operating-system error or an internal error, 130 for Ctrl-C. `--debug`
+    (anywhere in argv) or Z2ALL_DEBUG=1 re-raises instead, for the traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    prog, cmd, rest = resolve(argv)
+    debug = "--debug" in argv or os.environ.get("Z2ALL_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    prog = "z2all"
     try:
+        prog, cmd, rest = resolve(argv)
         cfg = parse_config(prog, cmd, rest)
-    except ConfigError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    _, run = _load_command(cmd)
-    try:
+        _, run = _load_command(cmd)
         result = run(cfg)
     except KeyboardInterrupt:
+        if debug:
+            raise
         print(f"\n{prog}: interrupted", file=sys.stderr)
         return 130
-    except (ConfigError, UserError) as e:
+    except SystemExit:
+        raise
+    except UserError as e:
+        if debug:
+            raise
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if debug:
+            raise
+        print(f"{prog}: error: {_os_error_line(e)}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug of ours: one line, the traceback behind --debug
+        if debug:
+            raise
+        print(f"{prog}: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback, "
+              f"and please report it)", file=sys.stderr)
+        return 1
     return result if isinstance(result, int) else 0

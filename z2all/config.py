@@ -22,11 +22,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
+
+from z2all.utils import UserError
 
 try:
     import tomllib
@@ -36,8 +37,6 @@ except ImportError:  # Python 3.10: the same parser as the tomli package
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """A bad key or value in a config file or override; the message says which and what to change."""
 
 
 def opt(default: Any = dataclasses.MISSING, help: str = "", *, factory=None, positional: bool = False,
@@ -79,7 +78,7 @@ def leaves(cls: type, prefix: str = "") -> list[tuple[str, dataclasses.Field, An
     return out
 
 
-def _strip_optional(hint: Any) -> tuple[Any, bool]:
+def strip_optional(hint: Any) -> tuple[Any, bool]:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -89,8 +88,8 @@ def _strip_optional(hint: Any) -> tuple[Any, bool]:
 
 
 def coerce(key: str, value: Any, hint: Any) -> Any:
-    """Turn a TOML value or a command-line string into the field's type, or raise ConfigError."""
-    base, optional = _strip_optional(hint)
+    """Turn a TOML value or a command-line string into the field's type, or raise UserError."""
+    base, optional = strip_optional(hint)
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
         if optional or value is None:
             return None
@@ -136,14 +135,14 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
                 raise ValueError(value)
             return dict(value)
     except (ValueError, TypeError, json.JSONDecodeError):
-        raise ConfigError(f"config key '{key}': cannot read {value!r} as {getattr(base, '__name__', base)}") from None
+        raise UserError(f"config key '{key}': cannot read {value!r} as {getattr(base, '__name__', base)}") from None
     return value
 
 
 def _check_choice(key: str, f: dataclasses.Field, value: Any) -> None:
     choices = f.metadata.get("choices")
     if choices and value is not None and value not in choices:
-        raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(map(str, choices))}")
+        raise UserError(f"config key '{key}': {value!r} is not one of {', '.join(map(str, choices))}")
 
 
 def _apply(cfg: Any, key: str, value: Any, where: str) -> None:
@@ -154,13 +153,13 @@ def _apply(cfg: Any, key: str, value: Any, where: str) -> None:
         if part not in names:
             known = ", ".join(sorted(names))
             sect = ".".join(parts[:i]) or "top level"
-            raise ConfigError(f"unknown config key '{key}' ({where}); known keys at {sect}: {known}")
+            raise UserError(f"unknown config key '{key}' ({where}); known keys at {sect}: {known}")
         f = names[part]
         hint = _hints(type(obj))[part]
         if i == len(parts) - 1:
             if _is_section(f, hint):
                 if not isinstance(value, dict):
-                    raise ConfigError(f"config key '{key}' is a section; set its keys, e.g. {key}.<name>=...")
+                    raise UserError(f"config key '{key}' is a section; set its keys, e.g. {key}.<name>=...")
                 for k, v in value.items():
                     _apply(cfg, f"{key}.{k}", v, where)
                 return
@@ -169,7 +168,7 @@ def _apply(cfg: Any, key: str, value: Any, where: str) -> None:
             setattr(obj, part, value)
             return
         if not _is_section(f, hint):
-            raise ConfigError(f"unknown config key '{key}' ({where}): '{'.'.join(parts[: i + 1])}' is not a section")
+            raise UserError(f"unknown config key '{key}' ({where}): '{'.'.join(parts[: i + 1])}' is not a section")
         obj = getattr(obj, part)
 
 
@@ -193,7 +192,7 @@ def parse_overrides(items: list[str] | dict[str, Any] | None) -> list[tuple[str,
     for item in items:
         s = item[2:] if item.startswith("--") else item
         if "=" not in s:
-            raise ConfigError(f"override '{item}' must look like section.key=value")
+            raise UserError(f"override '{item}' must look like section.key=value")
         k, v = s.split("=", 1)
         out.append((k.strip().replace("-", "_"), v))
     return out
@@ -201,16 +200,16 @@ def parse_overrides(items: list[str] | dict[str, Any] | None) -> list[tuple[str,
 
 def load_config(cls: type[T], toml_path: str | os.PathLike | None = None,
                 overrides: list[str] | dict[str, Any] | None = None) -> T:
-    """Defaults, then the TOML file, then overrides (later wins). Raises ConfigError on unknown keys."""
+    """Defaults, then the TOML file, then overrides (later wins). Raises UserError on unknown keys."""
     cfg = cls()
     if toml_path:
         path = Path(toml_path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} not found")
+            raise UserError(f"config file {path} not found")
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+            raise UserError(f"{path}: invalid TOML: {e}") from None
         for key, value in _flatten(data):
             _apply(cfg, key, value, f"in {path}")
     for key, value in parse_overrides(overrides):
@@ -229,26 +228,11 @@ def from_dict(cls: type[T], data: dict) -> T:
     return load_config(cls, None, dict(_flatten(data)))
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a file so that readers see either the old or the new content, never half of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_config(cfg: Any, path: str | os.PathLike, **extra: Any) -> None:
     """Save the resolved config as JSON (plus `extra` provenance, e.g. versions, inputs), atomically."""
     from z2all import __version__
 
     data = {"z2all_version": __version__, "config": to_dict(cfg), **extra}
-    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+    from z2all.io import atomic_write_json
+
+    atomic_write_json(path, data)

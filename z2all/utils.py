@@ -18,8 +18,9 @@ from typing import Any
 
 
 class UserError(Exception):
-    """An error caused by the user's input (a bad file, an impossible setting). The CLI prints the
-    message without a traceback and exits with 2, so the message must say what to change."""
+    """The one user-facing error type: bad input, a bad option or config key, an artifact that is missing,
+    corrupt or not ours. The CLI prints the message as one line without a traceback and exits with 2, so
+    the message must name the file or option and say what to do."""
 
 
 # ---------------------------------------------------------------- ranks and printing

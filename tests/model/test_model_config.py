@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from z2all.config import ConfigError
 from z2all.model.config import PRESETS, ModelConfig, model_preset
 from z2all.model.llama import Z2all
 from z2all.utils import UserError
@@ -70,9 +69,9 @@ def test_overrides_and_errors():
         model_preset("13b")
     with pytest.raises(UserError, match="n_layer"):
         model_preset("tiny", n_layer=3)
-    with pytest.raises(ConfigError, match="n_kv_heads"):
+    with pytest.raises(UserError, match="n_kv_heads"):
         model_preset("tiny", n_kv_heads=3)
-    with pytest.raises(ConfigError, match="multiple of model.n_heads"):
+    with pytest.raises(UserError, match="multiple of model.n_heads"):
         ModelConfig(dim=50, n_heads=4).validate()
-    with pytest.raises(ConfigError, match="even"):
+    with pytest.raises(UserError, match="even"):
         ModelConfig(dim=36, n_heads=4, n_kv_heads=4).validate()

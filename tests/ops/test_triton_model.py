@@ -30,11 +30,11 @@ def test_use_all_resolves_to_triton_kernels():
 def test_liger_without_the_package_is_a_config_error():
     import importlib.util
 
-    from z2all.config import ConfigError
+    from z2all.config import UserError
 
     if importlib.util.find_spec("liger_kernel") is not None:
         pytest.skip("Liger-Kernel is installed")
-    with pytest.raises(ConfigError, match="Liger-Kernel is not installed"):
+    with pytest.raises(UserError, match="Liger-Kernel is not installed"):
         resolve(OpsConfig(rmsnorm="liger"))
 
 

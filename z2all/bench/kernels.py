@@ -27,7 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from z2all.bench import machine_name, markdown_table
-from z2all.config import atomic_write_text, opt
+from z2all.config import opt
+from z2all.io import atomic_write_text
 from z2all.utils import UserError, pick_device, pick_dtype, print0
 
 OPS = ("rmsnorm", "rope", "swiglu", "cross_entropy", "attention")

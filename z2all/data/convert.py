@@ -45,7 +45,7 @@ from pathlib import Path
 
 import orjson
 
-from z2all.config import ConfigError, atomic_write_text, opt, save_config, section, to_dict
+from z2all.config import opt, save_config, section, to_dict
 from z2all.data.clean import CleanConfig, Cleaner, HashSet64, MinHash
 from z2all.data.readers import (
     FORMATS,
@@ -61,6 +61,7 @@ from z2all.data.readers import (
 from z2all.data.schema import record_text
 from z2all.data.shards import ShardWriter, load_shard_hashes, remove_stale, write_manifest
 from z2all.data.sources import KINDS, SOURCES, Source, get_source
+from z2all.io import atomic_write_text
 from z2all.utils import UserError, human_bytes, markdown_table, print0, progress
 
 STATE = ".convert_state.json"
@@ -93,13 +94,13 @@ class Config:
 
     def validate(self) -> None:
         if self.workers < 1:
-            raise ConfigError(f"workers must be >= 1 (got {self.workers})")
+            raise UserError(f"workers must be >= 1 (got {self.workers})")
         if self.shard_mb <= 0 or self.batch_mb <= 0:
-            raise ConfigError("shard_mb and batch_mb must be > 0")
+            raise UserError("shard_mb and batch_mb must be > 0")
         try:
             self.clean.validate()
         except UserError as e:
-            raise ConfigError(str(e)) from None
+            raise UserError(str(e)) from None
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from z2all.config import atomic_write_text
+from z2all.io import atomic_write_text
 
 MANIFEST = "manifest.json"
 PLACEHOLDER = b'{"gid":-1,"id":-1,'  # how a record from sources.to_record serialises

@@ -35,11 +35,12 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from z2all.config import ConfigError, atomic_write_text, opt
+from z2all.config import opt
 from z2all.data.convert import Ready
 from z2all.data.readers import InputReader
 from z2all.data.schema import record_text
 from z2all.data.shards import find_shards
+from z2all.io import atomic_write_text
 from z2all.utils import UserError, human_bytes, print0, progress
 
 EOS = "<|endoftext|>"
@@ -60,9 +61,9 @@ class Config:
 
     def validate(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError(f"val_fraction must be in [0, 1) (got {self.val_fraction})")
+            raise UserError(f"val_fraction must be in [0, 1) (got {self.val_fraction})")
         if self.workers < 1 or self.batch_mb <= 0 or self.file_mb <= 0:
-            raise ConfigError("workers must be >= 1 and batch_mb, file_mb > 0")
+            raise UserError("workers must be >= 1 and batch_mb, file_mb > 0")
 
 
 def load_tokenizer(tok_dir: str | os.PathLike):

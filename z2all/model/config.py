@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from z2all.config import ConfigError, opt
+from z2all.config import opt
 from z2all.utils import UserError
 
 
@@ -46,21 +46,21 @@ class ModelConfig:
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
     def validate(self) -> None:
-        """Raise ConfigError naming the field when the shape is impossible."""
+        """Raise UserError naming the field when the shape is impossible."""
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len"):
             if getattr(self, name) <= 0:
-                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+                raise UserError(f"model.{name} must be positive, got {getattr(self, name)}")
         if self.dim % self.n_heads:
-            raise ConfigError(f"model.dim ({self.dim}) must be a multiple of model.n_heads ({self.n_heads})")
+            raise UserError(f"model.dim ({self.dim}) must be a multiple of model.n_heads ({self.n_heads})")
         if self.n_heads % self.n_kv_heads:
-            raise ConfigError(f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads "
+            raise UserError(f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads "
                               f"({self.n_kv_heads})")
         if self.head_dim % 2:
-            raise ConfigError(f"head_dim = dim / n_heads = {self.head_dim} must be even for RoPE")
+            raise UserError(f"head_dim = dim / n_heads = {self.head_dim} must be even for RoPE")
         if self.ffn_dim < 0:
-            raise ConfigError(f"model.ffn_dim must be >= 0 (0 = Llama rule), got {self.ffn_dim}")
+            raise UserError(f"model.ffn_dim must be >= 0 (0 = Llama rule), got {self.ffn_dim}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+            raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
 
 
 # Each preset names every field that differs from the defaults (the defaults are `tiny`).

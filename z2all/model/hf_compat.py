@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from z2all.config import atomic_write_text, opt
+from z2all.config import opt
+from z2all.io import atomic_write_text
 from z2all.model.config import ModelConfig
 from z2all.model.llama import Z2all, load_model, model_from_state_dict
 from z2all.utils import UserError, pick_dtype, print0

@@ -25,7 +25,8 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from z2all.config import ConfigError, opt
+from z2all.config import opt
+from z2all.utils import UserError
 
 OPS = ("rmsnorm", "rope", "swiglu", "attention", "cross_entropy")
 
@@ -76,7 +77,7 @@ class OpsConfig:
     def selected(self) -> dict[str, str]:
         """The implementation of each op: the explicit value, else the preset's, else DEFAULTS."""
         if self.preset and self.preset not in PRESETS:
-            raise ConfigError(f"ops.preset: unknown preset '{self.preset}'; choose from {', '.join(PRESETS)}")
+            raise UserError(f"ops.preset: unknown preset '{self.preset}'; choose from {', '.join(PRESETS)}")
         chosen = dict(DEFAULTS)
         chosen.update(PRESETS.get(self.preset, {}))
         for op in OPS:
@@ -84,7 +85,7 @@ class OpsConfig:
                 chosen[op] = getattr(self, op)
         for op, impl in chosen.items():
             if impl not in IMPLS[op]:
-                raise ConfigError(f"ops.{op}: unknown implementation '{impl}'; choose from {', '.join(IMPLS[op])}")
+                raise UserError(f"ops.{op}: unknown implementation '{impl}'; choose from {', '.join(IMPLS[op])}")
         return chosen
 
 
@@ -105,7 +106,7 @@ def _load(path: str) -> Callable:
     try:
         return getattr(importlib.import_module(mod), fn)
     except ImportError as e:
-        raise ConfigError(f"cannot load op implementation {path}: {e}") from None
+        raise UserError(f"cannot load op implementation {path}: {e}") from None
 
 
 def resolve(cfg: OpsConfig | None = None) -> Ops:

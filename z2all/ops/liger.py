@@ -19,7 +19,7 @@ try:
         liger_rope,
         liger_swiglu,
     )
-except ImportError as e:  # surfaced by z2all.ops.resolve as a ConfigError naming this module
+except ImportError as e:  # surfaced by z2all.ops.resolve as a UserError naming this module
     raise ImportError(f"Liger-Kernel is not installed ({e}); pip install 'llm-zero2all[liger]' on a CUDA machine "
                       "or choose the torch/triton implementation") from e
 

@@ -38,7 +38,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from z2all.config import atomic_write_text
+from z2all.io import atomic_write_text
 from z2all.tokenizer.pretokenize import token_str
 
 EOS = "<|endoftext|>"

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from z2all.config import atomic_write_text
+from z2all.io import atomic_write_text
 
 STEP_RE = re.compile(r"^step-(\d+)$")
 

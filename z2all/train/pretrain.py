@@ -140,15 +140,13 @@ class Config:
     metrics: MetricsSection = section(MetricsSection, "MFU peak and sinks")
 
     def validate(self) -> None:
-        from z2all.config import ConfigError
-
         for key in ("data.batch_size", "data.seq_len", "data.grad_accum", "train.max_steps", "train.log_every",
                     "train.max_bad_steps"):
             sect, name = key.split(".")
             if getattr(getattr(self, sect), name) <= 0:
-                raise ConfigError(f"{key} must be positive, got {getattr(getattr(self, sect), name)}")
+                raise UserError(f"{key} must be positive, got {getattr(getattr(self, sect), name)}")
         if self.ckpt.keep_last < 1:
-            raise ConfigError(f"ckpt.keep_last must be >= 1, got {self.ckpt.keep_last}")
+            raise UserError(f"ckpt.keep_last must be >= 1, got {self.ckpt.keep_last}")
 
 
 def resolve_model_config(section_cfg, meta_vocab: int, seq_len: int) -> ModelConfig:

@@ -1,0 +1,137 @@
+"""z2all/io.py: atomic writes, output-directory ownership, fingerprints and checksums."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from z2all.io import (
+    OWNER_FILE,
+    atomic_dir,
+    atomic_write_text,
+    claim_output_dir,
+    fingerprint,
+    read_owner,
+    remove_listed,
+    verify_checksums,
+    write_checksums,
+)
+from z2all.utils import UserError
+
+
+def test_atomic_write_leaves_old_content_on_error(tmp_path):
+    f = tmp_path / "a.txt"
+    atomic_write_text(f, "old")
+
+    class Boom(Exception):
+        pass
+
+    from z2all.io import atomic_open
+    with pytest.raises(Boom):
+        with atomic_open(f) as fh:
+            fh.write("new, half")
+            raise Boom
+    assert f.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]  # no temp file left
+
+
+def test_claim_new_empty_and_own(tmp_path):
+    out = claim_output_dir(tmp_path / "new" / "dir", "export hf")
+    assert read_owner(out) == "export hf"
+    (out / "x").write_text("ours")
+    assert claim_output_dir(out, "export hf") == out  # an earlier run of the same command
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert read_owner(claim_output_dir(empty, "train")) == "train"
+
+
+def test_claim_refuses_foreign_dirs_and_changes_nothing(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    before = sorted(p.name for p in run.iterdir())
+    with pytest.raises(UserError, match="not empty.*config.json.*nothing was changed"):
+        claim_output_dir(run, "export hf")
+    assert sorted(p.name for p in run.iterdir()) == before
+    other = claim_output_dir(tmp_path / "tok", "tokenizer train")
+    with pytest.raises(UserError, match="output of `z2all tokenizer train`"):
+        claim_output_dir(other, "export hf")
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        claim_output_dir(f, "train")
+    with pytest.raises(UserError, match="is empty"):
+        claim_output_dir("", "train", option="--out_dir")
+
+
+def test_claim_protects_inputs_and_accepts_legacy(tmp_path):
+    out = claim_output_dir(tmp_path / "run", "train")
+    ckpt = out / "checkpoints" / "step-1"
+    ckpt.mkdir(parents=True)
+    with pytest.raises(UserError, match="contains the input"):
+        claim_output_dir(out, "train", protect=[ckpt])
+    with pytest.raises(UserError, match="contains the input"):
+        claim_output_dir(tmp_path, "export hf", protect=[ckpt])
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "meta.json").write_text("{}")
+    claim_output_dir(old, "data tokenize", legacy=lambda p: (p / "meta.json").is_file())
+    assert read_owner(old) == "data tokenize"
+    assert (old / OWNER_FILE).is_file()
+
+
+def test_remove_listed_only_removes_names(tmp_path):
+    (tmp_path / "a").write_text("1")
+    (tmp_path / "b").write_text("2")
+    (tmp_path / "sub").mkdir()
+    assert remove_listed(tmp_path, ["a", "sub", "missing"]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+    with pytest.raises(ValueError):
+        remove_listed(tmp_path, ["../x"])
+
+
+def test_fingerprint_sees_replacement_truncation_and_append(tmp_path):
+    f = tmp_path / "in.jsonl"
+    f.write_bytes(b"x" * 300_000)
+    fp = fingerprint(f)
+    assert fingerprint(f) == fp
+    st = os.stat(f)
+    f.write_bytes(b"x" * 299_999 + b"y")  # same size, same mtime, different tail
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert fingerprint(f) != fp
+    f.write_bytes(b"x" * 100)
+    assert fingerprint(f)["size"] == 100
+
+
+def test_checksums_name_the_bad_file(tmp_path):
+    d = tmp_path / "ckpt"
+    with atomic_dir(d) as tmp:
+        (tmp / "model.safetensors").write_bytes(b"w" * 1000)
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "t.json").write_text("{}")
+        write_checksums(tmp)
+    assert verify_checksums(d)
+    assert json.loads((d / "checksums.json").read_text())["sha256"].keys() == {"model.safetensors", "sub/t.json"}
+    with open(d / "model.safetensors", "r+b") as f:
+        f.truncate(500)
+    with pytest.raises(UserError, match="model.safetensors is corrupt or truncated"):
+        verify_checksums(d)
+    assert verify_checksums(d, only=["sub/t.json"])
+    (d / "sub" / "t.json").unlink()
+    with pytest.raises(UserError, match="t.json is missing"):
+        verify_checksums(d, only=["sub/t.json"])
+    assert verify_checksums(tmp_path) is False  # nothing to verify
+
+
+def test_atomic_dir_error_keeps_old(tmp_path):
+    d = tmp_path / "exp"
+    with atomic_dir(d) as tmp:
+        (tmp / "v").write_text("1")
+    with pytest.raises(OSError):
+        with atomic_dir(d) as tmp:
+            (tmp / "v").write_text("2")
+            raise OSError(28, "No space left on device")
+    assert (d / "v").read_text() == "1"
+    assert [p.name for p in tmp_path.iterdir()] == ["exp"]

@@ -1,0 +1,232 @@
+"""Every file and directory a command writes goes through here: atomic writes, output-directory ownership,
+and input fingerprints. The rules they enforce are the project's promise to its users:
+
+- A file is written to a temp file in the same directory, fsynced and renamed over the target, so a reader
+  (or a resume after SIGKILL) sees either the old or the complete new content.
+- A command writes only into a directory that is new, empty, or that it made itself earlier. It marks the
+  directories it makes with `OWNER_FILE` (`.z2all-owner.json`, naming the command); a directory that holds
+  anything else is refused with a message, never cleared. An output directory may also never contain one
+  of the command's inputs (`protect`), so that replacing an output cannot delete what it was made from.
+- An input is identified by path, size, mtime and a fingerprint of its first and last 64 KiB, so a
+  resume notices an input that was replaced or truncated in the meantime (`fingerprint`). Whole-file
+  checksums (`sha256_file`) are for artifacts we wrote and can afford to hash (shards, checkpoints).
+
+    from z2all.io import claim_output_dir, atomic_write_text
+    out = claim_output_dir("runs/x", "train", protect=[cfg.data.dir])   # raises UserError if not ours
+    atomic_write_text(out / "config.json", text)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import IO
+
+from z2all.utils import UserError
+
+OWNER_FILE = ".z2all-owner.json"
+_FINGERPRINT_SPAN = 64 * 1024
+
+
+# ---------------------------------------------------------------- atomic files
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", *, fsync: bool = True) -> Iterator[IO]:
+    """Open a temp file next to `path`; on a clean exit fsync it and rename it over `path`, on an error
+    remove it. `mode` is "w" (text, UTF-8) or "wb"."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open mode must be 'w' or 'wb', not {mode!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as f:
+            yield f
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file (UTF-8) so readers see either the old or the new content, never half of it."""
+    with atomic_open(path, "w") as f:
+        f.write(text)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_json(path: str | os.PathLike, obj, *, indent: int | None = 2) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """Build a directory in a temp dir beside `final`, then swap it into place: `final` is at every moment
+    either absent, the old complete directory, or the new complete one. The caller must already own
+    `final` (see `claim_output_dir`); the old directory is removed only after the new one is in place.
+    On an error (disk full included) the temp dir is removed and `final` is untouched."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+        old = None
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- output directories
+
+def _inside(child: Path, parent: Path) -> bool:
+    try:
+        child.resolve().relative_to(parent.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def read_owner(path: str | os.PathLike) -> str | None:
+    """The command that made directory `path` (from its owner file), or None."""
+    f = Path(path) / OWNER_FILE
+    try:
+        return json.loads(f.read_text(encoding="utf-8")).get("command")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def claim_output_dir(path: str | os.PathLike, command: str, *, option: str = "--out",
+                     protect: Iterable[str | os.PathLike | None] = (),
+                     legacy: Callable[[Path], bool] | None = None) -> Path:
+    """Make sure `path` may be written by `command` (e.g. "export hf") and return it, created and marked.
+
+    Accepted: a path that does not exist yet, an empty directory, or a directory whose owner file names
+    the same command (an earlier run of it, which the command may resume or replace). `legacy(path)` may
+    accept a directory an older z2all wrote before owner files existed; it gets marked. Everything else is
+    refused with a UserError naming the directory, what is in it and what to do; nothing is removed.
+    `protect` lists the command's inputs: none may lie inside `path` (or be `path`)."""
+    out = Path(path)
+    if not str(path):
+        raise UserError(f"{option} is empty; give a directory to write to")
+    for p in protect:
+        if p and Path(p).exists() and _inside(Path(p), out):
+            raise UserError(f"{option} {out} contains the input {p}; writing there could destroy it. "
+                            f"Choose an output directory outside the inputs")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{option} {out} is a file, not a directory; choose a directory path")
+    if out.is_dir():
+        owner = read_owner(out)
+        entries = [e.name for e in out.iterdir() if e.name != OWNER_FILE]
+        if owner is not None and owner != command:
+            raise UserError(f"{option} {out} holds the output of `z2all {owner}`, not of `z2all {command}`; "
+                            f"choose another directory")
+        if owner is None and entries and not (legacy is not None and legacy(out)):
+            shown = ", ".join(sorted(entries)[:3]) + (", ..." if len(entries) > 3 else "")
+            raise UserError(f"{option} {out} is not empty ({shown}) and was not written by `z2all {command}`; "
+                            f"choose a new or empty directory (nothing was changed)")
+        if owner == command:
+            return out
+    out.mkdir(parents=True, exist_ok=True)
+    from z2all import __version__
+
+    atomic_write_json(out / OWNER_FILE, {"command": command, "z2all_version": __version__})
+    return out
+
+
+def remove_listed(directory: str | os.PathLike, names: Iterable[str]) -> int:
+    """Remove exactly the files (or our directories) `names` inside `directory`; returns how many existed.
+    Used by --overwrite: a command deletes only what its own manifest says it wrote."""
+    d, n = Path(directory), 0
+    for name in names:
+        p = d / name
+        if not _inside(p, d) or p.resolve() == d.resolve():
+            raise ValueError(f"refusing to remove {p}: not inside {d}")
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+            n += 1
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+            n += 1
+    return n
+
+
+# ---------------------------------------------------------------- input identity
+
+def fingerprint(path: str | os.PathLike) -> dict:
+    """A cheap identity of a file: size, mtime (ns) and the sha256 of its first and last 64 KiB.
+    Equal fingerprints mean "same file" for resume purposes; a replaced, truncated or appended file
+    changes it (an in-place edit in the middle of a large file that keeps size and mtime would not)."""
+    p = Path(path)
+    st = p.stat()
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        h.update(f.read(_FINGERPRINT_SPAN))
+        if st.st_size > _FINGERPRINT_SPAN:
+            f.seek(max(_FINGERPRINT_SPAN, st.st_size - _FINGERPRINT_SPAN))
+            h.update(f.read(_FINGERPRINT_SPAN))
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "head_tail_sha256": h.hexdigest()[:32]}
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- checksums of a directory we wrote
+
+CHECKSUM_FILE = "checksums.json"
+
+
+def write_checksums(directory: str | os.PathLike) -> dict[str, str]:
+    """Hash every regular file under `directory` (recursively, relative paths) into CHECKSUM_FILE, so a
+    reader can tell an intact artifact (a checkpoint, an export) from a truncated or corrupted one.
+    Call it last, on the temp directory, before `atomic_dir` swaps it in."""
+    d = Path(directory)
+    sums = {p.relative_to(d).as_posix(): sha256_file(p) for p in sorted(d.rglob("*"))
+            if p.is_file() and p.name != CHECKSUM_FILE and not p.name.startswith(".")}
+    atomic_write_json(d / CHECKSUM_FILE, {"sha256": sums})
+    return sums
+
+
+def verify_checksums(directory: str | os.PathLike, only: Iterable[str] | None = None) -> bool:
+    """Check the files listed in `directory`/CHECKSUM_FILE (or just `only` of them). Returns False when the
+    directory has no checksum file (written by an older z2all: nothing to check); raises UserError naming
+    the first missing, truncated or altered file."""
+    d = Path(directory)
+    try:
+        sums = json.loads((d / CHECKSUM_FILE).read_text(encoding="utf-8"))["sha256"]
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{d / CHECKSUM_FILE} is unreadable ({e}); the directory cannot be verified") from None
+    names = sums if only is None else [n for n in only if n in sums]
+    for name in names:
+        p = d / name
+        if not p.is_file():
+            raise UserError(f"{p} is missing (listed in {d / CHECKSUM_FILE})")
+        if sha256_file(p) != sums[name]:
+            raise UserError(f"{p} is corrupt or truncated (its sha256 differs from {d / CHECKSUM_FILE})")
+    return True
