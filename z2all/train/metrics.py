@@ -110,7 +110,7 @@ class MetricsWriter:
 def truncate_metrics(run_dir: str | os.PathLike, after_step: int) -> int:
     """On resume: drop records logged after the checkpoint's step (the killed run's steps are redone), so
     the file reads as one uninterrupted run. Returns how many records were dropped. Atomic rewrite."""
-    from z2all.config import atomic_write_text
+    from z2all.io import atomic_write_text
 
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
