@@ -61,3 +61,34 @@ def test_demo_trains_with_the_settings_of_configs_demo_cpu(tmp_path):
     ours["train"].pop("time_budget_s"), theirs["train"].pop("time_budget_s")
     ours["eval"].pop("prompts"), theirs["eval"].pop("prompts")
     assert ours == theirs
+
+
+def test_demo_never_deletes_what_it_did_not_make(tmp_path, monkeypatch):
+    """--fresh removes only the demo's stage directories; a foreign non-empty out_dir is refused."""
+    from z2all.data import convert
+    from z2all.io import claim_output_dir
+    from z2all.utils import UserError
+
+    foreign = tmp_path / "home"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("years of work")
+    with pytest.raises(UserError, match="not empty"):
+        demo.run(demo.Config(out_dir=str(foreign), fresh=True))
+    assert (foreign / "thesis.tex").read_text() == "years of work"
+
+    out = claim_output_dir(tmp_path / "demo", "demo")
+    (out / "notes.txt").write_text("mine")
+    (out / "converted").mkdir()
+    (out / "converted" / "old.jsonl").write_text("{}")
+
+    class Stop(Exception):
+        pass
+
+    def stop(cfg):
+        raise Stop
+
+    monkeypatch.setattr(convert, "run", stop)
+    with pytest.raises(Stop):
+        demo.run(demo.Config(out_dir=str(out), fresh=True))
+    assert (out / "notes.txt").read_text() == "mine"
+    assert not (out / "converted").exists()

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +31,12 @@ from pathlib import Path
 import numpy as np
 
 from z2all.config import opt
+from z2all.io import claim_output_dir, remove_listed
 from z2all.utils import UserError, print0
 
 DEMO_DIR = Path(__file__).resolve().parent / "data" / "demo"
 DEMO_INPUTS = ("wikipedia_zh=zh_wiki.jsonl.gz", "wikipedia_en=en_wiki.parquet", "github_python=code_python.jsonl.gz")
+STAGE_DIRS = ("converted", "tokenizer", "tokens", "train", "hf")
 PROMPTS = ("The LORD said unto", "def __init__(self", "中国的")
 
 
@@ -49,7 +50,8 @@ class Config:
     eval_every: int = opt(100, "validation loss and samples every this many steps")
     workers: int = opt(1, "worker processes for conversion, tokenizer training and tokenization")
     threads: int = opt(0, "torch CPU threads for training (0 = measure 1 vs torch's default and take the faster)")
-    fresh: bool = opt(False, "delete out_dir first instead of reusing finished stages")
+    fresh: bool = opt(False, "delete the demo's own stage directories in out_dir first instead of reusing "
+                             "finished stages (nothing else in out_dir is touched)")
 
 
 def _stage(n: int, title: str) -> float:
@@ -109,11 +111,13 @@ def run(cfg: Config) -> int:
     from z2all.train import checkpoint, pretrain
 
     t_all = time.perf_counter()
-    out = Path(cfg.out_dir)
-    if cfg.fresh and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    converted, tok_dir, tokens, run_dir, hf_dir = (out / n for n in ("converted", "tokenizer", "tokens", "train", "hf"))
+    # an older demo dir (before owner files) is recognised by its stage directories
+    out = claim_output_dir(cfg.out_dir, "demo", option="--out_dir",
+                           legacy=lambda p: (p / "converted").is_dir() and (p / "tokens").is_dir())
+    if cfg.fresh:  # only the stage directories the demo itself makes; anything else in out_dir stays
+        removed = remove_listed(out, STAGE_DIRS)
+        print0(f"--fresh: removed {removed} stage directories of an earlier demo in {out}")
+    converted, tok_dir, tokens, run_dir, hf_dir = (out / n for n in STAGE_DIRS)
     print0(f"z2all demo: the whole pipeline on the embedded corpus ({DEMO_DIR}) -> {out}")
 
     t0 = _stage(1, "data convert: raw corpora -> unified jsonl shards (+ txt)")
