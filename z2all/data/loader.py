@@ -18,6 +18,10 @@ Nothing proportional to the corpus is held in memory. Consequences the trainer r
 deterministic for (seed, step); within an epoch different ranks and micro-steps never share a window;
 one global step reads the same set of windows for (world 2, accum 1) and (world 1, accum 2), so a
 resumed run may change its process count; resuming is just calling get_batch(step) — nothing is replayed.
+
+Inputs are checked on open (`read_meta`, `split_files`): a missing or corrupt meta.json, a token file whose
+size is not a whole number of tokens, or files that no longer hold the token count meta.json records are
+one UserError naming the file, never a silent run on different data.
 """
 
 from __future__ import annotations
@@ -67,30 +71,81 @@ class FeistelPermutation:
                 return x
 
 
+def read_meta(data_dir: str | Path) -> dict:
+    """meta.json of a token directory, checked for the keys the loader needs; UserError naming the file when
+    it is missing, unreadable or incomplete (a directory without it is an unfinished `data tokenize`)."""
+    path = Path(data_dir) / "meta.json"
+    if not path.is_file():
+        raise UserError(f"{path} not found: the token directory must be the output of `z2all data tokenize` "
+                        f"(a directory without meta.json is an unfinished run)")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{path} is corrupt ({type(e).__name__}: {e}); rerun `z2all data tokenize`") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path} is corrupt (not a JSON object); rerun `z2all data tokenize`")
+    missing = [k for k in ("dtype", "vocab_size", "train_files", "val_files") if k not in meta]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}; it was not written by `z2all data tokenize` "
+                        f"(rerun it)")
+    try:
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        int(meta["vocab_size"])
+    except (TypeError, ValueError):
+        raise UserError(f"{path}: bad dtype {meta['dtype']!r} or vocab_size {meta['vocab_size']!r}; rerun "
+                        f"`z2all data tokenize`") from None
+    if np.dtype(meta["dtype"]).kind != "u" or itemsize not in (2, 4):
+        raise UserError(f"{path}: dtype {meta['dtype']!r} is not a token dtype (uint16 or uint32)")
+    for split in ("train", "val"):
+        files = meta[f"{split}_files"]
+        if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+            raise UserError(f"{path}: {split}_files must be a list of file names")
+    return meta
+
+
+def split_files(data_dir: str | Path, meta: dict, split: str) -> list[Path]:
+    """The token files of one split, checked against meta.json: each exists, holds a whole number of tokens,
+    and together they hold `<split>_tokens` tokens. A token file that was truncated, appended to or swapped
+    after `data tokenize` would otherwise train (or resume) on different data without a word."""
+    d = Path(data_dir)
+    meta_path = d / "meta.json"
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    paths, total = [], 0
+    for name in meta[f"{split}_files"]:
+        path = d / name
+        if not path.is_file():
+            raise UserError(f"{path} (listed in {meta_path}) is missing; rerun `z2all data tokenize`")
+        size = path.stat().st_size
+        if size % itemsize:
+            raise UserError(f"{path} has {size:,} bytes, not a whole number of {meta['dtype']} tokens "
+                            f"({itemsize} bytes each): it is truncated or not a token file; rerun "
+                            f"`z2all data tokenize`")
+        paths.append(path)
+        total += size // itemsize
+    want = meta.get(f"{split}_tokens")
+    if want is not None and int(want) != total:
+        names = ", ".join(str(p) for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
+        raise UserError(f"the {split} token files ({names}) hold {total:,} tokens but {meta_path} says "
+                        f"{int(want):,}: a file was truncated, extended or replaced; rerun `z2all data tokenize`")
+    return paths
+
+
 class TokenLoader:
     def __init__(self, data_dir, split: str = "train", batch_size: int = 8, seq_len: int = 256, *, seed: int = 0,
                  rank: int = 0, world_size: int = 1, grad_accum: int = 1):
         self.dir = Path(data_dir)
-        meta_path = self.dir / "meta.json"
-        if not meta_path.is_file():
-            raise UserError(f"{meta_path} not found: --data must be a directory made by `z2all data tokenize` "
-                            f"(a directory without meta.json is an unfinished run)")
-        self.meta: dict = json.loads(meta_path.read_text(encoding="utf-8"))
         if split not in ("train", "val"):
             raise UserError(f"split must be 'train' or 'val', not '{split}'")
         if batch_size < 1 or seq_len < 1 or grad_accum < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise UserError(f"bad loader shape: batch_size={batch_size} seq_len={seq_len} grad_accum={grad_accum} "
                             f"rank={rank} world_size={world_size}")
+        self.meta: dict = read_meta(self.dir)
         self.split, self.batch_size, self.seq_len = split, batch_size, seq_len
         self.seed, self.rank, self.world_size, self.grad_accum = seed, rank, world_size, grad_accum
         dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
-        self.maps: list[np.ndarray] = []
-        for name in self.meta[f"{split}_files"]:
-            path = self.dir / name
-            if not path.is_file():
-                raise UserError(f"{path} listed in {meta_path} is missing")
-            if path.stat().st_size:  # np.memmap refuses empty files
-                self.maps.append(np.memmap(path, dtype=dtype, mode="r"))
+        self.files = split_files(self.dir, self.meta, split)
+        self.maps: list[np.ndarray] = [np.memmap(path, dtype=dtype, mode="r") for path in self.files
+                                       if path.stat().st_size]  # np.memmap refuses empty files
         sizes = [len(m) for m in self.maps]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.n_tokens = int(self.offsets[-1])
