@@ -37,7 +37,6 @@ error naming the file after committing every complete shard (they stay listed in
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -50,18 +49,26 @@ from z2all.data.clean import CleanConfig, Cleaner, HashSet64, MinHash
 from z2all.data.readers import (
     FORMATS,
     TXT_MODES,
+    BadLine,
     InputReader,
     MalformedJSON,
-    decode_utf8,
     detect_format,
     expand_inputs,
+    parse_json_line,
     utf8_errors,
     where,
 )
 from z2all.data.schema import record_text
-from z2all.data.shards import ShardWriter, load_shard_hashes, remove_stale, write_manifest
+from z2all.data.shards import (
+    MANIFEST,
+    ShardWriter,
+    load_shard_hashes,
+    read_manifest,
+    remove_stale,
+    write_manifest,
+)
 from z2all.data.sources import KINDS, SOURCES, Source, get_source
-from z2all.io import atomic_write_text
+from z2all.io import atomic_write_text, claim_output_dir, fingerprint, remove_listed
 from z2all.utils import UserError, human_bytes, markdown_table, print0, progress
 
 STATE = ".convert_state.json"
@@ -90,6 +97,8 @@ class Config:
     overwrite: bool = opt(False, "replace an output directory that holds a conversion of other inputs")
     batch_mb: float = opt(4.0, "raw bytes per work batch (memory in flight ~ batch_mb x (2 x workers + 1))")
     max_examples: int = opt(5, "file:line examples kept per skip reason")
+    max_skipped_fraction: float = opt(0.5, "fail when more than this share of a source's records is skipped "
+                                           "for a reason other than duplication (1 = never fail)")
     clean: CleanConfig = section(CleanConfig, "cleaning, filters and deduplication")
 
     def validate(self) -> None:
@@ -97,6 +106,8 @@ class Config:
             raise UserError(f"workers must be >= 1 (got {self.workers})")
         if self.shard_mb <= 0 or self.batch_mb <= 0:
             raise UserError("shard_mb and batch_mb must be > 0")
+        if not 0.0 <= self.max_skipped_fraction <= 1.0:
+            raise UserError(f"--max-skipped-fraction must be in [0, 1] (got {self.max_skipped_fraction})")
         try:
             self.clean.validate()
         except UserError as e:
@@ -123,6 +134,8 @@ def plan(cfg: Config) -> list[Unit]:
             if not name:
                 raise UserError(f"input '{spec}' has no source: write it as source=path or give --source "
                                 f"(known sources: {', '.join(SOURCES)})")
+        if not path.strip():  # Path("") is ".": an empty path would convert the current directory
+            raise UserError(f"--inputs '{spec}' has an empty path; write it as source=path/to/file_or_dir")
         by_source.setdefault(name, []).extend(expand_inputs(path.strip()))
     units = []
     for name, paths in by_source.items():
@@ -158,24 +171,17 @@ def _work(task: tuple) -> tuple:
     src: Source = _W["sources"][u]
     cleaner, txt, minhash = _W["cleaner"], _W["txt"], _W["minhash"]
     out, skipped, repaired = [], {}, {}
-    loads, dumps = orjson.loads, orjson.dumps
+    dumps = orjson.dumps
     for i, item in enumerate(items):
         if kind == "lines":
             try:
-                raw = loads(item)
-            except orjson.JSONDecodeError:
-                if not item.strip():
-                    _note(skipped, "blank line", where(path, kind, first + i))
-                    continue
-                before = utf8_errors()
-                text = decode_utf8(item)
-                try:
-                    raw = loads(text)
-                except orjson.JSONDecodeError as e:
-                    _note(skipped, "malformed JSON", f"{where(path, kind, first + i)} ({e})")
-                    continue
-                if utf8_errors() > before:
-                    _note(repaired, "invalid UTF-8 replaced", where(path, kind, first + i))
+                raw, fixed = parse_json_line(item)
+            except BadLine as e:
+                at = where(path, kind, first + i)
+                _note(skipped, e.reason, f"{at} ({e})" if str(e) else at)
+                continue
+            if fixed:
+                _note(repaired, "invalid UTF-8 replaced", where(path, kind, first + i))
         else:
             raw = item
         rec = src.to_record(raw)
@@ -221,12 +227,66 @@ def _settings(cfg: Config) -> dict:
 def _fresh_state(units: list[Unit], cfg: Config) -> dict:
     return {"version": STATE_VERSION, "inputs": _signature(units), "settings": _settings(cfg),
             "next_unit": 0, "unit_items": 0, "next_gid": 0,
-            "done": False, "sources": {}, "units": [{"documents": 0, "skipped": 0, "status": "pending"}
-                                                    for _ in units]}
+            "done": False, "sources": {}, "units": [{"documents": 0, "skipped": 0, "status": "pending",
+                                                     "fingerprint": fingerprint(u.path)} for u in units]}
 
 
 def _signature(units: list[Unit]) -> list[dict]:
     return [{"source": u.source.name, "path": str(u.path), "format": u.fmt} for u in units]
+
+
+def _read_state(path: Path) -> dict | None:
+    """The committed state, None when there is none; a state that is not JSON is a UserError."""
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
+        return state
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is corrupt ({e}); rerun with --overwrite to convert again (only the files "
+                        f"the manifests list are removed)") from None
+
+
+def _listed_names(shards: list[dict]) -> list[str]:
+    """Every file of a source directory that its shard entries say convert wrote."""
+    names = []
+    for sh in shards:
+        index = int(sh["file"][5:10])
+        names += [sh["file"], f".dedup/part-{index:05d}.u64", f".dedup/part-{index:05d}.near.u64"]
+        if sh.get("txt"):
+            names.append(sh["txt"])
+    return names
+
+
+def remove_conversion(out: Path, state: dict | None) -> None:
+    """--overwrite: remove what an earlier conversion wrote (the shards, dedup files, manifests and state
+    it lists, and its leftover temp files) and nothing else; directories left empty go too."""
+    sources: dict[str, list[dict]] = {}
+    if state is not None:
+        sources = {name: s.get("shards", []) for name, s in state.get("sources", {}).items()}
+    for d in out.iterdir() if out.is_dir() else ():  # a state we cannot read: the manifests still list shards
+        if d.is_dir() and d.name not in sources and (d / MANIFEST).is_file():
+            try:
+                sources[d.name] = read_manifest(d)["shards"]
+            except (ValueError, KeyError, TypeError, OSError):
+                pass
+    for name, shards in sources.items():
+        d = out / name
+        if not d.is_dir():
+            continue
+        remove_listed(d, [*_listed_names(shards), MANIFEST])
+        remove_stale(d, set())
+        for sub in (d / ".dedup", d):
+            if sub.is_dir() and not any(sub.iterdir()):
+                sub.rmdir()
+    remove_listed(out, [STATE, "stats.md", "convert.json"])
+
+
+def _is_legacy(out: Path) -> bool:
+    """A conversion by a z2all from before owner files: it has a convert state."""
+    return (out / STATE).is_file()
 
 
 class Converter:
@@ -243,21 +303,47 @@ class Converter:
     # -- state
     def _load_state(self) -> dict:
         path = self.out / STATE
-        if not path.exists():
+        try:
+            state = _read_state(path)
+        except UserError:
+            if not self.cfg.overwrite:
+                raise
+            state = {}
+        if state is None:
             return _fresh_state(self.units, self.cfg)
-        state = json.loads(path.read_text(encoding="utf-8"))
         same_inputs = state.get("inputs") == _signature(self.units)
         if same_inputs and state.get("settings") == _settings(self.cfg) and state.get("version") == STATE_VERSION:
-            return state
-        if not self.cfg.overwrite:
+            changed = self._changed_input(state)
+            if changed is None:
+                return state
+            if not self.cfg.overwrite:
+                raise UserError(f"input {changed.path} changed since {self.out} was converted from it (its size, "
+                                f"time or content differ), so the shards would mix old and new text; put the "
+                                f"original back to continue, or rerun with --overwrite to convert again")
+        elif not self.cfg.overwrite:
             what = ("an older version of this converter" if state.get("version") != STATE_VERSION else
                     "other settings (cleaning, shard size, ...)" if same_inputs else "other inputs")
             raise UserError(f"{self.out} holds a conversion of {what} ({path}); use another --out, or "
                             f"--overwrite to replace it")
-        for name in state.get("sources", {}):
-            shutil.rmtree(self.out / name, ignore_errors=True)
-        path.unlink()
+        remove_conversion(self.out, state or None)
         return _fresh_state(self.units, self.cfg)
+
+    def _changed_input(self, state: dict) -> Unit | None:
+        """The first input already (partly) read whose fingerprint differs from the one recorded, else None.
+        Inputs not read yet, and one whose read failed (a truncated archive the user re-downloads, the
+        documented recovery), take their current fingerprint. A state without fingerprints (an older z2all)
+        cannot be checked."""
+        next_unit, items = state["next_unit"], state["unit_items"]
+        for i, (u, st) in enumerate(zip(self.units, state["units"])):
+            read = (i < next_unit or (i == next_unit and items > 0)) and not st["status"].startswith("error")
+            if "fingerprint" not in st:
+                continue
+            now = fingerprint(u.path)
+            if not read:
+                st["fingerprint"] = now
+            elif now != st["fingerprint"]:
+                return u
+        return None
 
     def _restore(self) -> None:
         """After a kill: drop files no commit lists, reload dedup hashes, rewrite manifests."""
@@ -484,10 +570,43 @@ def stats_table(state: dict, units: list[Unit], out: Path) -> tuple[list[str], l
     return headers, rows
 
 
+_DEDUP_REASONS = ("duplicate", "near duplicate")
+
+
+def _hint(reason: str) -> str:
+    if reason.startswith(("missing field", "empty field")):
+        return "is the text in another field? (--text-field for a generic source, or another --source)"
+    if reason.startswith(("malformed JSON", "blank line", "not a JSON object")):
+        return "is the file in another format? (--format)"
+    return "see the examples in the manifest"
+
+
+def check_output(state: dict, cfg: Config, out: Path) -> None:
+    """A conversion that produced nothing, or skipped most of a source, is a failure, not a success: the
+    usual causes are a wrong field name or format. Duplicates do not count (a source may repeat another)."""
+    for name, s in state["sources"].items():
+        bad = {k: v for k, v in s["skipped"].items() if k not in _DEDUP_REASONS}
+        nbad = sum(bad.values())
+        seen = s["documents"] + nbad
+        if not s["documents"] and not any(s["skipped"].values()):
+            raise UserError(f"source '{name}': its inputs hold no records (empty files?); nothing was converted "
+                            f"for it (output in {out})")
+        if nbad and nbad > cfg.max_skipped_fraction * seen:
+            top = max(bad, key=bad.get)
+            ex = s["examples"].get(top, [])
+            raise UserError(f"source '{name}': {nbad:,} of {seen:,} records were skipped, most as '{top}'"
+                            + (f" (e.g. {ex[0]})" if ex else "") + f"; {_hint(top)}. Fix the inputs or options "
+                            f"and rerun with --overwrite, or accept it with --max-skipped-fraction "
+                            f"(now {cfg.max_skipped_fraction}; details in {out / name / MANIFEST})")
+    if not any(s["documents"] for s in state["sources"].values()) and state["sources"]:
+        raise UserError(f"no documents were converted; the skip counts are in the manifests under {out}")
+
+
 def run(cfg: Config) -> int:
     cfg.validate()
     units = plan(cfg)
     t0 = time.perf_counter()
+    claim_output_dir(cfg.out, "data convert", protect=[u.path for u in units], legacy=_is_legacy)
     conv = Converter(cfg, units)
     state = conv.run()
 
@@ -497,6 +616,7 @@ def run(cfg: Config) -> int:
     save_config(cfg, conv.out / "convert.json", stats={"headers": headers, "rows": rows},
                 inputs=_signature(units), next_gid=state["next_gid"])
     print0(table)
+    check_output(state, cfg, conv.out)
     print0(f"data convert: {rows[-1][6]:,} documents, {rows[-1][7]:,} skipped, "
            f"{time.perf_counter() - t0:.1f} s -> {conv.out}")
     return 0

@@ -4,7 +4,12 @@ Formats (`FORMATS`): `jsonl` (one JSON object per line), `json` (a JSON array st
 ijson's C backend, a single object, or jsonl that happens to be named `.json`, as baike2018qa is), `parquet`
 (pyarrow `iter_batches` with column projection), `txt` (plain text; a document is a blank-line separated
 block, a line, or the whole file). A directory input expands to the files under it (WuDao style: one JSON
-array per file). Compression is taken from the suffix: `.gz`, `.zst`/`.zstd`, `.bz2`.
+array per file). Compression (gzip, zstd, bz2) is recognised by the file's magic bytes, so a gzip file
+named `.jsonl` reads as what it is; the suffix (`.gz`, `.zst`/`.zstd`, `.bz2`) only names the format
+underneath. A UTF-8 byte order mark at the start of a text file is dropped.
+
+`parse_json_line` is the one place a raw JSON line becomes an object (with invalid UTF-8 repaired and
+counted); the converter and the tokenizer trainer both use it.
 
 Decompression goes through one small raw stream (`_Decompressing`) over zlib/bz2/zstandard decompressor
 objects instead of gzip.open & co: it checks at end of file that the last frame was complete, because a
@@ -75,12 +80,57 @@ def decode_utf8(data: bytes) -> str:
     return data.decode("utf-8", "z2all_replace")
 
 
+class BadLine(ValueError):
+    """A jsonl line that holds no JSON value: `reason` is "blank line" or "malformed JSON", str() the detail."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(detail)
+        self.reason = reason
+
+
+def parse_json_line(line: bytes) -> tuple[Any, bool]:
+    """One raw jsonl line -> (value, repaired). The fast path is orjson on the raw bytes; a line it rejects
+    is retried after replacing invalid UTF-8 (repaired=True when that made it parse: the replacements are
+    counted in `utf8_errors`). Raises BadLine for a blank line or malformed JSON."""
+    try:
+        return orjson.loads(line), False
+    except orjson.JSONDecodeError:
+        pass
+    if not line.strip():
+        raise BadLine("blank line")
+    before = utf8_errors()
+    text = decode_utf8(line)
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError as e:
+        raise BadLine("malformed JSON", str(e)) from None
+    return value, utf8_errors() > before
+
+
 # ---------------------------------------------------------------- compression
+
+_MAGIC = ((b"\x1f\x8b", ".gz"), (b"\x28\xb5\x2f\xfd", ".zst"), (b"BZh", ".bz2"))
+BOM = b"\xef\xbb\xbf"
+
 
 def compression_of(path: str | os.PathLike) -> str:
     """'' or one of COMPRESSIONS, from the file name."""
     suffix = Path(path).suffix.lower()
     return suffix if suffix in COMPRESSIONS else ""
+
+
+def sniff_compression(path: str | os.PathLike) -> str:
+    """'' or ".gz"/".zst"/".bz2", from the file's first bytes (what the file is, whatever its name).
+    bz2's "BZh" is also followed by the block-size digit 1-9, which plain text rarely is."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return compression_of(path)
+    for magic, kind in _MAGIC:
+        if head.startswith(magic) and (kind != ".bz2" or head[3:4].isdigit()):
+            return kind
+    return ""
 
 
 def _decompressor(kind: str):
@@ -143,7 +193,7 @@ def open_bytes(path: str | os.PathLike) -> tuple[io.BufferedReader, Any]:
         raw = open(path, "rb")
     except OSError as e:
         raise ReadError(f"{path}: cannot open ({e.strerror})") from None
-    kind = compression_of(path)
+    kind = sniff_compression(path)
     if not kind:
         return io.BufferedReader(raw, buffer_size=_CHUNK), raw
     return io.BufferedReader(_Decompressing(raw, kind, str(path)), buffer_size=_CHUNK), raw
@@ -226,7 +276,7 @@ class InputReader:
         self._raw = None
         self._pos_estimate = 0
         self.kind = "lines" if self.fmt == "jsonl" else "records"
-        if self.fmt == "parquet" and compression_of(self.path):
+        if self.fmt == "parquet" and (sniff_compression(self.path) or compression_of(self.path)):
             raise UserError(f"{self.path}: parquet compresses internally; decompress the file first")
 
     def position(self) -> int:
@@ -246,6 +296,8 @@ class InputReader:
             return
         f, self._raw = open_bytes(self.path)
         try:
+            if f.peek(3)[:3] == BOM:  # Windows editors write one; it would spoil the first line or the array
+                f.read(3)
             if self.fmt == "jsonl":
                 yield from self._lines(f, start, batch_bytes)
             elif self.fmt == "txt":

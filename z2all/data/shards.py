@@ -21,11 +21,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 
-from z2all.io import atomic_write_text
+from z2all.io import atomic_write_bytes, atomic_write_text
 
 MANIFEST = "manifest.json"
 PLACEHOLDER = b'{"gid":-1,"id":-1,'  # how a record from sources.to_record serialises
@@ -125,9 +126,9 @@ class ShardWriter:
                 "sha256": self.file.sha.hexdigest(), "gid_first": self.gid_first, "gid_last": self.gid_last}
         dedup = self.dir / ".dedup"
         dedup.mkdir(exist_ok=True)
-        _atomic_bytes(dedup / f"part-{self.index:05d}.u64", np.asarray(self.hashes, dtype=np.uint64).tobytes())
+        atomic_write_bytes(dedup / f"part-{self.index:05d}.u64", np.asarray(self.hashes, dtype=np.uint64).tobytes())
         if self.near_keys:
-            _atomic_bytes(dedup / f"part-{self.index:05d}.near.u64",
+            atomic_write_bytes(dedup / f"part-{self.index:05d}.near.u64",
                           np.asarray(self.near_keys, dtype=np.uint64).tobytes())
         if self.txt_f is not None:
             self.txt_f.flush()
@@ -148,29 +149,23 @@ class ShardWriter:
                 p.unlink()
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def load_shard_hashes(out_dir: Path, index: int, kind: str = "") -> np.ndarray:
     """The content hashes (kind "") or MinHash band keys (kind "near") a finished shard saved."""
     path = Path(out_dir) / ".dedup" / f"part-{index:05d}{'.' + kind if kind else ''}.u64"
     return np.fromfile(path, dtype=np.uint64) if path.exists() else np.empty(0, dtype=np.uint64)
 
 
+_OURS = re.compile(r"part-\d{5}\.(jsonl|jsonl\.zst|txt)|\.part-\d{5}\.(jsonl|jsonl\.zst|txt)\.tmp")
+
+
 def remove_stale(out_dir: Path, keep: set[str]) -> None:
-    """Delete shard files and temp files a killed run left behind that no committed manifest lists."""
+    """Delete shard files and temp files a killed run left behind that no committed manifest lists: only
+    names the shard writer makes (part-NNNNN.jsonl[.zst], part-NNNNN.txt and their hidden temp files)."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         return
     for p in out_dir.iterdir():
-        stem = p.name.lstrip(".")
-        if p.is_file() and stem.startswith("part-") and p.name not in keep:
+        if p.is_file() and _OURS.fullmatch(p.name) and p.name not in keep:
             p.unlink()
 
 
