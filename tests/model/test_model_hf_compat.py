@@ -106,7 +106,7 @@ def test_export_command_loads_in_transformers_and_generates_the_same(tmp_path):
 
 def test_export_dtype_and_explicit_tokenizer(tmp_path):
     torch.manual_seed(5)
-    save_model(Z2all(small_config()), tmp_path / "ck")  # no tokenizer/ in the checkpoint
+    save_model(Z2all(small_config(vocab_size=320)), tmp_path / "ck")  # no tokenizer/ in the checkpoint
     assert main(["export", "hf", "--ckpt", str(tmp_path / "ck"), "--out", str(tmp_path / "hf"),
                  "--dtype", "bf16"]) == 0
     with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:

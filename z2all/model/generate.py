@@ -10,12 +10,17 @@ From Python (the trainer's sample generations):
     from z2all.model.generate import generate
     new_ids = generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=32, eos_id=tok.eos_token_id)
 
-The tokenizer is `--tokenizer DIR`, else `<ckpt>/tokenizer/`, loaded with transformers.AutoTokenizer.
+The tokenizer is `--tokenizer DIR`, else `<ckpt>/tokenizer/` (an export's own directory), loaded with
+transformers.AutoTokenizer. --ckpt may also be a run directory (its latest checkpoint, named on stderr) or a
+`z2all export hf` directory. Settings are checked before the model loads (`check_sampling`), a tokenizer
+bigger than the model's vocabulary is refused (`check_vocab_fits`), and the KV cache is sized against free
+memory first (`plan_memory`); these are shared with any later command that samples.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +29,7 @@ from pathlib import Path
 import torch
 
 from z2all.config import opt
-from z2all.utils import UserError, pick_device, pick_dtype, seed_everything
+from z2all.utils import UserError, human_bytes, pick_device, pick_dtype, seed_everything
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -62,22 +67,46 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalised, logits)
 
 
+def check_sampling(*, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                   repetition_penalty: float = 1.0, max_new_tokens: int = 1) -> None:
+    """Raise a UserError naming the option when a sampling setting is outside its range (shared by every
+    command that samples: generate, and chat/serve later)."""
+    checks = [
+        ("--temperature", temperature, math.isfinite(temperature) and temperature >= 0, ">= 0 (0 = greedy)"),
+        ("--top-k", top_k, top_k >= 0, ">= 0 (0 = off)"),
+        ("--top-p", top_p, math.isfinite(top_p) and 0 < top_p <= 1, "in (0, 1] (1 = off)"),
+        ("--repetition-penalty", repetition_penalty,
+         math.isfinite(repetition_penalty) and repetition_penalty > 0, "> 0 (1 = off)"),
+        ("--max-new-tokens", max_new_tokens, max_new_tokens >= 1, ">= 1"),
+    ]
+    for name, value, ok, rule in checks:
+        if not ok:
+            raise UserError(f"{name} must be {rule}, got {value}")
+
+
 @torch.inference_mode()
 def generate(model, input_ids: list[list[int]], max_new_tokens: int = 64, *, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
              eos_id: int | list[int] | None = None, should_stop: Callable[[int, list[int]], bool] | None = None,
              on_token: Callable[[int, int], None] | None = None, generator: torch.Generator | None = None,
-             pad_id: int = 0) -> list[list[int]]:
+             pad_id: int = 0, vocab_limit: int | None = None) -> list[list[int]]:
     """Continue each prompt in one batch; returns the new tokens of each row (without the EOS that ended
     it). A row finishes at eos_id, when should_stop(row, new_tokens) is true (stop strings), or after
     max_new_tokens; generation ends when every row has finished. on_token(row, token) is called for each
     new token of an unfinished row (streaming). Prompts of different lengths are left-padded with pad_id
     and masked, and each row gets the RoPE positions it would have alone, so the result per row equals
-    generating it by itself (up to floating-point reduction order)."""
+    generating it by itself (up to floating-point reduction order). vocab_limit: ids from there on are never
+    sampled (a model whose vocabulary is padded past its tokenizer's)."""
     if not input_ids or any(len(p) == 0 for p in input_ids):
         raise UserError("every prompt needs at least one token")
     if max_new_tokens <= 0:
         return [[] for _ in input_ids]
+    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
+    V = model.cfg.vocab_size
+    if any(t < 0 or t >= V for p in input_ids for t in p):
+        bad = next(t for p in input_ids for t in p if t < 0 or t >= V)
+        raise UserError(f"prompt token id {bad} is outside the model's vocabulary of {V}; the tokenizer does not "
+                        f"belong to this model")
     was_training = model.training
     model.eval()
     device = model.tok_embeddings.weight.device
@@ -110,6 +139,9 @@ def generate(model, input_ids: list[list[int]], max_new_tokens: int = 64, *, tem
         pos = P
         for _ in range(max_new_tokens):
             step = logits[:, -1]
+            if vocab_limit is not None and vocab_limit < step.shape[-1]:
+                step = step.clone()
+                step[:, vocab_limit:] = float("-inf")
             if seen is not None:
                 step = apply_repetition_penalty(step.float(), seen, repetition_penalty)
             nxt = sample_next(step, temperature, top_k, top_p, generator)  # [B]
@@ -138,20 +170,95 @@ def generate(model, input_ids: list[list[int]], max_new_tokens: int = 64, *, tem
 
 # ---------------------------------------------------------------------- the command
 
-def load_tokenizer(path: str | Path):
+def load_tokenizer(path: str | Path, trust_remote_code: bool | None = None, option: str = "--tokenizer"):
     """A transformers tokenizer from a local directory (no network). Trusts the directory's own Python
     tokenizer class only when its tokenizer_config.json names one (auto_map), as a local checkpoint of
-    this project may."""
+    this project may (trust_remote_code=None); False never runs it. A missing directory or a damaged file
+    is a UserError naming it."""
     from transformers import AutoTokenizer
 
     path = Path(path)
     if not path.is_dir():
-        raise UserError(f"tokenizer directory {path} not found; pass --tokenizer DIR")
-    remote = False
-    cfg_file = path / "tokenizer_config.json"
-    if cfg_file.is_file():
-        remote = "auto_map" in json.loads(cfg_file.read_text(encoding="utf-8"))
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=remote)
+        raise UserError(f"{option} {path}: tokenizer directory not found; pass --tokenizer DIR (a directory "
+                        f"with tokenizer.json, e.g. the output of `z2all tokenizer train`)")
+    files = [f for f in ("tokenizer.json", "tokenizer_config.json") if (path / f).is_file()]
+    if not files:
+        raise UserError(f"{option} {path} holds no tokenizer.json or tokenizer_config.json; pass the "
+                        f"tokenizer directory the model was trained with")
+    parsed = {}
+    for name in files:
+        try:
+            parsed[name] = json.loads((path / name).read_text(encoding="utf-8"))
+        except ValueError as e:  # bad JSON or bad UTF-8; OSErrors (permissions ...) reach the CLI's one line
+            raise UserError(f"{path / name} is corrupt ({type(e).__name__}: {str(e)[:120]}); restore it from the "
+                            f"tokenizer directory it was copied from") from None
+        if not isinstance(parsed[name], dict):
+            raise UserError(f"{path / name} is corrupt (not a JSON object); restore it")
+    remote = trust_remote_code
+    if remote is None:
+        remote = "auto_map" in parsed.get("tokenizer_config.json", {}) and (path / "tokenization_z2all.py").is_file()
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=remote)
+    except OSError:
+        raise
+    except Exception as e:  # tokenizers' Exception, ValueError, KeyError ...: a file we parsed but cannot use
+        first = " ".join(str(e).split())[:200] or type(e).__name__
+        named = path / "tokenizer.json" if "tokenizer.json" in files else path
+        raise UserError(f"{named}: cannot load the tokenizer ({type(e).__name__}: {first}); the tokenizer "
+                        f"directory is damaged or not a Hugging Face tokenizer") from None
+
+
+def check_vocab_fits(tok, vocab_size: int, tok_dir: str | Path, ckpt: str | Path | None = None) -> int | None:
+    """A tokenizer must not produce ids the model has no embedding for: a UserError naming both sizes when
+    it is bigger than the model's vocabulary (shared by generate, export and later chat/serve). Returns the
+    tokenizer's size when the model's vocabulary is larger (padded), for generate(vocab_limit=...)."""
+    n = len(tok)
+    where = f" of {ckpt}" if ckpt else ""
+    if n > vocab_size:
+        raise UserError(f"the tokenizer {tok_dir} has {n} tokens but the model{where} has a vocabulary of "
+                        f"{vocab_size}: it is not the tokenizer this model was trained with; pass --tokenizer "
+                        f"with the right one (training copies it to <checkpoint>/tokenizer/)")
+    return n if n < vocab_size else None
+
+
+def _available_memory(device: torch.device) -> int | None:
+    """Free bytes where the KV cache would go: the GPU's free memory, or MemAvailable for the CPU."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.mem_get_info(device)[0]
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, RuntimeError, ValueError):
+        pass
+    return None
+
+
+def plan_memory(model, batch: int, prompt_len: int, max_new_tokens: int, device: torch.device,
+                max_seq_len: int | None = None, warn=None) -> None:
+    """Before allocating the KV cache: a UserError (naming --max-new-tokens, the size and how many tokens
+    would fit) when it cannot fit in free memory; a note with its size when it is over 1 GB; a note when
+    prompt + new tokens run past the context the model was trained on (it still generates: RoPE extends,
+    but positions it never saw degrade the text)."""
+    warn = warn or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    total = prompt_len + max_new_tokens
+    need = model.kv_cache_bytes(batch, total)
+    per_pos = model.kv_cache_bytes(batch, 1)
+    free = _available_memory(device)
+    if free is not None and need > 0.9 * free:
+        fit = max(0, int(0.9 * free) // per_pos - prompt_len)
+        raise UserError(f"--max-new-tokens {max_new_tokens}: the KV cache for {batch} prompt(s) of up to "
+                        f"{prompt_len} tokens + {max_new_tokens} new would need {human_bytes(need)}, and "
+                        f"{device.type} has {human_bytes(free)} free; use --max-new-tokens {fit} or less "
+                        f"(or fewer prompts)")
+    if need > 1 << 30:
+        warn(f"note: allocating a {human_bytes(need)} KV cache ({batch} x {total} positions)")
+    ctx = max_seq_len or model.cfg.max_seq_len
+    if total > ctx:
+        warn(f"note: prompt ({prompt_len} tokens) + --max-new-tokens {max_new_tokens} = {total} is past the "
+             f"model's context of {ctx} (model.max_seq_len); tokens beyond position {ctx} use positions it "
+             f"never trained on and usually degrade")
 
 
 class _Streamer:
@@ -207,11 +314,13 @@ def cut_at_stop(text: str, stops: list[str]) -> str:
 
 @dataclass
 class Config:
-    ckpt: str = opt("", "checkpoint directory (model.safetensors + model_config.json [+ tokenizer/])")
+    ckpt: str = opt("", "checkpoint directory (model.safetensors + model_config.json [+ tokenizer/]), a run "
+                    "directory (its latest checkpoint) or a `z2all export hf` directory")
     prompt: str = opt("", "the prompt (one); use --prompt-file for a batch")
     prompt_file: str = opt("", "text file with one prompt per line, generated together as one batch "
                            "(blank lines skipped; \\n inside a line stands for a newline)")
-    max_new_tokens: int = opt(128, "tokens to generate per prompt at most")
+    max_new_tokens: int = opt(128, "tokens to generate per prompt at most (>= 1; past the model's max_seq_len "
+                              "it warns, past free memory it refuses)")
     temperature: float = opt(0.8, "sampling temperature; 0 = greedy")
     top_k: int = opt(0, "sample from the k most likely tokens only; 0 = off")
     top_p: float = opt(0.95, "nucleus sampling: the smallest set of tokens with probability >= p; 1 = off")
@@ -231,30 +340,51 @@ def _prompts(cfg: Config) -> list[str]:
     if cfg.prompt_file:
         path = Path(cfg.prompt_file)
         if not path.is_file():
-            raise UserError(f"prompt file {path} not found")
-        lines = path.read_text(encoding="utf-8").splitlines()
+            raise UserError(f"--prompt-file {path}: {'is a directory' if path.is_dir() else 'no such file'}; "
+                            f"give a text file with one prompt per line")
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data[:e.start].count(b"\n") + 1
+            raise UserError(f"--prompt-file {path}: line {line} is not UTF-8 (byte {e.start}); save the file as "
+                            f"UTF-8") from None
+        lines = text.splitlines()
         prompts += [line.replace("\\n", "\n") for line in lines if line.strip()]
     if not prompts:
+        if cfg.prompt_file:
+            raise UserError(f"--prompt-file {cfg.prompt_file} holds no prompt (every line is blank)")
         raise UserError("give a prompt: --prompt TEXT or --prompt-file FILE")
     return prompts
 
 
 def run(cfg: Config) -> int:
-    from z2all.model.llama import load_model
+    from z2all.model.hf_compat import default_tokenizer_dir, load_checkpoint
+    from z2all.model.llama import resolve_checkpoint
 
-    if not cfg.ckpt:
-        raise UserError("give --ckpt: a checkpoint directory (e.g. runs/<run>/checkpoints/step-N)")
+    check_sampling(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                   repetition_penalty=cfg.repetition_penalty, max_new_tokens=cfg.max_new_tokens)
     prompts = _prompts(cfg)
-    tok = load_tokenizer(cfg.tokenizer or Path(cfg.ckpt) / "tokenizer")
+    ckpt, kind, _ = resolve_checkpoint(cfg.ckpt, "--ckpt")  # a bad --ckpt is named before the tokenizer
+    tok_dir = Path(cfg.tokenizer) if cfg.tokenizer else default_tokenizer_dir(ckpt, kind)
+    if not cfg.tokenizer and not tok_dir.is_dir():
+        raise UserError(f"--ckpt {ckpt} has no tokenizer/ next to its weights; pass --tokenizer DIR (the tokenizer "
+                        f"the model was trained with)")
+    tok = load_tokenizer(tok_dir)
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
-    model = load_model(cfg.ckpt, map_location=device).to(pick_dtype(cfg.dtype, device))
+    model, ckpt, kind, note = load_checkpoint(cfg.ckpt, map_location=device)
+    if note:
+        print(note, file=sys.stderr, flush=True)
+    model = model.to(pick_dtype(cfg.dtype, device))
+    vocab_limit = check_vocab_fits(tok, model.cfg.vocab_size, tok_dir, ckpt)
     ids = []
     for p in prompts:
         enc = tok(p, add_special_tokens=True)["input_ids"]
         if not enc:
             raise UserError(f"prompt {p!r} encodes to no tokens")
         ids.append(enc)
+    plan_memory(model, len(ids), max(len(i) for i in ids), cfg.max_new_tokens, device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     streamer = _Streamer(tok, cfg.stop) if len(prompts) == 1 else None
     if streamer is not None:
@@ -263,7 +393,8 @@ def run(cfg: Config) -> int:
     out = generate(model, ids, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                    top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty, eos_id=tok.eos_token_id,
                    should_stop=_stop_checker(tok, cfg.stop) if cfg.stop else None, on_token=streamer,
-                   generator=gen, pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
+                   generator=gen, pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
+                   vocab_limit=vocab_limit)
     if streamer is not None:
         streamer.finish()
         return 0

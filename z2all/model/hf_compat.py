@@ -5,6 +5,10 @@ remote code.
 
     z2all export hf --ckpt runs/demo/checkpoints/step-1000 --out exports/demo-hf --dtype bf16
 
+--out is claimed through z2all.io: a new or empty directory, or an earlier export (its .z2all-owner.json);
+a directory holding anything else, or holding the checkpoint, is refused and left byte-identical.
+`load_checkpoint` reads any of: a save_model directory, a run directory (latest checkpoint), an export.
+
 Both models use the rotate-half RoPE layout, so q/k projections copy 1:1 (no permutation); the map is:
 
     tok_embeddings.weight                  model.embed_tokens.weight
@@ -17,20 +21,30 @@ Both models use the rotate-half RoPE layout, so q/k projections copy 1:1 (no per
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import shutil
-import tempfile
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from z2all.config import opt
-from z2all.io import atomic_write_text
+from z2all.io import (
+    CHECKSUM_FILE,
+    OWNER_FILE,
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_text,
+    claim_output_dir,
+    verify_checksums,
+    write_checksums,
+)
 from z2all.model.config import ModelConfig
-from z2all.model.llama import Z2all, load_model, model_from_state_dict
+from z2all.model.llama import Z2all, load_model, model_from_state_dict, read_safetensors, resolve_checkpoint
 from z2all.utils import UserError, pick_dtype, print0
 
 # (our regex, HF template) for per-layer tensors
@@ -142,78 +156,146 @@ def from_hf(hf_model, ops=None) -> Z2all:
     return model_from_state_dict(cfg, sd, ops)
 
 
+# ---------------------------------------------------------------------- loading any checkpoint
+
+def load_hf_dir(path: str | os.PathLike, map_location="cpu", ops=None) -> Z2all:
+    """Our Z2all from a single-file Hugging Face Llama directory (config.json + model.safetensors, what
+    `export_hf` writes), read directly (no transformers model, no random init). Checked against its
+    checksums.json when present; damage is a UserError naming the file."""
+    path = Path(path)
+    file = path / "config.json"
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+        from transformers import LlamaConfig
+
+        if raw.get("model_type") != "llama":
+            raise UserError(f"{file}: model_type {raw.get('model_type')!r}; only Llama models load")
+        cfg = config_from_hf(LlamaConfig(**{k: v for k, v in raw.items() if k != "model_type"}))
+    except (ValueError, TypeError, AttributeError) as e:
+        raise UserError(f"{file} is not a valid Hugging Face config ({type(e).__name__}: {e})") from None
+    verify_checksums(path, only=["model.safetensors", "config.json"])
+    weights = path / "model.safetensors"
+    sd = {}
+    for k, v in read_safetensors(weights, str(torch.device(map_location))).items():
+        if k.endswith("rotary_emb.inv_freq") or (cfg.tie_embeddings and k == "lm_head.weight"):
+            continue
+        try:
+            sd[hf_to_ours_key(k)] = v
+        except KeyError:
+            raise UserError(f"{weights}: tensor {k!r} is not part of a Llama model") from None
+    return model_from_state_dict(cfg, sd, ops, source=weights)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu", ops=None, option: str = "--ckpt"):
+    """(model, directory, kind, note) for anything `resolve_checkpoint` accepts: a save_model checkpoint,
+    a run directory (its latest checkpoint) or a Hugging Face Llama directory such as our export."""
+    directory, kind, note = resolve_checkpoint(path, option)
+    model = load_model(directory, map_location, ops) if kind == "z2all" else load_hf_dir(directory, map_location, ops)
+    return model, directory, kind, note
+
+
+def default_tokenizer_dir(directory: Path, kind: str) -> Path:
+    """Where a checkpoint keeps its tokenizer: <ckpt>/tokenizer/, or the export directory itself."""
+    return directory / TOKENIZER_SUBDIR if kind == "z2all" else directory
+
+
 # ---------------------------------------------------------------------- export command
 
 TOKENIZER_SUBDIR = "tokenizer"
-_NOT_TOKENIZER = {"config.json", "model.safetensors", "generation_config.json"}
+_NOT_TOKENIZER = {"config.json", "model.safetensors", "generation_config.json", CHECKSUM_FILE, OWNER_FILE,
+                  "model_config.json", "z2all_export.json"}
+EXPORT_COMMAND = "export hf"
+EXPORT_CONFIG = "z2all_export.json"
 
 
-def _token_ids(tok_dir: Path | None) -> dict:
-    if tok_dir is None:
+def _token_ids(tok) -> dict:
+    if tok is None:
         return {}
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
     return {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
             "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id}
 
 
+def _unclaim(out: Path, stop: Path) -> None:
+    """Undo a claim_output_dir that created `out` (and parents up to `stop`, which existed) for a command
+    that then failed: only the owner file and empty directories are removed."""
+    (out / OWNER_FILE).unlink(missing_ok=True)
+    d = out
+    while d != stop and d != d.parent:
+        try:
+            d.rmdir()
+        except OSError:
+            return
+        d = d.parent
+
+
 def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "auto",
-              tokenizer_dir: str | os.PathLike | None = None) -> Path:
-    """Write a standard LlamaForCausalLM directory at out_dir from a save_model checkpoint. Tokenizer files
-    come from tokenizer_dir, else <ckpt>/tokenizer/ when present. Built in a temp dir next to out_dir and
-    renamed into place, so out_dir is either the old or the complete new export. dtype 'auto' keeps the
-    checkpoint's dtype."""
+              tokenizer_dir: str | os.PathLike | None = None, config: dict | None = None) -> Path:
+    """Write a standard LlamaForCausalLM directory at out_dir from a checkpoint (anything
+    `resolve_checkpoint` accepts). Tokenizer files come from tokenizer_dir, else <ckpt>/tokenizer/ when
+    present. out_dir must be new, empty or an earlier export (its owner file), and must not contain the
+    checkpoint or the tokenizer; it is built in a temp dir and swapped into place (z2all.io.atomic_dir), so
+    it is either the old or the complete new export. dtype 'auto' keeps the checkpoint's. Next to the
+    files go checksums.json and z2all_export.json (the resolved `config` and what was read)."""
     from transformers import GenerationConfig
 
-    ckpt, out = Path(ckpt_dir), Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
-        raise UserError(f"{out} exists and is not an earlier export (no config.json); choose another --out, "
-                        f"it would be replaced")
-    if out.resolve() == ckpt.resolve():
-        raise UserError("--out must differ from --ckpt")
-    tok_dir = Path(tokenizer_dir) if tokenizer_dir else ckpt / TOKENIZER_SUBDIR
+    out = Path(out_dir)
+    ckpt, kind, note = resolve_checkpoint(ckpt_dir, "--ckpt")
+    if note:
+        print(note, file=sys.stderr, flush=True)
+    tok_dir = Path(tokenizer_dir) if tokenizer_dir else default_tokenizer_dir(ckpt, kind)
     if tokenizer_dir and not tok_dir.is_dir():
-        raise UserError(f"tokenizer directory {tok_dir} not found")
-    if not tok_dir.is_dir():
+        raise UserError(f"--tokenizer {tok_dir}: no such directory; give a tokenizer directory (tokenizer.json ...)")
+    if not tok_dir.is_dir() or not any((tok_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         tok_dir = None
-    model = load_model(ckpt)
-    if dtype != "auto":
-        model = model.to(pick_dtype(dtype, torch.device("cpu")))
-    ids = _token_ids(tok_dir)
-    hf = to_hf(model, **ids)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    # claimed before the (slow) model load, so a refusal is immediate; undone if the export fails
+    fresh = not out.exists() or (out.is_dir() and not any(out.iterdir()))
+    stop = out if out.exists() else next(a for a in out.parents if a.exists())
+    claim_output_dir(out, EXPORT_COMMAND, option="--out", protect=[ckpt_dir, ckpt, tok_dir])
     try:
-        hf.save_pretrained(tmp, safe_serialization=True)
-        # transformers 5 writes rope_theta inside rope_parameters only; 4.x reads the top-level key and would
-        # silently fall back to 10000, so write both (5.x reads the legacy key too)
-        conf = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
-        conf.setdefault("rope_theta", model.cfg.rope_theta)
-        atomic_write_text(tmp / "config.json", json.dumps(conf, indent=2, sort_keys=True) + "\n")
-        gen = GenerationConfig(**{k: v for k, v in ids.items() if v is not None})
-        gen.save_pretrained(tmp)
+        model = load_model(ckpt) if kind == "z2all" else load_hf_dir(ckpt)
+        if dtype != "auto":
+            model = model.to(pick_dtype(dtype, torch.device("cpu")))
+        tok = None
         if tok_dir is not None:
-            for f in sorted(tok_dir.iterdir()):
-                if f.is_file() and f.name not in _NOT_TOKENIZER:
-                    shutil.copy2(f, tmp / f.name)
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+            from z2all.model.generate import check_vocab_fits, load_tokenizer
+
+            tok = load_tokenizer(tok_dir, trust_remote_code=False)
+            check_vocab_fits(tok, model.cfg.vocab_size, tok_dir, ckpt)
+        ids = _token_ids(tok)
+        hf = to_hf(model, **ids)
+        with atomic_dir(out) as tmp:
+            shutil.copy2(out / OWNER_FILE, tmp / OWNER_FILE)
+            hf.save_pretrained(tmp, safe_serialization=True)
+            # transformers 5 writes rope_theta inside rope_parameters only; 4.x reads the top-level key and
+            # would silently fall back to 10000, so write both (5.x reads the legacy key too)
+            conf = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
+            conf.setdefault("rope_theta", model.cfg.rope_theta)
+            atomic_write_text(tmp / "config.json", json.dumps(conf, indent=2, sort_keys=True) + "\n")
+            gen = GenerationConfig(**{k: v for k, v in ids.items() if v is not None})
+            gen.save_pretrained(tmp)
+            if tok_dir is not None:
+                for f in sorted(tok_dir.iterdir()):
+                    if f.is_file() and f.name not in _NOT_TOKENIZER and not f.name.startswith("."):
+                        shutil.copy2(f, tmp / f.name)
+            atomic_write_json(tmp / EXPORT_CONFIG, {
+                "config": config or {"ckpt": str(ckpt_dir), "out": str(out), "dtype": dtype,
+                                     "tokenizer": str(tokenizer_dir or "")},
+                "checkpoint": str(ckpt), "checkpoint_kind": kind,
+                "tokenizer_dir": str(tok_dir) if tok_dir is not None else None})
+            write_checksums(tmp)
+    except BaseException:
+        if fresh:
+            _unclaim(out, stop)
+        raise
     return out
 
 
 @dataclass
 class Config:
-    ckpt: str = opt("", "checkpoint directory written by save_model (model.safetensors + model_config.json)")
-    out: str = opt("", "output directory for the Hugging Face Llama model (an earlier export there is replaced)")
+    ckpt: str = opt("", "checkpoint directory (model.safetensors + model_config.json), or a run directory "
+                    "(its latest checkpoint)")
+    out: str = opt("", "output directory for the Hugging Face Llama model: new, empty or an earlier export "
+                   "(replaced); anything else is refused")
     dtype: str = opt("auto", "weight dtype of the export; auto keeps the checkpoint's",
                      choices=("auto", "fp32", "bf16", "fp16"))
     tokenizer: str = opt("", "tokenizer directory to copy (default: <ckpt>/tokenizer/ when present)")
@@ -222,7 +304,7 @@ class Config:
 def run(cfg: Config) -> int:
     if not cfg.ckpt or not cfg.out:
         raise UserError("give both --ckpt (a checkpoint directory) and --out (the export directory)")
-    out = export_hf(cfg.ckpt, cfg.out, cfg.dtype, cfg.tokenizer or None)
+    out = export_hf(cfg.ckpt, cfg.out, cfg.dtype, cfg.tokenizer or None, config=dataclasses.asdict(cfg))
     has_tok = (out / "tokenizer_config.json").exists() or (out / "tokenizer.json").exists()
     print0(f"exported {cfg.ckpt} -> {out} (LlamaForCausalLM{', with tokenizer' if has_tok else ', no tokenizer'}); "
            f"load with transformers.AutoModelForCausalLM.from_pretrained('{out}')")

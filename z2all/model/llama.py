@@ -21,15 +21,16 @@ w2 (down), w3 (up)}, layers.{i}.{attention_norm, ffn_norm}, norm, output (see hf
 
 from __future__ import annotations
 
+import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from z2all.config import from_dict, save_config
+from z2all.io import atomic_path, verify_checksums
 from z2all.model.config import ModelConfig
 from z2all.ops import Ops, OpsConfig, resolve
 from z2all.ops.reference import rope_cache
@@ -181,6 +182,12 @@ class Z2all(nn.Module):
         return KVCache(self.cfg.n_layers, batch_size, self.cfg.n_kv_heads, max_len, self.cfg.head_dim,
                        device=device or p.device, dtype=dtype or p.dtype)
 
+    def kv_cache_bytes(self, batch_size: int, max_len: int, dtype=None) -> int:
+        """What new_kv_cache(batch_size, max_len) allocates: keys and values of every layer."""
+        c = self.cfg
+        size = torch.empty((), dtype=dtype or self.tok_embeddings.weight.dtype).element_size()
+        return 2 * c.n_layers * batch_size * c.n_kv_heads * max_len * c.head_dim * size
+
     # ------------------------------------------------------------------ accounting
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
@@ -256,8 +263,8 @@ class Z2all(nn.Module):
 # ---------------------------------------------------------------------- checkpoints
 
 def save_model(model: Z2all, path: str | os.PathLike, state_dict: dict | None = None) -> Path:
-    """Write <path>/model.safetensors and <path>/model_config.json, each through a temp file + rename, so
-    a crash never leaves a half-written file under the final name. A tied LM head is stored once (as
+    """Write <path>/model.safetensors and <path>/model_config.json, each through a temp file + rename
+    (z2all.io), so a crash never leaves a half-written file under the final name. A tied LM head is stored once (as
     tok_embeddings.weight). `state_dict` overrides model.state_dict() (e.g. a full state dict gathered
     from FSDP; DTensors are gathered with full_tensor()). Returns the directory."""
     from safetensors.torch import save_file
@@ -271,14 +278,8 @@ def save_model(model: Z2all, path: str | os.PathLike, state_dict: dict | None = 
             continue
         v = v.full_tensor() if hasattr(v, "full_tensor") else v
         tensors[k] = v.detach().to("cpu").contiguous()
-    fd, tmp = tempfile.mkstemp(prefix=f".{WEIGHTS_FILE}.", suffix=".tmp", dir=path)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path / WEIGHTS_FILE)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path / WEIGHTS_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     save_config(model.cfg, path / CONFIG_FILE, format="z2all-model", dtype=dtype,
                 num_params=model.num_params(), num_params_non_embedding=model.num_params(exclude_embeddings=True))
@@ -286,40 +287,126 @@ def save_model(model: Z2all, path: str | os.PathLike, state_dict: dict | None = 
 
 
 def load_model_config(path: str | os.PathLike) -> ModelConfig:
-    import json
-
     file = Path(path) / CONFIG_FILE
     if not file.is_file():
         raise UserError(f"{file} not found: --ckpt must be a directory written by save_model (a training "
                         f"checkpoint step-N/ or an export)")
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
-        return from_dict(ModelConfig, data["config"])
-    except (ValueError, KeyError) as e:
-        raise UserError(f"{file}: not a valid model config ({e})") from None
+        cfg = from_dict(ModelConfig, data["config"])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # UnicodeDecodeError is a ValueError
+        raise UserError(f"{file} is not a valid model config ({type(e).__name__}: {e}); the checkpoint is "
+                        f"damaged, use another one") from None
+    cfg.validate()
+    return cfg
+
+
+def read_safetensors(file: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a truncated or unreadable file is a UserError naming it (with or
+    without checksums: safetensors checks that the header covers the file exactly)."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(file), device=device)
+    except OSError:
+        raise
+    except Exception as e:  # safetensors_rust.SafetensorError and friends: the library has no public base
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{file} is corrupt or truncated ({msg}); use another checkpoint or save it again") from None
 
 
 def load_model(path: str | os.PathLike, map_location="cpu", ops: OpsConfig | Ops | None = None) -> Z2all:
     """The model save_model wrote, with its saved dtype, on `map_location`. Built on the meta device and
-    filled by assignment, so loading does not pay for a random init."""
-    from safetensors.torch import load_file
-
+    filled by assignment, so loading does not pay for a random init. The weights and config are checked
+    against the directory's checksums.json when it has one (training checkpoints do)."""
     path = Path(path)
     cfg = load_model_config(path)
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise UserError(f"{weights} not found next to {CONFIG_FILE}")
-    return model_from_state_dict(cfg, load_file(str(weights), device=str(torch.device(map_location))), ops)
+    verify_checksums(path, only=[WEIGHTS_FILE, CONFIG_FILE])
+    sd = read_safetensors(weights, str(torch.device(map_location)))
+    return model_from_state_dict(cfg, sd, ops, source=weights)
 
 
-def model_from_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor], ops: OpsConfig | Ops | None = None) -> Z2all:
+def _step_number(p: Path) -> int:
+    try:
+        return int(p.name.removeprefix("step-"))
+    except ValueError:
+        return -1
+
+
+def _latest_in_run(ckpts: Path) -> Path | None:
+    """The checkpoint checkpoints/index.json names as latest, else the highest step-N holding a model."""
+    try:
+        latest = json.loads((ckpts / "index.json").read_text(encoding="utf-8")).get("latest")
+        if latest and (ckpts / latest / CONFIG_FILE).is_file():
+            return ckpts / latest
+    except (OSError, ValueError, AttributeError):
+        pass  # no or damaged index: look at the directories themselves
+    found = [p for p in ckpts.glob("step-*") if (p / CONFIG_FILE).is_file() and _step_number(p) >= 0]
+    return max(found, key=_step_number) if found else None
+
+
+def resolve_checkpoint(path: str | os.PathLike, option: str = "--ckpt") -> tuple[Path, str, str | None]:
+    """What a user may pass as a checkpoint -> (model directory, kind, note). kind "z2all": a save_model
+    directory (model_config.json + model.safetensors, e.g. runs/x/checkpoints/step-N); "hf": a Hugging
+    Face Llama directory (config.json + model.safetensors, e.g. a `z2all export hf` output). A run
+    directory (or its checkpoints/) resolves to its latest checkpoint; `note` then says which, for the
+    caller to print. Anything else is a UserError saying what the path is and what is expected."""
+    if not str(path):
+        raise UserError(f"give {option}: a checkpoint directory (runs/<run>/checkpoints/step-N), a run directory "
+                        f"or a `z2all export hf` directory")
+    p = Path(path)
+    expected = ("expected a checkpoint directory (model_config.json + model.safetensors, e.g. "
+                "runs/<run>/checkpoints/step-N), a training run directory or a `z2all export hf` directory")
+    if not p.exists():
+        raise UserError(f"{option} {p}: no such directory; {expected}")
+    if not p.is_dir():
+        hint = f"; did you mean {option} {p.parent}?" if p.name in (WEIGHTS_FILE, CONFIG_FILE, "config.json") else ""
+        raise UserError(f"{option} {p} is a file, not a directory{hint or '; ' + expected}")
+    if (p / CONFIG_FILE).is_file():
+        return p, "z2all", None
+    if (p / "config.json").is_file() and (p / WEIGHTS_FILE).is_file():
+        return p, "hf", None
+    for ckpts in (p / "checkpoints", p):
+        if ckpts.is_dir() and ((ckpts / "index.json").is_file() or any(ckpts.glob("step-*"))):
+            latest = _latest_in_run(ckpts)
+            if latest is None:
+                raise UserError(f"{option} {p} is a training run without a complete checkpoint yet; wait for "
+                                f"the first save (--ckpt.every) or pass a checkpoints/step-N directory")
+            return latest, "z2all", f"{option} {p}: using its latest checkpoint {latest}"
+    if (p / "checkpoints").is_dir() or (p / "metrics.jsonl").is_file():
+        raise UserError(f"{option} {p} is a training run without a checkpoint yet; wait for the first save "
+                        f"(--ckpt.every) or pass a checkpoints/step-N directory")
+    if (p / "config.json").is_file() and (p / "model.safetensors.index.json").is_file():
+        raise UserError(f"{option} {p} is a sharded Hugging Face model; only single-file model.safetensors "
+                        f"directories (as `z2all export hf` writes) load")
+    if (p / WEIGHTS_FILE).is_file():
+        raise UserError(f"{option} {p} has {WEIGHTS_FILE} but neither {CONFIG_FILE} nor config.json; the "
+                        f"checkpoint is incomplete")
+    shown = sorted(e.name for e in p.iterdir())[:4]
+    what = f"it holds {', '.join(shown)}{', ...' if len(shown) == 4 else ''}" if shown else "it is empty"
+    raise UserError(f"{option} {p} is not a checkpoint ({what}); {expected}")
+
+
+def model_from_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor], ops: OpsConfig | Ops | None = None,
+                          source: str | os.PathLike | None = None) -> Z2all:
     """A Z2all holding exactly these tensors (no copy, no random init): built on the meta device and filled
-    by assignment. With tied embeddings `output.weight` may be absent; it is shared with the embedding."""
-    if cfg.tie_embeddings:
+    by assignment. With tied embeddings `output.weight` may be absent; it is shared with the embedding.
+    `source` (the weights file) turns missing, extra or mis-shaped tensors into a UserError naming it."""
+    if cfg.tie_embeddings and "tok_embeddings.weight" in sd:
         sd = {**sd, "output.weight": sd["tok_embeddings.weight"]}
     with torch.device("meta"):
         model = Z2all(cfg, ops)
-    model.load_state_dict(sd, strict=True, assign=True)
+    try:
+        model.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as e:
+        if source is None:
+            raise
+        detail = " ".join(str(e).split())[:300]
+        raise UserError(f"{source} does not fit its model config ({detail}); the checkpoint is damaged or its "
+                        f"files come from different models") from None
     if cfg.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight  # assign=True made two Parameters; share one
     return model
