@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from z2all.io import atomic_write_bytes, atomic_write_text
+from z2all.utils import UserError
 
 MANIFEST = "manifest.json"
 PLACEHOLDER = b'{"gid":-1,"id":-1,'  # how a record from sources.to_record serialises
@@ -175,6 +176,72 @@ def write_manifest(out_dir: Path, manifest: dict) -> None:
 
 def read_manifest(out_dir: Path) -> dict:
     return json.loads((Path(out_dir) / MANIFEST).read_text(encoding="utf-8"))
+
+
+def _checked_manifest(d: Path) -> dict:
+    """A source directory's manifest, or a UserError naming it when it is unreadable or not ours."""
+    path = d / MANIFEST
+    try:
+        man = read_manifest(d)
+        if not isinstance(man, dict) or not isinstance(man.get("shards"), list) or not all(
+                isinstance(sh, dict) and isinstance(sh.get("file"), str) and isinstance(sh.get("count"), int)
+                for sh in man["shards"]):
+            raise ValueError("no list of shards with file names and counts")
+        return man
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{path} is corrupt ({e}); run `z2all data convert` again for this source "
+                        f"(--overwrite)") from None
+
+
+def converted_shards(root: str | os.PathLike, option: str = "--shards") -> list[tuple[Path, dict]]:
+    """(shard path, its manifest entry) of every shard of a `z2all data convert` output, in gid order.
+    `root` is the convert --out directory, one source directory, or one shard listed in its directory's
+    manifest. Anything else (a raw jsonl file, a directory without manifests) is refused: its lines are not
+    unified records, and tokenizing them would silently produce almost nothing."""
+    root = Path(root)
+    what = f"{option} {root} is not the output of `z2all data convert`"
+    if not root.exists():
+        raise UserError(f"{option} {root} not found: give the --out directory of `z2all data convert`")
+    if root.is_file():
+        if not (root.parent / MANIFEST).is_file():
+            raise UserError(f"{what} (no {MANIFEST} beside it); convert it first with `z2all data convert`")
+        entries = [sh for sh in _checked_manifest(root.parent)["shards"] if sh["file"] == root.name]
+        if not entries:
+            raise UserError(f"{what}: {root.parent / MANIFEST} does not list it")
+        return [(root, entries[0])]
+    dirs = [root] if (root / MANIFEST).is_file() else sorted(
+        d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and (d / MANIFEST).is_file())
+    if not dirs:
+        raise UserError(f"{what} (no {MANIFEST} in it or its sub-directories); run `z2all data convert` first")
+    keyed = []
+    for d in dirs:
+        shards = _checked_manifest(d)["shards"]
+        first = shards[0].get("gid_first", -1) if shards else -1
+        keyed.append(((first, d.name), [(d / sh["file"], sh) for sh in shards]))
+    out = [x for _, shards in sorted(keyed) for x in shards]
+    for p, _ in out:
+        if not p.is_file():
+            raise UserError(f"{p} is missing (listed in {p.parent / MANIFEST}); run `z2all data convert` "
+                            f"again to rewrite it")
+    return out
+
+
+def verify_shard(path: Path, entry: dict) -> None:
+    """The shard's sha256 and size against its manifest entry (written at commit): a truncated, edited or
+    replaced shard is a UserError naming it. Entries of an older z2all without a sha256 are not checked."""
+    want = entry.get("sha256")
+    if not want:
+        return
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    if h.hexdigest() != want:
+        size = path.stat().st_size
+        how = (f"{size:,} bytes, the manifest says {entry['bytes']:,}: truncated?" if "bytes" in entry
+               and size != entry["bytes"] else "its content changed")
+        raise UserError(f"shard {path} does not match {path.parent / MANIFEST} ({how}); run `z2all data "
+                        f"convert` again for this source (--overwrite) or restore the file")
 
 
 def find_shards(root: str | os.PathLike) -> list[Path]:

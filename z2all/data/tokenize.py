@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -39,8 +40,8 @@ from z2all.config import opt
 from z2all.data.convert import Ready
 from z2all.data.readers import InputReader
 from z2all.data.schema import record_text
-from z2all.data.shards import find_shards
-from z2all.io import atomic_write_text
+from z2all.data.shards import MANIFEST, converted_shards, verify_shard
+from z2all.io import atomic_write_text, claim_output_dir
 from z2all.utils import UserError, human_bytes, print0, progress
 
 EOS = "<|endoftext|>"
@@ -119,15 +120,19 @@ def _encode(texts: list[str]) -> np.ndarray:
 
 
 def _work(task: tuple) -> tuple:
+    """Encode one block; `bad` is the 0-based index in the block of the first line that is not a record
+    (shards are verified against their manifest first, so that means an old shard edited by hand)."""
     lines, where = task
-    train, val, bad = [], [], 0
+    train, val, bad = [], [], None
     seed, frac = _W["seed"], _W["frac"]
-    for line in lines:
+    for i, line in enumerate(lines):
         try:
             rec = orjson.loads(line)
         except orjson.JSONDecodeError:
-            bad += 1  # shards come from convert; a bad line means a hand-edited or foreign file
-            continue
+            rec = None
+        if not isinstance(rec, dict):
+            bad = i
+            break
         text = record_text(rec)
         if not text:
             continue
@@ -214,10 +219,10 @@ class _BinWriter:
         return self.files
 
 
-def _signature(cfg: Config, shards: list[Path], vocab: int, dtype: np.dtype) -> dict:
+def _signature(cfg: Config, shards: list[tuple[Path, dict]], vocab: int, dtype: np.dtype) -> dict:
     """Everything that changes the output: a resume must not mix two of them."""
     tok = Path(cfg.tokenizer) / "tokenizer.json"
-    return {"version": STATE_VERSION, "shards": [[str(p), p.stat().st_size] for p in shards],
+    return {"version": STATE_VERSION, "shards": [[str(p), p.stat().st_size, e.get("sha256")] for p, e in shards],
             "tokenizer_sha256": hashlib.sha256(tok.read_bytes()).hexdigest(), "vocab_size": vocab,
             "dtype": dtype.name, "val_fraction": cfg.val_fraction, "seed": cfg.seed, "file_mb": cfg.file_mb}
 
@@ -233,27 +238,39 @@ def _load_state(out: Path, sig: dict) -> dict | None:
             state = None
     if state is not None and state.get("signature") == sig:
         return state
-    for p in [*out.glob("*.bin"), *out.glob(".*.bin.tmp"), out / "meta.json", path]:
+    for p in [*_ours(out), out / "meta.json", path]:
         if p.exists():
             p.unlink()
     return None
 
 
+_BIN = re.compile(r"\.?(train|val)-\d{5}\.bin(\.tmp)?")
+
+
+def _ours(out: Path) -> list[Path]:
+    """The token files (and their temp files) in `out`: the names _BinWriter makes, nothing else."""
+    return [p for p in out.iterdir() if p.is_file() and _BIN.fullmatch(p.name)]
+
+
+def _legacy(out: Path) -> bool:
+    """A tokenize output of a z2all from before owner files."""
+    return (out / STATE).is_file() or (out / "meta.json").is_file()
+
+
 def run(cfg: Config) -> int:
     cfg.validate()
     t0 = time.perf_counter()
-    shards_root = Path(cfg.shards)
-    if not shards_root.exists():
-        raise UserError(f"{shards_root} not found: --shards must be the output of `z2all data convert`")
-    shards = find_shards(shards_root)
-    if not shards:
-        raise UserError(f"{shards_root} holds no part-*.jsonl shards; run `z2all data convert` first")
+    listed = converted_shards(cfg.shards)
+    if not listed:
+        raise UserError(f"--shards {cfg.shards} holds no shards (the conversion wrote no documents)")
+    for p, entry in listed:  # before anything is written: a damaged shard would lose documents silently
+        verify_shard(p, entry)
+    shards = [p for p, _ in listed]
     tok, eos = load_tokenizer(cfg.tokenizer)
     vocab = tok.get_vocab_size(with_added_tokens=True)
     dtype = dtype_for(vocab)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    sig = _signature(cfg, shards, vocab, dtype)
+    out = claim_output_dir(cfg.out, "data tokenize", protect=[cfg.shards, cfg.tokenizer], legacy=_legacy)
+    sig = _signature(cfg, listed, vocab, dtype)
     state = _load_state(out, sig)
     if state is not None and state["done"] and (out / "meta.json").exists():
         print0(f"data tokenize: {out} is complete (same shards, tokenizer and settings), nothing to do")
@@ -268,7 +285,7 @@ def run(cfg: Config) -> int:
     writers = {s: _BinWriter(out, s, dtype.itemsize, file_tokens, **state["writers"].get(s, {}))
                for s in ("train", "val")}
     keep = set().union(*(w.keep() for w in writers.values()))
-    for p in [*out.glob("*.bin"), *out.glob(".*.bin.tmp")]:  # written after the last commit of a killed run
+    for p in _ours(out):  # written after the last commit of a killed run
         if p.name not in keep:
             p.unlink()
     initargs = (str(cfg.tokenizer), dtype.str, cfg.seed, cfg.val_fraction, cfg.workers == 1)
@@ -288,12 +305,15 @@ def run(cfg: Config) -> int:
 
     def collect() -> None:
         result, (si, line) = inflight.popleft()
-        tr, va, ntr, nva, bad, _ = result.get()
+        tr, va, ntr, nva, bad, where = result.get()
+        if bad is not None:
+            path, first = where.rsplit(":", 1)
+            raise UserError(f"{path}:{int(first) + bad}: not a JSON record; the shard was edited or damaged: run "
+                            f"`z2all data convert` again for this source (--overwrite)")
         writers["train"].write(tr)
         writers["val"].write(va)
         docs["train"] += ntr
         docs["val"] += nva
-        docs["bad_lines"] += bad
         state.update(shard=si, line=line, writers={s: w.state() for s, w in writers.items()})
         atomic_write_text(out / STATE, json.dumps(state) + "\n")
 
@@ -303,7 +323,9 @@ def run(cfg: Config) -> int:
             reader = InputReader(shard, "jsonl")
             last = 0
             start = state["line"] if si == state["shard"] else 0
+            n_lines = start
             for first, lines in reader.batches(start, batch_bytes=int(cfg.batch_mb * 2**20)):
+                n_lines = first + len(lines)
                 task = (lines, f"{shard}:{first + 1}")
                 inflight.append((pool.apply_async(_work, (task,)) if pool else Ready(_work(task)),
                                  (si, first + len(lines))))
@@ -313,6 +335,10 @@ def run(cfg: Config) -> int:
                 bar.update(pos - last)
                 last = pos
             bar.update(shard.stat().st_size - last)
+            if n_lines != listed[si][1]["count"]:
+                raise UserError(f"shard {shard} has {n_lines:,} lines, {shard.parent / MANIFEST} says "
+                                f"{listed[si][1]['count']:,} documents; run `z2all data convert` again for "
+                                f"this source (--overwrite)")
         while inflight:
             collect()
     finally:
@@ -336,6 +362,4 @@ def run(cfg: Config) -> int:
     ntok = meta["train_tokens"] + meta["val_tokens"]
     print0(f"data tokenize: {docs['train']:,} train / {docs['val']:,} val documents, {ntok:,} tokens "
            f"({human_bytes(total)} of shards, {ntok / max(dt, 1e-9):,.0f} tokens/s, {dt:.1f} s) -> {out}")
-    if docs["bad_lines"]:
-        print0(f"data tokenize: warning: {docs['bad_lines']} unparseable shard lines were skipped")
     return 0
