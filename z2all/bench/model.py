@@ -9,19 +9,26 @@ dtype and inputs, side by side in one run:
     z2all bench model --preset 125m --seq-len 512 --device cuda --dtype bf16
 
 Both sides alternate round by round and each reports its best round (best-of-N: background load on a
-shared machine only ever adds time, and alternating exposes both sides to it alike). Attention is SDPA
-on both sides (ours: the default `sdpa` op).
+shared machine only ever adds time, and alternating exposes both sides to it alike); the medians are
+printed under the table. Every timed round is one warm step or one whole `generate` call in this process
+(models built, one warm-up round each): no process start, import or model construction is in the clock.
+Attention is SDPA on both sides (ours: the default `sdpa` op).
+
+`--out DIR` also writes DIR/report.md (what was printed) and DIR/config.json (the resolved config, the
+machine, versions and every round's time); DIR must be new, empty or an earlier --out of this command.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from z2all.bench import machine_name, markdown_table
-from z2all.config import opt
+from z2all.config import opt, save_config
 from z2all.utils import pick_device, pick_dtype, print0
 
 
@@ -41,6 +48,7 @@ class Config:
     seed: int = opt(0, "random seed for weights and inputs")
     threads: int = opt(0, "torch intra-op threads (0 = torch's default); 1 gives steadier numbers on a shared "
                        "machine, where a busy neighbour stalls every multi-threaded op")
+    out: str = opt("", "also write report.md and config.json (resolved config + every round's time) here")
 
 
 def _sync(device: torch.device) -> None:
@@ -51,17 +59,32 @@ def _sync(device: torch.device) -> None:
 def run(cfg: Config) -> int:
     from transformers.utils import logging as hf_logging
 
+    out_dir = None
+    if cfg.out:  # claim it before the run, not after
+        from z2all.io import claim_output_dir
+
+        out_dir = claim_output_dir(cfg.out, "bench model")
+
     hf_logging.set_verbosity_error()
     threads = torch.get_num_threads()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     try:
-        return _run(cfg)
+        lines, rounds = _run(cfg)
     finally:
         torch.set_num_threads(threads)
+    if out_dir is not None:
+        from z2all.io import atomic_write_text
+
+        atomic_write_text(Path(out_dir) / "report.md", "\n".join(lines) + "\n")
+        save_config(cfg, Path(out_dir) / "config.json", command="z2all bench model", machine=machine_name(),
+                    versions={"torch": torch.__version__, "transformers": _hf_version()}, rounds=rounds)
+        print0(f"\nwrote {out_dir}/report.md and {out_dir}/config.json")
+    return 0
 
 
-def _run(cfg: Config) -> int:
+def _run(cfg: Config) -> tuple[list[str], dict]:
+    """Measure and print; returns (the printed lines, every round's seconds per workload and side)."""
     from z2all.model.config import model_preset
     from z2all.model.generate import generate
     from z2all.model.hf_compat import to_hf
@@ -138,21 +161,32 @@ def _run(cfg: Config) -> int:
     same = sum(a == b for ra, rb in zip(outs["ours"], outs["hf"]) for a, b in zip(ra, rb))
 
     n_params = ours.num_params()
-    print0(f"## z2all bench model: ours vs transformers {_hf_version()} LlamaForCausalLM\n")
-    print0(f"machine: {machine_name()}, {torch.get_num_threads()} torch threads, device {device}, {cfg.dtype}")
-    print0(f"model: preset {cfg.preset} ({n_params / 1e6:.1f}M params, dim {mcfg.dim}, {mcfg.n_layers} layers, "
-           f"{mcfg.n_heads}/{mcfg.n_kv_heads} heads, vocab {V}); same weights on both sides\n")
+    lines: list[str] = []
+
+    def emit(text: str) -> None:
+        print0(text)
+        lines.append(text)
+
+    emit(f"## z2all bench model: ours vs transformers {_hf_version()} LlamaForCausalLM\n")
+    emit(f"machine: {machine_name()}, {torch.get_num_threads()} torch threads, device {device}, {cfg.dtype}")
+    emit(f"model: preset {cfg.preset} ({n_params / 1e6:.1f}M params, dim {mcfg.dim}, {mcfg.n_layers} layers, "
+         f"{mcfg.n_heads}/{mcfg.n_kv_heads} heads, vocab {V}); same weights on both sides\n")
     rows = [
         [f"train step (fwd+bwd+AdamW), batch {cfg.batch_size} x seq {cfg.seq_len}", train_tps["ours"],
          train_tps["hf"], f"{train_tps['ours'] / train_tps['hf']:.2f}x"],
         [f"generate, KV cache, greedy: {cfg.gen_batch} x ({cfg.gen_prompt_len} prompt + {n_new} new)",
          gen_tps["ours"], gen_tps["hf"], f"{gen_tps['ours'] / gen_tps['hf']:.2f}x"],
     ]
-    print0(markdown_table(["workload", "ours tokens/s", "transformers tokens/s", "ours / transformers"], rows))
-    print0(f"\nloss on the same batch: ours {loss_ours:.5f}, transformers {loss_hf:.5f}; "
-           f"greedy tokens identical: {same}/{cfg.gen_batch * n_new}; best of {cfg.train_rounds} training "
-           f"and {cfg.gen_rounds} generation rounds, alternating")
-    return 0
+    emit(markdown_table(["workload", "ours tokens/s", "transformers tokens/s", "ours / transformers"], rows))
+    med = lambda ts, n: {k: n / statistics.median(v) for k, v in ts.items()}
+    train_med, gen_med = med(times, cfg.batch_size * cfg.seq_len), med(gtimes, cfg.gen_batch * n_new)
+    emit(f"\nloss on the same batch: ours {loss_ours:.5f}, transformers {loss_hf:.5f}; "
+         f"greedy tokens identical: {same}/{cfg.gen_batch * n_new}; best of {cfg.train_rounds} training "
+         f"and {cfg.gen_rounds} generation rounds, alternating; medians (tokens/s): train ours "
+         f"{train_med['ours']:,.0f} vs {train_med['hf']:,.0f}, generate ours {gen_med['ours']:,.1f} vs "
+         f"{gen_med['hf']:,.1f}; the clock covers warm steps and whole generate calls only")
+    return lines, {"train_step_s": times, "generate_s": gtimes, "loss": {"ours": loss_ours, "hf": loss_hf},
+                   "greedy_tokens_identical": same}
 
 
 def _hf_version() -> str:
