@@ -1,0 +1,376 @@
+"""`z2all eval`: score one or more checkpoints (ours or any Hugging Face Llama directory) on bits per byte
+per domain, multiple-choice suites and generative exact match; one comparison table for several models.
+
+    z2all eval --ckpt runs/demo/train/checkpoints/step-400 --heldout runs/demo/tokens
+    z2all eval --ckpt A --ckpt hf/llama --tasks mmlu=data/mmlu/test/anatomy_test.csv --fewshot 5
+    z2all eval --ckpt A --tasks ceval=ceval/val --tasks hellaswag=hellaswag_val.jsonl --texts zh=zh.txt
+    z2all eval --ckpt A --tasks gen=qa.jsonl --stop "\\n" --chat auto --out results/
+
+Inputs:
+  --tasks FORMAT=PATH[@DEV]  formats: mmlu, ceval, cmmlu (csv), hellaswag, arc, jsonl (generic multiple
+                             choice), gen (generative; see formats.py). PATH may be a directory: every
+                             .csv / .jsonl file in it is one task. Few-shot examples come from DEV, else
+                             from the dev split next to PATH (MMLU / C-Eval / CMMLU layouts), else from the
+                             other items of PATH.
+  --texts NAME=PATH          bits per byte on a text file (.txt: the file is one document; .jsonl: one
+                             document per line, field text / content / a converted record)
+  --heldout TOKENS_DIR       a `z2all data tokenize` output: bits per byte per domain on its held-out
+                             documents (the unigram baseline from its train split), and the "which
+                             continuation?" task per domain built from them (tasks.py)
+
+Output: results.json and results.md in --out, else in <ckpt>/eval/ for each checkpoint (a directory this
+command owns: it refuses one it did not write); the markdown tables are also printed. Rows that cannot be
+used are skipped and counted with file:line; each table says how many items were scored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from z2all.config import opt
+from z2all.eval import formats, score, tasks
+from z2all.utils import UserError, markdown_table, print0
+
+COMMAND = "eval"
+
+
+@dataclass
+class Config:
+    ckpt: list[str] = opt(help="checkpoint directories: ours (model_config.json) or Hugging Face Llama "
+                          "(config.json + safetensors); several give one comparison table", factory=list)
+    tokenizer: str = opt("", "tokenizer directory for every --ckpt (default: <ckpt>/tokenizer/, else <ckpt>)")
+    tasks: list[str] = opt(help="tasks as FORMAT=PATH[@DEV]; formats: " + ", ".join(formats.FORMATS),
+                           factory=list)
+    texts: list[str] = opt(help="bits-per-byte domains as NAME=PATH (.txt or .jsonl)", factory=list)
+    heldout: str = opt("", "a `z2all data tokenize` output dir: bpb and the continuation task per domain on "
+                       "its held-out documents")
+    max_docs: int = opt(200, "held-out documents per domain at most (--heldout)")
+    max_tokens: int = opt(200_000, "bits per byte: tokens scored per domain at most (whole documents); 0 = all")
+    continuation: bool = opt(True, "build the 'which continuation?' task from the --heldout / --texts documents")
+    n_choices: int = opt(4, "choices per item of the continuation task")
+    fewshot: int = opt(0, "few-shot examples per item (from the dev split), drawn with --seed")
+    seed: int = opt(1234, "seed for few-shot sampling and the continuation task")
+    limit: int = opt(0, "items per task at most (the first ones); 0 = all")
+    truncate: str = opt("left", "a context longer than the model's window: cut from the left, or skip the item",
+                        choices=("left", "skip"))
+    chat: str = opt("auto", "generative tasks: wrap the prompt in the tokenizer's chat template (auto = when it "
+                    "has one)", choices=("auto", "on", "off"))
+    stop: list[str] = opt(help="generative tasks: stop strings (the answer is cut at the first)",
+                          factory=lambda: ["\n"])
+    max_new_tokens: int = opt(32, "generative tasks: tokens generated per item at most")
+    batch_size: int = opt(8, "questions (or documents) per forward batch")
+    device: str = opt("auto", "auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
+    dtype: str = opt("auto", "compute dtype: auto = bf16/fp16 on GPU, fp32 on CPU",
+                     choices=("auto", "fp32", "bf16", "fp16"))
+    out: str = opt("", "write results.json + results.md here (default: <ckpt>/eval/ per checkpoint)")
+
+
+# ---------------------------------------------------------------- inputs
+
+@dataclass
+class Task:
+    name: str
+    kind: str  # "mc" or "gen"
+    items: list
+    skipped: list[str]
+    total: int
+    chance: float | None = None
+
+
+def _split_spec(spec: str, what: str) -> tuple[str, str]:
+    key, sep, path = spec.partition("=")
+    if not sep or not key or not path:
+        raise UserError(f"{what} '{spec}' must look like NAME=PATH")
+    return key.strip(), path.strip()
+
+
+def _task_files(path: Path, fmt: str) -> list[Path]:
+    if path.is_dir():
+        ext = ".csv" if fmt in ("mmlu", "ceval", "cmmlu") else ".jsonl"
+        files = sorted(p for p in path.iterdir() if p.suffix == ext and p.is_file())
+        if not files:
+            raise UserError(f"--tasks {fmt}={path}: no {ext} file in that directory")
+        return files
+    if not path.is_file():
+        raise UserError(f"--tasks {fmt}={path}: file not found")
+    return [path]
+
+
+def load_tasks(cfg: Config) -> list[Task]:
+    out = []
+    for spec in cfg.tasks:
+        fmt, rest = _split_spec(spec, "--tasks")
+        if fmt not in formats.FORMATS:
+            raise UserError(f"--tasks {spec}: unknown format '{fmt}'; use one of {', '.join(formats.FORMATS)}")
+        path_s, _, dev_s = rest.partition("@")
+        for path in _task_files(Path(path_s), fmt):
+            loaded = formats.load(fmt, path)
+            dev = None
+            if cfg.fewshot > 0:
+                dev_path = Path(dev_s) if dev_s else formats.dev_path_for(path)
+                if dev_path is not None:
+                    dev = formats.load(fmt, dev_path).docs
+                    if not dev:
+                        raise UserError(f"few-shot split {dev_path} has no usable row")
+            items = formats.build_items(loaded, cfg.fewshot, dev, cfg.seed)
+            total = len(items) + len(loaded.skipped)
+            if cfg.limit:
+                items = items[:cfg.limit]
+            n = max((len(d.choices) for d in loaded.docs), default=0)
+            out.append(Task(f"{fmt}/{path.stem}", "gen" if loaded.generative else "mc", items, loaded.skipped,
+                            total, None if loaded.generative or not n else 1.0 / n))
+    return out
+
+
+def _read_texts(name: str, path: Path) -> list[str]:
+    if not path.is_file():
+        raise UserError(f"--texts {name}={path}: file not found")
+    if path.suffix != ".jsonl":
+        try:
+            return [path.read_text(encoding="utf-8")]
+        except UnicodeDecodeError:
+            raise UserError(f"--texts {name}={path}: not UTF-8 text") from None
+    from z2all.data.schema import record_text
+
+    docs = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                raise UserError(f"{path}:{n}: malformed JSON line") from None
+            text = rec.get("text") if isinstance(rec, dict) else None
+            if text is None and isinstance(rec, dict):
+                text = record_text(rec)
+            if text:
+                docs.append(str(text))
+    return docs
+
+
+def load_domains(cfg: Config) -> dict[str, list[str]]:
+    domains: dict[str, list[str]] = {}
+    if cfg.heldout:
+        domains.update(tasks.heldout_docs(cfg.heldout, cfg.max_docs))
+    for spec in cfg.texts:
+        name, path = _split_spec(spec, "--texts")
+        domains.setdefault(name, []).extend(_read_texts(name, Path(path)))
+    return domains
+
+
+def unigram_counts(tokens_dir: str | Path, tok_dir: str | Path | None):
+    """Token counts of a tokenize output's train split, when it was made with the same tokenizer.json as
+    the model's (else None: the in-sample unigram is used)."""
+    import numpy as np
+
+    tokens_dir = Path(tokens_dir)
+    meta = json.loads((tokens_dir / "meta.json").read_text(encoding="utf-8"))
+    theirs = Path(meta.get("tokenizer_dir", "")) / "tokenizer.json"
+    ours = Path(tok_dir or "") / "tokenizer.json"
+    if not (theirs.is_file() and ours.is_file() and theirs.read_bytes() == ours.read_bytes()):
+        return None
+    vocab = int(meta["vocab_size"])
+    counts = np.zeros(vocab, dtype=np.int64)
+    for name in meta["train_files"]:
+        p = tokens_dir / name
+        if p.stat().st_size:
+            arr = np.memmap(p, dtype=np.dtype(meta["dtype"]).newbyteorder("<"), mode="r")
+            counts += np.bincount(arr, minlength=vocab)[:vocab]
+    return counts
+
+
+# ---------------------------------------------------------------- scoring
+
+def evaluate_task(lm: score.LM, task: Task, cfg: Config) -> dict:
+    """Scores of one model on one task: {"kind", "n" (scored), "total", "skipped", ...} and per-item rows."""
+    t0 = time.perf_counter()
+    res: dict = {"kind": task.kind, "total": task.total, "chance": task.chance}
+    if task.kind == "mc":
+        lls = score.loglikelihoods(lm, task.items, cfg.batch_size, cfg.truncate)
+        per, acc, acc_norm, acc_bytes = [], 0, 0, 0
+        too_long = []
+        for it, r in zip(task.items, lls):
+            if r is None:
+                too_long.append(f"{it.where}: longer than the model's window ({lm.window} tokens)")
+                continue
+            ll = [x[0] for x in r]
+            pred, pred_norm, pred_bytes = score.choose(ll, it.choices)
+            acc += pred == it.gold
+            acc_norm += pred_norm == it.gold
+            acc_bytes += pred_bytes == it.gold
+            per.append({"where": it.where, "gold": it.gold, "pred": pred, "pred_norm": pred_norm,
+                        "pred_bytes": pred_bytes, "ll": ll, "greedy": [x[1] for x in r]})
+        n = len(per)
+        res.update(n=n, acc=acc / n if n else None, acc_norm=acc_norm / n if n else None,
+                   acc_bytes=acc_bytes / n if n else None, items=per)
+    else:
+        chat = cfg.chat == "on" or (cfg.chat == "auto" and score.has_chat_template(lm))
+        if cfg.chat == "on" and not score.has_chat_template(lm):
+            raise UserError(f"--chat on, but the tokenizer of {lm.path} has no chat template")
+        gens = score.exact_match(lm, task.items, cfg.max_new_tokens, cfg.stop, chat, cfg.batch_size, cfg.truncate)
+        per, too_long = [], []
+        for it, g in zip(task.items, gens):
+            if g is None:
+                too_long.append(f"{it.where}: prompt longer than the window minus --max-new-tokens")
+                continue
+            per.append({"where": it.where, "output": g[0], "correct": g[1], "answers": it.answers})
+        n = len(per)
+        res.update(n=n, em=sum(p["correct"] for p in per) / n if n else None, chat=chat, items=per)
+    res["skipped"] = len(task.skipped) + len(too_long)
+    res["skipped_rows"] = (task.skipped + too_long)[:50]
+    res["seconds"] = round(time.perf_counter() - t0, 3)
+    return res
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def tables(results: dict) -> str:
+    """Markdown: one bits-per-byte table (a row per model) and one table per task (a row per model)."""
+    models = results["models"]
+    parts = []
+    doms = sorted({d for m in models.values() for d in m.get("bpb", {})})
+    if doms:
+        rows = []
+        for name, m in models.items():
+            row = [name]
+            for d in doms:
+                r = m.get("bpb", {}).get(d)
+                row.append(_fmt(r["bpb"]) if r else "-")
+            rows.append(row)
+        first = next(iter(models.values())).get("bpb", {})
+        rows.append(["unigram baseline (first model's tokenizer)"] + [_fmt(first.get(d, {}).get("unigram_bpb"))
+                                                                      for d in doms])
+        head = ["model"] + [f"{d} bpb" for d in doms]
+        docs = ", ".join(f"{d}: {first[d]['docs']} docs / {first[d]['bytes']:,} bytes" for d in doms if d in first)
+        parts.append(f"### bits per byte (lower is better; {docs})\n\n" + markdown_table(head, rows))
+    task_names = sorted({t for m in models.values() for t in m.get("tasks", {})})
+    for t in task_names:
+        rows, kind, chance = [], None, None
+        for name, m in models.items():
+            r = m.get("tasks", {}).get(t)
+            if r is None:
+                continue
+            kind, chance = r["kind"], r.get("chance")
+            scored = f"{r['n']} / {r['total']}"
+            if kind == "mc":
+                rows.append([name, _fmt(r["acc"]), _fmt(r["acc_norm"]), _fmt(r["acc_bytes"]), scored, r["skipped"]])
+            else:
+                rows.append([name, _fmt(r["em"]), scored, r["skipped"]])
+        head = (["model", "acc", "acc_norm", "acc_bytes", "scored / items", "skipped"] if kind == "mc"
+                else ["model", "exact match", "scored / items", "skipped"])
+        note = f" (chance {chance:.3f})" if chance else ""
+        parts.append(f"### {t}{note}\n\n" + markdown_table(head, rows))
+    return "\n\n".join(parts) + "\n"
+
+
+def evaluate_model(lm: score.LM, task_list: list[Task], domains: dict, cfg: Config, unigram=None) -> dict:
+    m: dict = {"path": lm.path, "params": lm.model.num_params(), "window": lm.window, "tasks": {}}
+    if domains:
+        m["bpb"] = score.bpb_per_domain(lm.model, lm.tok, domains, cfg.max_tokens, cfg.batch_size, unigram)
+    for t in task_list:
+        m["tasks"][t.name] = evaluate_task(lm, t, cfg)
+    return m
+
+
+def _continuation_tasks(domains: dict, cfg: Config) -> list[Task]:
+    out = []
+    for dom, docs in sorted(domains.items()):
+        items = tasks.continuation_items(docs, cfg.n_choices, seed=cfg.seed, where=f"{dom} held-out")
+        if cfg.limit:
+            items = items[:cfg.limit]
+        if items:
+            out.append(Task(f"continuation/{dom}", "mc", items, [], len(items), 1.0 / cfg.n_choices))
+    return out
+
+
+def _write(out_dir: Path, results: dict, protect: list) -> None:
+    from z2all.io import atomic_write_json, atomic_write_text, claim_output_dir
+
+    claim_output_dir(out_dir, COMMAND, option="--out", protect=protect)
+    atomic_write_json(out_dir / "results.json", results)
+    atomic_write_text(out_dir / "results.md", "# z2all eval\n\n" + tables(results))
+
+
+def run(cfg: Config) -> int:
+    import torch
+
+    from z2all import __version__
+    from z2all.utils import pick_device, pick_dtype
+
+    if not cfg.ckpt:
+        raise UserError("give --ckpt DIR (one or more checkpoints or Hugging Face Llama directories)")
+    if not (cfg.tasks or cfg.texts or cfg.heldout):
+        raise UserError("nothing to evaluate: give --tasks FORMAT=PATH, --texts NAME=PATH or --heldout TOKENS_DIR")
+    if cfg.fewshot < 0 or cfg.batch_size < 1 or cfg.n_choices < 2:
+        raise UserError("--fewshot must be >= 0, --batch-size >= 1 and --n-choices >= 2")
+    task_list = load_tasks(cfg)
+    domains = load_domains(cfg)
+    if cfg.continuation:
+        task_list += _continuation_tasks(domains, cfg)
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    protect = [*cfg.ckpt, cfg.heldout or None, cfg.tokenizer or None]
+    results = {"z2all": "eval", "z2all_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+               "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "models": {}}
+    for path in cfg.ckpt:
+        lm = score.load_lm(path, cfg.tokenizer or None, device, dtype)
+        unigram = unigram_counts(cfg.heldout, _tok_dir(path, cfg.tokenizer)) if cfg.heldout else None
+        with torch.inference_mode():
+            m = evaluate_model(lm, task_list, domains, cfg, unigram)
+        m["unigram"] = "train split" if unigram is not None else "in-sample"
+        results["models"][path] = m
+        if not cfg.out:
+            _write(Path(path) / "eval", {**results, "models": {path: m}}, protect)
+    text = tables(results)
+    print0(text)
+    for t in task_list:
+        if t.skipped:
+            print0(f"{t.name}: skipped {len(t.skipped)} row(s), e.g. {t.skipped[0]}")
+    if cfg.out:
+        _write(Path(cfg.out), results, protect)
+        print0(f"z2all eval: results in {Path(cfg.out) / 'results.json'} and results.md")
+    else:
+        print0("z2all eval: results in " + ", ".join(str(Path(p) / "eval" / "results.json") for p in cfg.ckpt))
+    scored = sum(r.get("n", 0) for m in results["models"].values() for r in m["tasks"].values())
+    if not scored and not domains:
+        raise UserError("no item could be scored (every row was skipped; see the table)")
+    return 0
+
+
+def _tok_dir(path: str, tokenizer: str) -> Path:
+    if tokenizer:
+        return Path(tokenizer)
+    p = Path(path)
+    return p / "tokenizer" if (p / "tokenizer").is_dir() else p
+
+
+def eval_demo(ckpt_dir: str | Path, tokens_dir: str | Path, max_docs: int = 60, max_tokens: int = 50_000,
+              seed: int = 1234) -> str:
+    """For `make demo`: bits per byte per domain on the held-out documents of the demo corpus (next to the
+    unigram baseline) and the "which continuation?" accuracy per domain next to chance, as markdown."""
+    cfg = Config(ckpt=[str(ckpt_dir)], heldout=str(tokens_dir), max_docs=max_docs, max_tokens=max_tokens, seed=seed,
+                 device="cpu")
+    import torch
+
+    lm = score.load_lm(ckpt_dir, None, "cpu", torch.float32)
+    domains = load_domains(cfg)
+    task_list = _continuation_tasks(domains, cfg)
+    with torch.inference_mode():
+        m = evaluate_model(lm, task_list, domains, cfg, unigram_counts(tokens_dir, _tok_dir(str(ckpt_dir), "")))
+    rows = []
+    for dom in sorted(m["bpb"]):
+        b = m["bpb"][dom]
+        t = m["tasks"].get(f"continuation/{dom}")
+        rows.append([dom, b["docs"], _fmt(b["bpb"]), _fmt(b.get("unigram_bpb")),
+                     _fmt(t["acc"]) if t else "-", f"{1 / cfg.n_choices:.2f}", t["n"] if t else 0])
+    return markdown_table(["domain", "held-out docs", "bits/byte", "unigram bits/byte", "continuation acc",
+                           "chance", "items"], rows)

@@ -1,0 +1,103 @@
+"""Evaluation tasks built from the corpora we ship or convert, so every run has numbers before anyone
+brings a benchmark file: held-out documents per domain (for bits per byte), and a deterministic
+"which continuation?" multiple-choice set made from them.
+
+Held-out documents are exactly the validation split of `z2all data tokenize`: the tokens directory's
+meta.json names the shards, the seed and the val fraction, and `is_val(gid)` picks the same documents
+the training loop never trained on. The domain of a document is its `data_src` (wikipedia_zh, ...).
+
+"Which continuation?": per domain, a document's first `ctx_bytes` bytes (cut at a character) are the
+context; the true next `span_bytes` bytes are the right choice, and the spans at the same place of
+`n_choices - 1` other documents of the same domain are the distractors. Choices are scored as exact
+continuations (no delimiter); chance is 1 / n_choices. The set depends only on the documents and `seed`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from z2all.eval.formats import Item
+from z2all.utils import UserError
+
+
+def _cut(text: str, start: int, nbytes: int) -> int:
+    """The character index after start at which the UTF-8 bytes from start reach nbytes (never
+    splitting a character)."""
+    n, i = 0, start
+    while i < len(text):
+        n += len(text[i].encode("utf-8"))
+        if n > nbytes:
+            break
+        i += 1
+    return i
+
+
+def heldout_docs(tokens_dir: str | Path, max_docs: int = 0) -> dict[str, list[str]]:
+    """{data_src: [text, ...]} of the validation documents of a `z2all data tokenize` output, in shard
+    order (max_docs > 0: at most that many per domain)."""
+    import orjson
+
+    from z2all.data.schema import record_text
+    from z2all.data.tokenize import is_val
+
+    tokens_dir = Path(tokens_dir)
+    meta_file = tokens_dir / "meta.json"
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        shards, seed, frac = meta["shards"], int(meta["seed"]), float(meta["val_fraction"])
+    except FileNotFoundError:
+        raise UserError(f"--heldout {tokens_dir}: no meta.json; give the --out of `z2all data tokenize`") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{meta_file}: not a tokenize meta.json ({e})") from None
+    if frac <= 0:
+        raise UserError(f"{meta_file}: val_fraction is 0, so no document was held out")
+    out: dict[str, list[str]] = {}
+    for shard in shards:
+        p = Path(shard)
+        if not p.is_file():
+            raise UserError(f"{meta_file} lists the shard {p}, which is missing; were the shards moved?")
+        with open(p, "rb") as f:
+            for line in f:
+                try:
+                    rec = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    continue
+                if not is_val(rec.get("gid", 0), seed, frac):
+                    continue
+                text = record_text(rec)
+                dom = str(rec.get("data_src") or "unknown")
+                docs = out.setdefault(dom, [])
+                if text and (not max_docs or len(docs) < max_docs):
+                    docs.append(text)
+    if not out:
+        raise UserError(f"{tokens_dir}: the shards hold no held-out document")
+    return out
+
+
+def continuation_items(docs: list[str], n_choices: int = 4, ctx_bytes: int = 400, span_bytes: int = 48,
+                       seed: int = 0, max_items: int = 0, where: str = "corpus") -> list[Item]:
+    """The "which continuation?" items of one domain (see the module docstring). Documents too short for
+    context + span are left out; fewer than n_choices usable documents give no items."""
+    spans = []
+    for i, text in enumerate(docs):
+        c = _cut(text, 0, ctx_bytes)
+        e = _cut(text, c, span_bytes)
+        if c < len(text) and text[c:e].strip() and len(text[:c].encode("utf-8")) >= ctx_bytes // 2:
+            spans.append((i, text[:c], text[c:e]))
+    if len(spans) < n_choices:
+        return []
+    rng = random.Random(seed)
+    items = []
+    for i, ctx, true in spans:
+        others = [s[2] for s in spans if s[0] != i and s[2] != true]
+        if len(set(others)) < n_choices - 1:
+            continue
+        distract = rng.sample(sorted(set(others)), n_choices - 1)
+        gold = rng.randrange(n_choices)
+        choices = distract[:gold] + [true] + distract[gold:]
+        items.append(Item(ctx, list(choices), list(choices), gold, f"{where}: document {i + 1}"))
+        if max_items and len(items) >= max_items:
+            break
+    return items
