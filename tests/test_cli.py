@@ -16,7 +16,7 @@ EXPECTED = {
     "tokenizer": ["train", "eval"],
     "train": None,
     "generate": None,
-    "export": ["hf"],
+    "export": ["hf", "gguf"],
     "bench": ["data", "tokenizer", "kernels", "model", "ablation"],
     "plot": None,
     "demo": None,

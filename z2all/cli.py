@@ -47,6 +47,7 @@ STAGES: dict[str, Command | tuple[str, dict[str, Command]]] = {
     "generate": Command("sample text from a checkpoint with a KV cache", "z2all.model.generate"),
     "export": ("export a checkpoint to other ecosystems", {
         "hf": Command("write a standard Hugging Face LlamaForCausalLM directory", "z2all.model.hf_compat"),
+        "gguf": Command("write a GGUF file for llama.cpp / Ollama (f32, f16, bf16, q8_0)", "z2all.model.gguf"),
     }),
     "bench": ("benchmarks that print markdown tables (ours vs the peers, same machine)", {
         "data": Command("conversion MB/s and RSS vs a bare orjson loop; tokenization tokens/s",

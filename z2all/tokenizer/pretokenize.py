@@ -54,6 +54,30 @@ _PATTERN_TEMPLATE = (
 )
 
 
+# Patterns of well-known tokenizers that llama.cpp implements as named pre-tokenizers, so a tokenizer
+# trained with them exports to GGUF with an exact tokenization match (model/gguf.py). They differ from
+# ours only in the letters and digits alternatives: whole letter runs (Han included, so Chinese clauses
+# stay one "word" and the trainer's table grows with the corpus) and digit groups of 3 (Llama 3) or 1
+# (Qwen2).
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+NAMED_PATTERNS = {"llama-bpe": LLAMA3_PATTERN, "qwen2": QWEN2_PATTERN}
+LLAMA_CPP_PRE = {"llama-bpe": "llama-bpe", "qwen2": "qwen2"}  # our name -> tokenizer.ggml.pre
+PATTERN_NAMES = ("z2all", *NAMED_PATTERNS)
+
+
+def named_pattern(name: str, han_chunk: int = DEFAULT_HAN_CHUNK) -> str:
+    """The split regex called `name`: "z2all" (ours, Han runs chunked by `han_chunk`), "llama-bpe"
+    (Llama 3's) or "qwen2" (Qwen2's)."""
+    if name == "z2all":
+        return split_pattern(han_chunk)
+    if name not in NAMED_PATTERNS:
+        raise ValueError(f"unknown split pattern {name!r}; choose from {', '.join(PATTERN_NAMES)}")
+    return NAMED_PATTERNS[name]
+
+
 def split_pattern(han_chunk: int = DEFAULT_HAN_CHUNK) -> str:
     """The split regex with Han runs chunked into at most `han_chunk` characters (a string both the
     `regex` module and Oniguruma, i.e. `tokenizers`, accept with identical results)."""
