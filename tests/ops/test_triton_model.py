@@ -1,7 +1,9 @@
-"""The whole model with every Triton kernel on (`preset=use_all`) equals the reference model (`preset=naive`):
-the loss and the gradient of every parameter, fp32, tiny config (GQA, head dim 16, odd FFN width, a sequence
-that is not a multiple of the kernels' block, ignored targets). Also: the switch selects our kernels, and a
-Triton op on CPU tensors without the interpreter fails with a message that says what to do.
+"""The whole model with every Triton kernel on (`preset=use_all`, with either attention backward) equals the
+reference model (`preset=naive`): the loss and the gradient of every parameter, fp32, tiny config (GQA, head
+dim 16, odd FFN width, a sequence that is not a multiple of the kernels' block, ignored targets); on CPU
+through the interpreter, on a CUDA machine the compiled kernels. Also: the switch selects our kernels (op
+keys and `Ops` fields share one name), and a Triton op on CPU tensors without the interpreter fails with a
+message that says what to do.
 
 Tolerance: atol = rtol = 1e-4 on the loss and on every gradient (fp32; two layers of reordered sums).
 """
@@ -12,25 +14,39 @@ import copy
 
 import pytest
 import torch
+from ops_helpers import DEV
+
+from z2all.model.config import ModelConfig
+from z2all.model.llama import Z2all
+from z2all.ops import OPS, OpsConfig, resolve
+from z2all.utils import UserError
 
 pytest.importorskip("triton")
-
-from z2all.ops import OpsConfig, resolve  # noqa: E402
 
 
 def test_use_all_resolves_to_triton_kernels():
     ops = resolve(OpsConfig(preset="use_all"))
-    for fn in (ops.rms_norm, ops.rope, ops.swiglu, ops.attention, ops.linear_cross_entropy):
-        assert fn.__module__.startswith("z2all.ops.triton."), fn
+    for op in OPS:  # the config key is the field name
+        assert getattr(ops, op).__module__.startswith("z2all.ops.triton."), op
+    assert ops.rms_norm is ops.rmsnorm and ops.linear_cross_entropy is ops.cross_entropy  # deprecated aliases
+    assert ops.attention.__name__ == "attention" and ("attention_bwd", "split") in ops.names
     ops = resolve(OpsConfig(preset="use_all", rope="torch"))  # the "w/o RoPE" ablation row
     assert ops.rope.__module__ == "z2all.ops.reference"
     assert ops.attention.__module__ == "z2all.ops.triton.attention"
 
 
+def test_attention_bwd_switch():
+    ops = resolve(OpsConfig(preset="use_all", attention_bwd="atomic"))
+    assert ops.attention.__name__ == "attention_atomic_dq" and ("attention_bwd", "atomic") in ops.names
+    assert "attention_bwd" not in dict(resolve(OpsConfig(attention="sdpa")).names)
+    with pytest.raises(UserError, match="attention_bwd=atomic applies to the Triton attention only"):
+        resolve(OpsConfig(attention="sdpa", attention_bwd="atomic"))
+    with pytest.raises(UserError, match="unknown backward 'fast'"):
+        resolve(OpsConfig(preset="use_all", attention_bwd="fast"))
+
+
 def test_liger_without_the_package_is_a_config_error():
     import importlib.util
-
-    from z2all.config import UserError
 
     if importlib.util.find_spec("liger_kernel") is not None:
         pytest.skip("Liger-Kernel is installed")
@@ -60,16 +76,14 @@ def test_old_triton_interpreter_is_a_clear_error(monkeypatch):
     assert T._version("3.10.1+git") == (3, 10) and T._version("3.7rc1") == T.MIN_INTERPRETER_VERSION
 
 
-def test_model_with_all_kernels_matches_reference():
-    model_mod = pytest.importorskip("z2all.model.llama")
-    from z2all.model.config import ModelConfig
-
+@pytest.mark.parametrize("bwd", ["split", "atomic"])
+def test_model_with_all_kernels_matches_reference(bwd):
     cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, ffn_dim=90, max_seq_len=32)
     torch.manual_seed(0)
-    ref = model_mod.Z2all(cfg, OpsConfig(preset="naive"))
+    ref = Z2all(cfg, OpsConfig(preset="naive"))
     ours = copy.deepcopy(ref)
-    ours.set_ops(OpsConfig(preset="use_all"))
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    ours.set_ops(OpsConfig(preset="use_all", attention_bwd=bwd))
+    dev = DEV
     ref, ours = ref.to(dev), ours.to(dev)
 
     idx = torch.randint(0, cfg.vocab_size, (2, 19), device=dev)
@@ -93,13 +107,10 @@ def test_model_with_all_kernels_matches_reference():
 def test_kv_cache_decoding_with_triton_attention_matches_sdpa():
     """Prefill then token-by-token decoding through the KV cache (T < S, bottom-right causal): the Triton
     attention gives the same logits as SDPA at every step."""
-    model_mod = pytest.importorskip("z2all.model.llama")
-    from z2all.model.config import ModelConfig
-
     cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=50, ffn_dim=48, max_seq_len=16)
     torch.manual_seed(0)
-    model = model_mod.Z2all(cfg, OpsConfig(attention="sdpa"))
-    idx = torch.randint(0, cfg.vocab_size, (1, 8))
+    model = Z2all(cfg, OpsConfig(attention="sdpa")).to(DEV)
+    idx = torch.randint(0, cfg.vocab_size, (1, 8), device=DEV)
     logits = {}
     for impl in ("sdpa", "triton"):
         model.set_ops(OpsConfig(attention=impl))

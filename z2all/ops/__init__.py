@@ -3,12 +3,19 @@ LM-head cross-entropy.
 
     from z2all.ops import OpsConfig, resolve
     ops = resolve(OpsConfig(attention="triton", preset=""))   # or OpsConfig(preset="use_all")
-    y = ops.rms_norm(x, w, eps)
+    y = ops.rmsnorm(x, w, eps)
 
 Implementations:
     rmsnorm, rope, swiglu, cross_entropy:  torch (reference.py) | triton (ops/triton/) | liger (Liger-Kernel,
                                            when installed; GPU only)
     attention:                             naive (explicit masked softmax) | sdpa (torch SDPA) | triton (ours)
+    attention_bwd (Triton attention only): split (dK/dV and dQ kernels, deterministic; the default) | atomic
+                                           (FlashAttention-2's one kernel with fp32 atomic dQ)
+
+One name per op everywhere: the config key (`--model.ops.rmsnorm`), the field of the resolved `Ops`
+(`ops.rmsnorm`), the ablation row and the `bench kernels --ops` name are the same word. The callables keep
+reference.py's descriptive names (rms_norm, linear_cross_entropy); `Ops.rms_norm` and
+`Ops.linear_cross_entropy` remain as deprecated aliases of `ops.rmsnorm` / `ops.cross_entropy`.
 
 Presets (the seed's ablation rows): "naive" = every op torch and naive attention; "use_all" = every op
 Triton. A preset sets all ops first; then any op named explicitly overrides it, so `preset=use_all,
@@ -45,6 +52,10 @@ IMPLS: dict[str, dict[str, str]] = {
                       "liger": "z2all.ops.liger:linear_cross_entropy"},
 }
 
+# the Triton attention's two backward passes (ops.attention_bwd), same forward
+ATTENTION_BWD = {"split": IMPLS["attention"]["triton"],
+                 "atomic": "z2all.ops.triton.attention:attention_atomic_dq"}
+
 PRESETS = {
     "naive": {"rmsnorm": "torch", "rope": "torch", "swiglu": "torch", "attention": "naive",
               "cross_entropy": "torch"},
@@ -73,6 +84,10 @@ class OpsConfig:
                              "full-vocabulary logits are never held at once)"
                              + _UNSET.format(DEFAULTS["cross_entropy"]),
                              choices=("", *IMPLS["cross_entropy"]))
+    attention_bwd: str = opt("split", "backward of the Triton attention: split (a dK/dV kernel and a dQ kernel, "
+                             "no atomics, deterministic) or atomic (FlashAttention-2: one kernel, dQ added with "
+                             "fp32 atomics, 5 block matmuls instead of 7); needs attention=triton",
+                             choices=tuple(ATTENTION_BWD))
 
     def selected(self) -> dict[str, str]:
         """The implementation of each op: the explicit value, else the preset's, else DEFAULTS."""
@@ -86,19 +101,36 @@ class OpsConfig:
         for op, impl in chosen.items():
             if impl not in IMPLS[op]:
                 raise UserError(f"ops.{op}: unknown implementation '{impl}'; choose from {', '.join(IMPLS[op])}")
+        if self.attention_bwd not in ATTENTION_BWD:
+            raise UserError(f"ops.attention_bwd: unknown backward '{self.attention_bwd}'; choose from "
+                            f"{', '.join(ATTENTION_BWD)}")
+        if self.attention_bwd != "split" and chosen["attention"] != "triton":
+            raise UserError(f"ops.attention_bwd={self.attention_bwd} applies to the Triton attention only, but "
+                            f"attention is '{chosen['attention']}'; add --model.ops.attention=triton (or "
+                            "preset=use_all), or drop attention_bwd")
         return chosen
 
 
 @dataclass(frozen=True)
 class Ops:
-    """The resolved callables, with reference.py's signatures."""
+    """The resolved callables, with reference.py's signatures; one field per op of OPS, same names."""
 
-    rms_norm: Callable
+    rmsnorm: Callable
     rope: Callable
     swiglu: Callable
     attention: Callable
-    linear_cross_entropy: Callable
+    cross_entropy: Callable
     names: tuple  # ((op, impl), ...) for logging
+
+    @property
+    def rms_norm(self) -> Callable:
+        """Deprecated alias of `rmsnorm` (the field's name before op keys and fields were unified)."""
+        return self.rmsnorm
+
+    @property
+    def linear_cross_entropy(self) -> Callable:
+        """Deprecated alias of `cross_entropy`."""
+        return self.cross_entropy
 
 
 def _load(path: str) -> Callable:
@@ -110,12 +142,11 @@ def _load(path: str) -> Callable:
 
 
 def resolve(cfg: OpsConfig | None = None) -> Ops:
-    chosen = (cfg or OpsConfig()).selected()
-    return Ops(
-        rms_norm=_load(IMPLS["rmsnorm"][chosen["rmsnorm"]]),
-        rope=_load(IMPLS["rope"][chosen["rope"]]),
-        swiglu=_load(IMPLS["swiglu"][chosen["swiglu"]]),
-        attention=_load(IMPLS["attention"][chosen["attention"]]),
-        linear_cross_entropy=_load(IMPLS["cross_entropy"][chosen["cross_entropy"]]),
-        names=tuple(chosen.items()),
-    )
+    cfg = cfg or OpsConfig()
+    chosen = cfg.selected()
+    fns = {op: _load(IMPLS[op][impl]) for op, impl in chosen.items()}
+    names = tuple(chosen.items())
+    if chosen["attention"] == "triton":
+        fns["attention"] = _load(ATTENTION_BWD[cfg.attention_bwd])
+        names += (("attention_bwd", cfg.attention_bwd),)
+    return Ops(**fns, names=names)

@@ -30,8 +30,13 @@ split into two kernels so neither needs atomics (deterministic, and no fp32 scra
 Causal work per block is triangular: the forward and dQ launch their heaviest (last) query blocks first,
 while dK/dV's first key blocks are already its heaviest (every later query sees them).
 The price of no atomics: dQ's kernel recomputes x and dP, so the backward does 7 block matmuls where
-FlashAttention-2 (atomic fp32 dQ) does 5; forward+backward is 9 units against 7. If the H100 benchmark
-misses its 0.9x-of-SDPA-flash target, an atomic dQ accumulated inside the dK/dV loop is the lever.
+FlashAttention-2 (atomic fp32 dQ) does 5; forward+backward is 9 units against 7.
+
+The second backward (`attention_atomic_dq`, chosen by `--model.ops.attention_bwd=atomic`) is that
+FlashAttention-2 layout: the dK/dV kernel's loop also computes each query block's dQ share dS K (the 5th
+matmul) and adds it with fp32 atomics into a zeroed [B,H,T,D] fp32 buffer, cast to the input dtype at the
+end. It saves dQ's recomputation at the price of atomic traffic and run-to-run variation in dQ's last bits
+(the order of the adds). `z2all bench kernels` times both rows on a GPU.
 
 All matmuls (tl.dot) take the input dtype (tensor cores for bf16/fp16; full fp32 for fp32 inputs) and
 accumulate in fp32; P and dS are cast to the input dtype before their matmuls, as FlashAttention does.
@@ -72,6 +77,10 @@ _DKDV_16 = [_cfg(32, 128, 4, 3), _cfg(64, 64, 4, 2), _cfg(64, 128, 8, 2)]
 _DQ_16 = [_cfg(128, 32, 4, 3), _cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2)]
 # fp32 (tests, debugging): one small config. Full-precision fp32 dots at 128x64 take ptxas minutes to build.
 _FWD_32, _DKDV_32, _DQ_32 = [_cfg(32, 32, 4, 1)], [_cfg(32, 32, 4, 1)], [_cfg(32, 32, 4, 1)]
+# the atomic-dQ backward (attention_bwd=atomic): dK/dV's layout (tall key blocks) plus a [BLOCK_M, D] fp32 dQ
+# tile per step, so smaller query blocks than the split dK/dV kernel may tune best
+_ATOMIC_16 = [_cfg(32, 128, 4, 2), _cfg(64, 64, 4, 2), _cfg(64, 128, 8, 2)]
+_ATOMIC_32 = [_cfg(32, 32, 4, 1)]
 
 
 def _by_dtype(fp32_configs):
@@ -86,6 +95,7 @@ def _by_dtype(fp32_configs):
 _FWD_CONFIGS = autotune_configs(_FWD_16, _CPU_CFG, _FWD_32)
 _BWD_KV_CONFIGS = autotune_configs(_DKDV_16, _CPU_CFG, _DKDV_32)
 _BWD_Q_CONFIGS = autotune_configs(_DQ_16, _CPU_CFG, _DQ_32)
+_BWD_ATOMIC_CONFIGS = autotune_configs(_ATOMIC_16, _CPU_CFG, _ATOMIC_32)
 # Autotuning is keyed on power-of-two buckets of T and S (TUNE_T/TUNE_S, unused inside the kernels), not on
 # T and S themselves: KV-cache decoding changes S every step and would otherwise re-tune every token.
 _KEY = ["TUNE_T", "TUNE_S", "HEAD_DIM", "CAUSAL", "GROUP"]
@@ -205,7 +215,8 @@ def _attn_bwd_delta(O, DO, DELTA, sob, soh, sot, sdob, sdoh, sdot, sdod, H, T,
 
 @triton.jit
 def _dkdv_block(dk, dv, k, v, q_base, do_base, l_row, delta_row, offs_n, offs_d, m0, T, S, sqt, sqd, sdot, sdod,
-                qk_scale, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr):
+                qk_scale, dq_base, dq_scale, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     offs_m = m0 + tl.arange(0, BLOCK_M)
     q_mask = (offs_m[:, None] < T) & (offs_d[None, :] < HEAD_DIM)
     q = tl.load(q_base + offs_m[:, None] * sqt + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
@@ -216,19 +227,25 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, l_row, delta_row, offs_n, offs_d,
     pT = tl.math.exp2(xT - lse[None, :])
     if MASKED:  # causal diagonal block (keys past S need no mask: their rows of dK/dV are never stored)
         pT = tl.where(offs_n[:, None] <= offs_m[None, :] + (S - T), pT, 0.0)
+    if ATOMIC_DQ:  # keys past S do reach dQ here: zero them (their k rows are 0, but 2^(0 - L) may overflow)
+        pT = tl.where(offs_n[:, None] < S, pT, 0.0)
     dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
     dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
     dsT = pT * (dpT - delta[None, :])
     dk += tl.dot(dsT.to(q.dtype), q, input_precision=PREC)
+    if ATOMIC_DQ:  # the 5th matmul: this key block's share of dQ, added into the fp32 dQ of these query rows
+        dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=PREC) * dq_scale  # [BLOCK_M, BLOCK_D]
+        tl.atomic_add(dq_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq, mask=q_mask, sem="relaxed")
     return dk, dv
 
 
-@triton.autotune(configs=_BWD_KV_CONFIGS, key=_KEY, prune_configs_by=_by_dtype(_DKDV_32))
-@triton.jit(do_not_specialize=_NO_SPECIALIZE + ["KH"])
-def _attn_bwd_dkdv(Q, K, V, DO, L, DELTA, DK, DV, sqb, sqh, sqt, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                   sdob, sdoh, sdot, sdod, sdkb, sdkh, sdkn, H, KH, T, S, qk_scale, sm_scale, TUNE_T, TUNE_S,
-                   GROUP, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr,
-                   PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+@triton.jit
+def _dkdv_program(Q, K, V, DO, L, DELTA, DK, DV, DQ, sqb, sqh, sqt, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                  sdob, sdoh, sdot, sdod, sdkb, sdkh, sdkn, H, KH, T, S, qk_scale, sm_scale, GROUP,
+                  HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+    """One key block of one (batch, kv head): dK and dV over every query block that sees it, and with
+    ATOMIC_DQ also each query block's dQ share (DQ: contiguous fp32 [B, H, T, HEAD_DIM], zeroed)."""
     pid_n = tl.program_id(0)
     bk = tl.program_id(1).to(tl.int64)
     b = bk // KH
@@ -255,16 +272,43 @@ def _attn_bwd_dkdv(Q, K, V, DO, L, DELTA, DK, DV, sqb, sqh, sqt, sqd, skb, skh, 
         do_base = DO + b * sdob + h * sdoh
         l_row = L + (b * H + h) * T
         delta_row = DELTA + (b * H + h) * T
+        dq_base = DQ + (b * H + h) * T * HEAD_DIM
         if CAUSAL:
             for m0 in range(m_start, m_masked_end, BLOCK_M):
                 dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, l_row, delta_row, offs_n, offs_d, m0, T, S,
-                                     sqt, sqd, sdot, sdod, qk_scale, True, HEAD_DIM, BLOCK_M, PREC)
+                                     sqt, sqd, sdot, sdod, qk_scale, dq_base, sm_scale, True, HEAD_DIM, BLOCK_M,
+                                     PREC, ATOMIC_DQ)
         for m0 in range(m_full, T, BLOCK_M):
             dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, l_row, delta_row, offs_n, offs_d, m0, T, S,
-                                 sqt, sqd, sdot, sdod, qk_scale, False, HEAD_DIM, BLOCK_M, PREC)
+                                 sqt, sqd, sdot, sdod, qk_scale, dq_base, sm_scale, False, HEAD_DIM, BLOCK_M, PREC,
+                                 ATOMIC_DQ)
     out = b * sdkb + kvh * sdkh + offs_n[:, None] * sdkn + offs_d[None, :]
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.autotune(configs=_BWD_KV_CONFIGS, key=_KEY, prune_configs_by=_by_dtype(_DKDV_32))
+@triton.jit(do_not_specialize=_NO_SPECIALIZE + ["KH"])
+def _attn_bwd_dkdv(Q, K, V, DO, L, DELTA, DK, DV, sqb, sqh, sqt, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                   sdob, sdoh, sdot, sdod, sdkb, sdkh, sdkn, H, KH, T, S, qk_scale, sm_scale, TUNE_T, TUNE_S,
+                   GROUP, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr,
+                   PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    _dkdv_program(Q, K, V, DO, L, DELTA, DK, DV, L, sqb, sqh, sqt, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                  sdob, sdoh, sdot, sdod, sdkb, sdkh, sdkn, H, KH, T, S, qk_scale, sm_scale, GROUP, HEAD_DIM,
+                  CAUSAL, BLOCK_D, PREC, BLOCK_M, BLOCK_N, False)
+
+
+# reset_to_zero: the autotuner runs every config on the real arguments, and each run adds into DQ
+@triton.autotune(configs=_BWD_ATOMIC_CONFIGS, key=_KEY, prune_configs_by=_by_dtype(_ATOMIC_32),
+                 reset_to_zero=["DQ"])
+@triton.jit(do_not_specialize=_NO_SPECIALIZE + ["KH"])
+def _attn_bwd_atomic(Q, K, V, DO, L, DELTA, DK, DV, DQ, sqb, sqh, sqt, sqd, skb, skh, skn, skd, svb, svh, svn,
+                     svd, sdob, sdoh, sdot, sdod, sdkb, sdkh, sdkn, H, KH, T, S, qk_scale, sm_scale, TUNE_T, TUNE_S,
+                     GROUP, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr,
+                     PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    _dkdv_program(Q, K, V, DO, L, DELTA, DK, DV, DQ, sqb, sqh, sqt, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                  sdob, sdoh, sdot, sdod, sdkb, sdkh, sdkn, H, KH, T, S, qk_scale, sm_scale, GROUP, HEAD_DIM,
+                  CAUSAL, BLOCK_D, PREC, BLOCK_M, BLOCK_N, True)
 
 
 @triton.jit
@@ -330,7 +374,7 @@ def _block_d(D: int) -> int:
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal: bool):
+    def forward(ctx, q, k, v, causal: bool, atomic_dq: bool):
         B, H, T, D = q.shape
         KH, S = k.shape[1], k.shape[2]
         o = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
@@ -341,7 +385,7 @@ class _FlashAttention(torch.autograd.Function):
             _attn_fwd[_grid_m(T, B * H)](q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride()[:3],
                                         H, T, S, sm_scale * LOG2E, *_tune_key(T, S), **common)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal = causal
+        ctx.causal, ctx.atomic_dq = causal, atomic_dq
         return o
 
     @staticmethod
@@ -356,25 +400,41 @@ class _FlashAttention(torch.autograd.Function):
         dk = torch.empty((B, KH, S, D), dtype=k.dtype, device=k.device)
         dv = torch.empty((B, KH, S, D), dtype=v.dtype, device=v.device)
         if q.numel() == 0 or k.numel() == 0:
-            return dq.zero_(), dk.zero_(), dv.zero_(), None
+            return dq.zero_(), dk.zero_(), dv.zero_(), None, None
         delta = torch.empty_like(lse)
         block_m = 64 if q.is_cuda else 16
         _attn_bwd_delta[(triton.cdiv(T, block_m), B * H)](o, do, delta, *o.stride()[:3], *do.stride(), H, T,
                                                            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m)
         strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
-        _attn_bwd_dkdv[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * KH)](
-            q, k, v, do, lse, delta, dk, dv, *strides, *dk.stride()[:3], H, KH, T, S, sm_scale * LOG2E, sm_scale,
-            *_tune_key(T, S),
-            **common)
+        grid_n = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * KH)
+        if ctx.atomic_dq:
+            dq32 = torch.zeros((B, H, T, D), dtype=torch.float32, device=q.device)
+            _attn_bwd_atomic[grid_n](q, k, v, do, lse, delta, dk, dv, dq32, *strides, *dk.stride()[:3], H, KH, T,
+                                     S, sm_scale * LOG2E, sm_scale, *_tune_key(T, S), **common)
+            return dq32.to(q.dtype), dk, dv, None, None
+        _attn_bwd_dkdv[grid_n](q, k, v, do, lse, delta, dk, dv, *strides, *dk.stride()[:3], H, KH, T, S,
+                               sm_scale * LOG2E, sm_scale, *_tune_key(T, S), **common)
         _attn_bwd_dq[_grid_m(T, B * H)](q, k, v, do, lse, delta, dq, *strides, *dq.stride()[:3], H, T, S,
                                         sm_scale * LOG2E, sm_scale, *_tune_key(T, S), **common)
-        return dq, dk, dv, None
+        return dq, dk, dv, None, None
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
               key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(D) + causal mask) v for q[B,H,T,D], k/v[B,K,S,D] (see reference.attention_naive).
-    With a key_padding_mask this calls reference.attention_sdpa (generation only; see the module doc)."""
+    With a key_padding_mask this calls reference.attention_sdpa (generation only; see the module doc).
+    Backward: the split dK/dV + dQ kernels (deterministic)."""
+    return _attention(q, k, v, causal, key_padding_mask, atomic_dq=False)
+
+
+def attention_atomic_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                        key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`attention` with the FlashAttention-2 backward: one kernel, dQ accumulated with fp32 atomic adds
+    (5 block matmuls instead of 7; the order of the adds, hence dQ's last bits, varies from run to run)."""
+    return _attention(q, k, v, causal, key_padding_mask, atomic_dq=True)
+
+
+def _attention(q, k, v, causal, key_padding_mask, atomic_dq: bool) -> torch.Tensor:
     if key_padding_mask is not None:
         return reference.attention_sdpa(q, k, v, causal=causal, key_padding_mask=key_padding_mask)
     B, H, T, D = q.shape
@@ -389,4 +449,4 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
     check_device(q, k, v)
-    return _FlashAttention.apply(q, k, v, bool(causal))
+    return _FlashAttention.apply(q, k, v, bool(causal), atomic_dq)
