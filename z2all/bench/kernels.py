@@ -4,14 +4,24 @@
     z2all bench kernels --ops=attention,cross_entropy --batch=4
     z2all bench kernels --out=kernels.md                # also write the table (atomically)
 
-Rows per op: `eager` (the PyTorch reference, z2all.ops.reference), `triton` (ours, z2all.ops.triton),
-`compile` (torch.compile of the reference), `liger` (Liger-Kernel, when installed), and for attention `sdpa`
-(PyTorch's scaled_dot_product_attention, default backend choice) plus `sdpa-flash` / `sdpa-cudnn` pinned to
-one backend. "naive" attention is the eager row. Columns: fwd+bwd milliseconds (median of `iters`), speed vs
-eager and vs compile (>1 = faster), and peak memory of one fwd+bwd above the inputs (CUDA allocator) with
-its ratio to eager's (the fused cross-entropy's memory claim is read off that column at vocab 64k).
-Attention also gets TFLOP/s with the FlashAttention paper's count: forward 4·B·H·T·S·D (QK^T and PV), backward
-2.5x the forward, i.e. 14·B·H·T·S·D for fwd+bwd, halved when causal with T == S (the masked half is skipped).
+Rows per op: `eager` (the PyTorch reference, z2all.ops.reference), `compile` (torch.compile of the
+reference), `triton` (ours, z2all.ops.triton), `liger` (Liger-Kernel; "n/a: not installed" without it), and
+for attention `triton-atomic` (our kernel with the FlashAttention-2 atomic-dQ backward, ops.attention_bwd=
+atomic), `sdpa` (PyTorch's scaled_dot_product_attention, default backend choice) plus `sdpa-flash` /
+`sdpa-cudnn` pinned to one backend. "naive" attention is the eager row. Columns: fwd+bwd milliseconds (median
+of `iters`), speed vs eager and vs compile (>1 = faster), and peak memory of one fwd+bwd above the inputs
+(CUDA allocator) with its ratio to eager's (the fused cross-entropy's memory claim is read off that column
+at vocab 64k). Attention also gets TFLOP/s with the FlashAttention paper's count: forward 4·B·H·T·S·D (QK^T
+and PV), backward 2.5x the forward, i.e. 14·B·H·T·S·D for fwd+bwd, halved when causal with T == S.
+
+Same precision for every row: inputs are in --dtype and, for 16-bit dtypes, every call runs under
+torch.autocast(dtype) as the model's training step does. Without it the eager attention (attention_naive,
+which upcasts q, k, v to fp32 for the spec's exact maths) would be timed as fp32 matmuls against bf16
+kernels; under autocast its matmuls run in bf16, its softmax in fp32, as in a bf16 training run.
+
+Each row is printed, and appended to --out, as soon as it is measured (eager and compile first: the other
+rows are compared against them), so a run cut short keeps what it measured; at the end --out is replaced by
+the aligned table.
 
 On CPU the Triton and library rows are `n/a`: Triton kernels need a GPU (the interpreter that runs them on
 CPU in tests is a numpy emulator, not a timing), so a CPU run compares eager, torch.compile and (attention)
@@ -26,10 +36,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from z2all.bench import machine_name, markdown_table
+from z2all.bench import RowTable, machine_name
 from z2all.config import opt
-from z2all.io import atomic_write_text
-from z2all.utils import UserError, pick_device, pick_dtype, print0
+from z2all.utils import UserError, pick_device, pick_dtype
 
 OPS = ("rmsnorm", "rope", "swiglu", "cross_entropy", "attention")
 
@@ -96,13 +105,22 @@ def _triton_impl(module: str, fn: str, device):
 
 
 def _liger_impl(fn: str, device):
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "n/a: not installed (pip install liger-kernel)"
     if device.type != "cuda":
-        return None  # no row at all on CPU
+        return "n/a: Liger needs a GPU"
     try:
         from z2all.ops import liger
-    except ImportError:
-        return None  # not installed: no row
+    except ImportError as e:
+        return f"n/a: {str(e).splitlines()[0][:80]}"
     return getattr(liger, fn)
+
+
+def _lig(impl, adapt):
+    """The liger row: the reason string as is, else the adapted callable."""
+    return impl if isinstance(impl, str) else adapt(impl)
 
 
 class _SdpaBackend:
@@ -158,7 +176,7 @@ def build_cases(cfg: Config, device, dtype) -> list[Case]:
         lig = _liger_impl("rms_norm", device)
         cases.append(Case(f"rmsnorm [{N}, {C}]", lambda: (rnd(N, C), rnd(C) + 1), 2, {
             "eager": ref, "triton": tri if isinstance(tri, str) else (lambda x, w: tri(x, w, eps)),
-            "compile": compiled(ref), "liger": lig and (lambda x, w: lig(x, w, eps))}))
+            "compile": compiled(ref), "liger": _lig(lig, lambda f: lambda x, w: f(x, w, eps))}))
     if "rope" in wanted:
         cos, sin = R.rope_cache(T, D, device=device)
         ref = lambda q, k: R.rope(q, k, cos, sin)
@@ -169,7 +187,7 @@ def build_cases(cfg: Config, device, dtype) -> list[Case]:
         cases.append(Case(f"rope q[{B},{H},{T},{D}] k[{B},{K},{T},{D}]",
                           lambda: (rnd(B, T, H, D).transpose(1, 2), rnd(B, T, K, D).transpose(1, 2)), 2, {
                               "eager": ref, "triton": tri, "compile": compiled(ref),
-                              "liger": lig and (lambda q, k: lig(q, k, cos, sin))}))
+                              "liger": _lig(lig, lambda f: lambda q, k: f(q, k, cos, sin))}))
     if "swiglu" in wanted:
         cases.append(Case(f"swiglu [{N}, {F}]", lambda: (rnd(N, F), rnd(N, F)), 2, {
             "eager": R.swiglu, "triton": _triton_impl("swiglu", "swiglu", device),
@@ -186,6 +204,7 @@ def build_cases(cfg: Config, device, dtype) -> list[Case]:
     if "attention" in wanted:
         impls = {"eager": lambda q, k, v: R.attention_naive(q, k, v, causal=True),
                  "triton": _triton_impl("attention", "attention", device),
+                 "triton-atomic": _triton_impl("attention", "attention_atomic_dq", device),
                  "compile": compiled(lambda q, k, v: R.attention_naive(q, k, v, causal=True)),
                  "sdpa": lambda q, k, v: R.attention_sdpa(q, k, v, causal=True)}
         if device.type == "cuda":
@@ -240,6 +259,29 @@ def measure(fn: Callable, make_inputs: Callable, n_grad: int, device, warmup: in
     return statistics.median(times), peak
 
 
+NOTES = {"triton": "split bwd (dK/dV + dQ kernels)", "triton-atomic": "atomic-dQ bwd (one kernel)"}
+
+
+def _autocast(fn: Callable, device, dtype) -> Callable:
+    """fn under torch.autocast(dtype) for 16-bit dtypes (what a bf16 training step runs), else fn."""
+    import torch
+
+    if dtype == torch.float32:
+        return fn
+
+    def run_autocast(*args):
+        with torch.autocast(device.type, dtype=dtype):
+            return fn(*args)
+    run_autocast.note = getattr(fn, "note", "")  # _SdpaBackend's note
+    return run_autocast
+
+
+def _order(impls: dict) -> list[str]:
+    """eager and compile first (every other row is compared against them), then the rest as listed."""
+    first = [n for n in ("eager", "compile") if n in impls]
+    return first + [n for n in impls if n not in first]
+
+
 def run(cfg: Config) -> int:
     import torch
 
@@ -249,48 +291,46 @@ def run(cfg: Config) -> int:
         raise UserError("bench kernels: --iters must be >= 1 and --warmup >= 0")
     torch.manual_seed(0)
     cases = build_cases(cfg, device, dtype)
+    dt_name = str(dtype).replace("torch.", "")
+    precision = dt_name if dtype == torch.float32 else f"{dt_name} inputs under {dt_name} autocast"
     headers = ["op", "impl", "fwd+bwd ms", "vs eager", "vs compile", "peak MiB", "mem vs eager", "TFLOP/s", "note"]
-    rows = []
+    table = RowTable(f"## z2all bench kernels ({machine_name()}, {precision}, fwd+bwd, median of {cfg.iters})",
+                     headers, cfg.out)
     for case in cases:
-        results: dict[str, tuple[float, int] | str] = {}
-        for name, fn in case.impls.items():
+        results: dict[str, tuple[float, int]] = {}
+        for name in _order(case.impls):
+            fn = case.impls[name]
             if fn is None:
-                continue  # not asked for (compile off) or not installed
+                continue  # not asked for (compile off)
             if isinstance(fn, str):
-                results[name] = fn
+                table.row([case.op, name, "-", "-", "-", "-", "-", "-", fn])
                 continue
+            timed = _autocast(fn, device, dtype)
             try:
-                results[name] = measure(fn, case.make_inputs, case.n_grad, device, cfg.warmup, cfg.iters)
+                res = measure(timed, case.make_inputs, case.n_grad, device, cfg.warmup, cfg.iters)
             except Exception as e:  # one failing backend (e.g. cuDNN attention on this GPU) is a row, not a crash
-                results[name] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+                msg = str(e).splitlines()[0][:80] if str(e) else ""
+                table.row([case.op, name, "-", "-", "-", "-", "-", "-", f"failed: {type(e).__name__}: {msg}"])
+                continue
             finally:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-            print0(f"  {case.op:<50} {name:<11} {results[name] if isinstance(results[name], str) else 'done'}")
-        eager = results.get("eager")
-        comp = results.get("compile")
-        for name, res in results.items():
-            if isinstance(res, str):
-                rows.append([case.op, name, "-", "-", "-", "-", "-", "-", res])
-                continue
+            results[name] = res
             sec, peak = res
-            vs = lambda other, sec=sec: f"{other[0] / sec:.2f}x" if isinstance(other, tuple) else "-"
+            eager, comp = results.get("eager"), results.get("compile")
+            vs = lambda other, ref, sec=sec, name=name: ("ref" if name == ref else
+                                                         f"{other[0] / sec:.2f}x" if other else "-")
             tflops = f"{case.flops / sec / 1e12:.3g}" if case.flops else "-"
-            mem = f"{peak / eager[1]:.2f}x" if isinstance(eager, tuple) and peak >= 0 and eager[1] > 0 else "-"
-            rows.append([case.op, name, f"{sec * 1e3:.3f}", vs(eager), vs(comp),
-                         f"{peak / 2**20:.0f}" if peak >= 0 else "n/a", mem, tflops,
-                         getattr(case.impls[name], "note", "")])
-    dt_name = str(dtype).replace("torch.", "")
-    lines = [f"## z2all bench kernels ({machine_name()}, {dt_name}, fwd+bwd, median of {cfg.iters})", "",
-             markdown_table(headers, rows), "",
-             "vs eager / vs compile: that row's time divided into the reference's (>1 = faster). peak MiB: "
-             "allocator peak of one fwd+bwd above the inputs (CUDA only); mem vs eager: that peak over eager's "
-             "(<1 = less memory). Attention TFLOP/s: 14*B*H*T*S*D/2 (fwd 4BHTSD + bwd 2.5x, causal half)."]
+            mem = f"{peak / eager[1]:.2f}x" if eager and name != "eager" and peak >= 0 and eager[1] > 0 else "-"
+            note = "; ".join(n for n in (NOTES.get(name, "") if case.flops else "", getattr(timed, "note", "")) if n)
+            table.row([case.op, name, f"{sec * 1e3:.3f}", vs(eager, "eager"), vs(comp, "compile"),
+                       f"{peak / 2**20:.0f}" if peak >= 0 else "n/a", mem, tflops, note])
+    notes = ["vs eager / vs compile: that row's time divided into the reference's (>1 = faster; ref = the "
+             "reference itself). peak MiB: allocator peak of one fwd+bwd above the inputs (CUDA only); mem vs "
+             "eager: that peak over eager's (<1 = less memory). Attention TFLOP/s: 14*B*H*T*S*D/2 (fwd 4BHTSD + "
+             "bwd 2.5x, causal half)."]
     if device.type != "cuda":
-        lines.append("CPU run: Triton/Liger/SDPA-backend rows need a GPU (the Triton interpreter is not a timing); "
+        notes.append("CPU run: Triton/Liger/SDPA-backend rows need a GPU (the Triton interpreter is not a timing); "
                      "run on CUDA for the kernel comparison.")
-    text = "\n".join(lines)
-    print(text)
-    if cfg.out:
-        atomic_write_text(cfg.out, text + "\n")
+    table.finish(notes)
     return 0
