@@ -11,12 +11,19 @@ Layout of `<run>/checkpoints/step-000100/`:
                                             world size and accumulation it was written with
     config.json                             the resolved training config
     tokenizer/                              a copy of the tokenizer dir of the token files (generate, export)
+    checksums.json                          sha256 of every file above (`z2all.io.write_checksums`)
 `<run>/checkpoints/index.json` names the latest and the best (lowest val loss) checkpoint.
 
-Atomicity: rank 0 writes everything into `checkpoints/.tmp-step-.../` and renames it into place, so a
-crash (SIGKILL, power loss) leaves either the previous checkpoints or the complete new one, never half.
-Retention: the last `keep_last` checkpoints plus the best by validation loss; the rest are deleted after
-the new one is in place.
+Atomicity: rank 0 writes everything into a temp dir beside the final one (`z2all.io.atomic_dir`) and
+renames it into place, so a crash (SIGKILL, power loss) leaves either the previous checkpoints or the
+complete new one, never half. A save that fails (disk full) removes its temp dir and leaves the earlier
+checkpoints as they were; the error reaches the user as an OSError ("disk full"), never as the
+RuntimeError/SafetensorError that torch.save and safetensors wrap it in. Retention: the last `keep_last`
+checkpoints plus the best by validation loss; the rest are deleted after the new one is in place.
+
+Integrity: `--resume` takes the newest checkpoint whose files match its checksums (`intact_checkpoint`);
+newer ones that do not (a truncated optimizer.pt, a damaged model.safetensors) are renamed to
+`step-N.corrupt` (kept for inspection, no longer counted by retention) and the run says so.
 
 Resume limits: the data position is a step number and the loader draws global sample indices, so the
 process count may change if the global batch (processes × accumulation × batch size) stays the same.
@@ -29,6 +36,8 @@ checkpoint written by DDP resumes under FSDP2 and back, as the files are the sam
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import random
@@ -41,7 +50,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from z2all.io import atomic_write_text
+from z2all.io import atomic_dir, atomic_write_json, verify_checksums, write_checksums
+from z2all.utils import UserError
 
 STEP_RE = re.compile(r"^step-(\d+)$")
 
@@ -69,7 +79,80 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 
 
 def read_state(ckpt: str | os.PathLike) -> dict:
-    return json.loads((Path(ckpt) / "state.json").read_text(encoding="utf-8"))
+    path = Path(ckpt) / "state.json"
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{path} is corrupt ({e})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path} is corrupt (not a JSON object)")
+    return state
+
+
+# ---------------------------------------------------------------- integrity
+
+_REQUIRED = ("model.safetensors", "model_config.json", "optimizer.pt", "rng.pt", "state.json")
+
+
+def checkpoint_problem(ckpt: str | os.PathLike) -> str | None:
+    """Why `ckpt` cannot be resumed from (one line naming the bad file), or None when it is intact: every
+    file matches checksums.json; a checkpoint of an older z2all (no checksums) gets the cheap checks only
+    (files present, state.json parses, the safetensors header covers the file)."""
+    ckpt = Path(ckpt)
+    for name in _REQUIRED:
+        if not (ckpt / name).is_file():
+            return f"{ckpt / name} is missing"
+    try:
+        if verify_checksums(ckpt):
+            read_state(ckpt)
+            return None
+        read_state(ckpt)
+    except UserError as e:
+        return str(e)
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+            f.keys()
+    except Exception as e:  # SafetensorError: truncated or not a safetensors file
+        return f"{ckpt / 'model.safetensors'} is corrupt or truncated ({e})"
+    return None
+
+
+def intact_checkpoint(run_dir: str | os.PathLike) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest intact checkpoint of a run (or None) and the (checkpoint, problem) of every newer one."""
+    bad = []
+    for p in reversed(list_checkpoints(run_dir)):
+        problem = checkpoint_problem(p)
+        if problem is None:
+            return p, bad
+        bad.append((p, problem))
+    return None, bad
+
+
+def set_aside(ckpt: Path) -> Path:
+    """Rename a corrupt checkpoint to `step-N.corrupt` (or `.corrupt-2`, ...): out of `list_checkpoints`
+    and retention, still there for the user to inspect."""
+    target, n = ckpt.with_name(ckpt.name + ".corrupt"), 1
+    while target.exists():
+        n += 1
+        target = ckpt.with_name(f"{ckpt.name}.corrupt-{n}")
+    os.replace(ckpt, target)
+    return target
+
+
+_TEMP_RE = re.compile(r"^\.(tmp-step-\d+-\d+|step-\d+\..*\.tmp|step-\d+\.old-\d+|old-step-\d+-\d+)$")
+
+
+def remove_stale_temps(run_dir: str | os.PathLike) -> int:
+    """Remove the temp dirs of saves that were killed mid-way (only names our saves use); returns how many."""
+    root, n = ckpt_root(run_dir), 0
+    if root.is_dir():
+        for p in root.iterdir():
+            if _TEMP_RE.match(p.name) and p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+                n += 1
+    return n
 
 
 # ---------------------------------------------------------------- RNG
@@ -128,9 +211,22 @@ def full_model_state(model: torch.nn.Module) -> dict:
     return get_model_state_dict(model, options=_sd_options())
 
 
+def _load_pt(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, MemoryError):
+        raise
+    except Exception as e:  # a truncated zip archive, a pickle error: the file is not what we wrote
+        raise UserError(f"{path} is corrupt or truncated ({type(e).__name__}: {e})") from None
+
+
+def load_rng_states(ckpt: str | os.PathLike) -> list:
+    return _load_pt(Path(ckpt) / "rng.pt")
+
+
 def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ckpt: str | os.PathLike,
                          fsdp: bool) -> None:
-    sd = torch.load(Path(ckpt) / "optimizer.pt", map_location="cpu", weights_only=False)
+    sd = _load_pt(Path(ckpt) / "optimizer.pt")
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -139,7 +235,7 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
     index = {n: i for i, n in enumerate(_names(model, optimizer))}
     missing = sorted(set(index) - set(n for g in sd["param_groups"] for n in g["params"]))
     if missing:
-        raise ValueError(f"{ckpt}/optimizer.pt has no state for {', '.join(missing[:5])}: a different model?")
+        raise UserError(f"{ckpt}/optimizer.pt has no state for {', '.join(missing[:5])}: a different model?")
     groups = [{**g, "params": [index[n] for n in g["params"]]} for g in sd["param_groups"]]
     optimizer.load_state_dict({"state": {index[n]: st for n, st in sd["state"].items()}, "param_groups": groups})
 
@@ -156,30 +252,46 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model_to_save: tor
     root = ckpt_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_model(model_to_save, tmp, state_dict=model_state)
-    torch.save(optim_state, tmp / "optimizer.pt")
-    torch.save(rng_states, tmp / "rng.pt")
-    atomic_write_text(tmp / "config.json", json.dumps(config, indent=2, ensure_ascii=False, default=str) + "\n")
-    if tokenizer_dir and Path(tokenizer_dir).is_dir():
-        shutil.copytree(tokenizer_dir, tmp / "tokenizer")
     state = {**state, "step": step, "saved_at": time.strftime("%Y-%m-%d %H:%M:%S")}
-    # state.json last: a dir without it is never taken for a checkpoint
-    atomic_write_text(tmp / "state.json", json.dumps(state, indent=2) + "\n")
-    _fsync_dir(tmp)
-    if final.exists():  # re-saving a step (e.g. the final save after an interval save)
-        old = root / f".old-{final.name}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    try:
+        # re-saving a step (the final save after an interval save) swaps the old dir out only at the end
+        with atomic_dir(final) as tmp:
+            save_model(model_to_save, tmp, state_dict=model_state)
+            _torch_save(optim_state, tmp / "optimizer.pt")
+            _torch_save(rng_states, tmp / "rng.pt")
+            atomic_write_json(tmp / "config.json", config)
+            if tokenizer_dir and Path(tokenizer_dir).is_dir():
+                shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+            atomic_write_json(tmp / "state.json", state)
+            write_checksums(tmp)  # last: it covers every file above
+            _fsync_dir(tmp)
+    except (OSError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        raise _as_os_error(e, root) from e
     _fsync_dir(root)
     prune(run_dir, keep_last)
     return final
+
+
+def _torch_save(obj, path: Path) -> None:
+    """torch.save through a Python file object: given a path, torch's C++ writer turns a full disk into
+    "RuntimeError: unexpected pos"; through a file object the write fails with the real OSError (ENOSPC)."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def _as_os_error(e: Exception, where: Path) -> Exception:
+    """The OSError a library wrapped (safetensors: "... (os error 28)"; torch: "file write failed") as one,
+    so the CLI can say "disk full"; anything else is returned unchanged."""
+    m = re.search(r"os error (\d+)", str(e))
+    if m:
+        code = int(m.group(1))
+        return OSError(code, os.strerror(code), str(where))
+    with contextlib.suppress(OSError):
+        if shutil.disk_usage(where).free < (1 << 20):
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(where))
+    return e
 
 
 def _fsync_dir(path: Path) -> None:
@@ -196,7 +308,10 @@ def _fsync_dir(path: Path) -> None:
 def best_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     best, best_loss = None, float("inf")
     for p in list_checkpoints(run_dir):
-        v = read_state(p).get("val_loss")
+        try:
+            v = read_state(p).get("val_loss")
+        except UserError:  # a corrupt state.json is never the best
+            continue
         if v is not None and v < best_loss:
             best, best_loss = p, v
     return best
@@ -216,4 +331,4 @@ def prune(run_dir: str | os.PathLike, keep_last: int) -> None:
     index = {"latest": latest.name if latest else None, "best": best.name if best else None,
              "best_val_loss": read_state(best).get("val_loss") if best else None,
              "kept": sorted(p.name for p in keep)}
-    atomic_write_text(ckpt_root(run_dir) / "index.json", json.dumps(index, indent=2) + "\n")
+    atomic_write_json(ckpt_root(run_dir) / "index.json", index)

@@ -32,6 +32,7 @@ import dataclasses
 import json
 import math
 import signal
+import sys
 import time
 import typing
 from contextlib import nullcontext
@@ -41,6 +42,7 @@ from pathlib import Path
 import torch
 
 from z2all.config import opt, save_config, section, to_dict
+from z2all.io import claim_output_dir, fingerprint
 from z2all.model.config import ModelConfig, model_preset
 from z2all.ops import OpsConfig
 from z2all.train import checkpoint as ckpt_mod
@@ -233,12 +235,10 @@ def _train(cfg: Config, info, TokenLoader, Z2all, load_model) -> int:
     device = info.device
     run_dir = Path(cfg.out_dir)
     data_dir = Path(cfg.data.dir)
-    if not (data_dir / "meta.json").is_file():
-        raise UserError(f"{data_dir}/meta.json not found: point data.dir at the output of `z2all data tokenize`")
     d = cfg.data
     kw = dict(batch_size=d.batch_size, seq_len=d.seq_len, seed=cfg.seed, rank=info.rank,
               world_size=info.world_size, grad_accum=d.grad_accum)
-    loader = TokenLoader(data_dir, "train", **kw)
+    loader = TokenLoader(data_dir, "train", **kw)  # checks meta.json and the token files against it
     meta = loader.meta
     val_loader = TokenLoader(data_dir, "val", **kw) if meta.get("val_tokens", 0) > d.seq_len else None
     tok_dir = tokenizer_dir_of(data_dir, meta)
@@ -249,14 +249,14 @@ def _train(cfg: Config, info, TokenLoader, Z2all, load_model) -> int:
     print0(f"breaks down as: {d.grad_accum} grad accum steps * {info.world_size} processes * "
            f"{d.batch_size} batch size * {d.seq_len} max seq len")
 
-    # ---- resume point
+    # ---- the run directory and the resume point: rank 0 claims the dir and sets corrupt checkpoints aside,
+    # then every rank reads the same (newest intact) checkpoint
+    if info.is_main:
+        prepare_run_dir(run_dir, data_dir, cfg.resume)
+    dist_mod.barrier()
     ckpt = ckpt_mod.latest_checkpoint(run_dir) if cfg.resume else None
-    if cfg.resume and ckpt is None:
-        print0(f"--resume: no checkpoint in {run_dir}/checkpoints, starting from scratch")
-    if ckpt is None and ckpt_mod.list_checkpoints(run_dir):
-        raise UserError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose another "
-                        "--out_dir")
     state = ckpt_mod.read_state(ckpt) if ckpt else {}
+    data_id = data_identity(loader)
     if ckpt:
         saved = state["global_batch"]
         if saved != tokens_per_iter // d.seq_len or state["seq_len"] != d.seq_len:
@@ -265,6 +265,8 @@ def _train(cfg: Config, info, TokenLoader, Z2all, load_model) -> int:
             raise UserError(f"{ckpt} was trained with a global batch of {saved} sequences of {state['seq_len']} "
                             f"tokens; now it is {tokens_per_iter // d.seq_len} of {d.seq_len}. Keep the global batch "
                             f"to resume exactly (e.g. {hint})")
+        check_resume_model(ckpt, mcfg)
+        check_resume_data(ckpt, state.get("data"), data_id, data_dir)
 
     # ---- model: same init on every rank (DDP also broadcasts rank 0's), then placement and wrapping
     seed_everything(cfg.seed)
@@ -284,7 +286,7 @@ def _train(cfg: Config, info, TokenLoader, Z2all, load_model) -> int:
     if ckpt:
         ckpt_mod.load_optimizer_state(wrapped, optimizer, ckpt, fsdp)
         start = int(state["step"])
-        rngs = torch.load(ckpt / "rng.pt", weights_only=False)
+        rngs = ckpt_mod.load_rng_states(ckpt)
         if len(rngs) == info.world_size:
             ckpt_mod.set_rng_state(rngs[info.rank])
         else:
@@ -312,10 +314,7 @@ def _train(cfg: Config, info, TokenLoader, Z2all, load_model) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.json", model_config=to_dict(mcfg), world_size=info.world_size,
                     data_meta=meta)
-        if ckpt:
-            truncate_metrics(run_dir, start)
-        elif (run_dir / "metrics.jsonl").exists():
-            (run_dir / "metrics.jsonl").unlink()
+        truncate_metrics(run_dir, start)  # a resume redoes the steps after its checkpoint (all of them: none)
         writer = MetricsWriter(run_dir, cfg.metrics.tensorboard)
 
     autocast = (torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype != torch.float32
@@ -355,7 +354,7 @@ def _train(cfg: Config, info, TokenLoader, Z2all, load_model) -> int:
             st = {"next_step": step, "seq_len": d.seq_len, "global_batch": tokens_per_iter // d.seq_len,
                   "world_size": info.world_size, "grad_accum": d.grad_accum, "batch_size": d.batch_size,
                   "seed": cfg.seed, "lr": lr_at(max(step - 1, 0), cfg.optim, cfg.train.max_steps),
-                  "val_loss": val_loss, "tokens_seen": step * tokens_per_iter}
+                  "val_loss": val_loss, "tokens_seen": step * tokens_per_iter, "data": data_id}
             path = ckpt_mod.save_checkpoint(run_dir, step, model_to_save=model, model_state=full,
                                             optim_state=optim_state, state=st, rng_states=rngs,
                                             config={"config": to_dict(cfg), "model_config": to_dict(mcfg)},
@@ -459,6 +458,84 @@ def _train(cfg: Config, info, TokenLoader, Z2all, load_model) -> int:
                + (f", {skipped} skipped steps" if skipped else "")
                + f"; checkpoints in {run_dir / 'checkpoints'}, metrics in {run_dir / 'metrics.jsonl'}")
     return status
+
+
+def _is_legacy_run_dir(path: Path) -> bool:
+    """A run dir an older z2all wrote (before owner files): a checkpoint index, or metrics + config."""
+    return (path / "checkpoints" / "index.json").is_file() or (
+        (path / "metrics.jsonl").is_file() and (path / "config.json").is_file())
+
+
+def prepare_run_dir(run_dir: Path, data_dir: Path, resume: bool) -> None:
+    """Rank 0, before anything is written: claim `run_dir` for `z2all train` (new, empty, or a train run
+    dir; never one holding the token files), refuse a fresh start over an earlier run (its metrics and
+    checkpoints would be mixed with the new ones), and for --resume set aside corrupt checkpoints newer than
+    the newest intact one, saying so."""
+    claim_output_dir(run_dir, "train", option="--out_dir", protect=[data_dir], legacy=_is_legacy_run_dir)
+    ckpt_mod.remove_stale_temps(run_dir)
+    ckpts = ckpt_mod.list_checkpoints(run_dir)
+    if not resume:
+        earlier = [x for x, there in (("checkpoints", ckpts), ("metrics.jsonl", (run_dir / "metrics.jsonl").is_file()))
+                   if there]
+        if earlier:
+            raise UserError(f"--out_dir {run_dir} already holds a training run ({', '.join(earlier)}): pass --resume "
+                            "to continue it, or choose another --out_dir (nothing was changed)")
+        return
+    if not ckpts:
+        print0(f"--resume: no checkpoint in {run_dir / 'checkpoints'}, starting from scratch")
+        return
+    good, bad = ckpt_mod.intact_checkpoint(run_dir)
+    if good is None:
+        raise UserError(f"--resume: no intact checkpoint in {run_dir / 'checkpoints'}: {bad[0][1]}"
+                        + (f" (and {len(bad) - 1} older ones are damaged too)" if len(bad) > 1 else "")
+                        + "; nothing was changed")
+    for path, problem in bad:
+        moved = ckpt_mod.set_aside(path)
+        print0(f"warning: {problem}; resuming from {good.name} instead ({path.name} set aside as {moved.name})",
+               file=sys.stderr)
+
+
+_SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "multiple_of", "norm_eps",
+                 "rope_theta", "max_seq_len", "tie_embeddings")
+
+
+def check_resume_model(ckpt: Path, mcfg: ModelConfig) -> None:
+    """The model the options describe must be the checkpoint's (dropout and init_std may change)."""
+    from z2all.model.llama import load_model_config
+
+    saved = load_model_config(ckpt)
+    diff = [f for f in _SHAPE_FIELDS if getattr(saved, f) != getattr(mcfg, f)
+            and not (f in ("ffn_dim", "multiple_of") and saved.ffn_hidden == mcfg.ffn_hidden)]
+    if diff:
+        was = " ".join(f"--model.{f}={getattr(saved, f)}" for f in diff)
+        now = ", ".join(f"{f}={getattr(mcfg, f)}" for f in diff)
+        raise UserError(f"--resume: {ckpt} holds a model with {was.replace('--model.', '')} but the options give "
+                        f"{now}; resume with the run's shape ({was}) or start a new run in another --out_dir")
+
+
+def data_identity(loader) -> dict:
+    """What the training tokens were: dtype, vocabulary, token count and each file's size and head/tail
+    hash (no mtime: a copied token dir is the same data)."""
+    files = {p.name: {k: v for k, v in fingerprint(p).items() if k != "mtime_ns"} for p in loader.files}
+    return {"dtype": loader.meta["dtype"], "vocab_size": int(loader.meta["vocab_size"]),
+            "train_tokens": loader.n_tokens, "train_files": files}
+
+
+def check_resume_data(ckpt: Path, saved: dict | None, now: dict, data_dir: Path) -> None:
+    """A resume continues on the tokens the checkpoint was trained on, or not at all (checkpoints of an
+    older z2all recorded nothing: not checked)."""
+    if not saved or saved == now:
+        return
+    if saved.get("train_files") != now["train_files"]:
+        names = sorted(set(saved.get("train_files", {})) | set(now["train_files"]))
+        what = next((n for n in names if saved.get("train_files", {}).get(n) != now["train_files"].get(n)), "?")
+        detail = f"{what} differs"
+    else:
+        detail = ", ".join(f"{k} {saved.get(k)} -> {now[k]}" for k in now if saved.get(k) != now[k])
+    then = saved.get("train_tokens")
+    raise UserError(f"--resume: --data.dir {data_dir} is not the data {ckpt} was trained on ({detail}; "
+                    f"{then if then is None else f'{then:,}'} train tokens then, {now['train_tokens']:,} now); point "
+                    "--data.dir at the original token files, or start a new run in another --out_dir")
 
 
 def forward_backward(model, loader, step: int, grad_accum: int, device: torch.device, autocast) -> torch.Tensor:
