@@ -157,15 +157,16 @@ def test_bad_input_says_what_to_change(corpus, tmp_path, capsys):
     with pytest.raises(UserError, match="no text found"):
         train_tokenizer(Config(inputs=[str(empty)], out_dir=str(tmp_path / "o")))
     with pytest.raises(UserError, match="--vocab-size 100 is too small.*use --vocab-size 320"):
-        train_tokenizer(Config(inputs=[str(corpus)], vocab_size=100))
+        train_tokenizer(Config(inputs=[str(corpus)], vocab_size=100, out_dir=str(tmp_path / "o")))
     with pytest.raises(UserError, match="--memory-budget 64MB is too small.*use --memory-budget"):
-        train_tokenizer(Config(inputs=[str(corpus)], memory_budget="64MB", workers=1))
+        train_tokenizer(Config(inputs=[str(corpus)], memory_budget="64MB", workers=1, out_dir=str(tmp_path / "o")))
     with pytest.raises(UserError, match="too small for the spm backend.*use --vocab-size"):
-        train_tokenizer(Config(inputs=[str(corpus)], vocab_size=640, backend="spm", text_field="body"))
+        train_tokenizer(Config(inputs=[str(corpus)], vocab_size=640, backend="spm", text_field="body",
+                               out_dir=str(tmp_path / "o")))
     with pytest.raises(UserError, match="write a size like"):
         train_tokenizer(Config(inputs=[str(corpus)], memory_budget="lots"))
     bad_gz = tmp_path / "broken.jsonl.gz"
-    bad_gz.write_bytes(b"this is not gzip data at all")
+    bad_gz.write_bytes(b"\x1f\x8b\x08\x00" + b"this is not gzip data at all")  # gzip magic, then garbage
     with pytest.raises(UserError, match="broken.jsonl.gz.*corrupt.*repair the file.*or leave it out"):
         train_tokenizer(Config(inputs=[str(bad_gz)], out_dir=str(tmp_path / "o")))
     cut = tmp_path / "cut.jsonl.zst"
@@ -178,6 +179,7 @@ def test_bad_input_says_what_to_change(corpus, tmp_path, capsys):
     nofield.write_text('{"body": "hello"}\n{not json\n')
     with pytest.raises(UserError, match="had no 'text' field; set --text-field"):
         train_tokenizer(Config(inputs=[str(nofield)], out_dir=str(tmp_path / "o")))
+    assert not (tmp_path / "o").exists()  # a failed run leaves no claimed directory behind
     # through the CLI: exit status 2 and the message, no traceback
     assert cli.main(["tokenizer", "train", str(corpus), "--vocab-size", "10"]) == 2
     assert "too small" in capsys.readouterr().err

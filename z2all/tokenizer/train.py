@@ -17,8 +17,11 @@ tokenizer.json with a Metaspace pre-tokenizer; no split pattern).
 
 `vocab_size` is the total including the special tokens, rounded up to a multiple of 64; if the corpus runs
 out of pairs first, `<|reserved_N|>` tokens fill up to the next multiple of 64. Training is one pass and is
-not resumable: a run either writes a complete directory (the provenance file is written last) or nothing
-new.
+not resumable: a run either writes a complete directory (built in a temp dir and swapped in) or nothing
+new. `--out-dir` is claimed through z2all.io: new, empty, an earlier `tokenizer train` output (owner file)
+or an older z2all's tokenizer directory; anything else, or a directory holding an input, is refused.
+Corpora that cannot make a tokenizer (empty, whitespace only, too small for spm's --vocab-size) are
+UserErrors that say what to change; sentencepiece's own errors never escape as tracebacks.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import dataclasses
 import importlib.metadata
 import io
 import re
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -39,6 +43,7 @@ from z2all.config import opt, save_config
 from z2all.data import readers
 from z2all.data.schema import FIELDS, record_text
 from z2all.data.shards import MANIFEST, find_shards
+from z2all.io import OWNER_FILE, atomic_dir, atomic_write_bytes, claim_output_dir
 from z2all.tokenizer import bpe, hf
 from z2all.tokenizer.pretokenize import DEFAULT_HAN_CHUNK, split_pattern
 from z2all.utils import UserError, human_bytes, print0, progress
@@ -99,6 +104,7 @@ class ReadStats:
     chars: int = 0
     bad_lines: int = 0
     no_text: int = 0
+    blank_docs: int = 0
     utf8_replaced: int = 0
     first_bad: str = ""
 
@@ -234,6 +240,7 @@ def iter_texts(files: list[Path], text_field: str = "text", stats: ReadStats | N
                 text = text[: max_chars - stats.chars]
             stats.docs += 1
             stats.chars += len(text)
+            stats.blank_docs += text.isspace()
             yield text
             if max_chars and stats.chars >= max_chars:
                 return
@@ -249,7 +256,9 @@ def _drain(counts: dict[str, int]):
         yield w.encode("utf-8"), c
 
 
-def _train_z2all(cfg: Config, texts, pattern: str, vocab_target: int, summary: dict):
+def _z2all_capacity(cfg: Config) -> tuple[int, int, int]:
+    """(budget bytes, workers, word capacity) of the z2all backend, or a UserError when the budget is too
+    small (checked before the output directory is claimed)."""
     budget = parse_bytes(cfg.memory_budget)
     workers = cfg.workers or bpe.default_workers()
     capacity = bpe.capacity_for_budget(budget, workers)
@@ -259,6 +268,11 @@ def _train_z2all(cfg: Config, texts, pattern: str, vocab_target: int, summary: d
         raise UserError(f"--memory-budget {cfg.memory_budget} is too small: with {workers} worker(s) it leaves room "
                         f"for {capacity} words, and the byte alphabet plus a usable word table need {min_cap}; use "
                         f"--memory-budget {human_bytes(need).replace(' ', '')} or more (or fewer --workers)")
+    return budget, workers, capacity
+
+
+def _train_z2all(cfg: Config, texts, pattern: str, vocab_target: int, summary: dict):
+    budget, workers, capacity = _z2all_capacity(cfg)
     bar = progress(desc="counting words", unit="word", unit_scale=True)
     t0 = time.perf_counter()
     counts, cstats = bpe.count_words(texts, pattern, capacity, workers, progress=bar.update)
@@ -292,17 +306,37 @@ def train_hf(cfg: Config, texts, pattern: str, vocab_target: int, summary: dict)
     return tok if seen[0] else None
 
 
+def _spm_error(cfg: Config, msg: str) -> UserError:
+    """sentencepiece's RuntimeError (a C++ check that failed) as a UserError saying what to change."""
+    m = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", msg)
+    if m:  # spm needs every character covering 99.95% of the text in the vocabulary
+        return UserError(f"--vocab-size {cfg.vocab_size} is too small for the spm backend: this corpus needs "
+                         f"{m.group(2)} single characters; use --vocab-size {_round64(int(m.group(2)) + 600)} or more")
+    m = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", msg)
+    if m:
+        most = (int(m.group(2)) + len(hf.special_tokens(cfg.special_tokens))) // 64 * 64
+        need = _round64(256 + len(hf.special_tokens(cfg.special_tokens)) + 1)
+        fix = (f"use --vocab-size {most} or less, or give more text" if most >= need else
+               "give more text (or use --backend z2all or hf, which pad a small vocabulary with reserved tokens)")
+        return UserError(f"--vocab-size {cfg.vocab_size} is too large for this corpus with the spm backend: "
+                         f"sentencepiece can make only {m.group(2)} pieces from it; {fix}")
+    first = re.sub(r"^[A-Z_]+: \S+\(\d+\) ", "", msg.strip().splitlines()[0] if msg.strip() else "")
+    return UserError(f"sentencepiece (--backend spm) failed on this corpus: {first[:200]}; check --vocab-size "
+                     f"against the amount of text, or use --backend z2all")
+
+
 def _train_spm(cfg: Config, texts, vocab_target: int, summary: dict):
     import sentencepiece as spm
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    seen = [0]
+    seen, yielded = [0], [0]
 
     def lines():
         for t in texts:
             seen[0] += 1
             for line in t.split("\n"):
                 if line.strip():
+                    yielded[0] += 1
                     yield line
 
     model = io.BytesIO()
@@ -317,14 +351,9 @@ def _train_spm(cfg: Config, texts, vocab_target: int, summary: dict):
             num_threads=max(1, cfg.workers or bpe.default_workers()), minloglevel=2, unk_id=0, bos_id=-1,
             eos_id=-1, pad_id=-1)
     except RuntimeError as e:
-        if not seen[0]:
-            return None
-        m = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", str(e))
-        if m:  # spm needs every character covering 99.95% of the text in the vocabulary
-            raise UserError(f"--vocab-size {cfg.vocab_size} is too small for the spm backend: this corpus needs "
-                            f"{m.group(2)} single characters; use --vocab-size {_round64(int(m.group(2)) + 600)} "
-                            "or more") from None
-        raise
+        if not seen[0] or not yielded[0]:
+            return None  # no text, or only blank lines: the caller says which
+        raise _spm_error(cfg, str(e)) from None
     if not seen[0]:
         return None
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
@@ -352,14 +381,59 @@ def _train_spm(cfg: Config, texts, vocab_target: int, summary: dict):
     return tok
 
 
+TRAIN_COMMAND = "tokenizer train"
+OUR_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", hf.CLASS_FILE.name,
+             hf.PROVENANCE, "spm.model"}
+
+
+def _legacy_tokenizer_dir(d: Path) -> bool:
+    """A tokenizer directory an older z2all wrote (before owner files): our two files plus our class file or
+    provenance, and nothing that is not ours (so replacing it removes nothing a user put there)."""
+    names = {e.name for e in d.iterdir()}
+    return ({"tokenizer.json", "tokenizer_config.json"} <= names and bool(names & {hf.CLASS_FILE.name, hf.PROVENANCE})
+            and names <= OUR_FILES)
+
+
+def _unclaim(out: Path, stop: Path) -> None:
+    """Undo claim_output_dir for a run that failed: the owner file, then the directories it created (only
+    while empty, up to `stop`, which existed before)."""
+    (out / OWNER_FILE).unlink(missing_ok=True)
+    d = out
+    while d != stop and d != d.parent:
+        try:
+            d.rmdir()
+        except OSError:
+            return
+        d = d.parent
+
+
 def train_tokenizer(cfg: Config) -> dict:
-    """Train and write `cfg.out_dir`; returns a summary dict (also stored in the provenance file)."""
+    """Train and write `cfg.out_dir`; returns a summary dict (also stored in the provenance file).
+    The directory is claimed first (new, empty, an earlier `tokenizer train` output, or an older z2all's
+    tokenizer directory; never one holding an input) and built in a temp dir swapped in at the end, so it
+    is either the old directory or the complete new one."""
     cfg.check()
     files = expand_inputs(cfg.inputs)
+    if cfg.backend == "z2all":
+        _z2all_capacity(cfg)
     specials = hf.special_tokens(cfg.special_tokens)
     total = _round64(cfg.vocab_size)
     vocab_target = total - len(specials)
     pattern = split_pattern(cfg.han_chunk)
+    out = Path(cfg.out_dir)
+    fresh = not out.exists() or (out.is_dir() and not any(out.iterdir()))
+    stop = out if out.exists() else next(a for a in out.parents if a.exists())
+    claim_output_dir(out, TRAIN_COMMAND, option="--out-dir", protect=files, legacy=_legacy_tokenizer_dir)
+    try:
+        return _train_into(cfg, out, files, specials, vocab_target, pattern)
+    except BaseException:
+        if fresh:
+            _unclaim(out, stop)
+        raise
+
+
+def _train_into(cfg: Config, out: Path, files: list[Path], specials: list[str], vocab_target: int,
+                pattern: str) -> dict:
     rstats = ReadStats()
     texts = iter_texts(files, cfg.text_field, rstats, cfg.max_chars)
     summary: dict = {"backend": cfg.backend, "pattern": pattern}
@@ -372,17 +446,24 @@ def train_tokenizer(cfg: Config) -> dict:
         summary["pattern"] = None
         tok = _train_spm(cfg, texts, vocab_target, summary)
     seconds = time.perf_counter() - t0
+    if rstats.docs and rstats.blank_docs == rstats.docs:
+        raise UserError(f"only whitespace in {', '.join(cfg.inputs)} ({rstats.chars} characters): nothing to learn "
+                        "a vocabulary from; give files with text in them")
     if tok is None or rstats.docs == 0:
         hint = ""
         if rstats.no_text:
             hint = f" ({rstats.no_text} records had no '{cfg.text_field}' field; set --text-field)"
+        elif rstats.bad_lines:
+            hint = f" ({rstats.bad_lines} lines were not valid JSON, first: {rstats.first_bad})"
         raise UserError(f"no text found in {', '.join(cfg.inputs)}{hint}: give files with text in them")
-    info = hf.add_specials(tok, specials, pad_to=64)
-    out = hf.save_dir(tok, cfg.out_dir, specials, cfg.model_max_length)
-    if "spm_model" in summary:
-        (out / "spm.model").write_bytes(summary.pop("spm_model"))
+    try:
+        info = hf.add_specials(tok, specials, pad_to=64)
+    except ValueError as e:  # the corpus itself made a special string an ordinary token (spm: whole lines)
+        raise UserError(f"{e} in the trained vocabulary: the text contains that string often; remove it from the "
+                        f"corpus, leave it out of --special-tokens, or use --backend z2all") from None
     summary.update(seconds=round(seconds, 3), read=dataclasses.asdict(rstats), vocab=info,
                    requested_vocab_size=cfg.vocab_size)
+    spm_model = summary.pop("spm_model", None)
     # versions from package metadata: importing transformers here would pull in torch (~300 MB of RSS)
     versions = {"python": sys.version.split()[0]}
     for pkg in ("tokenizers", "transformers", "sentencepiece", "regex"):
@@ -390,7 +471,12 @@ def train_tokenizer(cfg: Config) -> dict:
             versions[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
             versions[pkg] = None
-    save_config(cfg, out / hf.PROVENANCE, summary=summary, inputs=[str(f) for f in files], versions=versions)
+    with atomic_dir(out) as tmp:
+        shutil.copy2(out / OWNER_FILE, tmp / OWNER_FILE)
+        hf.save_dir(tok, tmp, specials, cfg.model_max_length)
+        if spm_model is not None:
+            atomic_write_bytes(tmp / "spm.model", spm_model)
+        save_config(cfg, tmp / hf.PROVENANCE, summary=summary, inputs=[str(f) for f in files], versions=versions)
     return summary
 
 
@@ -403,6 +489,10 @@ def run(cfg: Config) -> int:
     if r["bad_lines"] or r["no_text"]:
         print0(f"  skipped {r['bad_lines']} bad JSON lines and {r['no_text']} records without text "
                f"(first: {r['first_bad']})")
+    if s["vocab"]["vocab_size"] < _round64(cfg.vocab_size):
+        print0(f"  note: the corpus ran out of pairs to merge ({s['vocab']['base_vocab']} base tokens): the vocabulary "
+               f"is {s['vocab']['vocab_size']}, not the --vocab-size {_round64(cfg.vocab_size)} asked for; give more "
+               f"text or a smaller --vocab-size", file=sys.stderr)
     if "counting" in s:
         c = s["counting"]
         print0(f"  counting {s['count_seconds']:.1f}s with {c['workers']} worker(s): {c['words_total']:,} words, "
