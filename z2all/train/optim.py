@@ -35,6 +35,24 @@ class OptimConfig:
     fused: bool = opt(True, "use the fused CUDA AdamW kernel when training on CUDA (ignored on CPU)")
 
 
+def validate_optim(cfg: OptimConfig, prefix: str = "optim") -> None:
+    """Raise UserError naming the option for a value AdamW or the schedule cannot use (NaN included: a NaN
+    learning rate would silently turn every weight into NaN at the first step)."""
+    from z2all.utils import UserError
+
+    rules = [("lr", ">= 0", lambda v: v >= 0), ("min_lr", ">= 0", lambda v: v >= 0),
+             ("weight_decay", ">= 0", lambda v: v >= 0), ("beta1", "in [0, 1)", lambda v: 0 <= v < 1),
+             ("beta2", "in [0, 1)", lambda v: 0 <= v < 1), ("eps", "> 0", lambda v: v > 0),
+             ("grad_clip", ">= 0 (0 = no clipping)", lambda v: v >= 0)]
+    for name, want, ok in rules:
+        v = getattr(cfg, name)
+        if not (math.isfinite(v) and ok(v)):
+            raise UserError(f"--{prefix}.{name}={v}: must be a finite number {want}")
+    for name in ("warmup_steps", "decay_steps"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{prefix}.{name}={getattr(cfg, name)}: must be >= 0")
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Two AdamW groups: matrices (decayed) and everything else (not decayed); shared params counted once."""
     decay, no_decay, seen = [], [], set()

@@ -49,7 +49,7 @@ from z2all.train import checkpoint as ckpt_mod
 from z2all.train import distributed as dist_mod
 from z2all.train.distributed import DistConfig
 from z2all.train.metrics import MetricsWriter, device_peak_flops, fmt_mfu, mfu, peak_memory_bytes, truncate_metrics
-from z2all.train.optim import OptimConfig, lr_at, make_optimizer, set_lr
+from z2all.train.optim import OptimConfig, lr_at, make_optimizer, set_lr, validate_optim
 from z2all.utils import UserError, human_bytes, pick_dtype, print0, seed_everything
 
 
@@ -142,13 +142,28 @@ class Config:
     metrics: MetricsSection = section(MetricsSection, "MFU peak and sinks")
 
     def validate(self) -> None:
-        for key in ("data.batch_size", "data.seq_len", "data.grad_accum", "train.max_steps", "train.log_every",
-                    "train.max_bad_steps"):
+        """Every value the loop cannot use is one UserError naming the option (--section.key=value)."""
+        def get(key: str):
             sect, name = key.split(".")
-            if getattr(getattr(self, sect), name) <= 0:
-                raise UserError(f"{key} must be positive, got {getattr(getattr(self, sect), name)}")
-        if self.ckpt.keep_last < 1:
-            raise UserError(f"ckpt.keep_last must be >= 1, got {self.ckpt.keep_last}")
+            return getattr(getattr(self, sect), name)
+
+        for key in ("data.batch_size", "data.seq_len", "data.grad_accum", "train.max_steps", "train.log_every",
+                    "train.max_bad_steps", "ckpt.keep_last", "eval.max_batches", "dist.powersgd_rank",
+                    "dist.bucket_cap_mb", "dist.timeout_s"):
+            if get(key) <= 0:
+                raise UserError(f"--{key}={get(key)}: must be positive")
+        for key in ("eval.every", "ckpt.every", "eval.samples", "eval.sample_tokens", "eval.top_k",
+                    "dist.powersgd_start_iter"):
+            if get(key) < 0:
+                raise UserError(f"--{key}={get(key)}: must be >= 0")
+        for key in ("train.time_budget_s", "eval.temperature", "metrics.peak_tflops"):
+            if not (math.isfinite(get(key)) and get(key) >= 0):
+                raise UserError(f"--{key}={get(key)}: must be a finite number >= 0")
+        if self.threads < 0:
+            raise UserError(f"--threads={self.threads}: must be >= 0 (0 = torch's default)")
+        if not self.out_dir:
+            raise UserError("--out_dir is empty; give the run directory")
+        validate_optim(self.optim)
 
 
 def resolve_model_config(section_cfg, meta_vocab: int, seq_len: int) -> ModelConfig:
