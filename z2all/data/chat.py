@@ -11,7 +11,7 @@ with optional `input` appended after a blank line, optional `system`). `--schema
 names: `--messages-field` (+ `--role-field`, `--content-field`) for a message list, or `--prompt-field`
 + `--response-field` (+ `--system-field`) for one exchange; `--roles from=to` renames roles in every schema.
 
-Rendering: the chat template in the tokenizer's `tokenizer_config.json` (Jinja, rendered by transformers)
+Rendering: the chat template in the tokenizer's `tokenizer_config.json` (Jinja, rendered as transformers does)
 decides the layout; the special strings the template itself writes become real special ids, every message
 content is encoded as plain text (so "<|im_end|>" inside a message stays text: no injection). How: the
 template is rendered once per role sequence with sentinel contents; the result is cut into special tokens,
@@ -234,6 +234,51 @@ _SENTINEL = "\ue000{}\ue001"
 _SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
 
 
+def _token_str(value) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _compile(template: str, where: Path):
+    """The template compiled the way transformers' `apply_chat_template` does (a sandbox with trim_blocks,
+    lstrip_blocks, loop controls, its `tojson`, `raise_exception`, `strftime_now`, and `{% generation %}`
+    blocks rendered as their body), without importing transformers (~3 s of start-up)."""
+    try:
+        import jinja2
+        from jinja2 import nodes
+        from jinja2.ext import Extension, loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise UserError("rendering chat templates needs jinja2: pip install 'jinja2>=3.1.6'") from None
+
+    class Generation(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+            return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(fmt):
+        return time.strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
+    try:
+        return env.from_string(template)
+    except jinja2.exceptions.TemplateError as e:
+        raise UserError(f"{where}: the chat_template is not valid Jinja ({e})") from None
+
+
 class Renderer:
     """Conversations -> (ids, mask) with the tokenizer directory's own chat template (see the module doc)."""
 
@@ -261,16 +306,16 @@ class Renderer:
         names = sorted(self.specials, key=len, reverse=True)
         self._special_re = re.compile("|".join(map(re.escape, names))) if names else None
         self._dir = d
-        self._hf = None
+        self._jinja = None
+        self._token_vars = {k: _token_str(config.get(k)) for k in ("bos_token", "eos_token", "pad_token",
+                                                                  "unk_token")}
         self._skeletons: dict[tuple[str, ...], list[tuple]] = {}
 
     def _render_text(self, messages: list[dict]) -> str:
-        if self._hf is None:
-            from transformers import AutoTokenizer
-
-            self._hf = AutoTokenizer.from_pretrained(str(self._dir), local_files_only=True)
+        if self._jinja is None:
+            self._jinja = _compile(self.template, self._dir / "tokenizer_config.json")
         try:
-            return self._hf.apply_chat_template(messages, tokenize=False, chat_template=self.template)
+            return self._jinja.render(messages=messages, add_generation_prompt=False, **self._token_vars)
         except Exception as e:  # jinja2 errors, raise_exception() inside a template
             raise UserError(f"{self._dir}/tokenizer_config.json: the chat_template failed to render "
                             f"({type(e).__name__}: {e})") from None
