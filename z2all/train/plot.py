@@ -2,18 +2,29 @@
 
     z2all plot runs/demo/train                 # -> runs/demo/train/loss.png, throughput.png
 
-loss.png: train loss per logged step and validation loss per evaluation, against step (and tokens seen on
-the top axis when recorded). throughput.png: tokens/s and, when the device has a known peak, MFU (%).
+loss.png: train loss per logged step and validation loss per evaluation, against step.
+throughput.png: tokens/s and, when the device has a known peak, MFU (%).
+
+It writes those two files and nothing else, each through a temp file + rename. Every PNG it writes carries a
+`Software: z2all plot` text chunk; an existing loss.png/throughput.png without it (a user's own figure) is
+never overwritten: the command refuses and names it. `--out_dir` may be any directory (created if missing)
+but not a file.
 """
 
 from __future__ import annotations
 
+import math
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from z2all.config import opt
+from z2all.io import atomic_open
 from z2all.train.metrics import read_metrics
 from z2all.utils import UserError, print0
+
+MARK = "z2all plot"  # the PNG `Software` text of every figure this command writes
+NAMES = ("loss.png", "throughput.png")
 
 
 @dataclass
@@ -22,7 +33,51 @@ class Config:
     out_dir: str = opt("", "where the PNGs go; '' = the run directory")
 
 
+def written_by_us(path: Path) -> bool:
+    """Whether the PNG at `path` carries our `Software` text chunk (chunks before the image data only)."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(8) != b"\x89PNG\r\n\x1a\n":
+                return False
+            while True:
+                head = f.read(8)
+                if len(head) < 8:
+                    return False
+                length, kind = struct.unpack(">I4s", head)
+                if kind in (b"IDAT", b"IEND") or length > 1 << 20:
+                    return False
+                data = f.read(length)
+                f.seek(4, 1)  # CRC
+                if kind == b"tEXt" and data.split(b"\0", 1) == [b"Software", MARK.encode()]:
+                    return True
+    except OSError:
+        return False
+
+
+def _targets(cfg: Config, run_dir: Path) -> Path:
+    out = Path(cfg.out_dir) if cfg.out_dir else run_dir
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out_dir {out} is a file, not a directory; choose a directory for the PNGs")
+    for name in NAMES:
+        p = out / name
+        if p.is_symlink() or (p.exists() and not (p.is_file() and written_by_us(p))):
+            raise UserError(f"{p} exists and was not written by `z2all plot`; it is left alone: move it or choose "
+                            "another --out_dir")
+    return out
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110, metadata={"Software": MARK})
+
+
 def run(cfg: Config) -> int:
+    run_dir = Path(cfg.run)
+    if not run_dir.is_dir():
+        raise UserError(f"RUN {run_dir} is not a directory: give a `z2all train` out_dir")
+    if not (run_dir / "metrics.jsonl").is_file():
+        raise UserError(f"{run_dir}/metrics.jsonl not found: RUN must be a `z2all train` out_dir")
+    out = _targets(cfg, run_dir)
     try:
         import matplotlib
 
@@ -30,15 +85,15 @@ def run(cfg: Config) -> int:
         import matplotlib.pyplot as plt
     except ImportError:
         raise UserError("z2all plot needs matplotlib: pip install 'llm-zero2all[plot]'") from None
-    run_dir = Path(cfg.run)
-    if not (run_dir / "metrics.jsonl").is_file():
-        raise UserError(f"{run_dir}/metrics.jsonl not found: RUN must be a `z2all train` out_dir")
+
+    def num(r: dict, key: str) -> bool:
+        return isinstance(r.get(key), (int, float)) and isinstance(r.get("step"), int)
+
     recs = read_metrics(run_dir)
-    train = [r for r in recs if r.get("kind") == "train"]
-    val = [r for r in recs if r.get("kind") == "val"]
+    train = [r for r in recs if r.get("kind") == "train" and num(r, "loss")]
+    val = [r for r in recs if r.get("kind") == "val" and num(r, "val_loss")]
     if not train and not val:
         raise UserError(f"{run_dir}/metrics.jsonl holds no train or val records yet")
-    out = Path(cfg.out_dir) if cfg.out_dir else run_dir
     out.mkdir(parents=True, exist_ok=True)
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -53,26 +108,26 @@ def run(cfg: Config) -> int:
     ax.legend()
     fig.tight_layout()
     loss_png = out / "loss.png"
-    fig.savefig(loss_png, dpi=110)
+    _save(fig, loss_png)
     plt.close(fig)
 
     written = [loss_png]
     if train:
         fig, ax = plt.subplots(figsize=(8, 4.5))
         steps = [r["step"] for r in train]
-        ax.plot(steps, [r["tokens_per_s"] for r in train], color="tab:blue", lw=1)
+        ax.plot(steps, [r.get("tokens_per_s") or math.nan for r in train], color="tab:blue", lw=1)
         ax.set_xlabel("step")
         ax.set_ylabel("tokens/s", color="tab:blue")
         ax.grid(alpha=0.3)
         mfus = [r.get("mfu") for r in train]
         if any(m is not None for m in mfus):
             ax2 = ax.twinx()
-            ax2.plot(steps, [100 * m if m is not None else float("nan") for m in mfus], color="tab:red", lw=1)
+            ax2.plot(steps, [100 * m if m is not None else math.nan for m in mfus], color="tab:red", lw=1)
             ax2.set_ylabel("MFU (%)", color="tab:red")
         ax.set_title(f"{run_dir.name}: throughput")
         fig.tight_layout()
         tp_png = out / "throughput.png"
-        fig.savefig(tp_png, dpi=110)
+        _save(fig, tp_png)
         plt.close(fig)
         written.append(tp_png)
     print0("wrote " + ", ".join(str(p) for p in written))
