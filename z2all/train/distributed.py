@@ -101,14 +101,6 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def broadcast_object(obj, src: int = 0):
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def all_gather_object(obj) -> list:
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return [obj]
@@ -209,12 +201,6 @@ def reshard(model: torch.nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.reshard()
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The single-device model inside DDP (FSDP2 modifies the model in place, so it is the model)."""
-    return model.module if hasattr(model, "module") and isinstance(model, torch.nn.parallel.DistributedDataParallel) \
-        else model
 
 
 def sync_context(model: torch.nn.Module, sync: bool):

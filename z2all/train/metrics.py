@@ -102,9 +102,15 @@ class MetricsWriter:
                     self._tb.add_scalar(f"{kind}/{k}", v, record["step"])
 
     def close(self) -> None:
+        """Called from the trainer's `finally`: it must not mask the error in flight (a full disk, say), so
+        TensorBoard's own flush errors are swallowed (every record is already in metrics.jsonl)."""
         self._f.close()
         if self._tb is not None:
-            self._tb.close()
+            try:
+                self._tb.close()
+            except Exception:  # noqa: S110 - optional sink; metrics.jsonl holds everything
+                pass
+            self._tb = None
 
 
 def truncate_metrics(run_dir: str | os.PathLike, after_step: int) -> int:
