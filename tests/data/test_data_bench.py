@@ -1,5 +1,6 @@
 """`z2all bench data`: the generated input is real, unique text of the asked size that our converter keeps
-whole; the full benchmark runs end to end at a tiny size (slow: it spawns several processes)."""
+whole; the seed-style peer writes unified records; the full benchmark runs end to end at a tiny size (slow: it
+spawns several processes)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ def test_build_input_and_bare_loop(shared_corpora, tmp_path, capsys):
     assert len(rows) == n > 50 and len({r["text"] for r in rows}) == n  # repeats vary: dedup keeps them
     assert bench.bare_loop(str(path), str(tmp_path / "bare.jsonl")) == n
     assert [orjson.loads(x) for x in (tmp_path / "bare.jsonl").read_bytes().splitlines()] == rows
+    assert bench.seed_convert(str(path), str(tmp_path / "seed.jsonl")) == n  # the peer writes unified records
+    seed = [orjson.loads(x) for x in (tmp_path / "seed.jsonl").read_bytes().splitlines()]
+    assert [(r["gid"], r["content"], r["others"]) for r in seed] == [(i, r["text"], {"id": r["id"]})
+                                                                   for i, r in enumerate(rows)]
     cfg = convert.Config(inputs=[f"wikipedia_zh={path}"], out=str(tmp_path / "out"))
     cfg.clean.min_chars = 1
     convert.run(cfg)
@@ -31,9 +36,10 @@ def test_build_input_and_bare_loop(shared_corpora, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_bench_runs_end_to_end(shared_corpora, tmp_path, capsys):
-    cfg = bench.Config(size_mb=2, corpora=str(shared_corpora), work_dir=str(tmp_path), vocab_size=300,
+    cfg = bench.Config(size_mb=2, corpora=str(shared_corpora), work_dir=str(tmp_path), vocab_size=512,
                        tokenize_mb=0.2, near_dedup=True)
     assert bench.run(cfg) == 0
     out = capsys.readouterr().out
-    for row in ("bare orjson", "ours: convert", "1/4 input", "cleaning off", "MinHash", "tokens/s", "cores"):
+    for row in ("seed-style", "bare orjson", "ours: convert", "1/4 input", "cleaning off", "2 workers", "MinHash",
+                "tokens/s", "data tokenize --workers", "tokenizers encode", "tiktoken encode", "cores"):
         assert row in out

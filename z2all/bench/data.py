@@ -1,22 +1,29 @@
-"""`z2all bench data`: conversion MB/s and peak RSS against a bare orjson loop, and tokenization tokens/s.
+"""`z2all bench data`: conversion MB/s and peak RSS against a seed-style converter and a bare orjson loop,
+and tokenization throughput of our pipeline against raw `tokenizers` and tiktoken.
 
     z2all bench data                       # 1 GB input (a few minutes on 2 cores)
-    z2all bench data --size-mb 200         # quicker
+    z2all bench data --size-mb 32 --repeats 3     # quicker; best of 3, rows interleaved
     z2all bench data --corpora DIR         # any dir of *.jsonl.gz with {"title", "text"} lines
 
 Builds a wikipedia_zh-format jsonl ({id, title, text}) of --size-mb from real prose (../shared/corpora
 next to the repository when present, else the embedded demo corpus; code_* files are left out because
 code is never cleaned and would flatter the converter), repeating documents with varying
 ids and a copy number appended to the text (so exact dedup keeps them: an honest write load). Then, each
-run in a fresh process (bench.run_isolated) so peak RSS is the run's own:
+run in a fresh process (bench.run_isolated) so peak RSS is the run's own, every row --repeats times in
+turn (interleaved, best wall kept: the machine's noise hits every row alike):
+  - seed (the peer, the "vs seed" column's 1.0): a seed-style stdlib converter, json.loads -> unified
+    record -> json.dumps(ensure_ascii=False) -> write, no cleaning, no dedup;
   - bare: orjson.loads + orjson.dumps + write of every line: the floor any converter pays;
   - ours: `z2all data convert` on the same file, cleaning and dedup on, --workers 1 (so MB/s is per core),
-    at the full size and at a quarter of it (peak RSS must not grow with the input), and the quarter
-    with --clean.clean false (dedup and filters still on) to split the cost between cleaning and the rest;
+    at the full size and at a quarter of it (peak RSS must not grow with the input), the quarter with
+    --clean.clean false (dedup and filters still on) to split the cost between cleaning and the rest, and
+    the full size with --workers 2 (scaling);
   - near-dedup (optional, --near-dedup): the same quarter-size run with MinHash on, to put a number on it;
-  - tokenize: a --tokenize-mb conversion through `z2all data tokenize --workers 2` with a byte-level BPE
-    trained here on a sample (tokenizers, --vocab-size).
-Prints one markdown table with the machine named. Numbers on shared machines are noisy.
+  - tokenize: a --tokenize-mb conversion encoded with a BPE trained here by `z2all tokenizer train`
+    (--vocab-size): `z2all data tokenize --workers N` end to end, and the peers on the same texts in one
+    process, one thread: raw `tokenizers` encode_batch, and tiktoken when the tokenizer converts exactly
+    (tokenizer/tiktoken_compat.py).
+Prints the tables with the machine named. Numbers on shared machines are noisy: compare ratios.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import orjson
 
 from z2all.bench import machine_name, markdown_table, run_isolated
 from z2all.config import opt
+from z2all.data import convert, tokenize  # imported here, outside the timed calls of the child processes
 from z2all.utils import UserError, print0
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,11 +50,17 @@ class Config:
     corpora: str = opt("", "directory of *.jsonl(.gz) files with title/text fields "
                            "(default: ../shared/corpora next to the repo, else z2all/data/demo)")
     work_dir: str = opt("", "scratch directory (default: a temporary one, removed afterwards)")
-    vocab_size: int = opt(8192, "vocabulary of the BPE trained for the tokenize row")
-    tokenize_mb: float = opt(16.0, "MB of converted text for the tokenize row (HF BPE encodes at ~0.5-2 MB/s "
-                                   "per core on long documents)")
+    vocab_size: int = opt(8192, "vocabulary of the BPE trained (z2all tokenizer train) for the tokenize rows")
+    tokenize_mb: float = opt(16.0, "MB of converted text for the tokenize rows (tokenizers encodes ~1 MB/s per "
+                                   "core on this text, tiktoken ~5x that)")
     tokenize_workers: int = opt(2, "worker processes for the tokenize row")
     near_dedup: bool = opt(False, "also time the quarter-size conversion with MinHash near-dedup")
+    repeats: int = opt(1, "run every row this many times, interleaved, and keep the best wall time")
+    workers: int = opt(2, "worker processes of the scaling row (convert --workers N; 1 = no scaling row)")
+
+    def validate(self) -> None:
+        if self.size_mb <= 0 or self.tokenize_mb <= 0 or self.repeats < 1 or self.workers < 1:
+            raise UserError("size_mb and tokenize_mb must be > 0, repeats and workers >= 1")
 
 
 def _source_texts(corpora: str) -> list[dict]:
@@ -95,10 +109,25 @@ def bare_loop(src: str, dst: str) -> int:
     return n
 
 
-def ours(src: str, out: str, near_dedup: bool = False, clean: bool = True) -> int:
-    from z2all.data import convert
+def seed_convert(src: str, dst: str) -> int:
+    """The peer: a seed-style stdlib converter, what a first script does (json.loads -> the unified record
+    -> json.dumps(ensure_ascii=False) -> write), no cleaning, no dedup, one process."""
+    import json
 
-    cfg = convert.Config(inputs=[f"wikipedia_zh={src}"], out=out, workers=1)
+    n = 0
+    with open(src, encoding="utf-8") as fi, open(dst, "w", encoding="utf-8") as fo:
+        for line in fi:
+            raw = json.loads(line)
+            rec = {"gid": n, "id": n, "data_src": "wikipedia_zh", "category": "wikipedia_zh",
+                   "title": raw.get("title", ""), "content": raw["text"], "desc": "",
+                   "others": {k: v for k, v in raw.items() if k not in ("title", "text")}}
+            fo.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def ours(src: str, out: str, near_dedup: bool = False, clean: bool = True, workers: int = 1) -> int:
+    cfg = convert.Config(inputs=[f"wikipedia_zh={src}"], out=out, workers=workers)
     cfg.clean.near_dedup = near_dedup
     cfg.clean.clean = clean
     convert.run(cfg)
@@ -110,34 +139,58 @@ def _state(out: str) -> dict:
 
 
 def tokenize_run(shards: str, tok: str, out: str, workers: int) -> int:
-    import json
-
-    from z2all.data import tokenize
-
+    shutil.rmtree(out, ignore_errors=True)  # best of N: every repeat starts from nothing
     tokenize.run(tokenize.Config(shards=shards, tokenizer=tok, out=out, workers=workers))
-    meta = json.loads((Path(out) / "meta.json").read_text())
+    meta = orjson.loads((Path(out) / "meta.json").read_bytes())
     return meta["train_tokens"] + meta["val_tokens"]
 
 
-def train_bpe(docs: list[dict], out: Path, vocab_size: int) -> Path:
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+def shard_texts(shards: str) -> list[str]:
+    """The training texts of a conversion, as data tokenize builds them."""
+    from z2all.data.schema import record_text
 
-    tok = Tokenizer(models.BPE())
-    # Han characters split one by one: with GPT-2's pattern alone a run of Han text is one "word" and HF's
-    # BPE slows to ~80 k tokens/s on this corpus (the project's own tokenizer has a CJK-aware pattern)
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex("[\u3400-\u9fff]"), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator((d["text"] for d in docs[::3]), trainer)
-    out.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out / "tokenizer.json"))
+    texts = []
+    for f in sorted(Path(shards).glob("*/part-*.jsonl")):
+        with open(f, "rb") as fh:
+            texts += [record_text(orjson.loads(line)) for line in fh]
+    return texts
+
+
+def encode_peer(shards: str, tok: str, kind: str) -> tuple[int, float]:
+    """(tokens, encode seconds) of `kind` (tokenizers | tiktoken) on the conversion's texts, one thread, in
+    batches of 256 texts (reading the texts is not timed)."""
+    import os
+    import time
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # per core, like one data tokenize worker
+    from z2all.tokenizer.tiktoken_compat import make_encoder
+
+    texts = shard_texts(shards)
+    encode = make_encoder(tok, kind)
+    t0 = time.perf_counter()
+    n = 0
+    for i in range(0, len(texts), 256):
+        n += sum(map(len, encode(texts[i: i + 256])))
+    return n + len(texts), time.perf_counter() - t0  # + one eos per document, as data tokenize writes
+
+
+def train_bpe(shards: Path, out: Path, vocab_size: int) -> Path:
+    """`z2all tokenizer train` (our backend) on the conversion, as a user would make it."""
+    from z2all.tokenizer.train import Config as TrainConfig
+    from z2all.tokenizer.train import train_tokenizer
+
+    train_tokenizer(TrainConfig(inputs=[str(shards)], out_dir=str(out), vocab_size=vocab_size, workers=1))
     return out
 
 
+def _best(runs: dict, key: str, value) -> None:
+    """Keep the run with the least wall time (value = (result, wall, rss))."""
+    if key not in runs or value[1] < runs[key][1]:
+        runs[key] = value
+
+
 def run(cfg: Config) -> int:
+    cfg.validate()
     docs = _source_texts(cfg.corpora)
     work = Path(cfg.work_dir) if cfg.work_dir else Path(tempfile.mkdtemp(prefix="z2all-bench-data-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -147,36 +200,67 @@ def run(cfg: Config) -> int:
         build_input(docs, big, size)
         build_input(docs, small, size // 4)
         mb_big, mb_small = big.stat().st_size / 2**20, small.stat().st_size / 2**20
-        print0(f"bench data: inputs {mb_big:.0f} MB and {mb_small:.0f} MB from {len(docs)} real documents")
-        rows = []
-        _, t_bare, rss_bare = run_isolated(bare_loop, str(big), str(work / "bare.jsonl"))
-        (work / "bare.jsonl").unlink()
-        rows.append(["bare orjson loads+dumps", f"{mb_big:.0f}", t_bare, mb_big / t_bare, 1.0, rss_bare / 2**20])
-        for label, src, mb in (("ours: convert, clean+dedup, 1 worker", big, mb_big),
-                               ("ours: same, 1/4 input", small, mb_small)):
-            out = work / f"out-{src.stem}"
-            _, t, rss = run_isolated(ours, str(src), str(out))
-            rows.append([label, f"{mb:.0f}", t, mb / t, (mb / t) / (mb_big / t_bare), rss / 2**20])
-            if src is big:
-                shutil.rmtree(out)
-        _, t, rss = run_isolated(ours, str(small), str(work / "out-noclean"), False, False)
-        rows.append(["ours: same, 1/4 input, cleaning off", f"{mb_small:.0f}", t, mb_small / t,
-                     (mb_small / t) / (mb_big / t_bare), rss / 2**20])
+        print0(f"bench data: inputs {mb_big:.0f} MB and {mb_small:.0f} MB from {len(docs)} real documents, "
+               f"best of {cfg.repeats}")
+        rows_spec = [  # (label, input, MB, fn, args)
+            ("seed-style stdlib converter (json, no cleaning)", big, mb_big, seed_convert,
+             (str(big), str(work / "seed.jsonl"))),
+            ("bare orjson loads+dumps", big, mb_big, bare_loop, (str(big), str(work / "bare.jsonl"))),
+            ("ours: convert, clean+dedup, 1 worker", big, mb_big, ours, (str(big), str(work / "out-big"))),
+            ("ours: same, 1/4 input", small, mb_small, ours, (str(small), str(work / "out-small"))),
+            ("ours: same, 1/4 input, cleaning off", small, mb_small, ours,
+             (str(small), str(work / "out-noclean"), False, False)),
+        ]
+        if cfg.workers > 1:
+            rows_spec.append((f"ours: convert, clean+dedup, {cfg.workers} workers", big, mb_big, ours,
+                              (str(big), str(work / "out-workers"), False, True, cfg.workers)))
         if cfg.near_dedup:
-            _, t, rss = run_isolated(ours, str(small), str(work / "out-near"), True)
-            rows.append(["ours + MinHash near-dedup, 1/4 input", f"{mb_small:.0f}", t, mb_small / t,
-                         (mb_small / t) / (mb_big / t_bare), rss / 2**20])
-        tok = train_bpe(docs, work / "tok", cfg.vocab_size)
+            rows_spec.append(("ours + MinHash near-dedup, 1/4 input", small, mb_small, ours,
+                              (str(small), str(work / "out-near"), True)))
+        runs: dict = {}
+        for _ in range(cfg.repeats):
+            for label, _src, _mb, fn, args in rows_spec:
+                if fn is ours:
+                    shutil.rmtree(args[1], ignore_errors=True)  # a finished output would rerun in no time
+                _best(runs, label, run_isolated(fn, *args))
+        for f in ("seed.jsonl", "bare.jsonl"):
+            (work / f).unlink(missing_ok=True)
+        t_seed = runs[rows_spec[0][0]][1]
+        rows = []
+        for label, _src, mb, _fn, _args in rows_spec:
+            _, t, rss = runs[label]
+            rows.append([label, f"{mb:.0f}", t, mb / t, (mb / t) / (mb_big / t_seed), rss / 2**20])
+        shutil.rmtree(work / "out-big", ignore_errors=True)
+
         tok_in = work / "tok.jsonl"
         build_input(docs, tok_in, int(cfg.tokenize_mb * 2**20))
-        ours(str(tok_in), str(work / "out-tok"))
-        ntok, t, rss = run_isolated(tokenize_run, str(work / "out-tok"), str(tok), str(work / "tokens"),
-                                    cfg.tokenize_workers)
-        table = markdown_table(["step", "input MB", "wall s", "MB/s", "vs bare", "peak RSS MB"], rows)
-        tok_table = markdown_table(["tokenize (workers)", "tokens", "wall s", "tokens/s", "peak RSS MB (parent)"],
-                                   [[f"BPE {cfg.vocab_size} ({cfg.tokenize_workers})", ntok, t, ntok / t,
-                                     rss / 2**20]])
-        print0(f"\nmachine: {machine_name()}\n\n{table}\n\n{tok_table}")
+        shards = work / "out-tok"
+        ours(str(tok_in), str(shards))
+        tok = train_bpe(shards, work / "tok", cfg.vocab_size)
+        from z2all.tokenizer.tiktoken_compat import to_tiktoken
+
+        _, why = to_tiktoken(tok)
+        text_mb = sum(len(t.encode()) for t in shard_texts(str(shards))) / 2**20
+        kinds = ["tokenizers"] + ([] if why else ["tiktoken"])
+        truns: dict = {}
+        for _ in range(cfg.repeats):
+            _best(truns, "ours", run_isolated(tokenize_run, str(shards), str(tok), str(work / "tokens"),
+                                              cfg.tokenize_workers))
+            for kind in kinds:
+                (ntok, t_enc), wall, rss = run_isolated(encode_peer, str(shards), str(tok), kind)
+                _best(truns, kind, ((ntok, t_enc), t_enc, rss))
+        ntok, t, rss = truns["ours"]
+        tok_rows = [[f"ours: data tokenize --workers {cfg.tokenize_workers} (end to end)", ntok, t, ntok / t,
+                     text_mb / t, rss / 2**20]]
+        for kind in kinds:
+            (n, _), t, rss = truns[kind]
+            tok_rows.append([f"{kind} encode, 1 process, 1 thread (encoding only)", n, t, n / t, text_mb / t,
+                             rss / 2**20])
+        table = markdown_table(["step", "input MB", "wall s", "MB/s", "vs seed", "peak RSS MB"], rows)
+        tok_table = markdown_table([f"tokenize {text_mb:.1f} MB, BPE {cfg.vocab_size} (z2all tokenizer train)",
+                                    "tokens", "wall s", "tokens/s", "MB/s", "peak RSS MB"], tok_rows)
+        note = f"\ntiktoken: not used, the tokenizer does not convert exactly ({why})" if why else ""
+        print0(f"\nmachine: {machine_name()}\n\n{table}\n\n{tok_table}{note}")
     finally:
         if not cfg.work_dir:
             shutil.rmtree(work, ignore_errors=True)
