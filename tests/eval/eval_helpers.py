@@ -17,7 +17,7 @@ def demo_docs(name: str = "zh_wiki.jsonl.gz", field: str = "text", n: int = 12, 
     with gzip.open(DEMO / name, "rt", encoding="utf-8") as f:
         for line in f:
             t = json.loads(line)[field][:chars]
-            if len(t) > 600:
+            if len(t) > min(600, chars // 2):
                 out.append(t)
             if len(out) >= n:
                 break

@@ -125,7 +125,7 @@ def _load_csv(path: Path, fmt: str) -> Loaded:
         desc = f"The following are multiple choice questions (with answers) about {subject}.\n\n"
         tail, cols = "Answer:", None
     elif fmt == "ceval":
-        desc = f"以下是中国关于{subject}考试的单项选择题，请选出其中的正确答案。\n\n"
+        desc = f"以下是中国关于{subject}的单项选择题，请选出其中的正确答案。\n\n"
         tail, cols = "答案：", ("question", "answer")
     else:
         desc = f"以下是关于{subject}的单项选择题，请直接给出正确答案的选项。\n\n"
