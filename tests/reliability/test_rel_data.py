@@ -170,10 +170,12 @@ def test_replaced_input_is_refused_then_overwrite_recovers(tmp_path, when):
 
 # ---------------------------------------------------------------- damaged artifacts: one line naming the file
 
-@pytest.mark.parametrize("damage", ["truncated_shard", "edited_line", "missing_shard", "manifest_not_json"])
+@pytest.mark.parametrize("damage", ["truncated_shard", "edited_line", "missing_shard", "manifest_not_json",
+                                    "tokenizer_not_json"])
 def test_damaged_convert_output_is_refused_by_tokenize(converted, tmp_path, damage):
     conv, tok = converted
     conv = copy_tree(conv, tmp_path / "conv")
+    tok = copy_tree(tok, tmp_path / "tok")
     shard = conv / "wikipedia_zh" / "part-00001.jsonl"
     name = shard.name
     if damage == "truncated_shard":
@@ -184,6 +186,9 @@ def test_damaged_convert_output_is_refused_by_tokenize(converted, tmp_path, dama
         shard.write_bytes(b"".join(lines))
     elif damage == "missing_shard":
         shard.unlink()
+    elif damage == "tokenizer_not_json":
+        (tok / "tokenizer.json").write_text("{ not json")
+        name = "tokenizer.json"
     else:
         (conv / "wikipedia_zh" / "manifest.json").write_text('{"source": "wikipedia_zh", "shards": [')
         name = "manifest.json"
@@ -192,6 +197,28 @@ def test_damaged_convert_output_is_refused_by_tokenize(converted, tmp_path, dama
     assert_clean_failure(z2all("data", "tokenize", "--shards", conv, "--tokenizer", tok, "--out", out), name)
     assert snapshot(conv) == before
     assert not out.exists() or not [p for p in out.iterdir() if p.name.endswith((".bin", "meta.json"))]
+
+
+@pytest.mark.parametrize("damage", ["state_not_json", "committed_shard_missing", "committed_shard_cut"])
+def test_damaged_convert_output_is_refused_by_a_rerun(converted, tmp_path, damage):
+    conv, _ = converted
+    conv = copy_tree(conv, tmp_path / "conv")
+    spec = json.loads((conv / "convert.json").read_text())["inputs"]
+    shard = conv / "wikipedia_zh" / "part-00001.jsonl"
+    if damage == "state_not_json":
+        (conv / ".convert_state.json").write_text("{ half a state")
+        name = ".convert_state.json"
+    elif damage == "committed_shard_missing":
+        shard.unlink()
+        name = str(shard)
+    else:
+        shard.write_bytes(shard.read_bytes()[:100])
+        name = str(shard)
+    before = snapshot(conv)
+    res = convert("--inputs", ",".join(f"{x['source']}={x['path']}" for x in spec), "--out", conv,
+                  "--shard-mb", "0.02", "--batch-mb", "0.005")
+    assert_clean_failure(res, name, "--overwrite")
+    assert snapshot(conv) == before
 
 
 def test_edited_shard_line_of_an_unchecked_shard_names_the_line(converted, tmp_path):

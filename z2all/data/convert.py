@@ -345,6 +345,18 @@ class Converter:
                 return u
         return None
 
+    def _check_shards(self) -> None:
+        """Every committed shard is still there at its committed size (a resume would otherwise build on,
+        and a finished output would report, files that are gone or cut)."""
+        for name, s in self.state["sources"].items():
+            for sh in s["shards"]:
+                p = self.out / name / sh["file"]
+                size = p.stat().st_size if p.is_file() else None
+                if size != sh["bytes"]:
+                    what = "is missing" if size is None else f"has {size:,} bytes, not {sh['bytes']:,}"
+                    raise UserError(f"shard {p} {what} (listed in {self.out / STATE}); restore it, or rerun with "
+                                    f"--overwrite to convert again")
+
     def _restore(self) -> None:
         """After a kill: drop files no commit lists, reload dedup hashes, rewrite manifests."""
         for name in dict.fromkeys(u.source.name for u in self.units):
@@ -352,7 +364,11 @@ class Converter:
             remove_stale(self.out / name, {sh["file"] for sh in shards} | {sh["txt"] for sh in shards if "txt" in sh})
             for sh in shards:
                 index = int(sh["file"][5:10])
-                self.exact.add_all(load_shard_hashes(self.out / name, index))
+                hashes = load_shard_hashes(self.out / name, index)
+                if len(hashes) != sh["count"]:
+                    raise UserError(f"{self.out / name / '.dedup'}/part-{index:05d}.u64 holds {len(hashes)} hashes "
+                                    f"for {sh['count']} documents; rerun with --overwrite to convert again")
+                self.exact.add_all(hashes)
                 if self.near is not None:
                     self.near.add_all(load_shard_hashes(self.out / name, index, "near"))
         self._write_manifests()
@@ -484,6 +500,7 @@ class Converter:
     def run(self) -> dict:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
+        self._check_shards()
         if self.state["done"]:
             print0(f"data convert: {self.out} is complete (rerun of the same inputs), nothing to do")
             return self.state

@@ -74,7 +74,11 @@ def load_tokenizer(tok_dir: str | os.PathLike):
     path = Path(tok_dir) / "tokenizer.json"
     if not path.is_file():
         raise UserError(f"{path} not found: --tokenizer must be a directory made by `z2all tokenizer train`")
-    tok = Tokenizer.from_file(str(path))
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # the Rust side raises a plain Exception for any parse error
+        raise UserError(f"{path} is not a readable tokenizer ({str(e)[:200]}); train it again with "
+                        f"`z2all tokenizer train`") from None
     tok.encode_special_tokens = True
     eos = tok.token_to_id(EOS)
     if eos is None:
