@@ -108,6 +108,17 @@ def _hooks_worker(rank: int, port: int, out_path: str) -> None:
         results[hook] = {"same_on_ranks": same_on_ranks, "finite": bool(torch.isfinite(g).all()),
                          "cos": float(F.cosine_similarity(g, r, dim=0)),
                          "rel_err": float((g - r).norm() / r.norm())}
+    # the best any rank-4 compression could do: each matrix of the exact average truncated to its top 4
+    # singular values (vectors are all-reduced uncompressed by the hook)
+    best = []
+    for p in ref.parameters():
+        if p.grad.ndim >= 2:
+            U, S, Vh = torch.linalg.svd(p.grad.reshape(p.grad.shape[0], -1), full_matrices=False)
+            best.append(((U[:, :4] * S[:4]) @ Vh[:4]).reshape(p.grad.shape).flatten())
+        else:
+            best.append(p.grad.flatten())
+    b = torch.cat(best)
+    results["rank4_svd"] = {"cos": float(F.cosine_similarity(b, r, dim=0)), "rel_err": float((b - r).norm() / r.norm())}
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f)
@@ -122,6 +133,11 @@ def test_ddp_comm_hooks_run(tmp_path):
         assert res[hook]["same_on_ranks"] and res[hook]["finite"], res
     assert res["none"]["rel_err"] < 1e-6
     assert 0 < res["bf16"]["rel_err"] < 1e-2  # bf16 rounding (8 mantissa bits), so not bit-exact
-    # one compressed step at rank 4 (64-wide matrices, error feedback still empty): an approximation that points
-    # the right way (measured cos 0.57, torch 2.13 CPU), not the exact average
-    assert res["powersgd"]["cos"] > 0.3 and res["powersgd"]["rel_err"] > 1e-3, res
+    # one compressed step at rank 4 (64-wide matrices, error feedback still empty) against the best rank-4
+    # approximation (per-matrix SVD truncation of the exact average). It cannot beat that bound (it would if
+    # the hook did not compress, or at a higher rank), and one power iteration from a random start gets most
+    # of the way there (it would not if the hook returned noise or a stale/partial gradient). Measured, torch
+    # 2.13 CPU: PowerSGD cos 0.575, rel_err 0.818; rank-4 SVD cos 0.708, rel_err 0.706.
+    psgd, best = res["powersgd"], res["rank4_svd"]
+    assert best["rel_err"] - 1e-4 <= psgd["rel_err"] <= 1.25 * best["rel_err"], res
+    assert 0.75 * best["cos"] < psgd["cos"] <= best["cos"] + 1e-4, res
