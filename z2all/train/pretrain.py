@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from z2all.config import opt, save_config, section, to_dict
-from z2all.io import claim_output_dir, fingerprint
+from z2all.io import claim_output_dir, fingerprint, read_owner
 from z2all.model.config import ModelConfig, model_preset
 from z2all.ops import OpsConfig
 from z2all.train import checkpoint as ckpt_mod
@@ -486,28 +486,29 @@ def prepare_run_dir(run_dir: Path, data_dir: Path, resume: bool) -> None:
     dir; never one holding the token files), refuse a fresh start over an earlier run (its metrics and
     checkpoints would be mixed with the new ones), and for --resume set aside corrupt checkpoints newer than
     the newest intact one, saying so."""
-    claim_output_dir(run_dir, "train", option="--out_dir", protect=[data_dir], legacy=_is_legacy_run_dir)
-    ckpt_mod.remove_stale_temps(run_dir)
-    ckpts = ckpt_mod.list_checkpoints(run_dir)
-    if not resume:
+    owner = read_owner(run_dir) if run_dir.is_dir() else None
+    ours = owner == "train" or (owner is None and run_dir.is_dir() and _is_legacy_run_dir(run_dir))
+    ckpts = ckpt_mod.list_checkpoints(run_dir) if ours else []
+    if ours and not resume:  # refused before claiming, so not even the owner file is added
         earlier = [x for x, there in (("checkpoints", ckpts), ("metrics.jsonl", (run_dir / "metrics.jsonl").is_file()))
                    if there]
         if earlier:
             raise UserError(f"--out_dir {run_dir} already holds a training run ({', '.join(earlier)}): pass --resume "
                             "to continue it, or choose another --out_dir (nothing was changed)")
-        return
-    if not ckpts:
+    claim_output_dir(run_dir, "train", option="--out_dir", protect=[data_dir], legacy=_is_legacy_run_dir)
+    if resume and ckpts:
+        good, bad = ckpt_mod.intact_checkpoint(run_dir)
+        if good is None:
+            raise UserError(f"--resume: no intact checkpoint in {run_dir / 'checkpoints'}: {bad[0][1]}"
+                            + (f" (and {len(bad) - 1} older ones are damaged too)" if len(bad) > 1 else "")
+                            + "; nothing was changed")
+        for path, problem in bad:
+            moved = ckpt_mod.set_aside(path)
+            print0(f"warning: {problem}; resuming from {good.name} instead ({path.name} set aside as {moved.name})",
+                   file=sys.stderr)
+    elif resume:
         print0(f"--resume: no checkpoint in {run_dir / 'checkpoints'}, starting from scratch")
-        return
-    good, bad = ckpt_mod.intact_checkpoint(run_dir)
-    if good is None:
-        raise UserError(f"--resume: no intact checkpoint in {run_dir / 'checkpoints'}: {bad[0][1]}"
-                        + (f" (and {len(bad) - 1} older ones are damaged too)" if len(bad) > 1 else "")
-                        + "; nothing was changed")
-    for path, problem in bad:
-        moved = ckpt_mod.set_aside(path)
-        print0(f"warning: {problem}; resuming from {good.name} instead ({path.name} set aside as {moved.name})",
-               file=sys.stderr)
+    ckpt_mod.remove_stale_temps(run_dir)  # what saves killed mid-way left behind
 
 
 _SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "multiple_of", "norm_eps",
