@@ -334,11 +334,12 @@ def run(cfg: Config) -> int:
     aggs: dict[tuple[float, str], dict] = {}
     largest_unique = 0
     enc_dir: Path | None = None
+    labels: dict[float, str] = {}
     try:
         for size_mb in cfg.sizes_mb:
             text_path = tmp / f"train-{size_mb:g}MB.jsonl"
             n = _write_text(text_path, train_docs, int(size_mb * MB))
-            label = f"{n / MB:.1f} MB"
+            label = labels[size_mb] = f"{n / MB:.1f} MB"
             runs: dict[str, list[dict]] = {b: [] for b in backends}
             bpt: dict[str, float] = {}
             notes: dict[str, str] = {}
@@ -412,7 +413,7 @@ def run(cfg: Config) -> int:
             kept = ("kept" if rss <= budget else
                     "kept by PSS (the RSS sum counts forked pages twice)" if pss and pss <= budget else "EXCEEDED")
             free = aggs[(size_mb, "z2all")]["bpt"]
-            row, _ = _summary_row(f"{size_mb:g} MB", f"z2all, budget {budget / MB:.0f} MB (1 round)", [rec], b_bpt,
+            row, _ = _summary_row(labels[size_mb], f"z2all, budget {budget / MB:.0f} MB (1 round)", [rec], b_bpt,
                                   f"budget {kept}; cap {cap:,} words: {c['prunes']} prunes, error bound "
                                   f"{c['error_bound']}; bytes/token {(b_bpt / free - 1) * 100:+.2f}% vs unbounded")
             rows.append(row)
