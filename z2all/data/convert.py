@@ -9,24 +9,35 @@
 source). A path may be a file or a directory (all files under it, sorted: WuDao style). Known sources and
 their field mapping are in sources.py; any other source name is generic and needs `--text-field` (plus
 optionally `--title-field`, `--desc-field`, `--category-field`, `--category`, `--kind code|prose`).
-The format comes from the suffix (`--format` forces one); see readers.py for formats and compressions.
+The format comes from the suffix (`--format` forces one), the compression from the file's magic bytes; see
+readers.py for formats and compressions.
 
 Several sources go into one output in one run: inputs are grouped by source (first-appearance order, input
 order kept within a source) and numbered in that order, so `gid` is unique over the whole output,
 contiguous, and the same on every run and for any `--workers`.
 
-How it runs: the parent reads inputs and hands ~4 MB batches (raw jsonl lines, or decoded items for
+How it runs (pipeline.ordered_map): the parent reads inputs and hands ~4 MB batches (raw jsonl lines, or decoded items for
 arrays/parquet/txt) to `--workers` processes that parse, map, clean, filter, hash and serialise; results
 come back in order (at most 2 x workers + 1 batches in flight: bounded memory) and the parent alone
 deduplicates, numbers and writes, so the output does not depend on timing. With `--workers 1` everything
 runs in-process.
 
-Resume: the parent commits `OUT/.convert_state.json` (input position, next gid, shard lists, skip counts)
-each time a shard is finished, atomically. A rerun with the same inputs continues from the last commit:
-finished inputs are skipped, a half-read input is reread from the committed item on without rewriting,
-the unfinished shard of a killed run (a hidden temp file) is dropped and redone. SIGKILL therefore loses
-nothing already written. A finished output reruns in no time and prints its stats again; other inputs
-or settings for the same --out are refused unless --overwrite.
+Resume: the parent commits `OUT/.convert_state.json` (input position, next gid, shard lists, skip counts,
+and each input's fingerprint: size, mtime, head/tail hash) each time a shard is finished, atomically. A
+rerun with the same inputs continues from the last commit: finished inputs are skipped, a half-read input
+is reread from the committed item on without rewriting, the unfinished shard of a killed run (a hidden
+temp file) is dropped and redone. SIGKILL therefore loses nothing already written. An input that changed
+since it was (partly) read is an error naming it (the shards would mix two versions of it); an input whose
+read failed may be replaced (the re-downloaded archive). A finished output reruns in no time and prints its
+stats again; other inputs or settings for the same --out are refused unless --overwrite.
+
+Output directory: --out is claimed (z2all.io.claim_output_dir): new, empty, or an earlier convert output;
+an input inside it is refused. --overwrite removes exactly the files the state (or, when it is unreadable,
+the manifests) lists as written by convert, and directories left empty; anything else stays.
+
+No silent failure: a source that yields no records, or whose records are mostly skipped for a reason other
+than duplication (more than --max-skipped-fraction, default 0.5: a wrong --text-field, a file in another
+format), makes the run fail with the reason and an example, after the output and its stats are written.
 
 Bad input: a malformed line is skipped and counted with its file:line (first `max_examples` kept in the
 manifest); invalid UTF-8 is replaced and counted; a missing/empty content field is its own reason; a
@@ -36,9 +47,8 @@ error naming the file after committing every complete shard (they stay listed in
 
 from __future__ import annotations
 
-import json
+import contextlib
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +56,7 @@ import orjson
 
 from z2all.config import opt, save_config, section, to_dict
 from z2all.data.clean import CleanConfig, Cleaner, HashSet64, MinHash
+from z2all.data.pipeline import ordered_map, read_state, write_state
 from z2all.data.readers import (
     FORMATS,
     TXT_MODES,
@@ -204,17 +215,6 @@ def _work(task: tuple) -> tuple:
     return "batch", u, first, len(items), out, skipped, repaired
 
 
-class Ready:
-    """An already computed result with AsyncResult's get(): inline work (workers=1) and markers travel
-    through the same in-order queue as pool results."""
-
-    def __init__(self, value):
-        self.value = value
-
-    def get(self):
-        return self.value
-
-
 # ---------------------------------------------------------------- parent side
 
 def _settings(cfg: Config) -> dict:
@@ -233,20 +233,6 @@ def _fresh_state(units: list[Unit], cfg: Config) -> dict:
 
 def _signature(units: list[Unit]) -> list[dict]:
     return [{"source": u.source.name, "path": str(u.path), "format": u.fmt} for u in units]
-
-
-def _read_state(path: Path) -> dict | None:
-    """The committed state, None when there is none; a state that is not JSON is a UserError."""
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(state, dict):
-            raise ValueError("not a JSON object")
-        return state
-    except FileNotFoundError:
-        return None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is corrupt ({e}); rerun with --overwrite to convert again (only the files "
-                        f"the manifests list are removed)") from None
 
 
 def _listed_names(shards: list[dict]) -> list[str]:
@@ -304,7 +290,7 @@ class Converter:
     def _load_state(self) -> dict:
         path = self.out / STATE
         try:
-            state = _read_state(path)
+            state = read_state(path)
         except UserError:
             if not self.cfg.overwrite:
                 raise
@@ -379,7 +365,7 @@ class Converter:
 
     def _commit(self) -> None:
         self.state["next_unit"], self.state["unit_items"] = self.pos
-        atomic_write_text(self.out / STATE, json.dumps(self.state, ensure_ascii=False) + "\n")
+        write_state(self.out / STATE, self.state)
         self._write_manifests()
 
     def _write_manifests(self) -> None:
@@ -506,52 +492,35 @@ class Converter:
             return self.state
         self._restore()
         sources = [u.source for u in self.units]
-        pool = None
-        if cfg.workers > 1:
-            import multiprocessing as mp
-
-            pool = mp.get_context("spawn").Pool(cfg.workers, _init_worker,
-                                                (sources, cfg.clean, cfg.txt, cfg.max_examples))
-        else:
-            _init_worker(sources, cfg.clean, cfg.txt, cfg.max_examples)
         total = sum(u.path.stat().st_size for u in self.units)
         done_bytes = sum(u.path.stat().st_size for u in self.units[: self.state["next_unit"]])
         bar = progress(total=total, initial=done_bytes, desc="convert", unit="B", unit_scale=True)
-        limit = 2 * cfg.workers + 1
-        inflight: deque = deque()
-        error: Exception | None = None
-        tasks = self._tasks()
         self._reader = None
         last_pos = 0
+
+        def submitted(tag: tuple) -> None:
+            nonlocal last_pos
+            if tag[0] == "end":
+                bar.update(self.units[tag[1]].path.stat().st_size - last_pos)
+                last_pos = 0
+            else:
+                pos = self._reader.position() if self._reader else 0
+                bar.update(max(0, pos - last_pos))
+                last_pos = pos
+
+        # a batch travels as its payload with a small tag; markers ("end", "repaired", ...) are their own tag
+        jobs = (((t[0], t[1]), t) if t[0] == "batch" else (t, None) for t in self._tasks())
+        error: UserError | None = None
+        results = ordered_map(_work, jobs, workers=cfg.workers, initializer=_init_worker,
+                              initargs=(sources, cfg.clean, cfg.txt, cfg.max_examples), submitted=submitted)
         try:
-            while True:
-                while error is None and len(inflight) < limit:
-                    try:
-                        task = next(tasks)
-                    except StopIteration:
-                        break
-                    except UserError as e:  # ReadError: truncated archive, unreadable parquet
-                        error = e
-                        break
-                    if task[0] == "batch":
-                        inflight.append(pool.apply_async(_work, (task,)) if pool else Ready(_work(task)))
-                    else:
-                        inflight.append(Ready(task))
-                    pos = self._reader.position() if self._reader else 0
-                    if task[0] == "end":
-                        bar.update(self.units[task[1]].path.stat().st_size - last_pos)
-                        last_pos = 0
-                    else:
-                        bar.update(max(0, pos - last_pos))
-                        last_pos = pos
-                if not inflight:
-                    break
-                self._apply(inflight.popleft().get())
+            with contextlib.closing(results):
+                for tag, result in results:
+                    self._apply(tag if result is None else result)
+        except UserError as e:  # ReadError from the inputs (truncated archive, unreadable parquet), after
+            error = e  # every batch before it was applied
         finally:
             bar.close()
-            if pool is not None:
-                pool.terminate()
-                pool.join()
         self._finish_shard()
         if error is not None:
             u = self.pos[0]
@@ -559,7 +528,7 @@ class Converter:
                 self.state["units"][u]["status"] = f"error: {error}"
             self._commit()
             n = sum(len(s["shards"]) for s in self.state["sources"].values())
-            raise UserError(f"{error}\n{n} complete shard(s) were written and are listed in the manifests under "
+            raise UserError(f"{error}; {n} complete shard(s) were written and are listed in the manifests under "
                             f"{self.out}; replace the file and rerun the same command to continue from there "
                             f"(dropping it from --inputs means a new conversion: --overwrite)")
         self.state["done"] = True

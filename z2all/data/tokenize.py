@@ -14,22 +14,30 @@ Every document is `record_text(record)` (schema.py) encoded without special toke
 Validation split: by document, deterministic: a document goes to val when blake2b(seed, gid) falls below
 --val-fraction of the hash range, independent of worker count, shard size and order.
 
-How it runs: the parent reads shards as ~8 MB blocks of raw lines and hands them to --workers processes
-(each encodes its block with `encode_batch_fast`, single-threaded; with --workers 1 the encoding runs
-in-process on Rust's thread pool); results are written in order, at most 2 x workers + 1 blocks in
-flight, so memory is bounded and the output does not depend on timing. Files are written under hidden
-temp names and renamed when complete; meta.json is written last, so a directory without meta.json is
-an unfinished run. A killed run is redone from the start (stale files are removed first).
+Input: only a `z2all data convert` output (the --out directory, one source directory or one listed shard):
+every shard must be listed in its directory's manifest.json, and its sha256 and line count must match the
+manifest before it is used, so a truncated or edited shard is an error naming it, never fewer documents.
+A raw jsonl file or a directory without manifests is refused.
+
+How it runs (pipeline.ordered_map): the parent reads shards as ~8 MB blocks of raw lines and hands them to
+--workers processes (each encodes its block with `encode_batch_fast`, single-threaded; with --workers 1
+the encoding runs in-process on Rust's thread pool); results are written in order, at most 2 x workers + 1
+blocks in flight, so memory is bounded and the output does not depend on timing. Files are written under
+hidden temp names and renamed when complete; meta.json is written last, so a directory without meta.json
+is an unfinished run. After each block the position and open files are committed to .tokenize_state.json;
+a killed run resumes from there, and a run with other shards, tokenizer or settings starts over, removing
+only its own token files. --out is claimed (z2all.io.claim_output_dir): a new or empty directory or an
+earlier tokenize output, never a directory holding other files or the inputs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +45,7 @@ import numpy as np
 import orjson
 
 from z2all.config import opt
-from z2all.data.convert import Ready
+from z2all.data.pipeline import ordered_map, read_state
 from z2all.data.readers import InputReader
 from z2all.data.schema import record_text
 from z2all.data.shards import MANIFEST, converted_shards, verify_shard
@@ -234,12 +242,7 @@ def _signature(cfg: Config, shards: list[tuple[Path, dict]], vocab: int, dtype: 
 def _load_state(out: Path, sig: dict) -> dict | None:
     """The committed state of an earlier run of the same job, else None (and the directory is cleared)."""
     path = out / STATE
-    state = None
-    if path.exists():
-        try:
-            state = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError:
-            state = None
+    state = read_state(path, corrupt_ok=True)  # unreadable: start over (every file in `out` is ours)
     if state is not None and state.get("signature") == sig:
         return state
     for p in [*_ours(out), out / "meta.json", path]:
@@ -293,35 +296,13 @@ def run(cfg: Config) -> int:
         if p.name not in keep:
             p.unlink()
     initargs = (str(cfg.tokenizer), dtype.str, cfg.seed, cfg.val_fraction, cfg.workers == 1)
-    pool = None
-    if cfg.workers > 1:
-        import multiprocessing as mp
-
-        pool = mp.get_context("spawn").Pool(cfg.workers, _init_worker, initargs)
-    else:
-        _init_worker(*initargs)
     docs = state["documents"]
     total = sum(p.stat().st_size for p in shards)
     bar = progress(total=total, initial=sum(p.stat().st_size for p in shards[: state["shard"]]), desc="tokenize",
                    unit="B", unit_scale=True)
-    inflight: deque = deque()  # (result, (shard index, line after the block))
-    limit = 2 * cfg.workers + 1
 
-    def collect() -> None:
-        result, (si, line) = inflight.popleft()
-        tr, va, ntr, nva, bad, where = result.get()
-        if bad is not None:
-            path, first = where.rsplit(":", 1)
-            raise UserError(f"{path}:{int(first) + bad}: not a JSON record; the shard was edited or damaged: run "
-                            f"`z2all data convert` again for this source (--overwrite)")
-        writers["train"].write(tr)
-        writers["val"].write(va)
-        docs["train"] += ntr
-        docs["val"] += nva
-        state.update(shard=si, line=line, writers={s: w.state() for s, w in writers.items()})
-        atomic_write_text(out / STATE, json.dumps(state) + "\n")
-
-    try:
+    def jobs():
+        """((shard index, line after the block), (lines, "shard:first line")) for every block left."""
         for si in range(state["shard"], len(shards)):
             shard = shards[si]
             reader = InputReader(shard, "jsonl")
@@ -330,11 +311,7 @@ def run(cfg: Config) -> int:
             n_lines = start
             for first, lines in reader.batches(start, batch_bytes=int(cfg.batch_mb * 2**20)):
                 n_lines = first + len(lines)
-                task = (lines, f"{shard}:{first + 1}")
-                inflight.append((pool.apply_async(_work, (task,)) if pool else Ready(_work(task)),
-                                 (si, first + len(lines))))
-                while len(inflight) >= limit:
-                    collect()
+                yield (si, n_lines), (lines, f"{shard}:{first + 1}")
                 pos = reader.position()
                 bar.update(pos - last)
                 last = pos
@@ -343,13 +320,23 @@ def run(cfg: Config) -> int:
                 raise UserError(f"shard {shard} has {n_lines:,} lines, {shard.parent / MANIFEST} says "
                                 f"{listed[si][1]['count']:,} documents; run `z2all data convert` again for "
                                 f"this source (--overwrite)")
-        while inflight:
-            collect()
+
+    results = ordered_map(_work, jobs(), workers=cfg.workers, initializer=_init_worker, initargs=initargs)
+    try:
+        with contextlib.closing(results):
+            for (si, line), (tr, va, ntr, nva, bad, where) in results:
+                if bad is not None:
+                    path, first = where.rsplit(":", 1)
+                    raise UserError(f"{path}:{int(first) + bad}: not a JSON record; the shard was edited or damaged: "
+                                    f"run `z2all data convert` again for this source (--overwrite)")
+                writers["train"].write(tr)
+                writers["val"].write(va)
+                docs["train"] += ntr
+                docs["val"] += nva
+                state.update(shard=si, line=line, writers={s: w.state() for s, w in writers.items()})
+                atomic_write_text(out / STATE, json.dumps(state) + "\n")
     finally:
         bar.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
     files = {s: w.finish() for s, w in writers.items()}
     meta = {
         "dtype": dtype.name, "vocab_size": vocab, "eos_id": eos,
