@@ -16,9 +16,9 @@ Several sources go into one output in one run: inputs are grouped by source (fir
 order kept within a source) and numbered in that order, so `gid` is unique over the whole output,
 contiguous, and the same on every run and for any `--workers`.
 
-How it runs (pipeline.ordered_map): the parent reads inputs and hands ~4 MB batches (raw jsonl lines, or decoded items for
-arrays/parquet/txt) to `--workers` processes that parse, map, clean, filter, hash and serialise; results
-come back in order (at most 2 x workers + 1 batches in flight: bounded memory) and the parent alone
+How it runs (pipeline.ordered_map): the parent reads inputs and hands ~4 MB batches (raw jsonl lines, or
+decoded items for arrays/parquet/txt) to `--workers` processes that parse, map, clean, filter, hash and
+serialise; results come back in order (at most 2 x workers + 1 batches in flight: bounded memory) and the parent alone
 deduplicates, numbers and writes, so the output does not depend on timing. With `--workers 1` everything
 runs in-process.
 
