@@ -82,9 +82,20 @@ class Config:
 
 # ---------------------------------------------------------------- one trainer in a fresh process tree
 
+_HAVE_CHILDREN_FILES = os.path.exists(f"/proc/self/task/{os.getpid()}/children")
+
+
 def _tree(pid: int) -> list[int]:
     """`pid` and all its descendants, from /proc/<pid>/task/<tid>/children (cheap: psutil's
-    children(recursive=True) scans every process on the machine, ~25 ms a call)."""
+    children(recursive=True) scans every process on the machine, ~25 ms a call; it is the fallback for
+    kernels built without those files)."""
+    if not _HAVE_CHILDREN_FILES:
+        import psutil
+
+        try:
+            return [pid] + [c.pid for c in psutil.Process(pid).children(recursive=True)]
+        except psutil.Error:
+            return [pid]
     out, stack = [], [pid]
     while stack:
         p = stack.pop()
