@@ -326,3 +326,49 @@ def test_sigkill_and_resume_give_identical_files(tokdir, tmp_path, where):
             assert (out / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
     assert {**meta, "inputs": 0} == {**ref, "inputs": 0}
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_another_template_renders_like_transformers_and_may_refuse_records(tokdir, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    tok = tmp_path / "tok"
+    shutil.copytree(tokdir, tok)
+    cfg = json.loads((tok / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = (
+        "{{ eos_token }}{% for m in messages %}"
+        "{% if m['role'] == 'system' and not loop.first %}{{ raise_exception('system must come first') }}{% endif %}"
+        "{{ '<|im_start|>' + m['role'] + ': ' + m['content'] + '<|im_end|>' }}\n"
+        "{% endfor %}")
+    (tok / "tokenizer_config.json").write_text(json.dumps(cfg))
+    convs = [conv(1, turns=2, system=True), conv(2) + [{"role": "system", "content": "late"}] + conv(3), conv(4)]
+    run_chat(tok, tmp_path / "out", [write_jsonl(tmp_path / "c.jsonl", [openai_rec(m) for m in convs])])
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["stats"]["skipped"] == {"template refused": 1}
+    assert meta["stats"]["examples"]["template refused"] == [f"{tmp_path / 'c.jsonl'}:2 (TemplateError: system "
+                                                             f"must come first)"]
+    plain = AutoTokenizer.from_pretrained(str(tok), split_special_tokens=False, local_files_only=True)
+    eos = plain.convert_tokens_to_ids("<|endoftext|>")
+    for (ids, mask), msgs in zip(examples(tmp_path / "out"), [convs[0], convs[2]], strict=True):
+        want = plain.apply_chat_template(msgs, tokenize=True, sanitize_control_tokens=True)
+        assert ids == (want if isinstance(want, list) else want["input_ids"]) and ids[0] == eos
+        # "assistant: " + content: the space before the first word is in that word's token, which is trained
+        assert [plain.decode(s) for s in labelled_spans(ids, mask)] == \
+            [" " + m["content"] + "<|im_end|>" for m in msgs if m["role"] == "assistant"]
+    # a template that trims the contents (Llama 3 does): the trim is applied to the real contents
+    cfg["chat_template"] = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}"
+                            "<|im_end|>\n{% endfor %}")
+    (tok / "tokenizer_config.json").write_text(json.dumps(cfg))
+    plain = AutoTokenizer.from_pretrained(str(tok), split_special_tokens=False, local_files_only=True)
+    padded = [[{"role": "user", "content": "  q \n"}, {"role": "assistant", "content": "\n\n  answer  \n"}]]
+    run_chat(tok, tmp_path / "trim", [write_jsonl(tmp_path / "p.jsonl", [openai_rec(m) for m in padded])])
+    (ids, mask), = examples(tmp_path / "trim")
+    want = plain.apply_chat_template(padded[0], tokenize=True, sanitize_control_tokens=True)
+    assert ids == (want if isinstance(want, list) else want["input_ids"])
+    assert [plain.decode(s) for s in labelled_spans(ids, mask)] == ["answer<|im_end|>"]
+    # a template that changes the contents otherwise is refused as a whole
+    cfg["chat_template"] = "{% for m in messages %}{{ m['content'] | upper }}{% endfor %}"
+    (tok / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="does not write each message content once and in order"):
+        run_chat(tok, tmp_path / "out2", [tmp_path / "c.jsonl"])

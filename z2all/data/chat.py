@@ -18,12 +18,13 @@ template is rendered once per role sequence with sentinel contents; the result i
 template text and content slots; the text between two special tokens is encoded as one string with
 special strings split. For our ChatML template the ids equal `Z2allTokenizer.apply_chat_template` and
 transformers' `apply_chat_template(..., sanitize_control_tokens=True)` (tested). A template must write each
-message content once, verbatim, in order; anything else is refused.
+message content once, in order, verbatim or trimmed (Llama 3 style `| trim`); anything else is refused.
 
 Loss mask: 1 on the tokens of assistant contents and on the special token that closes each assistant turn
 (`<|im_end|>` in ChatML), 0 on system and user turns and on the template's own text ("<|im_start|>assistant\\n"
-included). A token is trained on when any of its characters belongs to an assistant content (only a
-content that starts with newlines shares its first token with the template's "\\n").
+included). A token is trained on when any of its characters belongs to an assistant content: with ChatML
+only a content that starts with newlines shares its first token with the template's "\\n"; with a
+"role: content" template the space goes into the first word's token, which is then trained.
 
 Output (`--out`, claimed for "data chat"):
     train-00000.bin    token ids, little-endian, no header: uint16 when the vocab has < 65,536 ids, else
@@ -43,9 +44,10 @@ so identical conversations always land in the same split, whatever the order or 
 Over-long conversations (> --max-len tokens): `--overlong truncate` keeps the longest prefix of whole
 messages that ends with an assistant turn and fits (re-rendered, so it is exactly the template's rendering
 of that prefix), `drop` drops them; both counted. Bad records (not JSON, not an object, missing field,
-unknown role, non-text content, empty assistant turn, no assistant turn) are skipped and counted by reason
-with their file:line. The run fails (exit 2) when no conversation survives or when more than --max-skipped
-of the records were skipped; the files stay, and rerunning with a higher --max-skipped finishes instantly.
+unknown role, non-text content, empty assistant turn, no assistant turn, a role sequence the template
+refuses with raise_exception) are skipped and counted by reason with their file:line. The run fails (exit 2)
+when no conversation survives or when more than --max-skipped of the records were skipped; the files stay,
+and rerunning with a higher --max-skipped finishes instantly.
 
 Resume and atomicity: files are written under hidden temp names and renamed when complete; after every
 input batch the state (input position, bytes per open file, counts) is committed to `.chat_state.json`.
@@ -84,7 +86,7 @@ _ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "hum
                  "assistant": "assistant", "gpt": "assistant", "chatgpt": "assistant", "bot": "assistant",
                  "model": "assistant"}
 SKIP_REASONS = ("malformed record", "missing field", "unknown role", "bad content", "empty assistant turn",
-                "no assistant turn", "unreadable rest of file")
+                "no assistant turn", "template refused", "unreadable rest of file")
 
 
 @dataclass
@@ -230,8 +232,11 @@ def to_messages(rec, cfg: Config, roles: dict[str, str] | None = None) -> list[d
 
 # ---------------------------------------------------------------- rendering with the tokenizer's template
 
-_SENTINEL = "\ue000{}\ue001"
-_SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
+# Message contents are replaced by these to find where the template writes them: the letters reveal a case
+# change (refused), the whitespace around them a trim, which is then applied to the real contents.
+_SENTINEL = " \n\ue000Zz{}\ue001\n "
+_SENTINEL_RE = re.compile("( \n)?\ue000Zz(\\d+)\ue001(\n )?")
+_STRIP = {(True, True): None, (False, True): str.lstrip, (True, False): str.rstrip, (False, False): str.strip}
 
 
 def _token_str(value) -> str | None:
@@ -316,12 +321,12 @@ class Renderer:
             self._jinja = _compile(self.template, self._dir / "tokenizer_config.json")
         try:
             return self._jinja.render(messages=messages, add_generation_prompt=False, **self._token_vars)
-        except Exception as e:  # jinja2 errors, raise_exception() inside a template
-            raise UserError(f"{self._dir}/tokenizer_config.json: the chat_template failed to render "
-                            f"({type(e).__name__}: {e})") from None
+        except Exception as e:  # raise_exception() (e.g. "roles must alternate"), undefined fields
+            raise Skip("template refused", f"{type(e).__name__}: {e}") from None
 
     def skeleton(self, roles: tuple[str, ...]) -> list[tuple]:
-        """The template's layout for this role sequence: ("special", id) | ("text", str) | ("content", i)."""
+        """The template's layout for this role sequence: ("special", id) | ("text", str) |
+        ("content", message index, None or the str method the template trims the content with)."""
         sk = self._skeletons.get(roles)
         if sk is not None:
             return sk
@@ -331,8 +336,8 @@ class Renderer:
         pos = 0
         for m in _SENTINEL_RE.finditer(text):
             pieces += self._split_specials(text[pos: m.start()])
-            pieces.append(("content", int(m.group(1))))
-            seen.append(int(m.group(1)))
+            pieces.append(("content", int(m.group(2)), _STRIP[bool(m.group(1)), bool(m.group(3))]))
+            seen.append(int(m.group(2)))
             pos = m.end()
         pieces += self._split_specials(text[pos:])
         if seen != list(range(len(roles))):
@@ -375,7 +380,11 @@ class Renderer:
                     plan.append(("special", piece[1], int(label_next)))
                     label_next = False
                 continue
-            text = piece[1] if piece[0] == "text" else msgs[piece[1]]["content"]
+            if piece[0] == "text":
+                text = piece[1]
+            else:
+                text = msgs[piece[1]]["content"]
+                text = piece[2](text) if piece[2] else text
             if piece[0] == "content" and msgs[piece[1]]["role"] == "assistant":
                 cur_spans.append((size, size + len(text)))
                 label_next = True
@@ -599,7 +608,9 @@ class _Job:
             else:
                 self.stats["records"] += 1
             try:
-                convs.append((to_messages(item, self.cfg, self.roles), where))
+                msgs = to_messages(item, self.cfg, self.roles)
+                self.r.skeleton(tuple(m["role"] for m in msgs))  # a template may refuse a role sequence
+                convs.append((msgs, where))
             except Skip as e:
                 self.skip(e.reason, where, e.detail)
         return convs
@@ -613,7 +624,10 @@ class _Job:
             for k in range(len(msgs) - 1, 0, -1):
                 if msgs[k - 1]["role"] != "assistant":
                     continue
-                (tids, tmask), = self.r.render([msgs[:k]])
+                try:
+                    (tids, tmask), = self.r.render([msgs[:k]])
+                except Skip:  # the template refuses this prefix
+                    continue
                 if len(tids) <= limit:
                     self.stats["truncated"] += 1
                     return msgs[:k], tids, tmask
