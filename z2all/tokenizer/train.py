@@ -37,8 +37,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import orjson
-
 from z2all.config import opt, save_config
 from z2all.data import readers
 from z2all.data.schema import FIELDS, record_text
@@ -194,24 +192,19 @@ def read_texts(path: Path, text_field: str = "text", stats: ReadStats | None = N
     fmt = input_format(path) or "txt"
     columns = _parquet_columns(path, text_field) if fmt == "parquet" else None
     reader = readers.InputReader(path, fmt, columns=columns, txt_mode="file")
-    loads = orjson.loads
     utf8_before = readers.utf8_errors()
     try:
         # txt items are 1 M-character blocks and arrays are decoded dicts: a few per batch bound the memory
         for first, items in reader.batches(batch_bytes=1 << 20, batch_items=4 if reader.fmt == "txt" else 256):
             for i, item in enumerate(items):
                 if reader.kind == "lines":
-                    if not item.strip():
-                        continue
-                    try:
-                        item = loads(item)
-                    except orjson.JSONDecodeError:
-                        try:  # invalid UTF-8 inside an otherwise good line: replaced (and counted)
-                            item = loads(readers.decode_utf8(item))
-                        except orjson.JSONDecodeError:
+                    try:  # invalid UTF-8 inside an otherwise good line is replaced (and counted)
+                        item, _ = readers.parse_json_line(item)
+                    except readers.BadLine as e:
+                        if e.reason != "blank line":
                             stats.bad_lines += 1
                             stats.first_bad = stats.first_bad or reader.where(first + i)
-                            continue
+                        continue
                 text = _record_to_text(item, text_field)
                 if text is None:
                     stats.no_text += 1
