@@ -30,10 +30,14 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from z2all.config import opt
-from z2all.eval import formats, score, tasks
+from z2all.eval import formats, tasks
 from z2all.utils import UserError, markdown_table, print0
+
+if TYPE_CHECKING:  # score imports torch: loaded only once the inputs are known to be good
+    from z2all.eval import score
 
 COMMAND = "eval"
 
@@ -188,6 +192,8 @@ def unigram_counts(tokens_dir: str | Path, tok_dir: str | Path | None):
 
 def evaluate_task(lm: score.LM, task: Task, cfg: Config) -> dict:
     """Scores of one model on one task: {"kind", "n" (scored), "total", "skipped", ...} and per-item rows."""
+    from z2all.eval import score
+
     t0 = time.perf_counter()
     res: dict = {"kind": task.kind, "total": task.total, "chance": task.chance}
     if task.kind == "mc":
@@ -273,6 +279,8 @@ def tables(results: dict) -> str:
 
 
 def evaluate_model(lm: score.LM, task_list: list[Task], domains: dict, cfg: Config, unigram=None) -> dict:
+    from z2all.eval import score
+
     m: dict = {"path": lm.path, "params": lm.model.num_params(), "window": lm.window, "tasks": {}}
     if domains:
         m["bpb"] = score.bpb_per_domain(lm.model, lm.tok, domains, cfg.max_tokens, cfg.batch_size, unigram)
@@ -292,22 +300,21 @@ def _continuation_tasks(domains: dict, cfg: Config) -> list[Task]:
     return out
 
 
-def _write(out_dir: Path, results: dict, protect: list) -> None:
-    from z2all.io import atomic_write_json, atomic_write_text, claim_output_dir
+def _write(out_dir: Path, results: dict) -> None:
+    from z2all.io import atomic_write_json, atomic_write_text
 
-    claim_output_dir(out_dir, COMMAND, option="--out", protect=protect)
     atomic_write_json(out_dir / "results.json", results)
     atomic_write_text(out_dir / "results.md", "# z2all eval\n\n" + tables(results))
 
 
 def run(cfg: Config) -> int:
-    import torch
-
     from z2all import __version__
-    from z2all.utils import pick_device, pick_dtype
 
     if not cfg.ckpt:
         raise UserError("give --ckpt DIR (one or more checkpoints or Hugging Face Llama directories)")
+    for path in cfg.ckpt:
+        if not Path(path).is_dir():
+            raise UserError(f"--ckpt {path} is not a directory (give a checkpoint step-N/ or an HF Llama directory)")
     if not (cfg.tasks or cfg.texts or cfg.heldout):
         raise UserError("nothing to evaluate: give --tasks FORMAT=PATH, --texts NAME=PATH or --heldout TOKENS_DIR")
     if cfg.fewshot < 0 or cfg.batch_size < 1 or cfg.n_choices < 2:
@@ -316,9 +323,19 @@ def run(cfg: Config) -> int:
     domains = load_domains(cfg)
     if cfg.continuation:
         task_list += _continuation_tasks(domains, cfg)
+    # claim every output directory before the (long) scoring, so a refusal comes at once
+    from z2all.io import claim_output_dir
+
+    protect = [*cfg.ckpt, cfg.heldout or None, cfg.tokenizer or None]
+    for d in [cfg.out] if cfg.out else [str(Path(p) / "eval") for p in cfg.ckpt]:
+        claim_output_dir(d, COMMAND, option="--out" if cfg.out else "the default output <ckpt>/eval", protect=protect)
+    import torch
+
+    from z2all.eval import score
+    from z2all.utils import pick_device, pick_dtype
+
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
-    protect = [*cfg.ckpt, cfg.heldout or None, cfg.tokenizer or None]
     results = {"z2all": "eval", "z2all_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "models": {}}
     for path in cfg.ckpt:
@@ -329,14 +346,14 @@ def run(cfg: Config) -> int:
         m["unigram"] = "train split" if unigram is not None else "in-sample"
         results["models"][path] = m
         if not cfg.out:
-            _write(Path(path) / "eval", {**results, "models": {path: m}}, protect)
+            _write(Path(path) / "eval", {**results, "models": {path: m}})
     text = tables(results)
     print0(text)
     for t in task_list:
         if t.skipped:
             print0(f"{t.name}: skipped {len(t.skipped)} row(s), e.g. {t.skipped[0]}")
     if cfg.out:
-        _write(Path(cfg.out), results, protect)
+        _write(Path(cfg.out), results)
         print0(f"z2all eval: results in {Path(cfg.out) / 'results.json'} and results.md")
     else:
         print0("z2all eval: results in " + ", ".join(str(Path(p) / "eval" / "results.json") for p in cfg.ckpt))
@@ -361,6 +378,8 @@ def eval_demo(ckpt_dir: str | Path, tokens_dir: str | Path, max_docs: int = 60, 
                  device="cpu")
     import torch
 
+    from z2all.eval import score
+
     lm = score.load_lm(ckpt_dir, None, "cpu", torch.float32)
     domains = load_domains(cfg)
     task_list = _continuation_tasks(domains, cfg)
@@ -374,3 +393,19 @@ def eval_demo(ckpt_dir: str | Path, tokens_dir: str | Path, max_docs: int = 60, 
                      _fmt(t["acc"]) if t else "-", f"{1 / cfg.n_choices:.2f}", t["n"] if t else 0])
     return markdown_table(["domain", "held-out docs", "bits/byte", "unigram bits/byte", "continuation acc",
                            "chance", "items"], rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m z2all.eval.run ARGS` = `z2all eval ARGS`, through the same CLI (error lines, exit codes),
+    also before the stage is listed in cli.STAGES."""
+    import sys
+
+    from z2all import cli
+
+    cli.STAGES.setdefault("eval", cli.Command("score checkpoints: bits per byte, multiple choice, exact match",
+                                              "z2all.eval.run"))
+    return cli.main(["eval", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
