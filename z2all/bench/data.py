@@ -7,7 +7,8 @@ and tokenization throughput of our pipeline against raw `tokenizers` and tiktoke
 
 Builds a wikipedia_zh-format jsonl ({id, title, text}) of --size-mb from real prose (../shared/corpora
 next to the repository when present, else the embedded demo corpus; code_* files are left out because
-code is never cleaned and would flatter the converter), repeating documents with varying
+code is never cleaned and would flatter the converter; documents shuffled with a fixed seed so that any
+size mixes every corpus), repeating documents with varying
 ids and a copy number appended to the text (so exact dedup keeps them: an honest write load). Then, each
 run in a fresh process (bench.run_isolated) so peak RSS is the run's own, every row --repeats times in
 turn (interleaved, best wall kept: the machine's noise hits every row alike):
@@ -29,6 +30,7 @@ Prints the tables with the machine named. Numbers on shared machines are noisy: 
 from __future__ import annotations
 
 import gzip
+import random
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -192,6 +194,7 @@ def _best(runs: dict, key: str, value) -> None:
 def run(cfg: Config) -> int:
     cfg.validate()
     docs = _source_texts(cfg.corpora)
+    random.Random(0).shuffle(docs)  # files come one after another: a small input would hold only the first
     work = Path(cfg.work_dir) if cfg.work_dir else Path(tempfile.mkdtemp(prefix="z2all-bench-data-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
