@@ -262,3 +262,26 @@ def test_cli_entry_and_user_errors(inputs, tmp_path, capsys):
     assert cli_main(["data", "convert", "--inputs", f"nope={inputs['wikipedia_zh']}", "--out",
                      str(tmp_path / "y")]) == 2
     assert "unknown source 'nope'" in capsys.readouterr().err
+
+
+def test_adding_a_source_continues_gids_and_dedup(docs, tmp_path):
+    zh = write_jsonl(tmp_path / "zh.jsonl", raw_rows("wikipedia_zh", docs["zh"][:80]))
+    en_rows = raw_rows("wikipedia_en", docs["en"][:30]) + [dict(raw_rows("wikipedia_en", docs["zh"][5:6])[0], id="dup")]
+    en = write_jsonl(tmp_path / "en.jsonl", en_rows)
+    kw = dict(shard_mb=0.02, batch_mb=0.01, txt=True)
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    convert.run(cfg_for({"wikipedia_zh": zh}, out, **kw))
+    convert.run(cfg_for({"wikipedia_en": en}, out, **kw))  # a new source into the same output
+    convert.run(cfg_for({"wikipedia_zh": zh, "wikipedia_en": en}, ref, **kw))  # both in one run
+    assert shard_bytes(out) == shard_bytes(ref) and len(shard_bytes(out)) > 4
+    man = json.loads((out / "wikipedia_en" / "manifest.json").read_text())
+    assert man["skipped"] == {"duplicate": 1} and man["complete"]  # deduplicated against wikipedia_zh
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("part-*")}
+    convert.run(cfg_for({"wikipedia_en": en}, out, **kw))  # the same addition again: nothing to do
+    convert.run(cfg_for({"wikipedia_zh": zh, "wikipedia_en": en}, out, **kw))  # or the whole list
+    assert before == {p: p.stat().st_mtime_ns for p in out.rglob("part-*")}
+    code = write_jsonl(tmp_path / "py.jsonl", raw_rows("github_python", docs["code"][:5]))
+    with pytest.raises(UserError, match="other settings|other inputs"):  # other cleaning: not addable
+        convert.run(cfg_for({"github_python": code}, out, **{**kw, "shard_mb": 0.5}))
+    with pytest.raises(UserError, match="other inputs"):  # an existing source with other files
+        convert.run(cfg_for({"wikipedia_zh": code}, out, **kw))

@@ -275,9 +275,23 @@ def _is_legacy(out: Path) -> bool:
     return (out / STATE).is_file()
 
 
+_FIELD_KEYS = ("text_field", "title_field", "desc_field", "category_field", "category", "kind")
+
+
+def _size(u: Unit, st: dict) -> int:
+    """An input's size: as recorded (an input of an earlier run may be gone), else from the disk."""
+    fp = st.get("fingerprint")
+    return fp["size"] if fp else u.path.stat().st_size
+
+
 class Converter:
+    """One conversion into `cfg.out`. `units` are this run's inputs; `self.units` may be longer: the inputs of
+    earlier runs into the same output when this run adds sources to it (they are done; `self.earlier` of
+    them are not inputs of this run and are never opened)."""
+
     def __init__(self, cfg: Config, units: list[Unit]):
         self.cfg, self.units = cfg, units
+        self.earlier = 0
         self.out = Path(cfg.out)
         self.state = self._load_state()
         self.exact = HashSet64()
@@ -297,6 +311,8 @@ class Converter:
             state = {}
         if state is None:
             return _fresh_state(self.units, self.cfg)
+        if not self.cfg.overwrite and state.get("version") == STATE_VERSION and (added := self._add_sources(state)):
+            return added
         same_inputs = state.get("inputs") == _signature(self.units)
         if same_inputs and state.get("settings") == _settings(self.cfg) and state.get("version") == STATE_VERSION:
             changed = self._changed_input(state)
@@ -314,6 +330,50 @@ class Converter:
         remove_conversion(self.out, state or None)
         return _fresh_state(self.units, self.cfg)
 
+    def _earlier_units(self, sig: list[dict]) -> list[Unit]:
+        """Units of an earlier run's inputs, for their source names and kinds only: never read again."""
+        kinds = {}
+        for name in dict.fromkeys(e["source"] for e in sig):
+            try:
+                kinds[name] = read_manifest(self.out / name).get("kind", "prose")
+            except (OSError, ValueError, AttributeError):
+                kinds[name] = "prose"
+        return [Unit(SOURCES.get(e["source"]) or Source(e["source"], content="(earlier run)",
+                                                        kind=kinds[e["source"]]), Path(e["path"]), e["format"])
+                for e in sig]
+
+    def _add_sources(self, state: dict) -> dict | None:
+        """This run adds new sources to a finished conversion (or reruns such an addition): the state that
+        continues its gids and dedup hashes, else None. Accepted: the earlier inputs followed by inputs of
+        new sources, only inputs of new sources, or exactly the inputs an earlier addition gave. The
+        cleaning and shard settings must be those of the earlier run (field options may differ: they only
+        concern the new generic sources)."""
+        old, new = state["inputs"], _signature(self.units)
+        if old == new:
+            return None
+        for k in state.get("added_at", []):  # the same addition again: a resume or a finished rerun
+            if old[k:] == new:
+                self.units, self.earlier = self._earlier_units(old[:k]) + self.units, k
+                return None
+        same = {k: v for k, v in state["settings"].items() if k not in _FIELD_KEYS} == \
+            {k: v for k, v in _settings(self.cfg).items() if k not in _FIELD_KEYS}
+        names = {e["source"] for e in old}
+        if not (state.get("done") and same):
+            return None
+        if new[: len(old)] == old and all(e["source"] not in names for e in new[len(old):]):
+            extra = self.units[len(old):]
+        elif all(e["source"] not in names for e in new):
+            extra = self.units
+            self.units, self.earlier = self._earlier_units(old) + self.units, len(old)
+        else:
+            return None
+        fresh = _fresh_state(extra, self.cfg)
+        state.update(inputs=_signature(self.units), settings=_settings(self.cfg), done=False,
+                     units=state["units"] + fresh["units"], added_at=state.get("added_at", []) + [len(old)])
+        print0(f"data convert: adding {', '.join(dict.fromkeys(u.source.name for u in extra))} to {self.out} "
+               f"(gids from {state['next_gid']:,} on, deduplicated against what is there)")
+        return state
+
     def _changed_input(self, state: dict) -> Unit | None:
         """The first input already (partly) read whose fingerprint differs from the one recorded, else None.
         Inputs not read yet, and one whose read failed (a truncated archive the user re-downloads, the
@@ -322,7 +382,7 @@ class Converter:
         next_unit, items = state["next_unit"], state["unit_items"]
         for i, (u, st) in enumerate(zip(self.units, state["units"])):
             read = (i < next_unit or (i == next_unit and items > 0)) and not st["status"].startswith("error")
-            if "fingerprint" not in st:
+            if "fingerprint" not in st or i < self.earlier:
                 continue
             now = fingerprint(u.path)
             if not read:
@@ -371,7 +431,7 @@ class Converter:
     def _write_manifests(self) -> None:
         for name, s in self.state["sources"].items():
             src = next(u.source for u in self.units if u.source.name == name)
-            inputs = [{"path": str(u.path), "format": u.fmt, "raw_bytes": u.path.stat().st_size, **st}
+            inputs = [{"path": str(u.path), "format": u.fmt, "raw_bytes": _size(u, st), **st}
                       for u, st in zip(self.units, self.state["units"]) if u.source.name == name]
             write_manifest(self.out / name, {
                 "source": name, "kind": src.kind, "documents": s["documents"],
@@ -492,8 +552,8 @@ class Converter:
             return self.state
         self._restore()
         sources = [u.source for u in self.units]
-        total = sum(u.path.stat().st_size for u in self.units)
-        done_bytes = sum(u.path.stat().st_size for u in self.units[: self.state["next_unit"]])
+        sizes = [_size(u, st) for u, st in zip(self.units, self.state["units"])]
+        total, done_bytes = sum(sizes), sum(sizes[: self.state["next_unit"]])
         bar = progress(total=total, initial=done_bytes, desc="convert", unit="B", unit_scale=True)
         self._reader = None
         last_pos = 0
@@ -501,7 +561,7 @@ class Converter:
         def submitted(tag: tuple) -> None:
             nonlocal last_pos
             if tag[0] == "end":
-                bar.update(self.units[tag[1]].path.stat().st_size - last_pos)
+                bar.update(sizes[tag[1]] - last_pos)
                 last_pos = 0
             else:
                 pos = self._reader.position() if self._reader else 0
@@ -543,7 +603,7 @@ def stats_table(state: dict, units: list[Unit], out: Path) -> tuple[list[str], l
     rows, tot = [], [0, 0, 0, 0, 0, 0, 0]
     for name, s in state["sources"].items():
         us = [(u, st) for u, st in zip(units, state["units"]) if u.source.name == name]
-        raw = sum(u.path.stat().st_size for u, _ in us)
+        raw = sum(_size(u, st) for u, st in us)
         jsonl = sum(sh["bytes"] for sh in s["shards"])
         txt = sum(sh.get("txt_bytes", 0) for sh in s["shards"])
         skipped = sum(s["skipped"].values())
@@ -595,6 +655,7 @@ def run(cfg: Config) -> int:
     claim_output_dir(cfg.out, "data convert", protect=[u.path for u in units], legacy=_is_legacy)
     conv = Converter(cfg, units)
     state = conv.run()
+    units = conv.units  # with the inputs of earlier runs when this one added sources
 
     headers, rows = stats_table(state, units, conv.out)
     table = markdown_table(headers, rows)
