@@ -24,6 +24,13 @@ is set overrides it (`--model.n_layers=2`); `model.vocab_size` defaults to the t
 
 Outputs in `out_dir`: config.json (resolved), metrics.jsonl (+ tensorboard/), checkpoints/step-N/ (see
 checkpoint.py), and train.log lines on the console (rank 0).
+
+What is refused, each with one line naming the file or option: an `out_dir` that holds anything but a
+`z2all train` run (or holds the token files); a fresh start into a dir with an earlier run's metrics or
+checkpoints (pass --resume, or choose another dir); token files that do not match meta.json; a resume
+whose model shape, global batch or training tokens differ from its checkpoint's; option values the loop
+cannot use (NaN learning rate, ...). `--resume` skips a corrupt latest checkpoint for the newest intact
+one and says so (checkpoint.py).
 """
 
 from __future__ import annotations
