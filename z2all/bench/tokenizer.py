@@ -14,7 +14,7 @@ What is measured, per run (every trainer runs in a fresh spawned process, `_run_
   tokenizer directory). It starts after the interpreter has started and the trainer's modules are imported.
 - "process s": the parent's clock from spawning the child to receiving its result: interpreter start,
   imports, training, and the hand-back. The difference is fixed cost, the same for every trainer.
-- "CPU s": user+sys of the child, its threads and its (reaped) worker processes.
+- "CPU s": user+sys during the training call, of the child, its threads and its (reaped) worker processes.
 - memory: the parent samples the child's whole process tree (the child and every descendant, e.g. our
   forked counting workers) every 20 ms: "tree RSS" is the peak of the sum of their RSS (pages shared by a
   fork are counted once per process, so an upper bound), "tree PSS" the peak of the sum of their PSS
@@ -440,12 +440,12 @@ def run(cfg: Config) -> int:
     emit(f"\ntrain s: the child process's clock around the training call only (read the text, count, merge, "
          f"write the tokenizer directory), started after interpreter start-up and imports; process s: the "
          f"parent's clock from spawning that process to its result, start-up and imports included. Best and "
-         f"median over {cfg.repeats} interleaved rounds (the first trainer rotates). CPU s: user+sys of the "
-         f"process, its threads and its workers (less sensitive to other jobs on a shared machine than wall "
-         f"time). Tree RSS / PSS: the largest peak over the rounds of the sum over the trainer's whole process "
-         f"tree (ours: the parent and its {cfg.workers} counting workers), sampled every {SAMPLE_S * 1000:.0f} "
-         f"/ {SAMPLE_S * PSS_EVERY * 1000:.0f} ms; RSS counts pages a fork shares once per process (an upper "
-         f"bound), PSS splits them between the sharers.")
+         f"median over {cfg.repeats} interleaved rounds (the first trainer rotates). CPU s: user+sys during "
+         f"the training call, of the process, its threads and its workers (less sensitive to other jobs on a "
+         f"shared machine than wall time). Tree RSS / PSS: the largest peak over the rounds of the sum over "
+         f"the trainer's whole process tree (ours: the parent and its {cfg.workers} counting workers), sampled "
+         f"every {SAMPLE_S * 1000:.0f} / {SAMPLE_S * PSS_EVERY * 1000:.0f} ms; RSS counts pages a fork shares "
+         f"once per process (an upper bound), PSS splits them between the sharers.")
     if out_dir is not None:
         from z2all.io import atomic_write_text
 
