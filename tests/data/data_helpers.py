@@ -1,15 +1,24 @@
-"""Shared fixtures for the data tests: real documents from ../shared/corpora written in each raw corpus
-format, and a small byte-level BPE built with `tokenizers` (until the project's tokenizer lands)."""
+"""Shared fixtures for the data tests: real documents from ../shared/corpora (or, in a clean clone without
+it, from the embedded demo corpus z2all/data/demo/) written in each raw corpus format, and a small
+byte-level BPE built with `tokenizers`.
+
+A test module that defines `shared_corpora` as `corpora_dir()` overrides the root conftest's fixture (which
+skips without ../shared): it gives the directory, or None, and `real_docs(None, ...)` reads the demo corpus.
+Z2ALL_TEST_DEMO_CORPUS=1 forces the demo corpus (to check the fallback on a machine that has both)."""
 
 from __future__ import annotations
 
 import bz2
 import gzip
 import json
+import os
 from pathlib import Path
 
 import orjson
 import zstandard
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "corpora"
+DEMO = Path(__file__).resolve().parents[2] / "z2all" / "data" / "demo"
 
 COMPRESSORS = {
     "": lambda b: b,
@@ -19,10 +28,35 @@ COMPRESSORS = {
 }
 
 
-def real_docs(shared: Path, name: str, n: int) -> list[dict]:
-    """The first n documents of ../shared/corpora/<name>.jsonl.gz. (Not imported from the root conftest:
-    `from conftest import` resolves to whichever conftest module pytest loaded first, e.g. tests/tokenizer's
-    when both directories are collected in one run.)"""
+def corpora_dir() -> Path | None:
+    return SHARED if SHARED.is_dir() and not os.environ.get("Z2ALL_TEST_DEMO_CORPUS") else None
+
+
+# shared corpus -> (demo file, first row): demo rows of the same language and kind, disjoint between names
+_DEMO_STANDIN = {"zh_fortunes": ("zh_wiki.jsonl.gz", 0), "zh_manpages": ("zh_wiki.jsonl.gz", 400),
+                 "zh_debian_reference": ("zh_wiki.jsonl.gz", 500), "en_kjv_bible": ("en_wiki.parquet", 0),
+                 "en_python_docs": ("en_wiki.parquet", 150), "code_cpython_stdlib": ("code_python.jsonl.gz", 0)}
+
+
+def _demo_docs(name: str, n: int) -> list[dict]:
+    file, first = _DEMO_STANDIN[name]
+    if file.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(DEMO / file).to_pylist()
+    else:
+        with gzip.open(DEMO / file, "rt", encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f]
+    return [{"title": r.get("title") or r.get("path", ""), "text": r.get("text") or r.get("content", "")}
+            for r in rows[first:first + n]]
+
+
+def real_docs(shared: Path | None, name: str, n: int) -> list[dict]:
+    """The first n documents of ../shared/corpora/<name>.jsonl.gz, or of its demo stand-in when `shared`
+    is None. (Not imported from the root conftest: `from conftest import` resolves to whichever conftest
+    module pytest loaded first, e.g. tests/tokenizer's when both directories are collected in one run.)"""
+    if shared is None:
+        return _demo_docs(name, n)
     out = []
     with gzip.open(shared / f"{name}.jsonl.gz", "rt", encoding="utf-8") as f:
         for line in f:

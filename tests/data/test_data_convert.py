@@ -15,6 +15,7 @@ import orjson
 import pytest
 from data_helpers import (
     COMPRESSORS,
+    corpora_dir,
     jsonl_bytes,
     raw_rows,
     read_records,
@@ -28,6 +29,12 @@ from z2all.cli import main as cli_main
 from z2all.data import convert
 from z2all.data.schema import record_text
 from z2all.utils import UserError
+
+
+@pytest.fixture(scope="session")
+def shared_corpora():
+    """../shared/corpora, or None: the data helpers then read the embedded demo corpus (no skip)."""
+    return corpora_dir()
 
 
 @pytest.fixture(scope="module")

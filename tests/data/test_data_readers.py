@@ -7,6 +7,7 @@ import orjson
 import pytest
 from data_helpers import (
     COMPRESSORS,
+    corpora_dir,
     jsonl_bytes,
     raw_rows,
     real_docs,
@@ -18,6 +19,12 @@ from data_helpers import (
 
 from z2all.data.readers import InputReader, MalformedJSON, ReadError, detect_format, expand_inputs, utf8_errors
 from z2all.utils import UserError
+
+
+@pytest.fixture(scope="session")
+def shared_corpora():
+    """../shared/corpora, or None: the data helpers then read the embedded demo corpus (no skip)."""
+    return corpora_dir()
 
 
 @pytest.fixture(scope="module")

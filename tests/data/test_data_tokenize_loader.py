@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_helpers import make_tokenizer, raw_rows, read_records, real_docs, write_jsonl
+from data_helpers import corpora_dir, make_tokenizer, raw_rows, read_records, real_docs, write_jsonl
 
 from z2all.data import convert, tokenize
 from z2all.data.loader import FeistelPermutation, TokenLoader
@@ -22,6 +22,12 @@ from z2all.data.schema import record_text
 from z2all.utils import UserError
 
 EOS = "<|endoftext|>"
+
+
+@pytest.fixture(scope="session")
+def shared_corpora():
+    """../shared/corpora, or None: the data helpers then read the embedded demo corpus (no skip)."""
+    return corpora_dir()
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +68,7 @@ def test_round_trip_split_and_special_token_safety(corpus):
     assert len(meta["train_files"]) > 1  # rolled at file_mb
     recs = read_records(d / "conv", "wikipedia_zh") + read_records(d / "conv", "github_python")
     val_ids = {r["gid"] for r in recs if tokenize.is_val(r["gid"], 0, 0.1)}
-    assert 0 < len(val_ids) < len(recs)
+    assert abs(len(val_ids) / len(recs) - 0.1) < 0.07  # ~210 documents: 3.3 sigma of a 10% draw
     for split, want in (("train", [r for r in recs if r["gid"] not in val_ids]),
                         ("val", [r for r in recs if r["gid"] in val_ids])):
         ids = read_split(out, meta, split)
@@ -72,6 +78,17 @@ def test_round_trip_split_and_special_token_safety(corpus):
         assert [tok.decode(list(map(int, x[:-1])), skip_special_tokens=False) for x in docs] == \
             [record_text(r) for r in want]
     assert any(EOS in record_text(r) for r in recs)  # the literal text survived as ordinary tokens
+
+
+def test_val_split_takes_the_asked_fraction_by_gid():
+    n = 20_000
+    for frac in (0.01, 0.1, 0.5):
+        share = sum(tokenize.is_val(g, 0, frac) for g in range(n)) / n
+        assert abs(share - frac) < 4 * (frac * (1 - frac) / n) ** 0.5 + 1e-9, (frac, share)
+    assert not any(tokenize.is_val(g, 0, 0.0) for g in range(1000))
+    a = [tokenize.is_val(g, 0, 0.1) for g in range(1000)]
+    assert a == [tokenize.is_val(g, 0, 0.1) for g in range(1000)]  # deterministic
+    assert a != [tokenize.is_val(g, 1, 0.1) for g in range(1000)]  # the seed reshuffles it
 
 
 def test_workers_give_identical_files_and_uint32(corpus, tmp_path):
