@@ -41,6 +41,7 @@ import orjson
 from z2all.bench import machine_name, markdown_table, run_isolated
 from z2all.config import opt
 from z2all.data import convert, tokenize  # imported here, outside the timed calls of the child processes
+from z2all.io import claim_output_dir
 from z2all.utils import UserError, print0
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,7 +52,8 @@ class Config:
     size_mb: float = opt(1024.0, "size of the generated jsonl input in MB")
     corpora: str = opt("", "directory of *.jsonl(.gz) files with title/text fields "
                            "(default: ../shared/corpora next to the repo, else z2all/data/demo)")
-    work_dir: str = opt("", "scratch directory (default: a temporary one, removed afterwards)")
+    work_dir: str = opt("", "scratch directory, kept afterwards: new, empty or an earlier `bench data` one (default: "
+                            "a temporary one, removed afterwards)")
     vocab_size: int = opt(8192, "vocabulary of the BPE trained (z2all tokenizer train) for the tokenize rows")
     tokenize_mb: float = opt(16.0, "MB of converted text for the tokenize rows (tokenizers encodes ~1 MB/s per "
                                    "core on this text, tiktoken ~5x that)")
@@ -195,8 +197,10 @@ def run(cfg: Config) -> int:
     cfg.validate()
     docs = _source_texts(cfg.corpora)
     random.Random(0).shuffle(docs)  # files come one after another: a small input would hold only the first
-    work = Path(cfg.work_dir) if cfg.work_dir else Path(tempfile.mkdtemp(prefix="z2all-bench-data-"))
-    work.mkdir(parents=True, exist_ok=True)
+    if cfg.work_dir:  # a user's directory: only a new, empty or earlier `bench data` one is written to
+        work = claim_output_dir(cfg.work_dir, "bench data", option="--work-dir", protect=[cfg.corpora])
+    else:
+        work = Path(tempfile.mkdtemp(prefix="z2all-bench-data-"))
     try:
         size = int(cfg.size_mb * 2**20)
         big, small = work / "big.jsonl", work / "small.jsonl"
