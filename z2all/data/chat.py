@@ -58,6 +58,7 @@ options restart from scratch (only files this command wrote are removed).
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import os
@@ -239,6 +240,14 @@ _SENTINEL_RE = re.compile("( \n)?\ue000Zz(\\d+)\ue001(\n )?")
 _STRIP = {(True, True): None, (False, True): str.lstrip, (True, False): str.rstrip, (False, False): str.strip}
 
 
+def _offset_start(offset: tuple[int, int]) -> int:
+    return offset[0]
+
+
+def _offset_end(offset: tuple[int, int]) -> int:
+    return offset[1]
+
+
 def _token_str(value) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
@@ -409,10 +418,15 @@ class Renderer:
                     continue
                 enc, sp = encs[item[1]], spans[item[1]]
                 ids.extend(enc.ids)
-                if not sp:
-                    mask.extend([0] * len(enc.ids))
-                else:
-                    mask.extend(int(any(s < e1 and e > s1 for s1, e1 in sp)) for s, e in enc.offsets)
+                run_mask = [0] * len(enc.ids)
+                if sp:
+                    # offsets are non-decreasing, so the tokens touching [s1, e1) are one range [lo, hi)
+                    offsets = enc.offsets
+                    for s1, e1 in sp:
+                        lo = bisect.bisect_right(offsets, s1, key=_offset_end)
+                        hi = bisect.bisect_left(offsets, e1, key=_offset_start)
+                        run_mask[lo:hi] = [1] * max(0, hi - lo)
+                mask.extend(run_mask)
             out.append((ids, mask))
         return out
 
