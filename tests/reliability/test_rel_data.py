@@ -317,3 +317,73 @@ def test_empty_input_path_is_an_error(tmp_path):
     before = snapshot(tmp_path)
     assert_clean_failure(convert("--inputs", "wikipedia_zh=", "--out", "out", cwd=tmp_path), "empty path")
     assert snapshot(tmp_path) == before
+
+
+# ---------------------------------------------------------------- SIGKILL anywhere, then resume
+
+KILL_AT = """
+import os, signal, sys
+stage, k = sys.argv[1], int(sys.argv[2])
+n = [0]
+def tick():
+    n[0] += 1
+    if n[0] == k:
+        os.kill(os.getpid(), signal.SIGKILL)
+if stage == "convert":  # inside a shard, or right after one is renamed and before its commit
+    import z2all.data.shards as shards
+    write, finish = shards.ShardWriter.write, shards.ShardWriter.finish
+    def w(self, *a):
+        write(self, *a)
+        tick()
+    def f(self):
+        info = finish(self)
+        tick()
+        return info
+    shards.ShardWriter.write, shards.ShardWriter.finish = w, f
+else:  # after a block reached the open token files, before or after its commit
+    import z2all.data.tokenize as tokenize
+    commit = tokenize.atomic_write_text
+    def c(path, text):
+        tick()
+        commit(path, text)
+        tick()
+    tokenize.atomic_write_text = c
+from z2all.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("stage", ["convert", "tokenize"])
+def test_sigkill_at_random_points_then_resume_matches_an_uninterrupted_run(converted, tmp_path, stage):
+    conv, tok = converted
+    src = tmp_path / "zh.jsonl"
+    src.write_bytes(jsonl(docs(200, seed=9)))
+
+    def args(out):
+        if stage == "convert":
+            return ["data", "convert", "--inputs", f"wikipedia_zh={src}", "--out", str(out), "--shard-mb", "0.01",
+                    "--batch-mb", "0.003", "--txt"]
+        return ["data", "tokenize", "--shards", str(conv), "--tokenizer", str(tok), "--out", str(out),
+                "--workers", "1", "--batch-mb", "0.005", "--file-mb", "0.01", "--val-fraction", "0.2"]
+
+    ref = tmp_path / "ref"
+    assert z2all(*args(ref)).rc == 0
+    env = {**os.environ, "PYTHONPATH": str(REPO), "Z2ALL_NO_PROGRESS": "1"}
+    rng = random.Random(1234)
+    out = tmp_path / "out"
+    kills = 0
+    for k in sorted(rng.sample(range(1, 25), 3)):  # kill, resume with another kill later, ...
+        p = subprocess.run([sys.executable, "-c", KILL_AT, stage, str(k), *args(out)], env=env, capture_output=True)
+        assert p.returncode in (0, -9), p.stderr.decode()[-2000:]
+        kills += p.returncode == -9
+    assert kills >= 2
+    res = z2all(*args(out))
+    assert res.rc == 0, res.text
+    ours = {k: v for k, v in snapshot(out).items() if not k.startswith(".")}
+    theirs = {k: v for k, v in snapshot(ref).items() if not k.startswith(".")}
+    if stage == "tokenize":  # meta.json names the tokenizer directory (the same here) and nothing of the run
+        assert ours == theirs
+    else:  # stats.md, convert.json and the manifests name --out; the shards and txt files must be identical
+        assert {k: v for k, v in ours.items() if "part-" in k} == {k: v for k, v in theirs.items() if "part-" in k}
+        man = json.loads((out / "wikipedia_zh" / "manifest.json").read_text())
+        assert man["complete"] and man["documents"] == 200
