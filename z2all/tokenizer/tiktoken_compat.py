@@ -13,8 +13,8 @@ that comes first in the merges list. The two agree when ids follow the merges or
 refuses (returns None and the reason) unless:
   - the 256 single bytes and exactly one merge result per other token make up the vocabulary, every
     merge result's id is above its parts' ids and the ids grow with the merges order;
-  - every token, encoded on its own by the merges list, gives itself back (tiktoken looks whole pieces up
-    in the vocabulary first; `tokenizers` does too when a token is reachable, checked here);
+  - every token, encoded on its own by `tokenizers`' BPE model, gives itself back (tiktoken looks a whole
+    piece up in the vocabulary first, `tokenizers` runs the merges: they agree on whole-token pieces);
   - every added token is special (with `encode_special_tokens` they are plain text on both sides);
   - the split pattern compiles in tiktoken's dialect (Rust fancy-regex) and a built-in probe text
     (Chinese, English, code, emoji, digits, contractions, odd whitespace) encodes to the same ids as
@@ -79,21 +79,6 @@ def _merge_parts(m) -> tuple[str, str]:
     return tuple(m.split(" ", 1)) if isinstance(m, str) else (m[0], m[1])
 
 
-def _encodes_to_itself(data: bytes, merge_rank: dict[tuple[bytes, bytes], int]) -> list[bytes]:
-    """`tokenizers`' BPE on one piece: repeatedly merge the adjacent pair that comes first in the merges."""
-    parts = [bytes([b]) for b in data]
-    while len(parts) > 1:
-        best, at = None, -1
-        for i in range(len(parts) - 1):
-            r = merge_rank.get((parts[i], parts[i + 1]))
-            if r is not None and (best is None or r < best):
-                best, at = r, i
-        if best is None:
-            break
-        parts[at: at + 2] = [parts[at] + parts[at + 1]]
-    return parts
-
-
 def to_tiktoken(tokenizer: str | os.PathLike | dict, name: str = "z2all", probe: str = PROBE):
     """(tiktoken.Encoding, "") when `tokenizer` (a directory, a tokenizer.json path or its parsed dict)
     converts exactly, else (None, the reason)."""
@@ -127,7 +112,6 @@ def to_tiktoken(tokenizer: str | os.PathLike | dict, name: str = "z2all", probe:
         ranks[b] = i
     if any(bytes([b]) not in ranks for b in range(256)):
         return None, "the vocabulary lacks some of the 256 single bytes"
-    merge_rank: dict[tuple[bytes, bytes], int] = {}
     made: set[bytes] = set()
     last = -1
     for k, m in enumerate(model.get("merges", [])):
@@ -146,13 +130,14 @@ def to_tiktoken(tokenizer: str | os.PathLike | dict, name: str = "z2all", probe:
             return None, f"merge {k} ({a!r}, {b!r}) -> id {rt}: ids do not follow the merges order"
         last = rt
         made.add(t)
-        merge_rank[(pa, pb)] = k
     extra = [t for t in ranks if len(t) > 1 and t not in made]
     if extra:
         return None, f"{len(extra)} token(s) (e.g. {extra[0]!r}) are no merge's result"
-    for t in made:
-        if len(t) > 2 and _encodes_to_itself(t, merge_rank) != [t]:
-            return None, f"token {t!r} does not encode to itself through the merges"
+    hf = _hf_tokenizer(d)
+    for tok, i in model["vocab"].items():  # the merges of `tokenizers` itself, on each token alone (Rust)
+        got = hf.model.tokenize(tok)
+        if len(got) != 1 or got[0].id != i:
+            return None, f"token {tok!r} does not encode to itself through the merges"
     specials = {}
     for at in d.get("added_tokens", []):
         if not at.get("special"):
@@ -163,7 +148,7 @@ def to_tiktoken(tokenizer: str | os.PathLike | dict, name: str = "z2all", probe:
     except Exception as e:  # tiktoken raises ValueError for a pattern its regex dialect rejects
         return None, f"tiktoken rejects the split pattern: {e}"
     if probe:
-        ref = _tokenizers_encoder(d)([probe])[0]
+        ref = _tokenizers_encoder(hf)([probe])[0]
         got = enc.encode_ordinary(probe)
         if got != ref:
             at = next((i for i, (x, y) in enumerate(zip(got, ref)) if x != y), min(len(got), len(ref)))
@@ -172,14 +157,19 @@ def to_tiktoken(tokenizer: str | os.PathLike | dict, name: str = "z2all", probe:
     return enc, ""
 
 
-def _tokenizers_encoder(tokenizer: str | os.PathLike | dict) -> Callable[[list[str]], list[list[int]]]:
+def _hf_tokenizer(tokenizer):
     from tokenizers import Tokenizer
 
+    if isinstance(tokenizer, Tokenizer):
+        return tokenizer
     if isinstance(tokenizer, dict):
-        tok = Tokenizer.from_str(json.dumps(tokenizer))
-    else:
-        path = Path(tokenizer)
-        tok = Tokenizer.from_file(str(path / "tokenizer.json" if path.is_dir() else path))
+        return Tokenizer.from_str(json.dumps(tokenizer))
+    path = Path(tokenizer)
+    return Tokenizer.from_file(str(path / "tokenizer.json" if path.is_dir() else path))
+
+
+def _tokenizers_encoder(tokenizer) -> Callable[[list[str]], list[list[int]]]:
+    tok = _hf_tokenizer(tokenizer)
     tok.encode_special_tokens = True  # special-token text in a document is text (data/tokenize.py)
     batch = getattr(tok, "encode_batch_fast", tok.encode_batch)
 
