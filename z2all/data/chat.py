@@ -71,7 +71,7 @@ import numpy as np
 import orjson
 
 from z2all.config import opt
-from z2all.data.readers import FORMATS, InputReader, MalformedJSON, expand_inputs
+from z2all.data.readers import InputReader, MalformedJSON, expand_inputs
 from z2all.io import atomic_write_text, claim_output_dir, fingerprint
 from z2all.utils import UserError, markdown_table, print0, progress
 
@@ -98,7 +98,8 @@ class Config:
                                            "chat_template)")
     out: str = opt("data/chat", "output directory for train-*.bin/.mask/.idx, val-* and meta.json")
     schema: str = opt("auto", "record layout; auto detects openai / sharegpt / alpaca per record", choices=SCHEMAS)
-    format: str = opt("", "force the file format instead of guessing it from the suffix", choices=("",) + FORMATS)
+    format: str = opt("", "force the file format instead of guessing it from the suffix",
+                      choices=("", "jsonl", "json", "parquet"))
     messages_field: str = opt("", "schema fields: the field holding a list of messages")
     role_field: str = opt("role", "schema fields: the role key inside each message")
     content_field: str = opt("content", "schema fields: the content key inside each message")
@@ -320,14 +321,12 @@ class Renderer:
         names = sorted(self.specials, key=len, reverse=True)
         self._special_re = re.compile("|".join(map(re.escape, names))) if names else None
         self._dir = d
-        self._jinja = None
+        self._jinja = _compile(self.template, tc)
         self._token_vars = {k: _token_str(config.get(k)) for k in ("bos_token", "eos_token", "pad_token",
                                                                   "unk_token")}
         self._skeletons: dict[tuple[str, ...], list[tuple]] = {}
 
     def _render_text(self, messages: list[dict]) -> str:
-        if self._jinja is None:
-            self._jinja = _compile(self.template, self._dir / "tokenizer_config.json")
         try:
             return self._jinja.render(messages=messages, add_generation_prompt=False, **self._token_vars)
         except Exception as e:  # raise_exception() (e.g. "roles must alternate"), undefined fields
@@ -681,8 +680,8 @@ def run(cfg: Config) -> int:
     cfg.validate()
     t0 = time.perf_counter()
     files = [f for p in cfg.inputs for f in expand_inputs(p)]
+    renderer = Renderer(cfg.tokenizer)  # a broken tokenizer is reported before anything is created
     out = claim_output_dir(cfg.out, COMMAND, protect=[*cfg.inputs, cfg.tokenizer])
-    renderer = Renderer(cfg.tokenizer)
     dtype = dtype_for(renderer.vocab_size)
     sig = _signature(cfg, files, renderer, dtype)
     state = _start(out, sig)
@@ -755,7 +754,8 @@ def run(cfg: Config) -> int:
         "train_files": files_out["train"], "val_files": files_out["val"],
         "train_tokens": writers["train"].tokens, "val_tokens": writers["val"].tokens,
         "train_examples": writers["train"].examples, "val_examples": writers["val"].examples,
-        "specials": renderer.specials, "eos_id": renderer.specials.get("<|endoftext|>"),
+        "specials": {t: i for t, i in renderer.specials.items() if not t.startswith("<|reserved_")},
+        "eos_id": renderer.specials.get("<|endoftext|>"),
         "template_sha256": renderer.template_sha256, "tokenizer_sha256": renderer.tokenizer_sha256,
         "tokenizer_dir": str(Path(cfg.tokenizer).resolve()), "inputs": [str(p) for p in files],
         "max_len": cfg.max_len, "overlong": cfg.overlong, "val_fraction": cfg.val_fraction, "seed": cfg.seed,
