@@ -38,6 +38,8 @@ Output (`--out`, claimed for "data chat"):
                         "val_files" (the .bin names: `TokenLoader` streams them like pretraining tokens),
                         "train_tokens", "val_tokens", "train_examples", "val_examples", "template_sha256",
                         "tokenizer_sha256", "specials", "max_len", "overlong", "stats", ...}
+No <|endoftext|> is appended: an example is exactly the template's rendering, and the .idx offsets delimit
+examples. `ChatData(dir, split).example(k)` reads one back as (ids, mask).
 Held-out split: by conversation, deterministic: blake2b(seed, messages) below --val-fraction goes to val,
 so identical conversations always land in the same split, whatever the order or batch size.
 
