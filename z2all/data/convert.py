@@ -31,6 +31,11 @@ since it was (partly) read is an error naming it (the shards would mix two versi
 read failed may be replaced (the re-downloaded archive). A finished output reruns in no time and prints its
 stats again; other inputs or settings for the same --out are refused unless --overwrite.
 
+Adding a source: `--inputs newsrc=...` into a finished output that holds other sources (or the earlier
+inputs followed by new sources' inputs) continues it: gids go on from the last one, new documents are
+deduplicated against what is there, and the result is byte for byte what one run over all the inputs
+would have written. The cleaning and shard settings must be the same; rerunning the addition is a no-op.
+
 Output directory: --out is claimed (z2all.io.claim_output_dir): new, empty, or an earlier convert output;
 an input inside it is refused. --overwrite removes exactly the files the state (or, when it is unreadable,
 the manifests) lists as written by convert, and directories left empty; anything else stays.
@@ -325,7 +330,9 @@ class Converter:
         elif not self.cfg.overwrite:
             what = ("an older version of this converter" if state.get("version") != STATE_VERSION else
                     "other settings (cleaning, shard size, ...)" if same_inputs else "other inputs")
-            raise UserError(f"{self.out} holds a conversion of {what} ({path}); use another --out, or "
+            hint = (" (to add new sources to it, give only their inputs, with the same settings)"
+                    if what == "other inputs" else "")
+            raise UserError(f"{self.out} holds a conversion of {what} ({path}){hint}; use another --out, or "
                             f"--overwrite to replace it")
         remove_conversion(self.out, state or None)
         return _fresh_state(self.units, self.cfg)
