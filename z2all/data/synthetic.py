@@ -304,9 +304,10 @@ def run(cfg: Config) -> int:
                 f.write(orjson.dumps(r) + b"\n")
         counts[name] = {t: sum(r["task"] == t for r in records) for t in tasks}
     atomic_write_json(out / "synth.json", {"version": VERSION, "seed": cfg.seed, "n": cfg.n, "tasks": list(tasks),
-                                           "heldout_fraction": cfg.heldout_fraction, "counts": counts})
+                                           "heldout_fraction": cfg.heldout_fraction, "counts": counts,
+                                           "repeated_prompts_dropped": cfg.n - sum(map(len, parts.values()))})
     print0(markdown_table(["task", "train", "heldout"], [[t, counts["train"][t], counts["heldout"][t]]
                                                          for t in tasks]))
-    print0(f"data synth: {len(parts['train']):,} train / {len(parts['heldout']):,} held-out examples -> "
-           f"{Path(out)}")
+    print0(f"data synth: {len(parts['train']):,} train / {len(parts['heldout']):,} held-out examples "
+           f"({cfg.n - sum(map(len, parts.values())):,} repeated prompts dropped) -> {Path(out)}")
     return 0
