@@ -103,3 +103,47 @@ def test_generate_command_errors(ckpt, tmp_path):
     assert main(["generate", "--ckpt", str(path)]) == 2  # no prompt
     assert main(["generate", "--ckpt", str(tmp_path), "--prompt", "x"]) == 2  # no checkpoint there
     assert main(["generate", "--ckpt", str(path), "--prompt", "x", "--tokenizer", str(tmp_path / "no")]) == 2
+
+
+def test_vocab_limit_is_never_sampled_and_bad_prompt_ids_are_refused():
+    from z2all.utils import UserError
+
+    torch.manual_seed(3)
+    model = Z2all(small_config()).eval()
+    g = torch.Generator().manual_seed(0)
+    out = generate(model, [[1, 2, 3]], 40, temperature=5.0, vocab_limit=10, generator=g)
+    assert out[0] and max(out[0]) < 10
+    with pytest.raises(UserError, match="outside the model's vocabulary of 97"):
+        generate(model, [[1, 200]], 2)
+
+
+def test_plan_memory_refuses_what_does_not_fit_and_notes_big_or_long(monkeypatch):
+    from z2all.model import generate as gen_mod
+    from z2all.utils import UserError
+
+    model = Z2all(small_config())  # max_seq_len 64; 2 layers x 2 kv heads x 8 dims x fp32 = 256 B / position
+    notes = []
+    assert model.kv_cache_bytes(1, 1) == 256
+    gen_mod.plan_memory(model, 1, 10, 20, torch.device("cpu"), warn=notes.append)
+    assert notes == []
+    gen_mod.plan_memory(model, 1, 10, 100, torch.device("cpu"), warn=notes.append)
+    assert len(notes) == 1 and "past the model's context of 64" in notes[0]
+    monkeypatch.setattr(gen_mod, "_available_memory", lambda device: 256 * 1000)
+    with pytest.raises(UserError, match=r"--max-new-tokens 5000: the KV cache .* use --max-new-tokens 890 or less"):
+        gen_mod.plan_memory(model, 1, 10, 5000, torch.device("cpu"), warn=notes.append)
+    monkeypatch.setattr(gen_mod, "_available_memory", lambda device: 1 << 40)
+    notes.clear()
+    gen_mod.plan_memory(model, 1, 10, (1 << 30) // 256, torch.device("cpu"), warn=notes.append)
+    assert any("KV cache" in n for n in notes)
+
+
+def test_check_sampling_names_each_option():
+    from z2all.model.generate import check_sampling
+    from z2all.utils import UserError
+
+    check_sampling(temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.0, max_new_tokens=1)
+    for kw, opt in [({"temperature": float("nan")}, "--temperature"), ({"top_p": 0.0}, "--top-p"),
+                    ({"top_k": -1}, "--top-k"), ({"repetition_penalty": -1.0}, "--repetition-penalty"),
+                    ({"max_new_tokens": 0}, "--max-new-tokens")]:
+        with pytest.raises(UserError, match=opt):
+            check_sampling(**kw)

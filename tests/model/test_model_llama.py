@@ -178,3 +178,47 @@ def test_load_model_errors_name_the_path(tmp_path):
 
     with pytest.raises(UserError, match="model_config.json"):
         load_model(tmp_path)
+
+
+def test_resolve_checkpoint_accepts_runs_and_says_which(tmp_path):
+    import json
+
+    from z2all.model.llama import resolve_checkpoint
+    from z2all.utils import UserError
+
+    m = make()
+    run = tmp_path / "run"
+    for step in (5, 10):
+        save_model(m, run / "checkpoints" / f"step-{step:06d}")
+    (run / "checkpoints" / ".tmp-step-000020-1").mkdir()  # an interrupted save is never picked
+    # no index.json: the highest step; a damaged one falls back the same way; a valid one is followed
+    assert resolve_checkpoint(run)[0].name == "step-000010"
+    (run / "checkpoints" / "index.json").write_text("{broken")
+    assert resolve_checkpoint(run / "checkpoints")[0].name == "step-000010"
+    (run / "checkpoints" / "index.json").write_text(json.dumps({"latest": "step-000005"}))
+    path, kind, note = resolve_checkpoint(run)
+    assert path.name == "step-000005" and kind == "z2all" and "latest checkpoint" in note
+    ck = run / "checkpoints" / "step-000010"
+    assert resolve_checkpoint(ck) == (ck, "z2all", None)
+    with pytest.raises(UserError, match="no such directory"):
+        resolve_checkpoint(tmp_path / "nope")
+
+
+def test_corrupt_weights_and_config_are_named(tmp_path):
+    from z2all.io import write_checksums
+    from z2all.utils import UserError
+
+    ck = save_model(make(), tmp_path / "ck")
+    w = ck / WEIGHTS_FILE
+    good = w.read_bytes()
+    w.write_bytes(good[:-10])
+    with pytest.raises(UserError, match=f"{w}.*corrupt or truncated"):
+        load_model(ck)
+    w.write_bytes(good)
+    write_checksums(ck)
+    w.write_bytes(good[:-4] + b"\0\0\0\1")  # same size, altered bytes: only the checksum can tell
+    with pytest.raises(UserError, match=f"{w}.*sha256"):
+        load_model(ck)
+    (ck / CONFIG_FILE).write_bytes(b"\xff\xfe")
+    with pytest.raises(UserError, match=CONFIG_FILE):
+        load_model(ck)
