@@ -50,7 +50,7 @@ STAGES: dict[str, Command | tuple[str, dict[str, Command]]] = {
         "gguf": Command("write a GGUF file for llama.cpp / Ollama (f32, f16, bf16, q8_0)", "z2all.model.gguf"),
     }),
     "bench": ("benchmarks that print markdown tables (ours vs the peers, same machine)", {
-        "data": Command("conversion MB/s and RSS vs a bare orjson loop; tokenization tokens/s",
+        "data": Command("conversion MB/s and RSS vs a seed-style converter; tokenization vs tokenizers and tiktoken",
                         "z2all.bench.data"),
         "tokenizer": Command("training time, RSS and bytes/token: ours vs HF vs sentencepiece",
                              "z2all.bench.tokenizer"),
