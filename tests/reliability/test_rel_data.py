@@ -214,11 +214,16 @@ def test_damaged_convert_output_is_refused_by_a_rerun(converted, tmp_path, damag
     else:
         shard.write_bytes(shard.read_bytes()[:100])
         name = str(shard)
+    (conv / "wikipedia_zh" / "mine.txt").write_text("not convert's")
     before = snapshot(conv)
-    res = convert("--inputs", ",".join(f"{x['source']}={x['path']}" for x in spec), "--out", conv,
-                  "--shard-mb", "0.02", "--batch-mb", "0.005")
-    assert_clean_failure(res, name, "--overwrite")
+    args = ("--inputs", ",".join(f"{x['source']}={x['path']}" for x in spec), "--out", conv, "--shard-mb", "0.02",
+            "--batch-mb", "0.005")
+    assert_clean_failure(convert(*args), name, "--overwrite")
     assert snapshot(conv) == before
+    res = convert(*args, "--overwrite")  # the recovery the message names
+    assert res.rc == 0, res.text
+    assert len(records(conv, "wikipedia_zh")) == 300 and len(records(conv, "wikipedia_en")) == 100
+    assert (conv / "wikipedia_zh" / "mine.txt").read_text() == "not convert's"
 
 
 def test_edited_shard_line_of_an_unchecked_shard_names_the_line(converted, tmp_path):

@@ -317,12 +317,18 @@ class Converter:
         if state is None:
             return _fresh_state(self.units, self.cfg)
         if not self.cfg.overwrite and state.get("version") == STATE_VERSION and (added := self._add_sources(state)):
+            self._check_shards(added)
             return added
         same_inputs = state.get("inputs") == _signature(self.units)
         if same_inputs and state.get("settings") == _settings(self.cfg) and state.get("version") == STATE_VERSION:
             changed = self._changed_input(state)
             if changed is None:
-                return state
+                try:
+                    self._check_shards(state)
+                    return state
+                except UserError:
+                    if not self.cfg.overwrite:
+                        raise
             if not self.cfg.overwrite:
                 raise UserError(f"input {changed.path} changed since {self.out} was converted from it (its size, "
                                 f"time or content differ), so the shards would mix old and new text; put the "
@@ -398,10 +404,10 @@ class Converter:
                 return u
         return None
 
-    def _check_shards(self) -> None:
-        """Every committed shard is still there at its committed size (a resume would otherwise build on,
-        and a finished output would report, files that are gone or cut)."""
-        for name, s in self.state["sources"].items():
+    def _check_shards(self, state: dict) -> None:
+        """Every committed shard (and its dedup hashes) is still there at its committed size: a resume would
+        otherwise build on, and a finished output would report, files that are gone or cut."""
+        for name, s in state["sources"].items():
             for sh in s["shards"]:
                 p = self.out / name / sh["file"]
                 size = p.stat().st_size if p.is_file() else None
@@ -409,6 +415,10 @@ class Converter:
                     what = "is missing" if size is None else f"has {size:,} bytes, not {sh['bytes']:,}"
                     raise UserError(f"shard {p} {what} (listed in {self.out / STATE}); restore it, or rerun with "
                                     f"--overwrite to convert again")
+                h = self.out / name / ".dedup" / f"part-{int(sh['file'][5:10]):05d}.u64"
+                if (h.stat().st_size if h.is_file() else -1) != 8 * sh["count"]:
+                    raise UserError(f"{h} is missing or does not hold {sh['count']} hashes (one per document of "
+                                    f"{p.name}); rerun with --overwrite to convert again")
 
     def _restore(self) -> None:
         """After a kill: drop files no commit lists, reload dedup hashes, rewrite manifests."""
@@ -417,11 +427,7 @@ class Converter:
             remove_stale(self.out / name, {sh["file"] for sh in shards} | {sh["txt"] for sh in shards if "txt" in sh})
             for sh in shards:
                 index = int(sh["file"][5:10])
-                hashes = load_shard_hashes(self.out / name, index)
-                if len(hashes) != sh["count"]:
-                    raise UserError(f"{self.out / name / '.dedup'}/part-{index:05d}.u64 holds {len(hashes)} hashes "
-                                    f"for {sh['count']} documents; rerun with --overwrite to convert again")
-                self.exact.add_all(hashes)
+                self.exact.add_all(load_shard_hashes(self.out / name, index))
                 if self.near is not None:
                     self.near.add_all(load_shard_hashes(self.out / name, index, "near"))
         self._write_manifests()
@@ -553,7 +559,6 @@ class Converter:
     def run(self) -> dict:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        self._check_shards()
         if self.state["done"]:
             print0(f"data convert: {self.out} is complete (rerun of the same inputs), nothing to do")
             return self.state
