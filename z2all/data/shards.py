@@ -256,7 +256,7 @@ def find_shards(root: str | os.PathLike) -> list[Path]:
     keyed = []
     for d in dirs:
         if (d / MANIFEST).exists():
-            shards = read_manifest(d)["shards"]
+            shards = _checked_manifest(d)["shards"]
             first = shards[0]["gid_first"] if shards else -1
             keyed.append(((0, first, d.name), [d / s["file"] for s in shards]))
         else:
