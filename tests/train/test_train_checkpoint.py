@@ -4,6 +4,7 @@ optimizer state round-trips by parameter name."""
 
 from __future__ import annotations
 
+import errno
 import json
 
 import torch
@@ -50,3 +51,19 @@ def test_optimizer_state_round_trips_by_name(tmp_path):
     assert a["param_groups"] == b["param_groups"]
     for k in a["state"]:
         assert all(torch.equal(a["state"][k][n], b["state"][k][n]) for n in a["state"][k])
+
+
+def test_wrapped_disk_full_becomes_an_os_error_and_stale_temps_go(tmp_path):
+    # safetensors reports a full disk as SafetensorError("... No space left on device (os error 28)")
+    e = ckpt._as_os_error(RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"),
+                          tmp_path)
+    assert isinstance(e, OSError) and e.errno == errno.ENOSPC and e.filename == str(tmp_path)
+    other = ValueError("something else")
+    assert ckpt._as_os_error(other, tmp_path) is other
+    # temp dirs of killed saves (our names only) are removed; anything else in checkpoints/ stays
+    root = ckpt.ckpt_root(tmp_path)
+    for name in (".step-000010.ab12.tmp", ".step-000010.old-77", ".tmp-step-000020-5", "step-000030.corrupt",
+                 ".mine"):
+        (root / name).mkdir(parents=True)
+    assert ckpt.remove_stale_temps(tmp_path) == 3
+    assert sorted(p.name for p in root.iterdir()) == [".mine", "step-000030.corrupt"]
