@@ -339,8 +339,11 @@ def choose(lls: list[float], choices: list[str]) -> tuple[int, int, int]:
     def argmax(vals):
         return max(range(len(vals)), key=lambda i: (vals[i], -i))
 
-    chars = [ll / max(1, len(c)) for ll, c in zip(lls, choices)]
-    nbytes = [ll / max(1, len(c.encode("utf-8"))) for ll, c in zip(lls, choices)]
+    def per(ll, n):  # an empty choice: numpy's ll / 0 = -inf (lm-eval never picks it), not an error
+        return ll / n if n else (float("-inf") if ll < 0 else float("inf"))
+
+    chars = [per(ll, len(c)) for ll, c in zip(lls, choices)]
+    nbytes = [per(ll, len(c.encode("utf-8"))) for ll, c in zip(lls, choices)]
     return argmax(lls), argmax(chars), argmax(nbytes)
 
 

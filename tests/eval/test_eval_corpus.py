@@ -1,0 +1,67 @@
+"""Tasks from our own artifacts: the held-out documents of a `data tokenize` output are exactly its val
+split, the unigram baseline comes from its train split when the tokenizer is the model's, and
+`eval_demo` (what `make demo` prints) gives bits per byte and continuation accuracy per domain next to
+chance."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from eval_helpers import demo_docs
+
+from z2all.data.tokenize import is_val
+from z2all.eval import run, tasks
+
+
+@pytest.fixture(scope="module")
+def tokens_dir(ckpt, tmp_path_factory):
+    """A small tokenize-style output: one shard of unified records (zh prose + python code), meta.json
+    with seed / val_fraction / shards, and a train token file."""
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("tokens")
+    recs = [{"gid": i, "data_src": "wikipedia_zh", "category": "wiki", "title": "", "content": t}
+            for i, t in enumerate(demo_docs(n=24, chars=800))]
+    recs += [{"gid": 100 + i, "data_src": "github_python", "category": "code", "title": "x.py", "content": t}
+             for i, t in enumerate(demo_docs("code_python.jsonl.gz", "content", n=24, chars=800))]
+    shard = root / "conv" / "part-00000.jsonl"
+    shard.parent.mkdir()
+    shard.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs) + "{bad line\n", encoding="utf-8")
+    tok = AutoTokenizer.from_pretrained(str(ckpt / "tokenizer"))
+    train = [i for r in recs if not is_val(r["gid"], 7, 0.4) for i in tok(r["content"])["input_ids"]]
+    out = root / "tokens"
+    out.mkdir()
+    np.asarray(train, dtype="<u2").tofile(out / "train-00000.bin")
+    (out / "meta.json").write_text(json.dumps({
+        "dtype": "uint16", "vocab_size": len(tok), "eos_id": tok.eos_token_id, "train_files": ["train-00000.bin"],
+        "val_files": [], "tokenizer_dir": str(ckpt / "tokenizer"), "val_fraction": 0.4, "seed": 7,
+        "shards": [str(shard)]}), encoding="utf-8")
+    return out, recs
+
+
+def test_heldout_docs_are_the_val_split_and_unigram_from_train(tokens_dir, ckpt):
+    out, recs = tokens_dir
+    docs = tasks.heldout_docs(out)
+    want = {}
+    for r in recs:
+        if is_val(r["gid"], 7, 0.4):
+            want.setdefault(r["data_src"], []).append(r["content"])
+    assert docs == want and set(docs) == {"wikipedia_zh", "github_python"}
+    assert all(len(v) >= 5 for v in docs.values())
+    counts = run.unigram_counts(out, ckpt / "tokenizer")
+    assert counts is not None and counts.sum() > 0
+    assert run.unigram_counts(out, out) is None  # another tokenizer: no train-split baseline
+
+
+def test_eval_demo_table(tokens_dir, ckpt):
+    out, _ = tokens_dir
+    table = run.eval_demo(ckpt, out, max_docs=20)
+    lines = table.splitlines()
+    assert lines[0].split("|")[1].strip() == "domain" and "continuation acc" in lines[0]
+    rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]] for ln in lines[2:]}
+    assert set(rows) == {"github_python", "wikipedia_zh"}
+    for ndocs, bpb, unigram, acc, chance, n in rows.values():
+        assert int(ndocs) > 0 and float(bpb) > 0 and float(unigram) > 0 and 0 <= float(acc) <= 1
+        assert chance == "0.25" and int(n) > 0
