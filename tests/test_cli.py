@@ -12,7 +12,7 @@ from z2all import cli
 from z2all.config import leaves
 
 EXPECTED = {
-    "data": ["convert", "tokenize"],
+    "data": ["convert", "tokenize", "chat", "synth"],
     "tokenizer": ["train", "eval"],
     "train": None,
     "generate": None,

@@ -38,6 +38,9 @@ STAGES: dict[str, Command | tuple[str, dict[str, Command]]] = {
         "convert": Command("stream raw corpora into unified jsonl shards (clean, dedup, manifest)",
                            "z2all.data.convert"),
         "tokenize": Command("shards + tokenizer -> memory-mapped train/val token files", "z2all.data.tokenize"),
+        "chat": Command("conversations + tokenizer -> SFT token, loss-mask and example-index files", "z2all.data.chat"),
+        "synth": Command("generate the synthetic zh/en instruction set (train + held-out jsonl)",
+                         "z2all.data.synthetic"),
     }),
     "tokenizer": ("byte-level BPE tokenizer", {
         "train": Command("train a tokenizer (backends: z2all, hf, spm) in bounded memory", "z2all.tokenizer.train"),

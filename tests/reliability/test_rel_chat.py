@@ -15,21 +15,12 @@ import pytest
 from rel_helpers import Result, assert_clean_failure, snapshot
 
 REPO = Path(__file__).resolve().parents[2]
-# Registers the two commands when cli.py does not list them yet (the same entries), then runs the real main.
-SHIM = """
-import sys
-from z2all import cli
-cmds = cli.STAGES["data"][1]
-cmds.setdefault("chat", cli.Command("conversations -> SFT token files", "z2all.data.chat"))
-cmds.setdefault("synth", cli.Command("synthetic instruction set", "z2all.data.synthetic"))
-sys.exit(cli.main(sys.argv[1:]))
-"""
 
 
 def z2all(*args) -> Result:
     env = {**os.environ, "Z2ALL_NO_PROGRESS": "1", "PYTHONPATH": str(REPO)}
     env.pop("Z2ALL_DEBUG", None)
-    p = subprocess.run([sys.executable, "-c", SHIM, *map(str, args)], env=env, capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "-m", "z2all", *map(str, args)], env=env, capture_output=True, text=True,
                        timeout=300)
     return Result(p.returncode, p.stdout, p.stderr)
 
