@@ -81,20 +81,20 @@ def _damaged_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("where", ["run", "checkpoints", "foreign"])
+@pytest.mark.parametrize("where", ["run", "checkpoints", "foreign", "inside-ckpt"])
 def test_export_refuses_an_out_it_does_not_own(world, where):
     """--out = the training run, the checkpoint's parent, or someone's non-empty directory: refused, and
     every file there stays byte-identical (the old export deleted any dir with a config.json)."""
     root, run, ckpt = world
-    out = {"run": run, "checkpoints": ckpt.parent, "foreign": root / "mine"}[where]
+    out = {"run": run, "checkpoints": ckpt.parent, "foreign": root / "mine", "inside-ckpt": ckpt / "hf"}[where]
     if where == "foreign":
         out.mkdir(exist_ok=True)
         (out / "config.json").write_text('{"model_type": "llama"}')
         (out / "notes.txt").write_text("keep me")
-    before = snapshot(out)
+    before = snapshot(run), snapshot(out)
     res = (z2all if where == "run" else inproc)("export", "hf", "--ckpt", ckpt, "--out", out)
     assert_clean_failure(res, "--out", str(out))
-    assert snapshot(out) == before
+    assert (snapshot(run), snapshot(out)) == before
     assert not (out / OWNER_FILE).exists()
 
 

@@ -48,6 +48,9 @@ def test_out_dir_not_ours_is_refused_and_ours_is_replaced(tmp_path):
     before = snapshot(tmp_path)
     assert_clean_failure(z2all(*train, tmp_path), "--out-dir", "contains the input")
     assert snapshot(tmp_path) == before
+    res = z2all("tokenizer", "train", tmp_path, "--vocab-size", "320", "--out-dir", tmp_path / "new")
+    assert_clean_failure(res, "--out-dir", "inside the input directory")
+    assert snapshot(tmp_path) == before
     # our own output is replaced whole; an older z2all's tokenizer dir (no owner file) is accepted
     out = tmp_path / "tok"
     for _ in range(2):

@@ -45,7 +45,7 @@ from z2all.io import (
 )
 from z2all.model.config import ModelConfig
 from z2all.model.llama import Z2all, load_model, model_from_state_dict, read_safetensors, resolve_checkpoint
-from z2all.utils import UserError, pick_dtype, print0
+from z2all.utils import UserError, pick_dtype, print0, quiet_progress
 
 # (our regex, HF template) for per-layer tensors
 _LAYER_MAP = [
@@ -247,6 +247,13 @@ def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: st
         raise UserError(f"--tokenizer {tok_dir}: no such directory; give a tokenizer directory (tokenizer.json ...)")
     if not tok_dir.is_dir() or not any((tok_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         tok_dir = None
+    if kind == "z2all" and out.resolve().is_relative_to(ckpt.resolve()):
+        raise UserError(f"--out {out} lies inside the checkpoint {ckpt}; checkpoint retention would delete it with "
+                        f"the checkpoint. Choose an --out outside it")
+    if quiet_progress():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Writing model shards" bars in CI logs
     # claimed before the (slow) model load, so a refusal is immediate; undone if the export fails
     fresh = not out.exists() or (out.is_dir() and not any(out.iterdir()))
     stop = out if out.exists() else next(a for a in out.parents if a.exists())

@@ -387,6 +387,14 @@ def _legacy_tokenizer_dir(d: Path) -> bool:
             and names <= OUR_FILES)
 
 
+def _inside(child: Path, parent: Path) -> bool:
+    try:
+        child.resolve().relative_to(parent.resolve())
+        return True
+    except ValueError:
+        return False
+
+
 def _unclaim(out: Path, stop: Path) -> None:
     """Undo claim_output_dir for a run that failed: the owner file, then the directories it created (only
     while empty, up to `stop`, which existed before)."""
@@ -414,6 +422,10 @@ def train_tokenizer(cfg: Config) -> dict:
     vocab_target = total - len(specials)
     pattern = split_pattern(cfg.han_chunk)
     out = Path(cfg.out_dir)
+    for item in cfg.inputs:  # the output inside an input directory would be read back as input next time
+        if Path(item).is_dir() and _inside(out, Path(item)):
+            raise UserError(f"--out-dir {out} lies inside the input directory {item}; a later run would read the "
+                            f"tokenizer files as text. Choose an --out-dir outside the inputs")
     fresh = not out.exists() or (out.is_dir() and not any(out.iterdir()))
     stop = out if out.exists() else next(a for a in out.parents if a.exists())
     claim_output_dir(out, TRAIN_COMMAND, option="--out-dir", protect=files, legacy=_legacy_tokenizer_dir)
