@@ -17,7 +17,17 @@ from data_helpers import (
     write_parquet,
 )
 
-from z2all.data.readers import InputReader, MalformedJSON, ReadError, detect_format, expand_inputs, utf8_errors
+from z2all.data.readers import (
+    BadLine,
+    InputReader,
+    MalformedJSON,
+    ReadError,
+    detect_format,
+    expand_inputs,
+    parse_json_line,
+    sniff_compression,
+    utf8_errors,
+)
 from z2all.utils import UserError
 
 
@@ -174,3 +184,31 @@ def test_memory_stays_bounded_whatever_the_file_size(tmp_path, rows, fmt):
     tracemalloc.stop()
     assert n == len(many)
     assert peak < 4 << 20 < len(jsonl_bytes(many)) // 2  # never the whole file, only a batch or two
+
+
+@pytest.mark.parametrize("comp", [c for c in COMPRESSORS if c])
+def test_compression_by_magic_bytes_and_bom(tmp_path, rows, comp):
+    """The content decides: a compressed file under a plain name, a plain file under a compressed name,
+    and a UTF-8 byte order mark before the first record are all read whole."""
+    data = b"\xef\xbb\xbf" + jsonl_bytes(rows)
+    hidden = tmp_path / "plain_name.jsonl"
+    hidden.write_bytes(COMPRESSORS[comp](data))
+    assert sniff_compression(hidden) == comp
+    assert read_all(hidden)[1] == rows
+    lying = tmp_path / f"plain.jsonl{comp}"
+    lying.write_bytes(data)
+    assert sniff_compression(lying) == ""
+    assert read_all(lying)[1] == rows
+    arr = tmp_path / "arr.json"
+    arr.write_bytes(COMPRESSORS[comp](b"\xef\xbb\xbf" + orjson.dumps(rows)))
+    assert read_all(arr)[1] == rows
+
+
+def test_parse_json_line():
+    assert parse_json_line(b'{"a": 1}\n') == ({"a": 1}, False)
+    before = utf8_errors()
+    assert parse_json_line(b'{"a": "x\xffy"}') == ({"a": "x\ufffdy"}, True) and utf8_errors() == before + 1
+    for line, reason in ((b"  \n", "blank line"), (b'{"a": ', "malformed JSON")):
+        with pytest.raises(BadLine) as e:
+            parse_json_line(line)
+        assert e.value.reason == reason
