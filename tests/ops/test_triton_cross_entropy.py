@@ -1,6 +1,6 @@
 """Triton fused linear cross-entropy vs reference.linear_cross_entropy: loss and the gradients of h and of
-the LM-head weight, fp32 and fp16, odd shapes (vocab not a multiple of the kernel's block, several token
-chunks), ignore_index, no valid target, and evaluation without gradients.
+the LM-head weight, fp32 and fp16 (+ bf16 on a GPU, ops_helpers), odd shapes (vocab not a multiple of the
+kernel's block, several token chunks), ignore_index, no valid target, and evaluation without gradients.
 
 Tolerances: fp32 atol = rtol = 1e-5; fp16 atol = rtol = 5e-3 (the reference also rounds the logits to fp16
 before its fp32 softmax; our gradient passes through fp16 dlogits once per chunk, as any fp16 matmul does).
@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ops_helpers import DEV, DTYPES
 
 from z2all.ops import reference as R
 
 pytest.importorskip("triton")
 from z2all.ops.triton import cross_entropy as CE  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
@@ -42,7 +42,7 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(CE, "CHUNK_BYTES", 4 * 100 * 4)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("N,C,V", [(13, 24, 100), (5, 40, 257)])
 def test_linear_ce_matches_reference(N, C, V, dtype, small_chunks):
     torch.manual_seed(0)

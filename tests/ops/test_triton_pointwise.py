@@ -1,5 +1,6 @@
-"""Triton SwiGLU, RMSNorm and RoPE vs z2all.ops.reference: forward and every input gradient, fp32 and fp16,
-odd shapes (non-power-of-two widths, strided inputs). On CPU they run in Triton's interpreter (conftest).
+"""Triton SwiGLU, RMSNorm and RoPE vs z2all.ops.reference: forward and every input gradient, fp32 and fp16
+(+ bf16 on a GPU), odd shapes (non-power-of-two widths, strided inputs). On CPU they run in Triton's
+interpreter (conftest), on a CUDA machine compiled (ops_helpers).
 
 Tolerances: fp32 atol = rtol = 1e-5 (same maths, different summation order); fp16 atol = rtol = 2e-3
 (the kernels compute in fp32 and round once; the reference rounds intermediate results to fp16 too, so
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ops_helpers import DEV, DTYPES
 
 from z2all.ops import reference as R
 
@@ -18,7 +20,6 @@ from z2all.ops.triton import rmsnorm as T_rmsnorm  # noqa: E402
 from z2all.ops.triton import rope as T_rope  # noqa: E402
 from z2all.ops.triton import swiglu as T_swiglu  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
@@ -49,7 +50,7 @@ def _randn(*shape, dtype, scale=1.0):
     return (torch.randn(*shape) * scale).to(DEV, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(3, 37), (2, 5, 129), (1000,)])
 def test_swiglu_matches_reference(shape, dtype):
     torch.manual_seed(0)
@@ -65,7 +66,7 @@ def test_swiglu_strided_input():
     assert_same(R.swiglu, T_swiglu.swiglu, [a, b], torch.float32)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(2, 5, 45), (7, 130), (1, 1, 16)])
 def test_rmsnorm_matches_reference(shape, dtype):
     torch.manual_seed(0)
@@ -85,7 +86,7 @@ def test_rmsnorm_strided_rows_and_mixed_dtype():
                 torch.float16)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("H,K,T,D", [(3, 1, 7, 6), (3, 3, 5, 16), (4, 2, 9, 32)])
 def test_rope_matches_reference(H, K, T, D, dtype):
     torch.manual_seed(0)

@@ -15,6 +15,10 @@ Each row builds the model from the same seed, uses fused AdamW and bf16 autocast
 iteration (Triton autotuning, compilation), then `--iters` timed ones with `pretrain.forward_backward`.
 Batches come from `--data_dir` token files when given, else seeded random tokens (loss ~ ln V then).
 
+Each row is printed, and appended to `--out` when given, as soon as it is measured (the order of the table:
+the references, use_all, the w/o rows, compile last), so a run cut short keeps its rows; at the end `--out`
+is replaced by the aligned table.
+
 Without a GPU the Triton kernels cannot run natively: a tiny CPU version of the reference rows runs
 instead (MFU n/a) so the command and its table can be checked anywhere; the GPU rows are listed as n/a.
 The seed measured (A800, ~1B, 2 x 2048 x 16): naive 9.85 s/iter, 18.41% MFU, 71.3 GB; use_all 3.23 s/iter,
@@ -29,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from z2all.bench import machine_name, markdown_table
+from z2all.bench import RowTable, machine_name
 from z2all.config import opt
 from z2all.ops import OPS, OpsConfig
 from z2all.utils import UserError, human_bytes, print0
@@ -51,6 +55,7 @@ class Config:
     lr: float = opt(3e-4, "AdamW learning rate (constant: the loss column compares rows, not schedules)")
     peak_tflops: float = opt(0.0, "dense bf16 peak TFLOP/s of the device; 0 = from the table")
     seed: int = opt(0, "model init and random-batch seed")
+    out: str = opt("", "also write the markdown table to this file (row by row as measured)")
 
 
 def row_specs() -> list[tuple[str, dict, bool]]:
@@ -149,19 +154,21 @@ def run(cfg: Config) -> int:
     print0(f"bench ablation: {cfg.preset} ({mcfg.n_layers} layers, dim {mcfg.dim}, vocab {vocab}), "
            f"{cfg.grad_accum} grad accum steps * {cfg.batch_size} batch size * {cfg.seq_len} max seq len, "
            f"{cfg.iters} timed iterations; {machine_name()}")
-    rows, base = [], None
+    where = "bf16 autocast, fused AdamW" if cuda else "fp32, CPU fallback"
+    table = RowTable(f"## z2all bench ablation ({cfg.preset}, {cfg.grad_accum} x {cfg.batch_size} x {cfg.seq_len} "
+                     f"tokens per iteration, mean of {cfg.iters} iterations, {where}; {machine_name()})",
+                     ["row", "s/iter", "tokens/s", "MFU", "peak memory", "loss", "speed vs first"], cfg.out)
+    base = None
     for name, ops, compile_ in specs:
         needs_gpu = compile_ or any(v == "triton" for v in ops.values())
         if needs_gpu and not cuda:
-            rows.append([name, "n/a (GPU)", "", "", "", "", ""])
+            table.row([name, "n/a (GPU)", "", "", "", "", ""])
             continue
-        print0(f"  {name} ...")
         r = measure_row(cfg, mcfg, ops, compile_, loader, device, peak)
         if base is None:
             base = r["s_iter"]
-        rows.append([name, round(r["s_iter"], 3), round(r["tokens_s"]), fmt_mfu(r["mfu"]),
-                     human_bytes(r["mem"]) if r["mem"] is not None else "n/a",
-                     f"{r['loss']:.4f}", f"{base / r['s_iter']:.2f}x"])
-    print0()
-    print0(markdown_table(["row", "s/iter", "tokens/s", "MFU", "peak memory", "loss", "speed vs first"], rows))
+        table.row([name, f"{r['s_iter']:.3f}", f"{r['tokens_s']:,.0f}", fmt_mfu(r["mfu"]),
+                   human_bytes(r["mem"]) if r["mem"] is not None else "n/a",
+                   f"{r['loss']:.4f}", f"{base / r['s_iter']:.2f}x"])
+    table.finish()
     return 0

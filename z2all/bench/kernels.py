@@ -52,7 +52,7 @@ SIZES = {
 
 @dataclass
 class Config:
-    ops: str = opt(",".join(OPS), "comma-separated ops to measure: " + ", ".join(OPS))
+    ops: str = opt(",".join(OPS), "comma-separated ops to measure, in this order: " + ", ".join(OPS))
     size: str = opt("auto", "default shapes: gpu (the 1B model at seq 2048, vocab 64k), cpu (small), auto "
                     "(gpu on CUDA, else cpu); the fields below override single values", choices=("auto", "gpu", "cpu"))
     batch: int = opt(0, "batch size B (0 = from --size)")
@@ -74,11 +74,12 @@ class Config:
 class Case:
     """One op's inputs and the impls to compare on them."""
 
-    op: str
+    op: str  # the row label: op name and shapes
     make_inputs: Callable[[], tuple]  # -> (args requiring grad..., extra args)
     n_grad: int  # the first n_grad args get gradients
     impls: dict[str, Callable | str]  # name -> fn, or a string saying why the row is n/a
     flops: float = 0.0  # fwd+bwd FLOPs (attention only)
+    key: str = ""  # the op's name in OPS
 
 
 def _shapes(cfg: Config, device) -> dict:
@@ -214,7 +215,9 @@ def build_cases(cfg: Config, device, dtype) -> list[Case]:
         cases.append(Case(f"attention causal q[{B},{H},{T},{D}] kv[{B},{K},{T},{D}]",
                           lambda: (rnd(B, T, H, D).transpose(1, 2), rnd(B, T, K, D).transpose(1, 2),
                                    rnd(B, T, K, D).transpose(1, 2)), 3, impls, flops))
-    return cases
+    for case, key in zip(cases, [o for o in OPS if o in wanted]):
+        case.key = key
+    return sorted(cases, key=lambda c: wanted.index(c.key))  # the order asked for: the headline op first
 
 
 def measure(fn: Callable, make_inputs: Callable, n_grad: int, device, warmup: int, iters: int) -> tuple[float, int]:
