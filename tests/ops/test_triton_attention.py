@@ -117,3 +117,16 @@ def test_attention_bf16_gpu(D, T, S, bwd):
 @pytest.mark.gpu
 def test_attention_fp32_gpu_uses_full_precision_dots():
     _check(1, 4, 4, 300, 300, 64, True, torch.float32)
+
+
+@pytest.mark.gpu
+def test_attention_atomic_dq_survives_autotuning(monkeypatch):
+    """The autotuner runs every config on the real arguments, each adding into dQ: reset_to_zero must clear
+    dQ before the run that counts (the tests above run one config, so no benchmarking happens there)."""
+    import triton
+
+    kern = A._attn_bwd_atomic
+    monkeypatch.setattr(kern, "configs", [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4),
+                                          triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4)])
+    monkeypatch.setattr(kern, "cache", {})
+    _check(1, 4, 2, 200, 200, 64, True, torch.bfloat16, bwd="atomic")

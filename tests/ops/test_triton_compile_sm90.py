@@ -1,8 +1,9 @@
 """Every Triton kernel compiles for an H100 (sm_90) through Triton's own compiler and ptxas, without a GPU:
 the interpreter that runs the CPU tests skips the real compiler (type unification of loop-carried values,
 constexpr branches, dot shapes, register/shared-memory limits), so this is the CPU-side guard for the GPU
-path. For each kernel's default configs (bf16 at head dims 64 and 128, and the fp32 config) it also checks
-the shared memory the compiled kernel needs against the H100's 227 KiB per block.
+path. For each kernel's default configs (bf16 at head dims 64 and 128, and the fp32 config; every config of
+the atomic-dQ backward) it also checks the shared memory the compiled kernel needs against the H100's 227 KiB
+per block.
 
 Slow (~2-4 min on 2 cores: ptxas on flash-attention kernels takes seconds each), so marked `slow`. Runs in a
 subprocess because Triton fixes interpreted-vs-compiled when the kernels are imported, and conftest.py
@@ -67,6 +68,10 @@ SCRIPT = textwrap.dedent('''
                                  "DELTA": "*fp32", **fl}, common, ckv)
         build(A._attn_bwd_dq, {**{n: P(dt) for n in ("Q", "K", "V", "DO", "DQ")}, "L": "*fp32", "DELTA": "*fp32",
                                **fl}, common, cq)
+        # the atomic-dQ backward (ops.attention_bwd=atomic): every config of its search space
+        for ca in (A._ATOMIC_16 if dt == "bf16" else A._ATOMIC_32):
+            build(A._attn_bwd_atomic, {**{n: P(dt) for n in ("Q", "K", "V", "DO", "DK", "DV")}, "L": "*fp32",
+                                       "DELTA": "*fp32", "DQ": "*fp32", **fl}, common, ca)
     build(A._attn_fwd, {**{n: P("bf16") for n in "QKVO"}, "L": "*fp32", **fl},
           {"HEAD_DIM": 64, "CAUSAL": False, "BLOCK_D": 64, "PREC": "tf32"}, A._FWD_16[0])
     print("OK")
