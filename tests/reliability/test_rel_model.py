@@ -106,7 +106,9 @@ def test_export_replaces_its_own_export_and_generate_reads_it(world):
         assert res.rc == 0, res.text
     assert "using its latest checkpoint" in res.err
     assert json.loads((out / OWNER_FILE).read_text())["command"] == "export hf"
-    assert (out / "checksums.json").is_file() and (out / "z2all_export.json").is_file()
+    assert (out / "checksums.json").is_file()
+    saved = json.loads((out / "z2all_export.json").read_text())  # the resolved config, as every command saves
+    assert saved["config"]["ckpt"] == str(run) and saved["checkpoint"] == str(ckpt)
     assert [p.name for p in out.parent.iterdir()] == ["hf"]  # no temp or old dirs left
     a = inproc(*GEN, "--ckpt", ckpt)
     b = inproc(*GEN, "--ckpt", out)  # our export is a valid --ckpt, same weights, same text

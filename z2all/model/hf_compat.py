@@ -21,7 +21,6 @@ Both models use the rotate-half RoPE layout, so q/k projections copy 1:1 (no per
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -32,12 +31,11 @@ from pathlib import Path
 
 import torch
 
-from z2all.config import opt
+from z2all.config import opt, save_config
 from z2all.io import (
     CHECKSUM_FILE,
     OWNER_FILE,
     atomic_dir,
-    atomic_write_json,
     atomic_write_text,
     claim_output_dir,
     verify_checksums,
@@ -229,13 +227,14 @@ def _unclaim(out: Path, stop: Path) -> None:
 
 
 def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "auto",
-              tokenizer_dir: str | os.PathLike | None = None, config: dict | None = None) -> Path:
+              tokenizer_dir: str | os.PathLike | None = None, config=None) -> Path:
     """Write a standard LlamaForCausalLM directory at out_dir from a checkpoint (anything
     `resolve_checkpoint` accepts). Tokenizer files come from tokenizer_dir, else <ckpt>/tokenizer/ when
     present. out_dir must be new, empty or an earlier export (its owner file), and must not contain the
     checkpoint or the tokenizer; it is built in a temp dir and swapped into place (z2all.io.atomic_dir), so
     it is either the old or the complete new export. dtype 'auto' keeps the checkpoint's. Next to the
-    files go checksums.json and z2all_export.json (the resolved `config` and what was read)."""
+    files go checksums.json and z2all_export.json (save_config: the resolved `config`, a Config, and what
+    was read)."""
     from transformers import GenerationConfig
 
     out = Path(out_dir)
@@ -284,11 +283,10 @@ def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: st
                 for f in sorted(tok_dir.iterdir()):
                     if f.is_file() and f.name not in _NOT_TOKENIZER and not f.name.startswith("."):
                         shutil.copy2(f, tmp / f.name)
-            atomic_write_json(tmp / EXPORT_CONFIG, {
-                "config": config or {"ckpt": str(ckpt_dir), "out": str(out), "dtype": dtype,
-                                     "tokenizer": str(tokenizer_dir or "")},
-                "checkpoint": str(ckpt), "checkpoint_kind": kind,
-                "tokenizer_dir": str(tok_dir) if tok_dir is not None else None})
+            if config is None:
+                config = Config(ckpt=str(ckpt_dir), out=str(out), dtype=dtype, tokenizer=str(tokenizer_dir or ""))
+            save_config(config, tmp / EXPORT_CONFIG, checkpoint=str(ckpt), checkpoint_kind=kind,
+                        tokenizer_dir=str(tok_dir) if tok_dir is not None else None)
             write_checksums(tmp)
     except BaseException:
         if fresh:
@@ -311,7 +309,7 @@ class Config:
 def run(cfg: Config) -> int:
     if not cfg.ckpt or not cfg.out:
         raise UserError("give both --ckpt (a checkpoint directory) and --out (the export directory)")
-    out = export_hf(cfg.ckpt, cfg.out, cfg.dtype, cfg.tokenizer or None, config=dataclasses.asdict(cfg))
+    out = export_hf(cfg.ckpt, cfg.out, cfg.dtype, cfg.tokenizer or None, config=cfg)
     has_tok = (out / "tokenizer_config.json").exists() or (out / "tokenizer.json").exists()
     print0(f"exported {cfg.ckpt} -> {out} (LlamaForCausalLM{', with tokenizer' if has_tok else ', no tokenizer'}); "
            f"load with transformers.AutoModelForCausalLM.from_pretrained('{out}')")
