@@ -171,7 +171,7 @@ def test_replaced_input_is_refused_then_overwrite_recovers(tmp_path, when):
 # ---------------------------------------------------------------- damaged artifacts: one line naming the file
 
 @pytest.mark.parametrize("damage", ["truncated_shard", "edited_line", "missing_shard", "manifest_not_json",
-                                    "tokenizer_not_json"])
+                                    "tokenizer_not_json", "unfinished_conversion"])
 def test_damaged_convert_output_is_refused_by_tokenize(converted, tmp_path, damage):
     conv, tok = converted
     conv = copy_tree(conv, tmp_path / "conv")
@@ -186,6 +186,10 @@ def test_damaged_convert_output_is_refused_by_tokenize(converted, tmp_path, dama
         shard.write_bytes(b"".join(lines))
     elif damage == "missing_shard":
         shard.unlink()
+    elif damage == "unfinished_conversion":  # what a killed or failed convert leaves
+        man = json.loads((conv / "wikipedia_en" / "manifest.json").read_text())
+        (conv / "wikipedia_en" / "manifest.json").write_text(json.dumps({**man, "complete": False}))
+        name = "unfinished"
     elif damage == "tokenizer_not_json":
         (tok / "tokenizer.json").write_text("{ not json")
         name = "tokenizer.json"

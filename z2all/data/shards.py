@@ -215,7 +215,11 @@ def converted_shards(root: str | os.PathLike, option: str = "--shards") -> list[
         raise UserError(f"{what} (no {MANIFEST} in it or its sub-directories); run `z2all data convert` first")
     keyed = []
     for d in dirs:
-        shards = _checked_manifest(d)["shards"]
+        man = _checked_manifest(d)
+        if man.get("complete") is False:  # absent in manifests of an older z2all
+            raise UserError(f"{d / MANIFEST} says the conversion of '{d.name}' is unfinished (killed, or stopped "
+                            f"at a broken input); rerun the same `z2all data convert` command to finish it")
+        shards = man["shards"]
         first = shards[0].get("gid_first", -1) if shards else -1
         keyed.append(((first, d.name), [(d / sh["file"], sh) for sh in shards]))
     out = [x for _, shards in sorted(keyed) for x in shards]
