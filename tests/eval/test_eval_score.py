@@ -128,3 +128,17 @@ def test_continuation_items_are_deterministic_and_same_domain():
         assert doc[len(it.context):].startswith(it.continuations[it.gold])
         assert len(it.context.encode()) <= 120 and len(set(it.continuations)) == 4
     assert tasks.continuation_items(docs[:3], n_choices=4) == []
+
+
+def test_exact_match_through_the_chat_template(lm):
+    from z2all.tokenizer.hf import CHAT_TEMPLATE
+
+    lm.tok.chat_template = CHAT_TEMPLATE
+    try:
+        assert score.has_chat_template(lm)
+        ids = score._prompt_ids(lm, "1+1=", chat=True)
+        assert lm.tok.decode(ids) == "<|im_start|>user\n1+1=<|im_end|>\n<|im_start|>assistant\n"
+        out = score.exact_match(lm, [Item("1+1=", [], [], 0, "g", ["2"])], max_new_tokens=4, chat=True)
+        assert out[0] is not None and out[0][1] is False
+    finally:
+        lm.tok.chat_template = None

@@ -63,7 +63,8 @@ class Config:
                         choices=("left", "skip"))
     chat: str = opt("auto", "generative tasks: wrap the prompt in the tokenizer's chat template (auto = when it "
                     "has one)", choices=("auto", "on", "off"))
-    stop: list[str] = opt(help="generative tasks: stop strings (the answer is cut at the first)",
+    stop: list[str] = opt(help="generative tasks: stop strings (the answer is cut at the first; \\n and \\t "
+                          "are a newline and a tab)",
                           factory=lambda: ["\n"])
     max_new_tokens: int = opt(32, "generative tasks: tokens generated per item at most")
     batch_size: int = opt(8, "questions (or documents) per forward batch")
@@ -163,7 +164,10 @@ def load_domains(cfg: Config) -> dict[str, list[str]]:
         domains.update(tasks.heldout_docs(cfg.heldout, cfg.max_docs))
     for spec in cfg.texts:
         name, path = _split_spec(spec, "--texts")
-        domains.setdefault(name, []).extend(_read_texts(name, Path(path)))
+        docs = [d for d in _read_texts(name, Path(path)) if d.strip()]
+        if not docs:
+            raise UserError(f"--texts {name}={path}: no text in it (a .jsonl line needs a text or content field)")
+        domains.setdefault(name, []).extend(docs)
     return domains
 
 
@@ -218,7 +222,8 @@ def evaluate_task(lm: score.LM, task: Task, cfg: Config) -> dict:
         chat = cfg.chat == "on" or (cfg.chat == "auto" and score.has_chat_template(lm))
         if cfg.chat == "on" and not score.has_chat_template(lm):
             raise UserError(f"--chat on, but the tokenizer of {lm.path} has no chat template")
-        gens = score.exact_match(lm, task.items, cfg.max_new_tokens, cfg.stop, chat, cfg.batch_size, cfg.truncate)
+        stops = [s.replace("\\n", "\n").replace("\\t", "\t") for s in cfg.stop]  # "\n" typed in a shell
+        gens = score.exact_match(lm, task.items, cfg.max_new_tokens, stops, chat, cfg.batch_size, cfg.truncate)
         per, too_long = [], []
         for it, g in zip(task.items, gens):
             if g is None:
