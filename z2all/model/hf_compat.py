@@ -242,9 +242,11 @@ def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: st
     if note:
         print(note, file=sys.stderr, flush=True)
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else default_tokenizer_dir(ckpt, kind)
-    if tokenizer_dir and not tok_dir.is_dir():
-        raise UserError(f"--tokenizer {tok_dir}: no such directory; give a tokenizer directory (tokenizer.json ...)")
-    if not tok_dir.is_dir() or not any((tok_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+    has_tok = tok_dir.is_dir() and any((tok_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    if tokenizer_dir and not has_tok:
+        what = "holds no tokenizer.json or tokenizer_config.json" if tok_dir.is_dir() else "no such directory"
+        raise UserError(f"--tokenizer {tok_dir}: {what}; give a tokenizer directory (from `z2all tokenizer train`)")
+    if not has_tok:
         tok_dir = None
     if kind == "z2all" and out.resolve().is_relative_to(ckpt.resolve()):
         raise UserError(f"--out {out} lies inside the checkpoint {ckpt}; checkpoint retention would delete it with "
