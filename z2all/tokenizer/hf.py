@@ -6,6 +6,7 @@
     <dir>/special_tokens_map.json
     <dir>/tokenization_z2all.py     the `Z2allTokenizer` class, loaded through auto_map
     <dir>/z2all_tokenizer.json      provenance: the resolved config, versions, inputs, counting stats
+    <dir>/.z2all-owner.json         "tokenizer train" wrote this directory (z2all.io.claim_output_dir)
 
 Id layout: the base vocabulary (256 bytes, then learned tokens), then the special tokens in order
 (<|endoftext|>, <|im_start|>, <|im_end|>, <|pad|>, then the configured extras), then `<|reserved_N|>`
