@@ -149,7 +149,7 @@ def test_bad_input_is_skipped_and_counted(docs, tmp_path):
                                                                          if k.startswith("junk")) == 1
     assert man["repaired"] == {"invalid UTF-8 replaced": 1}
     assert man["examples"]["malformed JSON"][0].startswith(f"{path}:4 ")
-    assert man["examples"]["missing field 'text'"] == [f"{path}:8"]
+    assert man["examples"]["missing field 'text'"] == [f"{path}:8 (it has: id, title)"]
     assert man["examples"]["invalid UTF-8 replaced"] == [f"{path}:6"]
     recs = read_records(out, "wikipedia_zh")
     assert len(recs) == 20 - 6 and "\ufffd" in recs[4]["content"]

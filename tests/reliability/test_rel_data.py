@@ -302,7 +302,8 @@ def test_empty_or_mostly_skipped_output_fails_with_the_reason(tmp_path, case):
     if case == "wrong_text_field":
         path = tmp_path / "a.jsonl"
         path.write_bytes(good)
-        spec, extra, words = f"mycorpus={path}", ["--text-field", "body"], ["missing field 'body'", "--text-field"]
+        spec, extra = f"mycorpus={path}", ["--text-field", "body"]
+        words = ["missing field 'body'", "it has: id, title, text", "--text-field"]
     elif case == "parquet_without_text_column":
         spec, words = f"wikipedia_en={_parquet_without_text(tmp_path / 'a.parquet')}", ["missing field 'text'"]
     elif case == "empty_file":

@@ -202,7 +202,10 @@ def _work(task: tuple) -> tuple:
             raw = item
         rec = src.to_record(raw)
         if isinstance(rec, str):
-            _note(skipped, rec, where(path, kind, first + i))
+            at = where(path, kind, first + i)
+            if rec.startswith("missing field") and isinstance(raw, dict):  # says which field was meant
+                at += f" (it has: {', '.join(list(map(str, raw))[:8])})"
+            _note(skipped, rec, at)
             continue
         cleaned = cleaner(rec, src.kind)
         if isinstance(cleaned, str):
