@@ -86,6 +86,13 @@ def _tokenizer_dir(path: Path) -> Path:
     return path
 
 
+def _lm_eval_can_score(lm, item) -> bool:
+    from z2all.eval.score import split_pair
+
+    ctx = lm.encode_default(split_pair(item.context, "")[0])
+    return all(len(lm.encode_default("".join(split_pair(item.context, c)))) > len(ctx) for c in item.continuations)
+
+
 def run(cfg: Config) -> int:
     try:
         from lm_eval.api.instance import Instance
@@ -131,7 +138,10 @@ def run(cfg: Config) -> int:
             ours = score.load_lm(ckpt, None, device, dtype)
             theirs = HFLM(pretrained=str(hf_dir), device=str(device), batch_size=cfg.batch_size,
                           dtype={torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype])
-            items = _items(cfg.items, cfg.n_choices, cfg.seed)
+            items = _items(cfg.items + cfg.items // 4, cfg.n_choices, cfg.seed)
+            # lm-eval asserts (crashes) when the joint encoding leaves a choice no token of its own; we fall
+            # back to the choice's own encoding. Keep only items both sides can score.
+            items = [it for it in items if _lm_eval_can_score(ours, it)][:cfg.items]
             reqs = [Instance(request_type="loglikelihood", doc={}, arguments=(it.context, c), idx=j)
                     for it in items for j, c in enumerate(it.continuations)]
             q_batch = max(1, cfg.batch_size // cfg.n_choices)

@@ -108,6 +108,9 @@ def load_lm(path: str | Path, tokenizer: str | Path | None = None, device="cpu",
     if not path.is_dir():
         raise UserError(f"--ckpt {path} is not a directory (give a checkpoint step-N/ or an HF Llama directory)")
     if (path / CONFIG_FILE).is_file():
+        from z2all.io import verify_checksums
+
+        verify_checksums(path, only=[CONFIG_FILE, "model.safetensors"])  # a clear error for a damaged checkpoint
         model = load_model(path, map_location=device)
     elif (path / "config.json").is_file():
         from transformers import AutoConfig
