@@ -12,11 +12,13 @@ over processes, so the gradient is the mean over the global batch whatever the s
 micro-batch == 1 process x 2 micro-batches, up to fp32 summation order). The loader draws global sample
 indices, so the samples of a step do not depend on the split either.
 
-Per step: forward/backward under bf16 autocast on GPU (fp32 on CPU), gradient all-reduce on the last
-micro-batch only (no_sync before), clip, AdamW with the warmup+cosine LR. A NaN/inf loss or gradient
-norm skips the update (counted); `train.max_bad_steps` in a row stop the run with the last good checkpoint
-untouched. Ctrl-C (SIGINT), SIGTERM or the time budget finish the current step, save a checkpoint and
-exit (status 130 after a signal).
+The loop itself (setup, resume, accumulation, clipping, NaN skipping, evaluation, checkpoints, signals,
+metrics) is `z2all.train.loop.train_loop`; pretraining is its `Pretraining` objective: micro-batches from
+the token files, cross-entropy, validation on the val split, sample generations. Per step: forward/backward
+under bf16 autocast on GPU (fp32 on CPU), gradient all-reduce on the last micro-batch only, clip, AdamW with
+the warmup+cosine LR. A NaN/inf loss or gradient norm skips the update (counted); `train.max_bad_steps` in a
+row stop the run with the last good checkpoint untouched. Ctrl-C (SIGINT), SIGTERM or the time budget
+finish the current step, save a checkpoint and exit (status 130 after a signal).
 
 Model section: `model.preset` names a `z2all.model.config` preset and every other `model.<field>` that
 is set overrides it (`--model.n_layers=2`); `model.vocab_size` defaults to the token files' vocabulary
@@ -38,26 +40,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import signal
-import sys
-import time
 import typing
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from z2all.config import opt, save_config, section, to_dict
-from z2all.io import claim_output_dir, fingerprint, read_owner
+from z2all.config import opt, section
+from z2all.io import fingerprint
 from z2all.model.config import ModelConfig, model_preset
 from z2all.ops import OpsConfig
-from z2all.train import checkpoint as ckpt_mod
 from z2all.train import distributed as dist_mod
 from z2all.train.distributed import DistConfig
-from z2all.train.metrics import MetricsWriter, device_peak_flops, fmt_mfu, mfu, peak_memory_bytes, truncate_metrics
-from z2all.train.optim import OptimConfig, lr_at, make_optimizer, set_lr, validate_optim
-from z2all.utils import UserError, human_bytes, pick_dtype, print0, seed_everything
+from z2all.train.loop import Objective, TrainingDiverged, accumulate, train_loop  # noqa: F401 - re-exported
+from z2all.train.optim import OptimConfig, validate_optim
+from z2all.utils import UserError, print0
 
 
 @dataclass
@@ -201,339 +198,93 @@ def tokenizer_dir_of(data_dir: Path, meta: dict) -> Path | None:
     return None
 
 
-class TrainingDiverged(UserError):
-    """Too many NaN/inf steps in a row."""
-
-
-class _StopFlag:
-    """Set by SIGINT (Ctrl-C) or SIGTERM (torchrun, schedulers, preemption); the loop finishes its step,
-    saves and exits. A second Ctrl-C aborts without saving; further SIGTERMs are ignored (torchrun sends one
-    after forwarding Ctrl-C, and waits before killing)."""
-
-    def __init__(self):
-        self.set = False
-        self.interrupted = False
-        self._old: dict = {}
-
-    def install(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread (e.g. a test harness): no handler
-                pass
-
-    def _handler(self, signum, frame):
-        if signum == signal.SIGINT:
-            if self.interrupted:
-                raise KeyboardInterrupt
-            self.interrupted = True
-        if not self.set:
-            self.set = True
-            name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-            print0(f"\n{name}: finishing this step and saving a checkpoint (Ctrl-C again aborts without saving)",
-                   force=True)
-
-    def restore(self) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
 def run(cfg: Config) -> int:
-    from z2all.data.loader import TokenLoader
-    from z2all.model.llama import Z2all, load_model
-
     old_threads = torch.get_num_threads()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     info = dist_mod.init_distributed(cfg.device, cfg.dist.timeout_s)
     try:
-        return _train(cfg, info, TokenLoader, Z2all, load_model)
+        return train_loop(cfg, info, Pretraining(cfg, info))
     finally:
         dist_mod.cleanup()
         torch.set_num_threads(old_threads)
 
 
-def _train(cfg: Config, info, TokenLoader, Z2all, load_model) -> int:
-    device = info.device
-    run_dir = Path(cfg.out_dir)
-    data_dir = Path(cfg.data.dir)
-    d = cfg.data
-    kw = dict(batch_size=d.batch_size, seq_len=d.seq_len, seed=cfg.seed, rank=info.rank,
-              world_size=info.world_size, grad_accum=d.grad_accum)
-    loader = TokenLoader(data_dir, "train", **kw)  # checks meta.json and the token files against it
-    meta = loader.meta
-    val_loader = TokenLoader(data_dir, "val", **kw) if meta.get("val_tokens", 0) > d.seq_len else None
-    tok_dir = tokenizer_dir_of(data_dir, meta)
-    mcfg = resolve_model_config(cfg.model, int(meta["vocab_size"]), d.seq_len)
+class Pretraining(Objective):
+    """Next-token prediction on the token files: micro-batches from the TokenLoader (a pure function of the
+    step, so a resume just asks for the next step), cross-entropy loss, validation on the val split, sample
+    generations. A resume must keep the global batch, the sequence length and the training tokens."""
 
-    tokens_per_iter = d.grad_accum * info.world_size * d.batch_size * d.seq_len
-    print0(f"tokens per iteration will be: {tokens_per_iter:,}")
-    print0(f"breaks down as: {d.grad_accum} grad accum steps * {info.world_size} processes * "
-           f"{d.batch_size} batch size * {d.seq_len} max seq len")
+    def __init__(self, cfg: Config, info):
+        from z2all.data.loader import TokenLoader
 
-    # ---- the run directory and the resume point: rank 0 claims the dir and sets corrupt checkpoints aside,
-    # then every rank reads the same (newest intact) checkpoint
-    if info.is_main:
-        prepare_run_dir(run_dir, data_dir, cfg.resume)
-    dist_mod.barrier()
-    ckpt = ckpt_mod.latest_checkpoint(run_dir) if cfg.resume else None
-    state = ckpt_mod.read_state(ckpt) if ckpt else {}
-    data_id = data_identity(loader)
-    if ckpt:
+        self.cfg, d = cfg, cfg.data
+        self.data_dir = Path(d.dir)
+        kw = dict(batch_size=d.batch_size, seq_len=d.seq_len, seed=cfg.seed, rank=info.rank,
+                  world_size=info.world_size, grad_accum=d.grad_accum)
+        self.loader = TokenLoader(self.data_dir, "train", **kw)  # checks meta.json and the token files against it
+        self.meta = meta = self.loader.meta
+        self.val_loader = TokenLoader(self.data_dir, "val", **kw) if meta.get("val_tokens", 0) > d.seq_len else None
+        self.tokenizer_dir = tokenizer_dir_of(self.data_dir, meta)
+        self.model_config = resolve_model_config(cfg.model, int(meta["vocab_size"]), d.seq_len)
+        self.grad_accum = d.grad_accum
+        self.world_size = info.world_size
+        self.tokens_per_step = d.grad_accum * info.world_size * d.batch_size * d.seq_len
+        self.protect = (self.data_dir,)
+        self.data_id = data_identity(self.loader)
+        self.sampler = _Sampler(cfg, self.model_config, self.tokenizer_dir, self.val_loader, meta.get("eos_id"))
+        print0(f"tokens per iteration will be: {self.tokens_per_step:,}")
+        print0(f"breaks down as: {d.grad_accum} grad accum steps * {info.world_size} processes * "
+               f"{d.batch_size} batch size * {d.seq_len} max seq len")
+
+    def build_model(self) -> torch.nn.Module:
+        from z2all.model.llama import Z2all
+
+        return Z2all(self.model_config, self.cfg.model.ops)
+
+    def micro_batch(self, step: int, micro: int):
+        return self.loader.get_batch(step, micro)
+
+    def loss(self, model, batch, device: torch.device) -> torch.Tensor:
+        x, y = batch
+        _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+        return loss
+
+    def eval_batches(self):
+        return None if self.val_loader is None else self.val_loader.eval_batches(self.cfg.eval.max_batches)
+
+    def sample(self, model, device, autocast, step: int) -> list[str]:
+        return self.sampler.sample(model, device, autocast, step)
+
+    def flops_per_token(self, model) -> float:
+        return model.flops_per_token(self.cfg.data.seq_len)
+
+    def describe(self, model) -> str:
+        cfg = self.cfg
+        return (f"{cfg.model.preset} {model.num_params() / 1e6:.2f}M parameters "
+                f"({model.num_params(exclude_embeddings=True) / 1e6:.2f}M without embeddings), "
+                f"{self.flops_per_token(model) / 1e6:.1f} MFLOP/token, vocab {self.model_config.vocab_size}, ops "
+                f"{', '.join(f'{k}={v}' for k, v in cfg.model.ops.selected().items())}")
+
+    def resume_state(self) -> dict:
+        d = self.cfg.data
+        return {"seq_len": d.seq_len, "global_batch": self.tokens_per_step // d.seq_len, "batch_size": d.batch_size,
+                "data": self.data_id}
+
+    def check_resume(self, ckpt: Path, state: dict) -> None:
+        d = self.cfg.data
         saved = state["global_batch"]
-        if saved != tokens_per_iter // d.seq_len or state["seq_len"] != d.seq_len:
-            need = saved // (info.world_size * d.batch_size) if saved % (info.world_size * d.batch_size) == 0 else None
+        if saved != self.tokens_per_step // d.seq_len or state["seq_len"] != d.seq_len:
+            per = self.world_size * d.batch_size
+            need = saved // per if saved % per == 0 else None
             hint = f"--data.grad_accum={need}" if need else "a batch size/accumulation that multiply to it"
             raise UserError(f"{ckpt} was trained with a global batch of {saved} sequences of {state['seq_len']} "
-                            f"tokens; now it is {tokens_per_iter // d.seq_len} of {d.seq_len}. Keep the global batch "
-                            f"to resume exactly (e.g. {hint})")
-        check_resume_model(ckpt, mcfg)
-        check_resume_data(ckpt, state.get("data"), data_id, data_dir)
+                            f"tokens; now it is {self.tokens_per_step // d.seq_len} of {d.seq_len}. Keep the global "
+                            f"batch to resume exactly (e.g. {hint})")
+        check_resume_data(ckpt, state.get("data"), self.data_id, self.data_dir)
 
-    # ---- model: same init on every rank (DDP also broadcasts rank 0's), then placement and wrapping
-    seed_everything(cfg.seed)
-    model = Z2all(mcfg, cfg.model.ops)
-    if ckpt:
-        model.load_state_dict(load_model(ckpt).state_dict())
-    model.to(device)
-    amp_dtype = pick_dtype(cfg.dtype, device)
-    if cfg.train.activation_checkpointing:
-        dist_mod.apply_activation_checkpointing(model)
-    if cfg.train.compile:
-        dist_mod.apply_compile(model)
-    wrapped = dist_mod.wrap_model(model, info, cfg.dist, amp_dtype)
-    fsdp = dist_mod.is_fsdp(wrapped)
-    optimizer = make_optimizer(wrapped, cfg.optim, device)
-    start = 0
-    if ckpt:
-        ckpt_mod.load_optimizer_state(wrapped, optimizer, ckpt, fsdp)
-        start = int(state["step"])
-        rngs = ckpt_mod.load_rng_states(ckpt)
-        if len(rngs) == info.world_size:
-            ckpt_mod.set_rng_state(rngs[info.rank])
-        else:
-            seed_everything(cfg.seed + 1000003 * info.rank + start)
-        print0(f"resumed from {ckpt} at step {start} (saved with {state['world_size']} processes x "
-               f"{state['grad_accum']} accumulation; now {info.world_size} x {d.grad_accum})")
-    elif info.rank:
-        seed_everything(cfg.seed + 1000003 * info.rank)  # dropout differs per rank; rank 0 keeps the init stream
-
-    n_params = model.num_params()
-    flops_tok = model.flops_per_token(d.seq_len)
-    peak = device_peak_flops(device, cfg.metrics.peak_tflops)
-    print0(f"model: {cfg.model.preset} {n_params / 1e6:.2f}M parameters "
-           f"({model.num_params(exclude_embeddings=True) / 1e6:.2f}M without embeddings), "
-           f"{flops_tok / 1e6:.1f} MFLOP/token, vocab {mcfg.vocab_size}, ops "
-           f"{', '.join(f'{k}={v}' for k, v in cfg.model.ops.selected().items())}")
-    extras = "".join([", compile" if cfg.train.compile else "",
-                      ", activation checkpointing" if cfg.train.activation_checkpointing else ""])
-    print0(f"device: {device} x {info.world_size}, autocast {amp_dtype}, strategy "
-           f"{'single' if not info.distributed else cfg.dist.strategy}{extras}; "
-           f"peak {'n/a' if peak is None else f'{peak / 1e12:.0f} TFLOP/s'}")
-
-    writer = None
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.json", model_config=to_dict(mcfg), world_size=info.world_size,
-                    data_meta=meta)
-        truncate_metrics(run_dir, start)  # a resume redoes the steps after its checkpoint (all of them: none)
-        writer = MetricsWriter(run_dir, cfg.metrics.tensorboard)
-
-    autocast = (torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype != torch.float32
-                else nullcontext())
-    params = [p for p in wrapped.parameters() if p.requires_grad]
-    sampler = _Sampler(cfg, mcfg, tok_dir, val_loader, meta.get("eos_id"))
-
-    def evaluate(step: int) -> float | None:
-        if val_loader is None:
-            return None
-        wrapped.eval()
-        total, n = torch.zeros((), device=device), 0
-        with torch.no_grad(), autocast:
-            for x, y in val_loader.eval_batches(cfg.eval.max_batches):
-                _, loss = wrapped(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-                total += loss.float()
-                n += 1
-        dist_mod.reshard(wrapped)
-        wrapped.train()
-        val = float(dist_mod.all_reduce_mean(total / max(n, 1)))
-        if info.is_main:
-            writer.log({"kind": "val", "step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50))})
-            print0(f"step {step}: val loss {val:.4f} (ppl {math.exp(min(val, 50)):.1f}) over {n} batches")
-            if not fsdp:  # sampling calls the single-device model; FSDP2 shards need every rank
-                texts = sampler.sample(model, device, autocast, step)
-                if texts:
-                    writer.log({"kind": "sample", "step": step, "samples": texts})
-        return val
-
-    def save(step: int, val_loss: float | None) -> Path | None:
-        t0 = time.perf_counter()
-        optim_state = ckpt_mod.full_optimizer_state(wrapped, optimizer, fsdp)
-        full = ckpt_mod.full_model_state(wrapped) if fsdp else None  # collective: every rank
-        rngs = dist_mod.all_gather_object(ckpt_mod.rng_state())
-        path = None
-        if info.is_main:
-            st = {"next_step": step, "seq_len": d.seq_len, "global_batch": tokens_per_iter // d.seq_len,
-                  "world_size": info.world_size, "grad_accum": d.grad_accum, "batch_size": d.batch_size,
-                  "seed": cfg.seed, "lr": lr_at(max(step - 1, 0), cfg.optim, cfg.train.max_steps),
-                  "val_loss": val_loss, "tokens_seen": step * tokens_per_iter, "data": data_id}
-            path = ckpt_mod.save_checkpoint(run_dir, step, model_to_save=model, model_state=full,
-                                            optim_state=optim_state, state=st, rng_states=rngs,
-                                            config={"config": to_dict(cfg), "model_config": to_dict(mcfg)},
-                                            tokenizer_dir=tok_dir, keep_last=cfg.ckpt.keep_last)
-            print0(f"saved {path} ({time.perf_counter() - t0:.1f} s)")
-        dist_mod.barrier()
-        return path
-
-    stop = _StopFlag()
-    stop.install()
-    t_start = time.perf_counter()
-    bad_in_row, skipped, last_val = 0, 0, None
-    step = start
-    last_saved = start if ckpt else None
-    status = 0
-    try:
-        wrapped.train()
-        t_last, interval_steps = time.perf_counter(), 0
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        for it in range(start, cfg.train.max_steps):
-            lr = lr_at(it, cfg.optim, cfg.train.max_steps)
-            set_lr(optimizer, lr)
-            mean_loss = forward_backward(wrapped, loader, it, d.grad_accum, device, autocast)
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
-            if hasattr(norm, "full_tensor"):
-                norm = norm.full_tensor()
-            over_time = cfg.train.time_budget_s > 0 and time.perf_counter() - t_start >= cfg.train.time_budget_s
-            # one small all-reduce carries the loss (for the log and the NaN check) and every rank's stop vote
-            packed = torch.stack([mean_loss, torch.tensor(float(stop.set or over_time), device=device)])
-            packed = dist_mod.all_reduce_mean(packed)
-            step_loss, stop_vote = float(packed[0]), float(packed[1])
-            grad_norm = float(norm)
-            done = it + 1
-            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
-                optimizer.zero_grad(set_to_none=True)
-                bad_in_row += 1
-                skipped += 1
-                print0(f"step {done}: non-finite loss {step_loss} / grad norm {grad_norm}: update skipped "
-                       f"({bad_in_row} in a row, {skipped} total)")
-                if writer:
-                    writer.log({"kind": "skip", "step": done, "loss": step_loss, "grad_norm": grad_norm})
-                if bad_in_row >= cfg.train.max_bad_steps:
-                    last = ckpt_mod.latest_checkpoint(run_dir)
-                    raise TrainingDiverged(
-                        f"the loss was NaN/inf for {bad_in_row} steps in a row (steps {done - bad_in_row + 1}.."
-                        f"{done}); stopped without saving. Last good checkpoint: {last or 'none yet'}. Lower "
-                        "optim.lr, raise optim.warmup_steps or check the data, then --resume")
-                step = done
-                if stop_vote > 0:
-                    status = 130 if stop.set else 0
-                    break
-                continue
-            bad_in_row = 0
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step = done
-
-            interval_steps += 1
-            if done % cfg.train.log_every == 0 or done == cfg.train.max_steps or done == start + 1:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                now = time.perf_counter()
-                dt = (now - t_last) / max(interval_steps, 1)  # seconds per step since the last log
-                t_last, interval_steps = now, 0
-                tps = tokens_per_iter / dt
-                m = mfu(flops_tok, tps, peak, info.world_size)
-                mem = peak_memory_bytes(device)
-                if writer:
-                    writer.log({"kind": "train", "step": done, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
-                                "tokens_per_s": tps, "mfu": m, "step_time_s": dt, "peak_mem_bytes": mem,
-                                "tokens": done * tokens_per_iter, "skipped": skipped,
-                                "elapsed_s": time.perf_counter() - t_start})
-                print0(f"step {done}/{cfg.train.max_steps} | loss {step_loss:.4f} | lr {lr:.2e} | grad {grad_norm:.3f} "
-                       f"| {tps:,.0f} tok/s | MFU {fmt_mfu(m)} | mem {human_bytes(mem)} | {dt * 1000:.0f} ms/step")
-            stopping = stop_vote > 0
-            if cfg.eval.every and done % cfg.eval.every == 0 and done != cfg.train.max_steps and not stopping:
-                last_val = evaluate(done)
-            if cfg.ckpt.every and done % cfg.ckpt.every == 0 and done != cfg.train.max_steps and not stopping:
-                save(done, last_val if cfg.eval.every and done % cfg.eval.every == 0 else None)
-                last_saved = done
-            if last_saved == done or (cfg.eval.every and done % cfg.eval.every == 0):
-                t_last, interval_steps = time.perf_counter(), 0  # keep eval and save time out of tokens/s
-            if stopping:
-                why = "a signal (Ctrl-C / SIGTERM)" if stop.set else f"time budget of {cfg.train.time_budget_s:g} s"
-                print0(f"stopping after step {done}: {why}")
-                status = 130 if stop.set else 0
-                break
-        # the end (max_steps, time budget or Ctrl-C): evaluate and save unless nothing changed
-        if step != last_saved:
-            last_val = evaluate(step) if status == 0 else None
-            save(step, last_val)
-    finally:
-        stop.restore()
-        if writer:
-            writer.close()
-    if info.is_main:
-        elapsed = time.perf_counter() - t_start
-        print0(f"done: {step} steps in {elapsed:.1f} s"
-               + (f", final val loss {last_val:.4f}" if last_val is not None else "")
-               + (f", {skipped} skipped steps" if skipped else "")
-               + f"; checkpoints in {run_dir / 'checkpoints'}, metrics in {run_dir / 'metrics.jsonl'}")
-    return status
-
-
-def _is_legacy_run_dir(path: Path) -> bool:
-    """A run dir an older z2all wrote (before owner files): a checkpoint index, or metrics + config."""
-    return (path / "checkpoints" / "index.json").is_file() or (
-        (path / "metrics.jsonl").is_file() and (path / "config.json").is_file())
-
-
-def prepare_run_dir(run_dir: Path, data_dir: Path, resume: bool) -> None:
-    """Rank 0, before anything is written: claim `run_dir` for `z2all train` (new, empty, or a train run
-    dir; never one holding the token files), refuse a fresh start over an earlier run (its metrics and
-    checkpoints would be mixed with the new ones), and for --resume set aside corrupt checkpoints newer than
-    the newest intact one, saying so."""
-    owner = read_owner(run_dir) if run_dir.is_dir() else None
-    ours = owner == "train" or (owner is None and run_dir.is_dir() and _is_legacy_run_dir(run_dir))
-    ckpts = ckpt_mod.list_checkpoints(run_dir) if ours else []
-    if ours and not resume:  # refused before claiming, so not even the owner file is added
-        earlier = [x for x, there in (("checkpoints", ckpts), ("metrics.jsonl", (run_dir / "metrics.jsonl").is_file()))
-                   if there]
-        if earlier:
-            raise UserError(f"--out_dir {run_dir} already holds a training run ({', '.join(earlier)}): pass --resume "
-                            "to continue it, or choose another --out_dir (nothing was changed)")
-    claim_output_dir(run_dir, "train", option="--out_dir", protect=[data_dir], legacy=_is_legacy_run_dir)
-    if resume and ckpts:
-        good, bad = ckpt_mod.intact_checkpoint(run_dir)
-        if good is None:
-            raise UserError(f"--resume: no intact checkpoint in {run_dir / 'checkpoints'}: {bad[0][1]}"
-                            + (f" (and {len(bad) - 1} older ones are damaged too)" if len(bad) > 1 else "")
-                            + "; nothing was changed")
-        for path, problem in bad:
-            moved = ckpt_mod.set_aside(path)
-            print0(f"warning: {problem}; resuming from {good.name} instead ({path.name} set aside as {moved.name})",
-                   file=sys.stderr)
-    elif resume:
-        print0(f"--resume: no checkpoint in {run_dir / 'checkpoints'}, starting from scratch")
-    ckpt_mod.remove_stale_temps(run_dir)  # what saves killed mid-way left behind
-
-
-_SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "multiple_of", "norm_eps",
-                 "rope_theta", "max_seq_len", "tie_embeddings")
-
-
-def check_resume_model(ckpt: Path, mcfg: ModelConfig) -> None:
-    """The model the options describe must be the checkpoint's (dropout and init_std may change)."""
-    from z2all.model.llama import load_model_config
-
-    saved = load_model_config(ckpt)
-    diff = [f for f in _SHAPE_FIELDS if getattr(saved, f) != getattr(mcfg, f)
-            and not (f in ("ffn_dim", "multiple_of") and saved.ffn_hidden == mcfg.ffn_hidden)]
-    if diff:
-        was = " ".join(f"--model.{f}={getattr(saved, f)}" for f in diff)
-        now = ", ".join(f"{f}={getattr(mcfg, f)}" for f in diff)
-        raise UserError(f"--resume: {ckpt} holds a model with {was.replace('--model.', '')} but the options give "
-                        f"{now}; resume with the run's shape ({was}) or start a new run in another --out_dir")
+    def config_extras(self) -> dict:
+        return {"data_meta": self.meta}
 
 
 def data_identity(loader) -> dict:
@@ -562,19 +313,17 @@ def check_resume_data(ckpt: Path, saved: dict | None, now: dict, data_dir: Path)
 
 
 def forward_backward(model, loader, step: int, grad_accum: int, device: torch.device, autocast) -> torch.Tensor:
-    """Accumulate the gradient of one optimizer step: grad_accum micro-batches from `loader.get_batch(step,
-    micro)`, each loss divided by grad_accum, gradient sync only on the last (no_sync before). Returns the
-    mean micro-batch loss of this process (a 0-dim fp32 tensor, not synchronised)."""
-    loss_sum = torch.zeros((), device=device)
-    for micro in range(grad_accum):
-        x, y = loader.get_batch(step, micro)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with dist_mod.sync_context(model, micro == grad_accum - 1):
-            with autocast:
-                _, loss = model(x, y)
-            (loss / grad_accum).backward()  # outside autocast: backward runs in the forward's dtypes anyway
-        loss_sum += loss.detach().float()
-    return loss_sum / grad_accum
+    """The gradient of one pretraining step from `loader.get_batch(step, micro)` (the loop's `accumulate`,
+    for callers that hold a loader and a model but no objective, e.g. bench ablation)."""
+    class _Batches(Objective):
+        def micro_batch(self, step, micro):
+            return loader.get_batch(step, micro)
+
+        loss = Pretraining.loss
+
+    obj = _Batches()
+    obj.grad_accum = grad_accum
+    return accumulate(model, obj, step, device, autocast)
 
 
 class _Sampler:
