@@ -252,3 +252,33 @@ def test_loader_reads_tokenize_output(corpus):
     L = TokenLoader(out, "train", batch_size=2, seq_len=32)
     x, y = L.get_batch(0)
     assert torch.equal(x[:, 1:], y[:, :-1]) and int(x.max()) < meta["vocab_size"]
+
+
+def test_tiktoken_and_tokenizers_encoders_write_identical_files(corpus):
+    """--encoder picks the encoding library; the token files must not depend on it (a literal
+    <|endoftext|> inside a document included)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from z2all.tokenizer import hf
+    from z2all.tokenizer.pretokenize import split_pattern
+    from z2all.tokenizer.tiktoken_compat import to_tiktoken
+
+    d, plain = corpus
+    with pytest.raises(UserError, match="does not convert to tiktoken exactly"):  # GPT-2-style ByteLevel only
+        tokenize_to(corpus, "enc_refused", workers=1, encoder="tiktoken")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = hf.byte_level_parts(split_pattern())  # what `tokenizer train` writes
+    tok.train_from_iterator(real_docs(corpora_dir(), "zh_fortunes", 100)[0]["text"].split("\n") * 3,
+                            trainers.BpeTrainer(vocab_size=400, show_progress=False,
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf.add_specials(tok, hf.special_tokens([]))  # after the merges, as `tokenizer train` does
+    (d / "tok_split").mkdir(exist_ok=True)
+    tok.save(str(d / "tok_split" / "tokenizer.json"))
+    enc, why = to_tiktoken(d / "tok_split")
+    assert enc is not None, why
+    ours = (d, d / "tok_split")
+    a, meta_a = tokenize_to(ours, "enc_tok", workers=1, encoder="tokenizers")
+    b, meta_b = tokenize_to(ours, "enc_tik", workers=2, encoder="tiktoken")
+    for split in ("train", "val"):
+        np.testing.assert_array_equal(read_split(a, meta_a, split), read_split(b, meta_b, split))
+    assert meta_a["train_tokens"] == meta_b["train_tokens"]

@@ -20,8 +20,10 @@ manifest before it is used, so a truncated or edited shard is an error naming it
 A raw jsonl file or a directory without manifests is refused.
 
 How it runs (pipeline.ordered_map): the parent reads shards as ~8 MB blocks of raw lines and hands them to
---workers processes (each encodes its block with `encode_batch_fast`, single-threaded; with --workers 1
-the encoding runs in-process on Rust's thread pool); results are written in order, at most 2 x workers + 1
+--workers processes (each encodes its block single-threaded; with --workers 1 the encoding runs in-process
+on all cores). The encoder is tiktoken when the tokenizer converts to it exactly (tokenizer/tiktoken_compat.py
+refuses any tokenizer it cannot reproduce id for id), else `tokenizers`' `encode_batch_fast`; the ids are
+the same either way (tested), tiktoken is ~4-5x faster; results are written in order, at most 2 x workers + 1
 blocks in flight, so memory is bounded and the output does not depend on timing. Files are written under
 hidden temp names and renamed when complete; meta.json is written last, so a directory without meta.json
 is an unfinished run. After each block the position and open files are committed to .tokenize_state.json;
@@ -67,6 +69,8 @@ class Config:
     workers: int = opt(2, "encoding processes (1 = in-process, using the tokenizer's own threads)")
     batch_mb: float = opt(8.0, "raw shard bytes per work block")
     file_mb: float = opt(2048.0, "roll token files at this many MB")
+    encoder: str = opt("auto", "auto: tiktoken when the tokenizer converts to it exactly (same ids, ~4-5x "
+                       "faster), else tokenizers; or force one", choices=("auto", "tokenizers", "tiktoken"))
 
     def validate(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
@@ -110,23 +114,30 @@ def is_val(gid: int, seed: int, fraction: float) -> bool:
 _W: dict = {}
 
 
-def _init_worker(tok_dir: str, dtype: str, seed: int, val_fraction: float, threads: bool) -> None:
+def _encoder(tok_dir: str, kind: str, threads: int):
+    # the one import of a tokenizer-stage module from data/: it reads only the tokenizer.json artifact
+    # (the byte-level spelling and merges) to build an exactly equivalent tiktoken encoder
+    from z2all.tokenizer.tiktoken_compat import make_encoder
+
+    return make_encoder(tok_dir, kind, threads=threads)
+
+
+def _init_worker(tok_dir: str, dtype: str, seed: int, val_fraction: float, threads: bool, encoder: str) -> None:
     if not threads:  # one Rust thread per worker process: workers x threads would oversubscribe the cores
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    tok, eos = load_tokenizer(tok_dir)
-    _W.update(tok=tok, eos=eos, dtype=np.dtype(dtype), seed=seed, frac=val_fraction)
+    _, eos = load_tokenizer(tok_dir)
+    _W.update(encode=_encoder(tok_dir, encoder, (os.cpu_count() or 1) if threads else 1), eos=eos,
+              dtype=np.dtype(dtype), seed=seed, frac=val_fraction)
 
 
 def _encode(texts: list[str]) -> np.ndarray:
     """Concatenated ids of `texts`, each followed by eos."""
     if not texts:
         return np.empty(0, dtype=_W["dtype"])
-    tok = _W["tok"]
-    encs = getattr(tok, "encode_batch_fast", tok.encode_batch)(texts, add_special_tokens=False)
     eos = _W["eos"]
     flat: list[int] = []
-    for e in encs:
-        flat.extend(e.ids)
+    for ids in _W["encode"](texts):
+        flat.extend(ids)
         flat.append(eos)
     return np.asarray(flat, dtype=_W["dtype"])
 
@@ -295,7 +306,8 @@ def run(cfg: Config) -> int:
     for p in _ours(out):  # written after the last commit of a killed run
         if p.name not in keep:
             p.unlink()
-    initargs = (str(cfg.tokenizer), dtype.str, cfg.seed, cfg.val_fraction, cfg.workers == 1)
+    _encoder(str(cfg.tokenizer), cfg.encoder, 1)  # an impossible --encoder tiktoken fails here, before any work
+    initargs = (str(cfg.tokenizer), dtype.str, cfg.seed, cfg.val_fraction, cfg.workers == 1, cfg.encoder)
     docs = state["documents"]
     total = sum(p.stat().st_size for p in shards)
     bar = progress(total=total, initial=sum(p.stat().st_size for p in shards[: state["shard"]]), desc="tokenize",
