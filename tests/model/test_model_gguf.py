@@ -172,3 +172,18 @@ def test_llama_cpp_pattern_exports_exactly(tmp_path):
     assert voc.pre == "llama-bpe" and voc.warning is None
     voc = ours.read_vocab(make_tokenizer(tmp_path / "tok2"), 512)
     assert voc.pre == "qwen2" and "Chinese" in voc.warning
+
+
+def test_tokenizer_train_pattern_option_reaches_the_gguf(tmp_path):
+    """`z2all tokenizer train --pattern qwen2` (our trainer) records the pattern; the export then names the
+    matching llama.cpp pre-tokenizer without a warning."""
+    from z2all.tokenizer import train
+
+    text = tmp_path / "t.txt"
+    text.write_text("\n".join(demo_texts(6000)), encoding="utf-8")
+    out = tmp_path / "tok"
+    train.run(train.Config(inputs=[str(text)], out_dir=str(out), vocab_size=384, pattern="qwen2", workers=1))
+    tj = json.loads((out / "tokenizer.json").read_text())
+    assert ours._split_pattern(tj) == named_pattern("qwen2")
+    voc = ours.read_vocab(out, 384)
+    assert voc.pre == "qwen2" and voc.warning is None

@@ -43,7 +43,7 @@ from z2all.data.schema import FIELDS, record_text
 from z2all.data.shards import MANIFEST, find_shards
 from z2all.io import OWNER_FILE, atomic_dir, atomic_write_bytes, claim_output_dir
 from z2all.tokenizer import bpe, hf
-from z2all.tokenizer.pretokenize import DEFAULT_HAN_CHUNK, split_pattern
+from z2all.tokenizer.pretokenize import DEFAULT_HAN_CHUNK, PATTERN_NAMES, named_pattern
 from z2all.utils import UserError, human_bytes, print0, progress
 
 
@@ -58,6 +58,9 @@ class Config:
     memory_budget: str = opt("2GB", "z2all backend: RAM for counting and merging, e.g. 2GB, 512MB; the word "
                              "table is pruned (lossy counting) to fit")
     workers: int = opt(0, "z2all backend: word-counting processes (0 = all cores)")
+    pattern: str = opt("z2all", "split pattern: z2all (ours: Han runs cut into pieces of at most --han-chunk "
+                       "characters, bounded memory on Chinese), llama-bpe (Llama 3's) or qwen2 (Qwen2's); the "
+                       "last two export to llama.cpp (GGUF) with identical tokenization", choices=PATTERN_NAMES)
     han_chunk: int = opt(DEFAULT_HAN_CHUNK, "split pattern: Han runs are cut into pieces of at most this many "
                          "characters (see pretokenize.py)")
     min_frequency: int = opt(2, "a pair must occur at least this often to be merged (z2all and hf)")
@@ -420,7 +423,7 @@ def train_tokenizer(cfg: Config) -> dict:
     specials = hf.special_tokens(cfg.special_tokens)
     total = _round64(cfg.vocab_size)
     vocab_target = total - len(specials)
-    pattern = split_pattern(cfg.han_chunk)
+    pattern = named_pattern(cfg.pattern, cfg.han_chunk)
     out = Path(cfg.out_dir)
     for item in cfg.inputs:  # the output inside an input directory would be read back as input next time
         if Path(item).is_dir() and _inside(out, Path(item)):
@@ -441,14 +444,14 @@ def _train_into(cfg: Config, out: Path, files: list[Path], specials: list[str], 
                 pattern: str) -> dict:
     rstats = ReadStats()
     texts = iter_texts(files, cfg.text_field, rstats, cfg.max_chars)
-    summary: dict = {"backend": cfg.backend, "pattern": pattern}
+    summary: dict = {"backend": cfg.backend, "pattern_name": cfg.pattern, "pattern": pattern}
     t0 = time.perf_counter()
     if cfg.backend == "z2all":
         tok = _train_z2all(cfg, texts, pattern, vocab_target, summary)
     elif cfg.backend == "hf":
         tok = train_hf(cfg, texts, pattern, vocab_target, summary)
     else:
-        summary["pattern"] = None
+        summary["pattern"] = summary["pattern_name"] = None
         tok = _train_spm(cfg, texts, vocab_target, summary)
     seconds = time.perf_counter() - t0
     if rstats.docs and rstats.blank_docs == rstats.docs:
