@@ -17,7 +17,7 @@ EXPECTED = {
     "train": None,
     "generate": None,
     "export": ["hf", "gguf"],
-    "bench": ["data", "tokenizer", "kernels", "model", "ablation"],
+    "bench": ["data", "tokenizer", "patterns", "kernels", "model", "ablation"],
     "plot": None,
     "demo": None,
 }

@@ -57,6 +57,8 @@ STAGES: dict[str, Command | tuple[str, dict[str, Command]]] = {
                         "z2all.bench.data"),
         "tokenizer": Command("training time, RSS and bytes/token: ours vs HF vs sentencepiece",
                              "z2all.bench.tokenizer"),
+        "patterns": Command("split patterns (ours, llama-bpe, qwen2): bytes/token per domain and tree memory",
+                            "z2all.bench.patterns"),
         "kernels": Command("per-op fwd+bwd time and memory: reference, Triton, torch.compile, libraries",
                            "z2all.bench.kernels"),
         "model": Command("training and generation tokens/s: ours vs transformers", "z2all.bench.model"),
