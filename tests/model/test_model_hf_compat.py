@@ -89,12 +89,13 @@ def test_export_command_loads_in_transformers_and_generates_the_same(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "llama" and "auto_map" not in config
     assert config["eos_token_id"] == tok.eos_token_id and config["rope_theta"] == 500.0
+    assert config["bos_token_id"] == tok.eos_token_id  # a real id (never prepended), not null
     hf = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=False).eval()
     assert type(hf).__name__ == "LlamaForCausalLM"
     hf_tok = AutoTokenizer.from_pretrained(str(out))
     prompt = "def main():\n    return"
     ids = hf_tok(prompt)["input_ids"]
-    assert ids == tok(prompt)["input_ids"]
+    assert ids == tok(prompt)["input_ids"] and ids[0] != config["bos_token_id"]  # no BOS added
 
     x = torch.tensor([ids])
     with torch.no_grad():

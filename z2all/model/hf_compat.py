@@ -209,7 +209,10 @@ EXPORT_CONFIG = "z2all_export.json"
 def _token_ids(tok) -> dict:
     if tok is None:
         return {}
-    return {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+    # We never prepend BOS, but a null bos_token_id makes some runtimes (llama.cpp's converter) pick an
+    # arbitrary id (11, a comma in the demo vocabulary); <|endoftext|> (the eos) is the honest "start of text".
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    return {"bos_token_id": bos, "eos_token_id": tok.eos_token_id,
             "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id}
 
 
