@@ -4,21 +4,26 @@
 #
 #   scripts/gpu_check.sh            (or: make gpu-check)
 #   OUT=/some/dir scripts/gpu_check.sh
+#   scripts/gpu_check.sh --fetch-wheels [DIR]   # on a machine WITH internet: download the wheels of pytest,
+#                                               # numpy and safetensors (manylinux x86_64, CPython
+#                                               # $GPU_CHECK_PYTHONS, default "3.10 3.11 3.12")
+#                                               # into DIR (default runs/gpu-wheels) to take to a box without
+#                                               # it; the check installs from there first ($GPU_CHECK_WHEELS)
 #
 # Stages (each capped; every stage runs even when an earlier one failed):
 #   0. deps        pytest, numpy, safetensors present? else pip install them (a GPU box may have no internet:
-#                  then it says which are missing and skips only the stages that need them)     cap  ${GPU_CHECK_DEPS_S:-20} s
-#   1. ops-tests   ALL of tests/ops on CUDA: every kernel compiled (not interpreted) vs ops/reference.py on odd
-#                  shapes in fp32, fp16 and bf16, both attention backwards, the whole model with every
-#                  kernel vs the reference model, and the `gpu`-marked bf16 tests           cap ${GPU_CHECK_OPS_S:-130} s
-#   2. train-gpu   tests/train/test_train_gpu.py: bf16 + fused AdamW runs with MFU from the peak table,
-#                  use_all (split and atomic dQ) trained 8 steps vs 4 + resume + 4, activation checkpointing
-#                                                                                             cap ${GPU_CHECK_TRAIN_S:-60} s
-#   3. kernels     z2all bench kernels (attention first: split vs atomic-dQ backward vs SDPA flash/cuDNN)
-#                                                                                             cap ${GPU_CHECK_KERNELS_S:-150} s
-#   4. ablation    z2all bench ablation --short (the seed's table: naive, sdpa, use_all, w/o each op, compile)
-#                                                                                             cap ${GPU_CHECK_ABLATION_S:-120} s
-#
+#                  then it says which are missing and skips only what needs them)          cap  ${GPU_CHECK_DEPS_S:-20} s
+#   1. tests       five pytest processes side by side (Triton compiles are CPU-bound, the box has cores):
+#                  ALL of tests/ops on CUDA, i.e. every kernel compiled (not interpreted) vs ops/reference.py
+#                  on odd shapes in fp32, fp16 and bf16, both attention backwards (split and atomic dQ, one
+#                  shard each), the whole model with every kernel vs the reference model (fp32, and bf16
+#                  autocast), the `gpu`-marked tests; and tests/train/test_train_gpu.py: bf16 + fused AdamW
+#                  with MFU from the peak table, use_all trained 8 steps vs 4 + resume + 4 (both backwards),
+#                  activation checkpointing                                                     cap ${GPU_CHECK_TESTS_S:-200} s
+#   2. kernels     z2all bench kernels (attention first: split vs atomic-dQ backward vs SDPA flash/cuDNN)
+#                                                                                               cap ${GPU_CHECK_KERNELS_S:-140} s
+#   3. ablation    z2all bench ablation --short (the seed's table: naive, sdpa, use_all, w/o each op, compile)
+#                                                                                               cap ${GPU_CHECK_ABLATION_S:-120} s
 # Nothing is lost to a cap: every table row is appended (and flushed) to its file under $OUT the moment it is
 # measured, pytest and the benchmarks run unbuffered into <stage>.log, and summary.md gets one line per
 # stage as it ends (exit status, seconds, whether it hit its cap) plus the total. Files in $OUT (default
@@ -34,6 +39,20 @@ T_START=$SECONDS
 cd "$(dirname "$0")/.."
 if [ -z "${PY:-}" ]; then
   if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+WHEELS="${GPU_CHECK_WHEELS:-runs/gpu-wheels}"
+DEPS=(pytest numpy safetensors)
+if [ "${1:-}" = "--fetch-wheels" ]; then
+  dir="${2:-$WHEELS}"
+  mkdir -p "$dir"
+  # shellcheck disable=SC2086
+  for v in ${GPU_CHECK_PYTHONS:-3.10 3.11 3.12}; do  # three numpy wheels ~48 MB: under the device tool's 64 MiB
+    "$PY" -m pip download -q --disable-pip-version-check --only-binary=:all: --python-version "$v" \
+      --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+      -d "$dir" "${DEPS[@]}" || { echo "gpu_check: pip download failed for Python $v" >&2; exit 1; }
+  done
+  echo "gpu_check: wheels in $dir ($(du -sh "$dir" | cut -f1)); the check installs from there when a package is missing"
+  exit 0
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export Z2ALL_NO_PROGRESS=1 PYTHONUNBUFFERED=1
@@ -80,45 +99,68 @@ skip() {  # skip NAME WHY
 # ---- 0. dependencies: CUDA images bring torch + triton; the check also needs these
 t0=$SECONDS
 missing() { for m in "$@"; do "$PY" -c "import $m" 2>/dev/null || printf '%s ' "$m"; done; }
-need=$(missing pytest numpy safetensors)
+need=$(missing "${DEPS[@]}")
 if [ -n "$need" ]; then
-  echo "gpu_check: installing missing packages: $need"
+  # local wheels first (a GPU box often has no internet: see --fetch-wheels), then the index
+  src=()
+  [ -d "$WHEELS" ] && src=(--no-index --find-links "$WHEELS")
+  echo "gpu_check: installing missing packages: $need${src:+ from $WHEELS}"
   # shellcheck disable=SC2086
   timeout "${GPU_CHECK_DEPS_S:-20}" "$PY" -m pip install -q --disable-pip-version-check --timeout 5 --retries 1 \
-    $need > "$LOG/deps.log" 2>&1
-  need=$(missing pytest numpy safetensors)
+    "${src[@]}" $need > "$LOG/deps.log" 2>&1
+  need=$(missing "${DEPS[@]}")
 fi
 optional=$(missing psutil tqdm)  # nice to have only: the benches fall back without them
 if [ -n "$need" ]; then
   note deps 1 "$((SECONDS - t0))" "${GPU_CHECK_DEPS_S:-20}" "missing after pip install (no internet?): $need;\
- the stages that need them are skipped; install them (pip install $need) and rerun"
+ the stages that need them are skipped; install them (pip install $need, or bring wheels: --fetch-wheels) and rerun"
 else
   note deps 0 "$((SECONDS - t0))" "${GPU_CHECK_DEPS_S:-20}" "ok${optional:+ (not installed, not needed: $optional)}"
 fi
 has() { for m in "$@"; do case " $need " in *" $m "*) return 1 ;; esac; done; return 0; }
 
-# ---- 1. every ops test on the compiled kernels (the whole model first: it touches every kernel)
-PYTEST=("$PY" -m pytest -q -rfEs -p no:cacheprovider -m "not slow" --durations=8)
+# ---- 1. the tests, in parallel shards (the whole model first: it touches every kernel)
+PYTEST=("$PY" -m pytest -q -rfEs -p no:cacheprovider -m "not slow" --durations=5)
+shard() {  # shard NAME CMD...: one background pytest under the stage's cap; its rc lands in NAME.rc
+  local name=$1
+  shift
+  ( timeout --kill-after=10 "${GPU_CHECK_TESTS_S:-200}" env Z2ALL_TRITON_AUTOTUNE=0 "$@" > "$LOG/$name.log" 2>&1
+    echo $? > "$LOG/$name.rc" ) &
+}
+t0=$SECONDS
+echo "== tests (cap ${GPU_CHECK_TESTS_S:-200}s, $((SECONDS - T_START)) s elapsed)"
+shards=()
 if has pytest; then
-  stage ops-tests "${GPU_CHECK_OPS_S:-130}" env Z2ALL_TRITON_AUTOTUNE=0 "${PYTEST[@]}" \
-    tests/ops/test_triton_model.py tests/ops/test_triton_attention.py tests/ops/test_triton_cross_entropy.py \
-    tests/ops/test_triton_pointwise.py tests/ops/test_ops_reference.py tests/ops/test_triton_bench_kernels.py
+  shard ops-model "${PYTEST[@]}" tests/ops/test_triton_model.py tests/ops/test_ops_reference.py
+  shard ops-attention-split "${PYTEST[@]}" tests/ops/test_triton_attention.py -k "not atomic"
+  shard ops-attention-atomic "${PYTEST[@]}" tests/ops/test_triton_attention.py -k "atomic"
+  shard ops-ce-pointwise "${PYTEST[@]}" tests/ops/test_triton_cross_entropy.py tests/ops/test_triton_pointwise.py \
+    tests/ops/test_triton_bench_kernels.py
+  shards+=(ops-model ops-attention-split ops-attention-atomic ops-ce-pointwise)
 else
   skip ops-tests "needs pytest"
 fi
-
-# ---- 2. training on the GPU: bf16, fused AdamW, MFU, use_all with resume
 if has pytest numpy safetensors; then
-  stage train-gpu "${GPU_CHECK_TRAIN_S:-60}" env Z2ALL_TRITON_AUTOTUNE=0 "${PYTEST[@]}" tests/train/test_train_gpu.py
+  shard train-gpu "${PYTEST[@]}" tests/train/test_train_gpu.py
+  shards+=(train-gpu)
 else
   skip train-gpu "needs pytest, numpy and safetensors"
 fi
+wait
+for name in "${shards[@]}"; do
+  rc=$(cat "$LOG/$name.rc" 2>/dev/null || echo "?")
+  msg=$(grep -E "^[0-9]+ (passed|failed)|^=+ .*(passed|failed|error)" "$LOG/$name.log" | tail -n 1 | tr -d '=|')
+  [ "$rc" = 124 ] || [ "$rc" = 137 ] && msg="hit the cap; ${msg:-no pytest summary}"
+  [ "$rc" != 0 ] && failed=1
+  note "$name" "$rc" "$((SECONDS - t0))" "${GPU_CHECK_TESTS_S:-200}" "$msg"
+  grep -E "^(FAILED|ERROR)" "$LOG/$name.log" | head -n 10
+done
 
-# ---- 3. kernel table, row by row into kernels.md
-stage kernels "${GPU_CHECK_KERNELS_S:-150}" "$PY" -m z2all bench kernels --out "$LOG/kernels.md" \
+# ---- 2. kernel table, row by row into kernels.md
+stage kernels "${GPU_CHECK_KERNELS_S:-140}" "$PY" -m z2all bench kernels --out "$LOG/kernels.md" \
   --ops=attention,cross_entropy,rmsnorm,swiglu,rope
 
-# ---- 4. the seed's ablation table, row by row into ablation.md
+# ---- 3. the seed's ablation table, row by row into ablation.md
 if has numpy; then
   stage ablation "${GPU_CHECK_ABLATION_S:-120}" "$PY" -m z2all bench ablation --short --out "$LOG/ablation.md"
 else
