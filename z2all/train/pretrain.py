@@ -230,7 +230,7 @@ class Pretraining(Objective):
         self.grad_accum = d.grad_accum
         self.world_size = info.world_size
         self.tokens_per_step = d.grad_accum * info.world_size * d.batch_size * d.seq_len
-        self.protect = (self.data_dir,)
+        self.protect = (self.data_dir, self.tokenizer_dir)  # inputs the run dir may not contain
         self.data_id = data_identity(self.loader)
         self.sampler = _Sampler(cfg, self.model_config, self.tokenizer_dir, self.val_loader, meta.get("eos_id"))
         print0(f"tokens per iteration will be: {self.tokens_per_step:,}")
