@@ -86,7 +86,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.ops = ops
 
-    def forward(self, x, cos, sin, kv_cache: KVCache | None, start_pos: int, key_padding_mask):
+    def forward(self, x, cos, sin, kv_cache: KVCache | None, start_pos: int, key_padding_mask, segment_ids=None):
         B, T, _ = x.shape
         # [B, T, H*D] -> [B, H, T, D]; the transpose is a view, the ops accept strided inputs
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
@@ -98,7 +98,10 @@ class Attention(nn.Module):
         # GQA: k, v keep K heads; the op maps query head h to kv head h // (H / K) (no repeat here).
         # One new token (decoding) sees every cached key, so its causal mask is all-true: causal=False
         # lets the op skip building a [T, S] mask every step.
-        y = self.ops.attention(q, k, v, causal=T > 1, key_padding_mask=key_padding_mask)
+        if segment_ids is None:
+            y = self.ops.attention(q, k, v, causal=T > 1, key_padding_mask=key_padding_mask)
+        else:  # packed rows: each example attends only to itself (the op's segment_ids path)
+            y = self.ops.attention(q, k, v, causal=True, key_padding_mask=key_padding_mask, segment_ids=segment_ids)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -126,9 +129,10 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg, ops)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
-    def forward(self, x, cos, sin, kv_cache: KVCache | None = None, start_pos: int = 0, key_padding_mask=None):
+    def forward(self, x, cos, sin, kv_cache: KVCache | None = None, start_pos: int = 0, key_padding_mask=None,
+                segment_ids=None):
         x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, kv_cache, start_pos,
-                                            key_padding_mask))
+                                            key_padding_mask, segment_ids))
         return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
 
 
@@ -232,7 +236,8 @@ class Z2all(nn.Module):
         return cos[pos], sin[pos]
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, kv_cache: KVCache | None = None,
-                start_pos: int = 0, key_padding_mask: torch.Tensor | None = None, logits_to_keep: int = 0):
+                start_pos: int = 0, key_padding_mask: torch.Tensor | None = None, logits_to_keep: int = 0,
+                positions: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None):
         """idx [B, T] token ids.
 
         targets [B, T] (ignore_index -100): returns (None, mean loss), computed by ops.linear_cross_entropy
@@ -242,15 +247,26 @@ class Z2all(nn.Module):
 
         kv_cache / start_pos: the T tokens sit at positions start_pos.. of the cache (decoding).
         key_padding_mask [B, start_pos + T] bool, True = a real token: left padding for batched prompts of
-        different lengths; it also sets each row's RoPE positions (see rope_for)."""
+        different lengths; it also sets each row's RoPE positions (see rope_for).
+
+        Packed training rows (no cache): positions [B, T] (long) are each token's RoPE position, restarting
+        at 0 for every example; segment_ids [B, T] (int32) say which example each token belongs to, and
+        attention never crosses from one to another (ops.attention's segment_ids)."""
         B, T = idx.shape
         if key_padding_mask is not None and key_padding_mask.shape != (B, start_pos + T):
             raise ValueError(f"key_padding_mask must be [B, start_pos + T] = [{B}, {start_pos + T}], "
                              f"got {list(key_padding_mask.shape)}")
-        cos, sin = self.rope_for(T, start_pos, key_padding_mask, idx.device)
+        if positions is not None:
+            cos, sin = self._rope_table(idx.device, int(positions.max()) + 1)
+            cos, sin = cos[positions], sin[positions]  # [B, T, D/2]
+        else:
+            cos, sin = self.rope_for(T, start_pos, key_padding_mask, idx.device)
         x = self.dropout(self.tok_embeddings(idx))
         for layer in self.layers:
-            x = layer(x, cos, sin, kv_cache, start_pos, key_padding_mask)
+            if segment_ids is None:
+                x = layer(x, cos, sin, kv_cache, start_pos, key_padding_mask)
+            else:
+                x = layer(x, cos, sin, kv_cache, start_pos, key_padding_mask, segment_ids)
         x = self.norm(x)
         if targets is not None:
             loss = self.ops.linear_cross_entropy(x.reshape(B * T, -1), self.output.weight, targets.reshape(-1))

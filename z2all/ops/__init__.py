@@ -22,8 +22,12 @@ Triton. A preset sets all ops first; then any op named explicitly overrides it, 
 rope=torch` is the "w/o RoPE" row. An op left unset ("") takes the preset's choice, or without a preset
 the default (DEFAULTS: torch everywhere, sdpa attention).
 
-The signatures are those of `reference.py`; every backend implements exactly them. Implementations are
-imported on first use, so choosing torch never imports Triton.
+The signatures are those of `reference.py`; every backend implements exactly them. Attention's is
+`attention(q, k, v, causal=True, key_padding_mask=None, segment_ids=None)`: segment_ids [B, T] int32 (T == S)
+marks the example each position of a packed row belongs to; a position attends only within its segment
+(block-diagonal causal). naive and sdpa build that mask; the Triton kernel skips blocks across boundaries.
+The model passes segment_ids only for packed rows, so a backend without it still serves everything else.
+Implementations are imported on first use, so choosing torch never imports Triton.
 """
 
 from __future__ import annotations

@@ -12,7 +12,11 @@ Shapes (B batch, T query length, S key length, H query heads, K kv heads, D head
     attention(q[B,H,T,D], k[B,K,S,D], v)      softmax(q k^T / sqrt(D) + mask) v with GQA (head h reads kv
                                                head h // (H/K)); causal mask aligned bottom-right, i.e.
                                                query i sits at position S - T + i (KV-cache decoding);
-                                               optional key_padding_mask[B, S] (True = attend)
+                                               optional key_padding_mask[B, S] (True = attend);
+                                               optional segment_ids[B, T] (int32, T == S, packed rows):
+                                               query i attends key j only when segment_ids[b, i] ==
+                                               segment_ids[b, j] (and j <= i when causal), so packed
+                                               examples never see each other (block-diagonal causal mask)
     linear_cross_entropy(h[N,C], w[V,C], y[N]) mean over y != ignore_index of -log softmax(h w^T)[y],
                                                logits in fp32; 0 when no target is valid
 
@@ -67,25 +71,33 @@ def _expand_kv(k: torch.Tensor, n_heads: int) -> torch.Tensor:
     return k if rep == 1 else k.repeat_interleave(rep, dim=1)
 
 
-def _mask(T: int, S: int, causal: bool, key_padding_mask: torch.Tensor | None, device) -> torch.Tensor | None:
+def _mask(T: int, S: int, causal: bool, key_padding_mask: torch.Tensor | None, device,
+          segment_ids: torch.Tensor | None = None) -> torch.Tensor | None:
     """Boolean keep-mask broadcastable to [B, H, T, S], or None when everything is attended."""
     keep = None
+    if segment_ids is not None:
+        if T != S or segment_ids.shape[-1] != T:
+            raise ValueError(f"segment_ids [B, T] needs T == S (packed training rows), got T={T}, S={S}, "
+                             f"segment_ids {list(segment_ids.shape)}")
+        keep = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B, 1, T, T]
     if causal:
         i = torch.arange(T, device=device)[:, None] + (S - T)
         j = torch.arange(S, device=device)[None, :]
-        keep = (j <= i)[None, None]
+        tri = (j <= i)[None, None]
+        keep = tri if keep is None else keep & tri
     if key_padding_mask is not None:
         pad = key_padding_mask[:, None, None, :].bool()
         keep = pad if keep is None else keep & pad
     return keep
 
 
-def attention_naive(q, k, v, causal: bool = True, key_padding_mask: torch.Tensor | None = None):
+def attention_naive(q, k, v, causal: bool = True, key_padding_mask: torch.Tensor | None = None,
+                    segment_ids: torch.Tensor | None = None):
     B, H, T, D = q.shape
     S = k.shape[2]
     k, v = _expand_kv(k, H), _expand_kv(v, H)
     scores = (q.float() @ k.float().transpose(-1, -2)) * (1.0 / math.sqrt(D))
-    keep = _mask(T, S, causal, key_padding_mask, q.device)
+    keep = _mask(T, S, causal, key_padding_mask, q.device, segment_ids)
     if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
     p = torch.softmax(scores, dim=-1)
@@ -93,12 +105,15 @@ def attention_naive(q, k, v, causal: bool = True, key_padding_mask: torch.Tensor
     return (p @ v.float()).to(q.dtype)
 
 
-def attention_sdpa(q, k, v, causal: bool = True, key_padding_mask: torch.Tensor | None = None):
+def attention_sdpa(q, k, v, causal: bool = True, key_padding_mask: torch.Tensor | None = None,
+                   segment_ids: torch.Tensor | None = None):
     H, T, S = q.shape[1], q.shape[2], k.shape[2]
     gqa = k.shape[1] != H
-    if key_padding_mask is None and (not causal or T == S):
+    if key_padding_mask is None and segment_ids is None and (not causal or T == S):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal and T > 1, enable_gqa=gqa)
-    keep = _mask(T, S, causal, key_padding_mask, q.device)
+    # packed rows: SDPA with the block-diagonal causal mask (a boolean attn_mask; on GPU this takes the
+    # memory-efficient path, O(T^2) mask memory per row -- the Triton kernel skips whole blocks instead)
+    keep = _mask(T, S, causal, key_padding_mask, q.device, segment_ids)
     # a row with no key to attend (left padding) would be NaN; let it see key 0 and discard it later
     keep = keep | (~keep.any(-1, keepdim=True))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=gqa)
