@@ -1,0 +1,290 @@
+"""`z2all bench serve`: `z2all serve` under N concurrent streaming clients on loopback, continuous batching
+against one request at a time (`--sequential`), the same model and prompts in one run.
+
+    z2all bench serve                                   # the demo-sized model (tiny preset, random weights)
+    z2all bench serve --ckpt runs/demo --clients 1,4,8,16 --requests 2 --max-tokens 64
+
+For each mode a real server process starts (127.0.0.1, a free port, --threads), takes one warm-up request,
+then for each N in --clients: N clients (asyncio + httpx, streaming /v1/completions, greedy, ignore_eos so
+every request yields exactly --max-tokens tokens) each send --requests requests one after another, each
+with its own prompt of about --prompt-tokens tokens from the demo corpus. Reported per (mode, N):
+aggregate generated tokens/s (all tokens / wall time of the level), time to first token p50/p99, the gap
+between streamed chunks (inter-token latency) p50/p99; per mode the server's peak RSS (VmHWM) and KV
+cache. The last row is `z2all generate`'s path (model/generate.py, in this process, batch 1, the same
+prompt length and token count): the single-stream reference.
+
+Without --ckpt the model is the `tiny` preset (the demo's model, ~5M parameters at vocab 4096) with random
+weights and a BPE trained on the embedded demo corpus in a second: throughput does not depend on the
+weights. The clients run in this process and share the machine's cores with the server, as real clients
+on the same host would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from z2all.bench import machine_name, markdown_table
+from z2all.config import opt
+from z2all.utils import UserError
+
+LAUNCH = ("import sys; from z2all import cli\n"
+          "cli.STAGES.setdefault('serve', cli.Command('serve', 'z2all.serve.api'))\n"
+          "sys.exit(cli.main(['serve'] + sys.argv[1:]))\n")
+
+
+@dataclass
+class Config:
+    ckpt: str = opt("", "checkpoint to serve (default: a random `tiny` model with a demo-corpus BPE, built in a "
+                    "temp dir)")
+    clients: list[int] = opt(help="concurrent streaming clients per level", factory=lambda: [1, 4, 8, 16])
+    requests: int = opt(2, "requests each client sends, one after another")
+    max_tokens: int = opt(64, "tokens generated per request (ignore_eos: exactly this many)")
+    prompt_tokens: int = opt(32, "about this many prompt tokens per request")
+    modes: list[str] = opt(help="batched (continuous batching) and/or sequential (one request at a time)",
+                           factory=lambda: ["batched", "sequential"])
+    threads: int = opt(2, "torch threads of the server and of the generate() reference")
+    timeout: float = opt(600.0, "seconds any one level may take before the benchmark gives up")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _demo_model(root: Path) -> Path:
+    """A tiny-preset model (random weights) + a 4,096-token BPE with our specials, trained on the demo corpus."""
+    import gzip
+
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from z2all.model.config import model_preset
+    from z2all.model.llama import Z2all, save_model
+    from z2all.tokenizer import hf
+    from z2all.tokenizer.pretokenize import named_pattern
+
+    texts = []
+    with gzip.open(Path(__file__).resolve().parents[1] / "data" / "demo" / "code_python.jsonl.gz", "rt") as f:
+        texts += [json.loads(line)["content"] for _, line in zip(range(400), f)]
+    with gzip.open(Path(__file__).resolve().parents[1] / "data" / "demo" / "zh_wiki.jsonl.gz", "rt") as f:
+        texts += [json.loads(line)["text"] for _, line in zip(range(400), f)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = hf.byte_level_parts(named_pattern("z2all"))
+    specials = hf.special_tokens([])
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=4096 - 64, show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    info = hf.add_specials(tok, specials)
+    tok_dir = hf.save_dir(tok, root / "tokenizer", specials, model_max_length=256)
+    torch.manual_seed(0)
+    model = Z2all(model_preset("tiny", vocab_size=info["vocab_size"]))
+    d = save_model(model, root / "step-000000")
+    os.replace(tok_dir, d / "tokenizer")
+    return d
+
+
+def _prompts(tok, n: int, length: int) -> list[str]:
+    """n different prompts of about `length` tokens, cut from the demo corpus."""
+    import gzip
+
+    with gzip.open(Path(__file__).resolve().parents[1] / "data" / "demo" / "zh_wiki.jsonl.gz", "rt") as f:
+        text = " ".join(json.loads(line)["text"] for _, line in zip(range(200), f))
+    ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"]
+    if len(ids) < length * 2:
+        ids = ids * (length * 2 // max(1, len(ids)) + 1)
+    out = []
+    for i in range(n):
+        a = (i * 97) % (len(ids) - length)
+        out.append(tok.decode(ids[a:a + length]))
+    return out
+
+
+class _Server:
+    def __init__(self, ckpt: Path, threads: int, *args: str):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.TemporaryFile(mode="w+")
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+        self.proc = subprocess.Popen([sys.executable, "-c", LAUNCH, "--ckpt", str(ckpt), "--port", str(self.port),
+                                      "--threads", str(threads), *args], stdout=self.log, stderr=subprocess.STDOUT,
+                                     env=env, start_new_session=True)
+        end = time.monotonic() + 180
+        while True:
+            if self.proc.poll() is not None:
+                self.log.seek(0)
+                raise UserError(f"the server did not start: {self.log.read()[-1500:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    self.health = json.loads(r.read())
+                    break
+            except OSError:
+                if time.monotonic() > end:
+                    self.stop()
+                    raise UserError("the server did not answer /health in 180 s") from None
+                time.sleep(0.2)
+
+    def peak_rss(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+
+
+async def _one(client, url: str, model: str, prompt: str, max_tokens: int) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    times, tokens = [], 0
+    async with client.stream("POST", url + "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise UserError(f"the server answered {r.status_code}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
+                times.append(time.perf_counter())
+    return {"ttft": times[0] - t0 if times else float("nan"), "gaps": [b - a for a, b in zip(times, times[1:])],
+            "tokens": tokens}
+
+
+async def _level(url: str, model: str, prompts: list[str], n: int, requests: int, max_tokens: int, timeout: float):
+    import httpx
+
+    async def client_loop(c, k):
+        out = []
+        for j in range(requests):
+            out.append(await _one(c, url, model, prompts[(k * requests + j) % len(prompts)], max_tokens))
+        return out
+
+    limits = httpx.Limits(max_connections=n + 2, max_keepalive_connections=n + 2)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as c:
+        t0 = time.perf_counter()
+        res = await asyncio.wait_for(asyncio.gather(*(client_loop(c, k) for k in range(n))), timeout)
+        wall = time.perf_counter() - t0
+    return [r for rs in res for r in rs], wall
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(x for x in xs if x == x)
+    if not xs:
+        return float("nan")
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def _generate_reference(ckpt: Path, prompt: str, max_tokens: int, threads: int) -> float:
+    import torch
+
+    from z2all.model.generate import generate
+    from z2all.serve.engine import load
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        L = load(str(ckpt), device="cpu")
+        ids = L.tok(prompt, add_special_tokens=True)["input_ids"]
+        generate(L.model, [ids], 8)  # warm-up
+        best = float("inf")
+        for _ in range(3):
+            t = time.perf_counter()
+            out = generate(L.model, [ids], max_tokens, eos_id=None)
+            best = min(best, time.perf_counter() - t)
+        return len(out[0]) / best
+    finally:
+        torch.set_num_threads(old)
+
+
+def run(cfg: Config) -> int:
+    try:
+        import httpx  # noqa: F401
+    except ImportError:
+        raise UserError("z2all bench serve needs httpx (pip install httpx) and the serve extra "
+                        "(pip install 'llm-zero2all[serve]')") from None
+    clients = [int(c) for c in cfg.clients]
+    if not clients or min(clients) < 1 or cfg.requests < 1 or cfg.max_tokens < 1 or cfg.prompt_tokens < 1:
+        raise UserError("--clients, --requests, --max-tokens and --prompt-tokens must be >= 1")
+    bad = [m for m in cfg.modes if m not in ("batched", "sequential")]
+    if bad or not cfg.modes:
+        raise UserError(f"--modes takes batched and/or sequential, got {', '.join(cfg.modes) or 'nothing'}")
+    tmp = tempfile.TemporaryDirectory(prefix="z2all-bench-serve-")
+    try:
+        from z2all.model.generate import load_tokenizer
+        from z2all.model.hf_compat import default_tokenizer_dir
+        from z2all.model.llama import resolve_checkpoint
+
+        if cfg.ckpt:
+            ckpt, kind, _ = resolve_checkpoint(cfg.ckpt)
+        else:
+            ckpt, kind = _demo_model(Path(tmp.name)), "z2all"
+        tok = load_tokenizer(default_tokenizer_dir(ckpt, kind))
+        prompts = _prompts(tok, max(clients) * cfg.requests, cfg.prompt_tokens)
+        rows, notes = [], []
+        results: dict[tuple[str, int], float] = {}
+        for mode in cfg.modes:
+            args = ["--sequential"] if mode == "sequential" else ["--max-batch", str(max(clients))]
+            srv = _Server(ckpt, cfg.threads, *args)
+            try:
+                model = srv.health["model"]
+                asyncio.run(_level(srv.url, model, prompts[:1], 1, 1, 8, cfg.timeout))  # warm-up
+                for n in clients:
+                    res, wall = asyncio.run(_level(srv.url, model, prompts, n, cfg.requests, cfg.max_tokens,
+                                                   cfg.timeout))
+                    toks = sum(r["tokens"] for r in res)
+                    ttft = [r["ttft"] for r in res]
+                    gaps = [g for r in res for g in r["gaps"]]
+                    results[(mode, n)] = toks / wall
+                    rows.append([mode, n, len(res), toks, f"{wall:.2f}", f"{toks / wall:,.0f}",
+                                 f"{_pct(ttft, 50) * 1e3:.0f}", f"{_pct(ttft, 99) * 1e3:.0f}",
+                                 f"{_pct(gaps, 50) * 1e3:.1f}", f"{_pct(gaps, 99) * 1e3:.1f}"])
+                    print(f"  {mode:<10} N={n:<3} {toks / wall:8.0f} tokens/s", file=sys.stderr, flush=True)
+                notes.append(f"{mode}: server peak RSS {srv.peak_rss() / 2**20:.0f} MB")
+            finally:
+                srv.stop()
+        ref = _generate_reference(ckpt, prompts[0], cfg.max_tokens, cfg.threads)
+        rows.append(["`z2all generate` path, in-process", 1, 3, 3 * cfg.max_tokens, "", f"{ref:,.0f}",
+                     "", "", "", ""])
+    finally:
+        tmp.cleanup()
+    print(f"\n### z2all bench serve ({machine_name()}, server --threads {cfg.threads})\n")
+    print(f"model: {ckpt if cfg.ckpt else 'tiny preset, random weights, demo BPE (vocab 4096)'}; "
+          f"{cfg.requests} request(s) per client, ~{cfg.prompt_tokens} prompt tokens, {cfg.max_tokens} generated "
+          f"tokens each (greedy, ignore_eos), streaming over loopback\n")
+    print(markdown_table(["mode", "clients", "requests", "gen tokens", "wall s", "tokens/s", "TTFT p50 ms",
+                          "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms"], rows))
+    print()
+    for line in notes:
+        print(f"- {line}")
+    for n in clients:
+        if ("batched", n) in results and ("sequential", n) in results:
+            ratio = results[("batched", n)] / results[("sequential", n)]
+            print(f"- {n} concurrent streams: continuous batching {ratio:.2f}x the tokens/s of one at a time")
+    if ("batched", 1) in results:
+        ratio = results[("batched", 1)] / ref
+        print(f"- single stream through the server: {ratio:.2f}x `z2all generate`'s tokens/s (the server's includes "
+              f"HTTP, SSE and prefill; generate's is the best of 3 in-process calls)")
+    return 0
+
