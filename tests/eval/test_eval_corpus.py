@@ -57,7 +57,7 @@ def test_heldout_docs_are_the_val_split_and_unigram_from_train(tokens_dir, ckpt)
 
 def test_eval_demo_table(tokens_dir, ckpt):
     out, _ = tokens_dir
-    table = run.eval_demo(ckpt, out, max_docs=20)
+    table = run.eval_demo(ckpt, out, max_docs=8, max_tokens=2000)
     lines = table.splitlines()
     assert lines[0].split("|")[1].strip() == "domain" and "continuation acc" in lines[0]
     rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]] for ln in lines[2:]}

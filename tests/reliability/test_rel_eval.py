@@ -19,7 +19,7 @@ from eval_helpers import demo_docs, make_ckpt, write_jsonl  # noqa: E402
 
 def zeval(*args, cwd=None) -> Result:
     """`z2all eval ARGS` through cli.main (python -m z2all.eval.run registers the stage if cli.py does not)."""
-    env = {**os.environ, "Z2ALL_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "Z2ALL_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # tiny models
     env.pop("Z2ALL_DEBUG", None)
     p = subprocess.run([sys.executable, "-m", "z2all.eval.run", *map(str, args)], cwd=cwd, env=env,
                        capture_output=True, text=True, timeout=600)
@@ -57,9 +57,6 @@ def test_bad_rows_are_skipped_counted_and_the_rest_scored(models, tmp_path):
     assert results["models"][str(b)]["bpb"]["zh"]["bpb"] > 0
     md = (out / "results.md").read_text(encoding="utf-8")
     assert "### jsonl/mc" in md and "zh bpb" in md and md.count(str(a)) == 2
-    # left truncation (the default) scores the long row instead
-    res = zeval("--ckpt", a, "--tasks", f"jsonl={task}", "--out", out)
-    assert res.rc == 0 and "| 3 / 5" in res.out
 
 
 def test_bad_options_and_inputs_fail_with_one_line(models, tmp_path):
