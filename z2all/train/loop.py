@@ -44,8 +44,10 @@ class Objective:
     """What a training objective gives the loop. Attributes set by the subclass:
     `model_config` (the ModelConfig it trains), `grad_accum` (micro-batches per optimizer step on each
     process), `tokens_per_step` (global, for throughput and MFU), `protect` (input paths the run directory
-    must not contain), `tokenizer_dir` (copied into checkpoints, or None)."""
+    must not contain), `tokenizer_dir` (copied into checkpoints, or None), `command` (the owner name the run
+    directory is claimed for: a `z2all sft` run dir is never resumed by `z2all train`, nor the reverse)."""
 
+    command: str = "train"
     model_config: ModelConfig
     grad_accum: int = 1
     tokens_per_step: int = 0
@@ -69,8 +71,9 @@ class Objective:
         """Validation micro-batches (the same on every call and rank), or None when there is no validation."""
         return None
 
-    def sample(self, model: torch.nn.Module, device: torch.device, autocast, step: int) -> list[str]:
-        """Sample texts for the log after an evaluation (rank 0, single-device model)."""
+    def sample(self, model: torch.nn.Module, device: torch.device, autocast, step: int) -> list[str] | dict:
+        """Sample texts for the log after an evaluation (rank 0, single-device model); or a dict of fields
+        for the "sample" metrics record (e.g. {"samples": [...], "exact_match": 0.5})."""
         return []
 
     def flops_per_token(self, model: torch.nn.Module) -> float:
@@ -137,13 +140,14 @@ def _is_legacy_run_dir(path: Path) -> bool:
         (path / "metrics.jsonl").is_file() and (path / "config.json").is_file())
 
 
-def prepare_run_dir(run_dir: Path, protect: Iterable, resume: bool) -> None:
+def prepare_run_dir(run_dir: Path, protect: Iterable, resume: bool, command: str = "train") -> None:
     """Rank 0, before anything is written: claim `run_dir` for `z2all train` (new, empty, or a train run
     dir; never one holding an input), refuse a fresh start over an earlier run (its metrics and checkpoints
     would be mixed with the new ones), and for --resume set aside corrupt checkpoints newer than the newest
     intact one, saying so."""
     owner = read_owner(run_dir) if run_dir.is_dir() else None
-    ours = owner == "train" or (owner is None and run_dir.is_dir() and _is_legacy_run_dir(run_dir))
+    ours = owner == command or (owner is None and command == "train" and run_dir.is_dir()
+                                and _is_legacy_run_dir(run_dir))
     ckpts = ckpt_mod.list_checkpoints(run_dir) if ours else []
     if ours and not resume:  # refused before claiming, so not even the owner file is added
         earlier = [x for x, there in (("checkpoints", ckpts), ("metrics.jsonl", (run_dir / "metrics.jsonl").is_file()))
@@ -151,7 +155,8 @@ def prepare_run_dir(run_dir: Path, protect: Iterable, resume: bool) -> None:
         if earlier:
             raise UserError(f"--out_dir {run_dir} already holds a training run ({', '.join(earlier)}): pass --resume "
                             "to continue it, or choose another --out_dir (nothing was changed)")
-    claim_output_dir(run_dir, "train", option="--out_dir", protect=list(protect), legacy=_is_legacy_run_dir)
+    claim_output_dir(run_dir, command, option="--out_dir", protect=list(protect),
+                     legacy=_is_legacy_run_dir if command == "train" else None)
     if resume and ckpts:
         good, bad = ckpt_mod.intact_checkpoint(run_dir)
         if good is None:
@@ -214,7 +219,7 @@ def train_loop(cfg, info, objective: Objective) -> int:
     # ---- the run directory and the resume point: rank 0 claims the dir and sets corrupt checkpoints aside,
     # then every rank reads the same (newest intact) checkpoint
     if info.is_main:
-        prepare_run_dir(run_dir, objective.protect, cfg.resume)
+        prepare_run_dir(run_dir, objective.protect, cfg.resume, objective.command)
     dist_mod.barrier()
     ckpt = ckpt_mod.latest_checkpoint(run_dir) if cfg.resume else None
     state = ckpt_mod.read_state(ckpt) if ckpt else {}
@@ -290,7 +295,9 @@ def train_loop(cfg, info, objective: Objective) -> int:
             print0(f"step {step}: val loss {val:.4f} (ppl {math.exp(min(val, 50)):.1f}) over {n} batches")
             if not fsdp:  # sampling calls the single-device model; FSDP2 shards need every rank
                 texts = objective.sample(model, device, autocast, step)
-                if texts:
+                if isinstance(texts, dict):
+                    writer.log({"kind": "sample", "step": step, **texts})
+                elif texts:
                     writer.log({"kind": "sample", "step": step, "samples": texts})
         return val
 
