@@ -424,6 +424,10 @@ def build(cfg: Config) -> tuple[Service, object]:
         raise UserError(f"--port must be in 0..65535, got {cfg.port}")
     if cfg.max_body < 1024:
         raise UserError(f"--max-body must be >= 1024 bytes, got {cfg.max_body}")
+    for name, value, lo in (("--max-batch", cfg.max_batch, 1), ("--prefill-chunk", cfg.prefill_chunk, 1),
+                            ("--max-queue", cfg.max_queue, 0)):
+        if value < lo:
+            raise UserError(f"{name} must be >= {lo}, got {value}")
     if cfg.context < 0 or cfg.max_tokens_in_cache < 0:
         raise UserError("--context and --max-tokens-in-cache must be >= 0 (0 = from the model)")
     loaded = load(cfg.ckpt, cfg.tokenizer, cfg.device, cfg.dtype)
@@ -444,12 +448,38 @@ def build(cfg: Config) -> tuple[Service, object]:
     return svc, create_app(svc)
 
 
+def _check_bind(host: str, port: int) -> None:
+    """Refuse early, in one line, what uvicorn would only log after the model loaded: a port in use, an
+    address this machine does not have, a privileged port."""
+    import errno
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port must be in 0..65535, got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UserError(f"--host {host}: cannot resolve it ({e.strerror}); use an address such as 127.0.0.1") from None
+    fam, kind, proto, _, addr = infos[0]
+    with socket.socket(fam, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            why = {errno.EADDRINUSE: "is already in use (another server?); choose another --port",
+                   errno.EADDRNOTAVAIL: "is not an address of this machine; use 127.0.0.1 or 0.0.0.0",
+                   errno.EACCES: "needs privileges (ports below 1024); use a port >= 1024"}.get(
+                       e.errno, f"cannot be bound ({e.strerror})")
+            raise UserError(f"--host {host} --port {port}: {host}:{port} {why}") from None
+
+
 def run(cfg: Config) -> int:
     try:
         import fastapi  # noqa: F401
         import uvicorn
     except ImportError as e:
         raise UserError(f"z2all serve needs {e.name}: pip install 'llm-zero2all[serve]' (fastapi, uvicorn)") from None
+    _check_bind(cfg.host, cfg.port)
     svc, app = build(cfg)
     where = f"http://{cfg.host}:{cfg.port}"
     eng = svc.engine
