@@ -133,9 +133,7 @@ def encode_reference(text: str, result: BPEResult, pattern: str) -> list[int]:
 
 # A merge visiting at least this many positions runs in numpy (`_Text.merge_vector`), a smaller one in a
 # Python loop (`merge_scalar`): a numpy merge costs ~30 array calls (~0.1-0.3 ms here) whatever its size,
-# the loop ~2-4 us per position. Instruction counts (valgrind) of `train` at 1 MB / vocab 8192 /
-# min_frequency 2: 1.61 G at 32, 1.55 G at 48, 1.53 G at 64, 1.54 G at 96, 1.55 G at 128 (the trainer
-# before this one: 1.97 G at 32, 1.82 G at 64, 1.77 G at 128); at 9 MB 3.59 / 3.46 / 3.49 G at 32 / 64 / 128.
+# the loop ~2-4 us per position; 64 had the fewest instructions of 32-128 (docs/performance.md).
 VECTOR_MIN = 64
 
 
@@ -156,22 +154,7 @@ def train(word_counts: Iterable[tuple[bytes, int]], vocab_target: int, min_frequ
     (z, y), and the (a, b) count is dropped; so the pair table, the heap and the index see one update per
     group rather than one per occurrence, and the merge applies them itself (`book`).
 
-    Measured (vocab 8192, min_frequency 2 as `z2all tokenizer train`, 7936 merges; the bench's 1 / 3 / 9 MB
-    of the shared corpora = 30k / 55k / 109k distinct words): valgrind instruction counts of `train` at
-    1 / 9 MB: 1.50 / 3.46 G against 1.89 / 4.79 G for the version before (its numpy merge built the codes
-    of all five pairs of every occurrence and sorted them, then sorted the created ones again: ~40% more
-    array work than grouping by neighbour; and each merge returned its count changes and index entries
-    as lists of tuples for this loop to apply); best wall s of 5 interleaved runs on the shared 2-core
-    machine, which scatters +-30% from run to run: 0.62 / 0.90 / 1.50 against 0.75 / 1.03 / 1.62 (another
-    time 0.64 / 1.16 / 1.92 against 0.71 / 1.46 / 2.49). Where a 1 MB run goes (cProfile): 742 numpy
-    merges visit 180k positions (~35%), 7194 loop merges visit 70k (~35%), including the ~73k group updates
-    of the pair table, heap and index they make; the rest is the heap (16k pops, 7k stale entries
-    re-sifted, 41k pushes) and ~20 ms of setup. Tried and dropped: numpy for every merge (a numpy merge
-    costs ~0.1-0.3 ms whatever its size: 1.8 s at 1 MB); applying the count changes through map/zip into
-    dict.update (15% more instructions than the plain loop); writing `_move` out in each of its three
-    callers (~2% fewer instructions, best wall time the same: 0.62 s at 1 MB either way; not worth three
-    copies); a shortcut past the `parts` list for a merge whose positions are one list (0.5% fewer, not
-    worth the branch)."""
+    Where the time goes, and what was tried and dropped: docs/performance.md ("BPE trainer")."""
     if vocab_target > 1 << 21:
         raise ValueError(f"vocab_target {vocab_target} exceeds 2**21: ids must fit the 21-bit halves of a pair code")
     vocab, index = _base_vocab()
@@ -300,8 +283,7 @@ class _Text:
         lists, which is what makes touching occurrences ("a b a b", "a a a") come out right: the second
         sees the first's z as its left neighbour. Occurrences are grouped by their neighbour tokens x and
         y ("x a b y" -> "x z y"), and each group updates `book` = (pair counts, heap, index, floor) once:
-        its summed weight moves from (x, a) to (x, z) or from (b, y) to (z, y). (Returning the changes as
-        lists for `train` to apply cost 3% more instructions of the whole run.)"""
+        its summed weight moves from (x, a) to (x, z) or from (b, y) to (z, y)."""
         tv, nv, pv, end = self.tv, self.nv, self.pv, self.end
         if a == b:
             todo.sort()  # left to right: in "a a a" the first two merge
@@ -425,10 +407,9 @@ def _run_starts(sorted_codes: np.ndarray) -> np.ndarray:
 # Measured (VmHWM of `z2all tokenizer train`, 1 worker, vocab 8192, 1/3/9 MB of the shared zh/en/code
 # corpora = 30k/55k/109k distinct words): 70 / 94 / 119 MB, i.e. ~50 MB (interpreter, imports, a counting
 # batch) + ~620 B per distinct word (its count-table entry, then its tokens in the trainer's position
-# arrays, ~21 B a token, the pair table and the pair -> positions index while merging); the trainer before
-# the numpy one peaked at 70 / 86 / 114 MB (~560 B a word). A counting worker peaked at 33 MB. The
-# constants add ~25% to each. Between prunes the table can exceed `capacity` by one batch's new words (a
-# 1 MB batch has well under 100k), covered by BASE_BYTES.
+# arrays, ~21 B a token, the pair table and the pair -> positions index while merging). A counting worker
+# peaked at 33 MB. The constants add ~25% to each. Between prunes the table can exceed `capacity` by one
+# batch's new words (a 1 MB batch has well under 100k), covered by BASE_BYTES.
 BYTES_PER_WORD = 800
 BASE_BYTES = 96 * 2**20
 WORKER_BYTES = 40 * 2**20
@@ -545,8 +526,7 @@ def count_words(texts: Iterable[str], pattern: str, capacity: int, workers: int 
                 progress=None) -> tuple[dict[str, int], CountStats]:
     """Count the pieces of `texts` under the split pattern, keeping at most `capacity` distinct words.
     Returns (word -> count, stats). `workers` > 1 runs the regex in that many forked processes; the parent
-    only reads and merges (it counting batches too, beside workers - 1 children, measured the same at the
-    bench's 1 / 3 / 9 MB: 0.23-0.27 / 0.65 / 1.4-1.7 s against 0.29-0.30 / 0.58-0.69 / 1.5-1.7 s)."""
+    only reads and merges (the parent counting too gained nothing: docs/performance.md)."""
     stats = CountStats(capacity=capacity, workers=workers)
     table = LossyCounter(capacity)
     jobs = ((b, pattern) for b in _batches(texts, stats, workers))
