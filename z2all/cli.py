@@ -53,7 +53,7 @@ STAGES: dict[str, Command | tuple[str, dict[str, Command]]] = {
         "gguf": Command("write a GGUF file for llama.cpp / Ollama (f32, f16, bf16, q8_0)", "z2all.model.gguf"),
     }),
     "bench": ("benchmarks that print markdown tables (ours vs the peers, same machine)", {
-        "data": Command("conversion MB/s and RSS vs a seed-style converter; tokenization vs tokenizers and tiktoken",
+        "data": Command("conversion MB/s and RSS vs a plain stdlib converter; tokenization vs tokenizers and tiktoken",
                         "z2all.bench.data"),
         "tokenizer": Command("training time, RSS and bytes/token: ours vs HF vs sentencepiece",
                              "z2all.bench.tokenizer"),
@@ -62,7 +62,7 @@ STAGES: dict[str, Command | tuple[str, dict[str, Command]]] = {
         "kernels": Command("per-op fwd+bwd time and memory: reference, Triton, torch.compile, libraries",
                            "z2all.bench.kernels"),
         "model": Command("training and generation tokens/s: ours vs transformers", "z2all.bench.model"),
-        "ablation": Command("the seed's ablation table: naive, use_all, w/o each op, +compile",
+        "ablation": Command("the original llm-zero2all ablation table: naive, use_all, w/o each op, +compile",
                             "z2all.bench.ablation"),
     }),
     "plot": Command("draw loss and throughput curves of a run to PNG", "z2all.train.plot"),

@@ -1,6 +1,7 @@
-"""`z2all bench ablation`: the seed's ablation table on one GPU, through the training loop's own step.
+"""`z2all bench ablation`: the ablation table of the original llm-zero2all project (the one this repository
+rewrites) on one GPU, through the training loop's own step.
 
-    z2all bench ablation                      # 1b preset, 2 x 2048 tokens x 16 accumulation (the seed)
+    z2all bench ablation                      # 1b preset, 2 x 2048 tokens x 16 accumulation (the original's setting)
     z2all bench ablation --short              # 4 accumulation steps, 2 measured iterations: a few minutes
     z2all bench ablation --data_dir data/tokens --preset 125m
 
@@ -21,7 +22,7 @@ is replaced by the aligned table.
 
 Without a GPU the Triton kernels cannot run natively: a tiny CPU version of the reference rows runs
 instead (MFU n/a) so the command and its table can be checked anywhere; the GPU rows are listed as n/a.
-The seed measured (A800, ~1B, 2 x 2048 x 16): naive 9.85 s/iter, 18.41% MFU, 71.3 GB; use_all 3.23 s/iter,
+The original project measured (A800, ~1B, 2 x 2048 x 16): naive 9.85 s/iter, 18.41% MFU, 71.3 GB; use_all 3.23 s/iter,
 56.06% MFU, 27.9 GB.
 """
 
@@ -59,7 +60,7 @@ class Config:
 
 
 def row_specs() -> list[tuple[str, dict, bool]]:
-    """(name, per-op implementation, compile) for every row of the seed's table."""
+    """(name, per-op implementation, compile) for every row of the original project's table."""
     use_all = {op: "triton" for op in OPS}
     rows = [("naive", dict(REFERENCE), False),
             ("sdpa", {**REFERENCE, "attention": "sdpa"}, False),

@@ -1,4 +1,4 @@
-"""`z2all bench data`: conversion MB/s and peak RSS against a seed-style converter and a bare orjson loop,
+"""`z2all bench data`: conversion MB/s and peak RSS against a plain stdlib converter and a bare orjson loop,
 and tokenization throughput of our pipeline against raw `tokenizers` and tiktoken.
 
     z2all bench data                       # 1 GB input (a few minutes on 2 cores)
@@ -12,8 +12,9 @@ size mixes every corpus), repeating documents with varying
 ids and a copy number appended to the text (so exact dedup keeps them: an honest write load). Then, each
 run in a fresh process (bench.run_isolated) so peak RSS is the run's own, every row --repeats times in
 turn (interleaved, best wall kept: the machine's noise hits every row alike):
-  - seed (the peer, the "vs seed" column's 1.0): a seed-style stdlib converter, json.loads -> unified
-    record -> json.dumps(ensure_ascii=False) -> write, no cleaning, no dedup;
+  - stdlib (the peer, the "vs stdlib" column's 1.0): a plain stdlib converter (what the original
+    llm-zero2all scripts and most first scripts do), json.loads -> unified record ->
+    json.dumps(ensure_ascii=False) -> write, no cleaning, no dedup;
   - bare: orjson.loads + orjson.dumps + write of every line: the floor any converter pays;
   - ours: `z2all data convert` on the same file, cleaning and dedup on, --workers 1 (so MB/s is per core),
     at the full size and at a quarter of it (peak RSS must not grow with the input), the quarter with
@@ -114,7 +115,7 @@ def bare_loop(src: str, dst: str) -> int:
 
 
 def seed_convert(src: str, dst: str) -> int:
-    """The peer: a seed-style stdlib converter, what a first script does (json.loads -> the unified record
+    """The peer: a plain stdlib converter, what a first script does (json.loads -> the unified record
     -> json.dumps(ensure_ascii=False) -> write), no cleaning, no dedup, one process."""
     import json
 
@@ -210,7 +211,7 @@ def run(cfg: Config) -> int:
         print0(f"bench data: inputs {mb_big:.0f} MB and {mb_small:.0f} MB from {len(docs)} real documents, "
                f"best of {cfg.repeats}")
         rows_spec = [  # (label, input, MB, fn, args)
-            ("seed-style stdlib converter (json, no cleaning)", big, mb_big, seed_convert,
+            ("stdlib converter (json, no cleaning)", big, mb_big, seed_convert,
              (str(big), str(work / "seed.jsonl"))),
             ("bare orjson loads+dumps", big, mb_big, bare_loop, (str(big), str(work / "bare.jsonl"))),
             ("ours: convert, clean+dedup, 1 worker", big, mb_big, ours, (str(big), str(work / "out-big"))),
@@ -263,7 +264,7 @@ def run(cfg: Config) -> int:
             (n, _), t, rss = truns[kind]
             tok_rows.append([f"{kind} encode, 1 process, 1 thread (encoding only)", n, t, n / t, text_mb / t,
                              rss / 2**20])
-        table = markdown_table(["step", "input MB", "wall s", "MB/s", "vs seed", "peak RSS MB"], rows)
+        table = markdown_table(["step", "input MB", "wall s", "MB/s", "vs stdlib", "peak RSS MB"], rows)
         tok_table = markdown_table([f"tokenize {text_mb:.1f} MB, BPE {cfg.vocab_size} (z2all tokenizer train)",
                                     "tokens", "wall s", "tokens/s", "MB/s", "peak RSS MB"], tok_rows)
         note = f"\ntiktoken: not used, the tokenizer does not convert exactly ({why})" if why else ""

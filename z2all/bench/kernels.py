@@ -43,7 +43,7 @@ from z2all.utils import UserError, pick_device, pick_dtype
 OPS = ("rmsnorm", "rope", "swiglu", "cross_entropy", "attention")
 
 # op shapes: B, T, model dim, heads, kv heads, FFN width, vocab. "gpu" is the 1B (TinyLlama) shape at the
-# seed's seq 2048 with a 64k vocabulary (the fused-CE memory target is quoted at 64k).
+# original project's seq 2048 with a 64k vocabulary (the fused-CE memory target is quoted at 64k).
 SIZES = {
     "gpu": dict(batch=4, seq=2048, dim=2048, n_heads=32, n_kv_heads=4, ffn_dim=5632, vocab=65536),
     "cpu": dict(batch=2, seq=256, dim=256, n_heads=4, n_kv_heads=2, ffn_dim=704, vocab=8192),

@@ -613,7 +613,7 @@ class Converter:
 
 
 def stats_table(state: dict, units: list[Unit], out: Path) -> tuple[list[str], list[list]]:
-    """The seed's stats table: one row per source plus a total."""
+    """The stats table (the layout of the original llm-zero2all converter): one row per source plus a total."""
     headers = ["source", "inputs", "raw size", "jsonl size", "shards", "txt size", "documents", "skipped"]
     rows, tot = [], [0, 0, 0, 0, 0, 0, 0]
     for name, s in state["sources"].items():

@@ -73,7 +73,8 @@ PRESETS: dict[str, dict] = {
                  max_seq_len=2048, tie_embeddings=True),
     "350m": dict(dim=1024, n_layers=24, n_heads=16, n_kv_heads=16, vocab_size=32000, multiple_of=256,
                  max_seq_len=2048, tie_embeddings=True),
-    # the 1.1B shape of TinyLlama (about the seed's single-GPU ablation model): FFN 5632, GQA 32/4
+    # the 1.1B shape of TinyLlama (about the ~1B model of the original llm-zero2all project's single-GPU
+    # ablation): FFN 5632, GQA 32/4
     "1b": dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, vocab_size=32000, multiple_of=256,
                max_seq_len=2048),
     "1.7b": dict(dim=2048, n_layers=32, n_heads=16, n_kv_heads=8, vocab_size=64320, ffn_dim=5632,

@@ -17,10 +17,10 @@ One name per op everywhere: the config key (`--model.ops.rmsnorm`), the field of
 reference.py's descriptive names (rms_norm, linear_cross_entropy); `Ops.rms_norm` and
 `Ops.linear_cross_entropy` remain as deprecated aliases of `ops.rmsnorm` / `ops.cross_entropy`.
 
-Presets (the seed's ablation rows): "naive" = every op torch and naive attention; "use_all" = every op
-Triton. A preset sets all ops first; then any op named explicitly overrides it, so `preset=use_all,
-rope=torch` is the "w/o RoPE" row. An op left unset ("") takes the preset's choice, or without a preset
-the default (DEFAULTS: torch everywhere, sdpa attention).
+Presets (the rows of the original llm-zero2all project's ablation): "naive" = every op torch and naive
+attention; "use_all" = every op Triton. A preset sets all ops first; then any op named explicitly
+overrides it, so `preset=use_all, rope=torch` is the "w/o RoPE" row. An op left unset ("") takes the
+preset's choice, or without a preset the default (DEFAULTS: torch everywhere, sdpa attention).
 
 The signatures are those of `reference.py`; every backend implements exactly them. Attention's is
 `attention(q, k, v, causal=True, key_padding_mask=None, segment_ids=None)`: segment_ids [B, T] int32 (T == S)

@@ -21,7 +21,8 @@ Shapes (B batch, T query length, S key length, H query heads, K kv heads, D head
                                                logits in fp32; 0 when no target is valid
 
 Two attention references: `attention_naive` materialises the [B,H,T,S] score matrix (the "naive" row of
-the seed's ablation) and `attention_sdpa` calls `torch.nn.functional.scaled_dot_product_attention`.
+the original llm-zero2all project's ablation) and `attention_sdpa` calls
+`torch.nn.functional.scaled_dot_product_attention`.
 """
 
 from __future__ import annotations

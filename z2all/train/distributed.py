@@ -11,8 +11,8 @@ Process groups: NCCL on GPU, gloo on CPU. One process per GPU; `LOCAL_RANK` pick
 
 Communication hooks (DDP only): `bf16` casts gradient buckets to bf16 before the all-reduce (half the
 bytes); `powersgd` sends a rank-r low-rank approximation with error feedback (much less traffic; its error
-feedback state is not checkpointed, so a resumed run restarts it). The seed's 2-node run spent 19 s
-communicating vs 7 s computing per iteration, which is what these are for.
+feedback state is not checkpointed, so a resumed run restarts it). The original llm-zero2all project's
+2-node run spent 19 s communicating vs 7 s computing per iteration, which is what these are for.
 """
 
 from __future__ import annotations
