@@ -135,3 +135,21 @@ def test_atomic_dir_error_keeps_old(tmp_path):
             raise OSError(28, "No space left on device")
     assert (d / "v").read_text() == "1"
     assert [p.name for p in tmp_path.iterdir()] == ["exp"]
+
+
+def test_written_files_and_dirs_get_umask_modes_not_tempfile_modes(tmp_path):
+    """mkstemp/mkdtemp make 0600/0700; a user's other tools must read what we write like any other file."""
+    from z2all.io import DIR_MODE, FILE_MODE, atomic_path
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        with atomic_path(tmp_path / "b.bin") as p:
+            p.write_bytes(b"y")
+        with atomic_dir(tmp_path / "d") as d:
+            (d / "f").write_text("z")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == FILE_MODE
+    assert (tmp_path / "b.bin").stat().st_mode & 0o777 == FILE_MODE
+    assert (tmp_path / "d").stat().st_mode & 0o777 == DIR_MODE
