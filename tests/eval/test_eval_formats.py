@@ -114,3 +114,23 @@ def test_fewshot_from_dev_is_seeded_and_dev_path_found(tmp_path):
     own = formats.build_items(loaded, 1, None, seed=1)
     assert "q2" in own[0].context.split("\n\n")[1] and "q1" in own[1].context.split("\n\n")[1]
     assert json.dumps([i.context for i in own])  # plain strings
+
+
+def test_task_specs_directories_dev_splits_and_limits(tmp_path):
+    import pytest
+
+    from z2all.eval.run import Config, load_tasks
+    from z2all.utils import UserError
+
+    for subj in ("astro", "bio"):
+        _csv(tmp_path / "data" / "test" / f"{subj}_test.csv", "q1,a,b,c,d,A\nq2,a,b,c,d,B\nq3,a,b,c,d,X\n")
+        _csv(tmp_path / "data" / "dev" / f"{subj}_dev.csv", "d0,a,b,c,d,C\n")
+    got = load_tasks(Config(tasks=[f"mmlu={tmp_path / 'data' / 'test'}"], fewshot=1, limit=1))
+    assert [(t.name, len(t.items), t.total, len(t.skipped), t.chance) for t in got] == [
+        ("mmlu/astro_test", 1, 3, 1, 0.25), ("mmlu/bio_test", 1, 3, 1, 0.25)]
+    assert "d0\nA. a" in got[0].items[0].context  # the shot came from the dev split found next to it
+    spec = f"mmlu={tmp_path / 'data/test/bio_test.csv'}@{tmp_path / 'data/dev/astro_dev.csv'}"
+    explicit = load_tasks(Config(tasks=[spec], fewshot=1))
+    assert "about astro" not in explicit[0].items[0].context and "d0" in explicit[0].items[0].context
+    with pytest.raises(UserError, match="no .csv file"):
+        load_tasks(Config(tasks=[f"ceval={tmp_path}"]))

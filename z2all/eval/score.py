@@ -138,6 +138,7 @@ def load_lm(path: str | Path, tokenizer: str | Path | None = None, device="cpu",
     if not ((tok_dir / "tokenizer.json").is_file() or (tok_dir / "tokenizer_config.json").is_file()):
         raise UserError(f"no tokenizer in {tok_dir}; pass --tokenizer DIR")
     tok = load_tokenizer(tok_dir)
+    tok.model_max_length = 1 << 62  # we window long documents ourselves; silences transformers' length warning
     if len(tok) > model.cfg.vocab_size:
         raise UserError(f"tokenizer {tok_dir} has {len(tok)} ids but the model {path} only "
                         f"{model.cfg.vocab_size}: not the model's tokenizer? pass --tokenizer DIR")
