@@ -124,7 +124,7 @@ class Session:
             generate(self.L.model, [ids], min(p["max_new_tokens"], room), temperature=p["temperature"],
                      top_k=p["top_k"], top_p=p["top_p"], repetition_penalty=p["repetition_penalty"],
                      eos_id=self.L.eos_ids, should_stop=_stop_checker(self.L.tok, stops) if stops else None,
-                     on_token=streamer, generator=self.gen, vocab_limit=self.L.vocab_limit)
+                     on_token=streamer, generator=self.gen, vocab_limit=self.L.vocab_limit, decode="fast")
         except KeyboardInterrupt:
             stopped = True
         answer = cut_at_stop(self.L.tok.decode(streamer.ids, skip_special_tokens=True), stops)
