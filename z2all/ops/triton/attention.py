@@ -98,7 +98,7 @@ _BWD_Q_CONFIGS = autotune_configs(_DQ_16, _CPU_CFG, _DQ_32)
 _BWD_ATOMIC_CONFIGS = autotune_configs(_ATOMIC_16, _CPU_CFG, _ATOMIC_32)
 # Autotuning is keyed on power-of-two buckets of T and S (TUNE_T/TUNE_S, unused inside the kernels), not on
 # T and S themselves: KV-cache decoding changes S every step and would otherwise re-tune every token.
-_KEY = ["TUNE_T", "TUNE_S", "HEAD_DIM", "CAUSAL", "GROUP"]
+_KEY = ["TUNE_T", "TUNE_S", "HEAD_DIM", "CAUSAL", "GROUP", "SEGMENTS"]
 # Triton would otherwise compile a variant per (x % 16 == 0, x == 1) pattern of every int argument; sizes vary
 # from call to call (and GROUP is a runtime int for the same reason), strides stay specialised (alignment).
 _NO_SPECIALIZE = ["H", "T", "S", "TUNE_T", "TUNE_S", "GROUP"]
@@ -144,9 +144,29 @@ def _key_split(m0, S, T, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: t
 
 
 @triton.jit
+def _same_segment(seg_q, seg_row, offs_n, S):
+    """[BLOCK_M, BLOCK_N]: query row and key share a segment (seg_q: the rows' ids; keys past S never do)."""
+    seg_k = tl.load(seg_row + offs_n, mask=offs_n < S, other=-1)
+    return (seg_q[:, None] == seg_k[None, :]) & (offs_n[None, :] < S)
+
+
+@triton.jit
+def _segment_range(SEG, SEG_LO, SEG_HI, b, offs, T, hi, BLOCK: tl.constexpr):
+    """For the positions `offs` of packed row b: their segment ids (-1 past T), and the range [lo, hi) of
+    the other axis that can share a segment with any of them, lo rounded down to a multiple of BLOCK: from
+    the smallest first position (SEG_LO) to the largest last position + 1 (SEG_HI) of their segments,
+    capped by `hi` (the causal/length bound)."""
+    ok = offs < T
+    seg = tl.load(SEG + b * T + offs, mask=ok, other=-1)
+    lo = tl.min(tl.load(SEG_LO + b * T + offs, mask=ok, other=T), axis=0) // BLOCK * BLOCK
+    hi = tl.minimum(tl.max(tl.load(SEG_HI + b * T + offs, mask=ok, other=0), axis=0), hi)
+    return seg, lo, hi
+
+
+@triton.jit
 def _fwd_block(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_d, n0, S, T, skn, skd, svn, svd, qk_scale,
-               MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-               PREC: tl.constexpr):
+               seg_q, seg_row, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_N: tl.constexpr, PREC: tl.constexpr, SEGMENTS: tl.constexpr):
     offs_n = n0 + tl.arange(0, BLOCK_N)
     dmask = offs_d < HEAD_DIM
     if MASKED:
@@ -160,6 +180,8 @@ def _fwd_block(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_d, n0, S, T, skn, 
         keep = offs_n[None, :] < S
         if CAUSAL:
             keep = keep & (offs_n[None, :] <= offs_m[:, None] + (S - T))
+        if SEGMENTS:
+            keep = keep & _same_segment(seg_q, seg_row, offs_n, S)
         x = tl.where(keep, x, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(x, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet: avoid inf - inf
@@ -172,9 +194,10 @@ def _fwd_block(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_d, n0, S, T, skn, 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=_KEY, prune_configs_by=_by_dtype(_FWD_32))
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _attn_fwd(Q, K, V, O, L, sqb, sqh, sqt, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, sot,
-              H, T, S, qk_scale, TUNE_T, TUNE_S, GROUP, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-              BLOCK_D: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _attn_fwd(Q, K, V, O, L, SEG, SEG_LO, SEG_HI, sqb, sqh, sqt, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+              sob, soh, sot, H, T, S, qk_scale, TUNE_T, TUNE_S, GROUP, HEAD_DIM: tl.constexpr,
+              CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, SEGMENTS: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     bh, b, h, kvh, m0, offs_m, offs_d, q_mask, q = _query_block(Q, sqb, sqh, sqt, sqd, H, T, GROUP, HEAD_DIM,
                                                                 CAUSAL, BLOCK_D, BLOCK_M)
     k_base = K + b * skb + kvh * skh
@@ -184,12 +207,19 @@ def _attn_fwd(Q, K, V, O, L, sqb, sqh, sqt, sqd, skb, skh, skn, skd, svb, svh, s
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     full_end, hi = _key_split(m0, S, T, CAUSAL, BLOCK_M, BLOCK_N)
-    for n0 in range(0, full_end, BLOCK_N):
-        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_d, n0, S, T, skn, skd, svn,
-                                   svd, qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_N, PREC)
-    for n0 in range(full_end, hi, BLOCK_N):
-        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_d, n0, S, T, skn, skd, svn,
-                                   svd, qk_scale, True, CAUSAL, HEAD_DIM, BLOCK_N, PREC)
+    if SEGMENTS:  # packed rows: only the key blocks of the rows' segments, every one masked
+        seg_q, lo, hi = _segment_range(SEG, SEG_LO, SEG_HI, b, offs_m, T, hi, BLOCK_N)
+        for n0 in range(lo, hi, BLOCK_N):
+            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_d, n0, S, T, skn, skd, svn,
+                                       svd, qk_scale, seg_q, SEG + b * T, True, CAUSAL, HEAD_DIM, BLOCK_N, PREC,
+                                       True)
+    else:
+        for n0 in range(0, full_end, BLOCK_N):
+            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_d, n0, S, T, skn, skd, svn,
+                                       svd, qk_scale, offs_m, SEG, False, CAUSAL, HEAD_DIM, BLOCK_N, PREC, False)
+        for n0 in range(full_end, hi, BLOCK_N):
+            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_d, n0, S, T, skn, skd, svn,
+                                       svd, qk_scale, offs_m, SEG, True, CAUSAL, HEAD_DIM, BLOCK_N, PREC, False)
     empty = l_i == 0.0  # a causal row above the diagonal (T > S): output 0, L = +inf so backward's P = 0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
@@ -215,8 +245,8 @@ def _attn_bwd_delta(O, DO, DELTA, sob, soh, sot, sdob, sdoh, sdot, sdod, H, T,
 
 @triton.jit
 def _dkdv_block(dk, dv, k, v, q_base, do_base, l_row, delta_row, offs_n, offs_d, m0, T, S, sqt, sqd, sdot, sdod,
-                qk_scale, dq_base, dq_scale, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+                qk_scale, dq_base, dq_scale, seg_k, seg_row, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_M: tl.constexpr, PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr, SEGMENTS: tl.constexpr):
     offs_m = m0 + tl.arange(0, BLOCK_M)
     q_mask = (offs_m[:, None] < T) & (offs_d[None, :] < HEAD_DIM)
     q = tl.load(q_base + offs_m[:, None] * sqt + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
@@ -227,6 +257,9 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, l_row, delta_row, offs_n, offs_d,
     pT = tl.math.exp2(xT - lse[None, :])
     if MASKED:  # causal diagonal block (keys past S need no mask: their rows of dK/dV are never stored)
         pT = tl.where(offs_n[:, None] <= offs_m[None, :] + (S - T), pT, 0.0)
+    if SEGMENTS:  # packed rows: only the query rows of the keys' own segments (padded rows already have P = 0)
+        seg_q = tl.load(seg_row + offs_m, mask=offs_m < T, other=-1)
+        pT = tl.where(seg_k[:, None] == seg_q[None, :], pT, 0.0)
     if ATOMIC_DQ:  # keys past S do reach dQ here: zero them (their k rows are 0, but 2^(0 - L) may overflow)
         pT = tl.where(offs_n[:, None] < S, pT, 0.0)
     dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
@@ -240,10 +273,10 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, l_row, delta_row, offs_n, offs_d,
 
 
 @triton.jit
-def _dkdv_program(Q, K, V, DO, L, DELTA, DK, DV, DQ, sqb, sqh, sqt, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                  sdob, sdoh, sdot, sdod, sdkb, sdkh, sdkn, H, KH, T, S, qk_scale, sm_scale, GROUP,
-                  HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+def _dkdv_program(Q, K, V, DO, L, DELTA, DK, DV, DQ, SEG, SEG_LO, SEG_HI, sqb, sqh, sqt, sqd, skb, skh, skn, skd,
+                  svb, svh, svn, svd, sdob, sdoh, sdot, sdod, sdkb, sdkh, sdkn, H, KH, T, S, qk_scale, sm_scale,
+                  GROUP, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ATOMIC_DQ: tl.constexpr, SEGMENTS: tl.constexpr):
     """One key block of one (batch, kv head): dK and dV over every query block that sees it, and with
     ATOMIC_DQ also each query block's dQ share (DQ: contiguous fp32 [B, H, T, HEAD_DIM], zeroed)."""
     pid_n = tl.program_id(0)
@@ -258,6 +291,14 @@ def _dkdv_program(Q, K, V, DO, L, DELTA, DK, DV, DQ, sqb, sqh, sqt, sqd, skb, sk
     v = tl.load(V + b * svb + kvh * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    if SEGMENTS:
+        # packed rows (T == S): the query rows of these keys' segments, from the diagonal when causal (a
+        # segment's rows never precede its first key); every block masked
+        seg_k, m_seg, m_seg_end = _segment_range(SEG, SEG_LO, SEG_HI, b, offs_n, T, T, BLOCK_M)
+        if CAUSAL:
+            m_seg = n0 // BLOCK_M * BLOCK_M
+    else:
+        seg_k = offs_n
     if CAUSAL:
         # query rows from n0 - (S - T) on see key n0 (start at that row's block); from
         # n0 + BLOCK_N - 1 - (S - T) on they see the whole key block (no mask from that block on)
@@ -273,15 +314,21 @@ def _dkdv_program(Q, K, V, DO, L, DELTA, DK, DV, DQ, sqb, sqh, sqt, sqd, skb, sk
         l_row = L + (b * H + h) * T
         delta_row = DELTA + (b * H + h) * T
         dq_base = DQ + (b * H + h) * T * HEAD_DIM
-        if CAUSAL:
-            for m0 in range(m_start, m_masked_end, BLOCK_M):
+        if SEGMENTS:
+            for m0 in range(m_seg, m_seg_end, BLOCK_M):
                 dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, l_row, delta_row, offs_n, offs_d, m0, T, S,
-                                     sqt, sqd, sdot, sdod, qk_scale, dq_base, sm_scale, True, HEAD_DIM, BLOCK_M,
-                                     PREC, ATOMIC_DQ)
-        for m0 in range(m_full, T, BLOCK_M):
-            dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, l_row, delta_row, offs_n, offs_d, m0, T, S,
-                                 sqt, sqd, sdot, sdod, qk_scale, dq_base, sm_scale, False, HEAD_DIM, BLOCK_M, PREC,
-                                 ATOMIC_DQ)
+                                     sqt, sqd, sdot, sdod, qk_scale, dq_base, sm_scale, seg_k, SEG + b * T, CAUSAL,
+                                     HEAD_DIM, BLOCK_M, PREC, ATOMIC_DQ, True)
+        else:
+            if CAUSAL:
+                for m0 in range(m_start, m_masked_end, BLOCK_M):
+                    dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, l_row, delta_row, offs_n, offs_d, m0, T,
+                                         S, sqt, sqd, sdot, sdod, qk_scale, dq_base, sm_scale, seg_k, SEG, True,
+                                         HEAD_DIM, BLOCK_M, PREC, ATOMIC_DQ, False)
+            for m0 in range(m_full, T, BLOCK_M):
+                dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, l_row, delta_row, offs_n, offs_d, m0, T, S,
+                                     sqt, sqd, sdot, sdod, qk_scale, dq_base, sm_scale, seg_k, SEG, False, HEAD_DIM,
+                                     BLOCK_M, PREC, ATOMIC_DQ, False)
     out = b * sdkb + kvh * sdkh + offs_n[:, None] * sdkn + offs_d[None, :]
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_mask)
@@ -289,32 +336,33 @@ def _dkdv_program(Q, K, V, DO, L, DELTA, DK, DV, DQ, sqb, sqh, sqt, sqd, skb, sk
 
 @triton.autotune(configs=_BWD_KV_CONFIGS, key=_KEY, prune_configs_by=_by_dtype(_DKDV_32))
 @triton.jit(do_not_specialize=_NO_SPECIALIZE + ["KH"])
-def _attn_bwd_dkdv(Q, K, V, DO, L, DELTA, DK, DV, sqb, sqh, sqt, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                   sdob, sdoh, sdot, sdod, sdkb, sdkh, sdkn, H, KH, T, S, qk_scale, sm_scale, TUNE_T, TUNE_S,
-                   GROUP, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr,
-                   PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    _dkdv_program(Q, K, V, DO, L, DELTA, DK, DV, L, sqb, sqh, sqt, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                  sdob, sdoh, sdot, sdod, sdkb, sdkh, sdkn, H, KH, T, S, qk_scale, sm_scale, GROUP, HEAD_DIM,
-                  CAUSAL, BLOCK_D, PREC, BLOCK_M, BLOCK_N, False)
+def _attn_bwd_dkdv(Q, K, V, DO, L, DELTA, DK, DV, SEG, SEG_LO, SEG_HI, sqb, sqh, sqt, sqd, skb, skh, skn, skd,
+                   svb, svh, svn, svd, sdob, sdoh, sdot, sdod, sdkb, sdkh, sdkn, H, KH, T, S, qk_scale, sm_scale,
+                   TUNE_T, TUNE_S, GROUP, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr,
+                   PREC: tl.constexpr, SEGMENTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    _dkdv_program(Q, K, V, DO, L, DELTA, DK, DV, L, SEG, SEG_LO, SEG_HI, sqb, sqh, sqt, sqd, skb, skh, skn, skd,
+                  svb, svh, svn, svd, sdob, sdoh, sdot, sdod, sdkb, sdkh, sdkn, H, KH, T, S, qk_scale, sm_scale,
+                  GROUP, HEAD_DIM, CAUSAL, BLOCK_D, PREC, BLOCK_M, BLOCK_N, False, SEGMENTS)
 
 
 # reset_to_zero: the autotuner runs every config on the real arguments, and each run adds into DQ
 @triton.autotune(configs=_BWD_ATOMIC_CONFIGS, key=_KEY, prune_configs_by=_by_dtype(_ATOMIC_32),
                  reset_to_zero=["DQ"])
 @triton.jit(do_not_specialize=_NO_SPECIALIZE + ["KH"])
-def _attn_bwd_atomic(Q, K, V, DO, L, DELTA, DK, DV, DQ, sqb, sqh, sqt, sqd, skb, skh, skn, skd, svb, svh, svn,
-                     svd, sdob, sdoh, sdot, sdod, sdkb, sdkh, sdkn, H, KH, T, S, qk_scale, sm_scale, TUNE_T, TUNE_S,
-                     GROUP, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr,
-                     PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    _dkdv_program(Q, K, V, DO, L, DELTA, DK, DV, DQ, sqb, sqh, sqt, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                  sdob, sdoh, sdot, sdod, sdkb, sdkh, sdkn, H, KH, T, S, qk_scale, sm_scale, GROUP, HEAD_DIM,
-                  CAUSAL, BLOCK_D, PREC, BLOCK_M, BLOCK_N, True)
+def _attn_bwd_atomic(Q, K, V, DO, L, DELTA, DK, DV, DQ, SEG, SEG_LO, SEG_HI, sqb, sqh, sqt, sqd, skb, skh, skn,
+                     skd, svb, svh, svn, svd, sdob, sdoh, sdot, sdod, sdkb, sdkh, sdkn, H, KH, T, S, qk_scale,
+                     sm_scale, TUNE_T, TUNE_S, GROUP, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+                     BLOCK_D: tl.constexpr, PREC: tl.constexpr, SEGMENTS: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    _dkdv_program(Q, K, V, DO, L, DELTA, DK, DV, DQ, SEG, SEG_LO, SEG_HI, sqb, sqh, sqt, sqd, skb, skh, skn, skd,
+                  svb, svh, svn, svd, sdob, sdoh, sdot, sdod, sdkb, sdkh, sdkn, H, KH, T, S, qk_scale, sm_scale,
+                  GROUP, HEAD_DIM, CAUSAL, BLOCK_D, PREC, BLOCK_M, BLOCK_N, True, SEGMENTS)
 
 
 @triton.jit
 def _dq_block(dq, q, do, lse, delta, k_base, v_base, offs_m, offs_d, n0, T, S, skn, skd, svn, svd, qk_scale,
-              MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-              PREC: tl.constexpr):
+              seg_q, seg_row, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+              BLOCK_N: tl.constexpr, PREC: tl.constexpr, SEGMENTS: tl.constexpr):
     offs_n = n0 + tl.arange(0, BLOCK_N)
     if MASKED:
         kv_mask = (offs_n[:, None] < S) & (offs_d[None, :] < HEAD_DIM)
@@ -328,6 +376,8 @@ def _dq_block(dq, q, do, lse, delta, k_base, v_base, offs_m, offs_d, n0, T, S, s
         keep = offs_n[None, :] < S
         if CAUSAL:
             keep = keep & (offs_n[None, :] <= offs_m[:, None] + (S - T))
+        if SEGMENTS:
+            keep = keep & _same_segment(seg_q, seg_row, offs_n, S)
         p = tl.where(keep, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     ds = p * (dp - delta[:, None])
@@ -337,10 +387,10 @@ def _dq_block(dq, q, do, lse, delta, k_base, v_base, offs_m, offs_d, n0, T, S, s
 
 @triton.autotune(configs=_BWD_Q_CONFIGS, key=_KEY, prune_configs_by=_by_dtype(_DQ_32))
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _attn_bwd_dq(Q, K, V, DO, L, DELTA, DQ, sqb, sqh, sqt, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                 sdob, sdoh, sdot, sdod, sdqb, sdqh, sdqt, H, T, S, qk_scale, sm_scale, TUNE_T, TUNE_S,
+def _attn_bwd_dq(Q, K, V, DO, L, DELTA, DQ, SEG, SEG_LO, SEG_HI, sqb, sqh, sqt, sqd, skb, skh, skn, skd, svb, svh,
+                 svn, svd, sdob, sdoh, sdot, sdod, sdqb, sdqh, sdqt, H, T, S, qk_scale, sm_scale, TUNE_T, TUNE_S,
                  GROUP, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr,
-                 PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 PREC: tl.constexpr, SEGMENTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     bh, b, h, kvh, m0, offs_m, offs_d, q_mask, q = _query_block(Q, sqb, sqh, sqt, sqd, H, T, GROUP, HEAD_DIM,
                                                                 CAUSAL, BLOCK_D, BLOCK_M)
     do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdot + offs_d[None, :] * sdod, mask=q_mask, other=0.0)
@@ -350,12 +400,18 @@ def _attn_bwd_dq(Q, K, V, DO, L, DELTA, DQ, sqb, sqh, sqt, sqd, skb, skh, skn, s
     v_base = V + b * svb + kvh * svh
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     full_end, hi = _key_split(m0, S, T, CAUSAL, BLOCK_M, BLOCK_N)  # the same split as the forward
-    for n0 in range(0, full_end, BLOCK_N):
-        dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, offs_m, offs_d, n0, T, S, skn, skd, svn, svd,
-                       qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_N, PREC)
-    for n0 in range(full_end, hi, BLOCK_N):
-        dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, offs_m, offs_d, n0, T, S, skn, skd, svn, svd,
-                       qk_scale, True, CAUSAL, HEAD_DIM, BLOCK_N, PREC)
+    if SEGMENTS:
+        seg_q, lo, hi = _segment_range(SEG, SEG_LO, SEG_HI, b, offs_m, T, hi, BLOCK_N)
+        for n0 in range(lo, hi, BLOCK_N):
+            dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, offs_m, offs_d, n0, T, S, skn, skd, svn, svd,
+                           qk_scale, seg_q, SEG + b * T, True, CAUSAL, HEAD_DIM, BLOCK_N, PREC, True)
+    else:
+        for n0 in range(0, full_end, BLOCK_N):
+            dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, offs_m, offs_d, n0, T, S, skn, skd, svn, svd,
+                           qk_scale, offs_m, SEG, False, CAUSAL, HEAD_DIM, BLOCK_N, PREC, False)
+        for n0 in range(full_end, hi, BLOCK_N):
+            dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, offs_m, offs_d, n0, T, S, skn, skd, svn, svd,
+                           qk_scale, offs_m, SEG, True, CAUSAL, HEAD_DIM, BLOCK_N, PREC, False)
     dq_ptrs = DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqt + offs_d[None, :]
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
 
@@ -372,35 +428,59 @@ def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))  # tl.dot needs >= 16 on every dimension
 
 
+def _segment_bounds(seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For segment ids [B, T] int32: the first position and the last position + 1 of each position's
+    segment id in its row (int32 [B, T] each), the kernels' loop bounds. Computed from a stable sort, so an
+    id that occurs in several runs is bounded by its first and last occurrence (the mask still compares ids:
+    the result equals the reference for any ids; packed rows, one run per example, skip the most). No host
+    sync: it is a few device ops."""
+    B, T = seg.shape
+    ids, perm = torch.sort(seg, dim=1, stable=True)
+    pos = torch.arange(T, device=seg.device).expand(B, T)
+    new = torch.ones_like(ids, dtype=torch.bool)
+    new[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    last = torch.ones_like(new)
+    last[:, :-1] = new[:, 1:]
+    first_at = torch.where(new, pos, 0).cummax(dim=1).values  # sorted index of each group's first member
+    last_at = torch.where(last, pos, T).flip(1).cummin(dim=1).values.flip(1)
+    lo, hi = torch.empty_like(seg), torch.empty_like(seg)
+    lo.scatter_(1, perm, perm.gather(1, first_at).to(seg.dtype))  # stable: a group's first = its least position
+    hi.scatter_(1, perm, perm.gather(1, last_at).to(seg.dtype) + 1)
+    return lo, hi
+
+
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal: bool, atomic_dq: bool):
+    def forward(ctx, q, k, v, causal: bool, atomic_dq: bool, seg=None):
         B, H, T, D = q.shape
         KH, S = k.shape[1], k.shape[2]
         o = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
         lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
         sm_scale = 1.0 / math.sqrt(D)
-        common = dict(GROUP=H // KH, HEAD_DIM=D, CAUSAL=causal, BLOCK_D=_block_d(D), PREC=dot_precision(q.dtype))
+        segs = (seg, *_segment_bounds(seg)) if seg is not None and o.numel() else (lse, lse, lse)
+        common = dict(GROUP=H // KH, HEAD_DIM=D, CAUSAL=causal, BLOCK_D=_block_d(D), PREC=dot_precision(q.dtype),
+                      SEGMENTS=seg is not None)
         if o.numel():
-            _attn_fwd[_grid_m(T, B * H)](q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride()[:3],
-                                        H, T, S, sm_scale * LOG2E, *_tune_key(T, S), **common)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal, ctx.atomic_dq = causal, atomic_dq
+            _attn_fwd[_grid_m(T, B * H)](q, k, v, o, lse, *segs, *q.stride(), *k.stride(), *v.stride(),
+                                        *o.stride()[:3], H, T, S, sm_scale * LOG2E, *_tune_key(T, S), **common)
+        ctx.save_for_backward(q, k, v, o, lse, *segs)
+        ctx.causal, ctx.atomic_dq, ctx.segments = causal, atomic_dq, seg is not None
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
+        q, k, v, o, lse, *segs = ctx.saved_tensors
         B, H, T, D = q.shape
         KH, S = k.shape[1], k.shape[2]
         sm_scale = 1.0 / math.sqrt(D)
         block_d = _block_d(D)
-        common = dict(GROUP=H // KH, HEAD_DIM=D, CAUSAL=ctx.causal, BLOCK_D=block_d, PREC=dot_precision(q.dtype))
+        common = dict(GROUP=H // KH, HEAD_DIM=D, CAUSAL=ctx.causal, BLOCK_D=block_d, PREC=dot_precision(q.dtype),
+                      SEGMENTS=ctx.segments)
         dq = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
         dk = torch.empty((B, KH, S, D), dtype=k.dtype, device=k.device)
         dv = torch.empty((B, KH, S, D), dtype=v.dtype, device=v.device)
         if q.numel() == 0 or k.numel() == 0:
-            return dq.zero_(), dk.zero_(), dv.zero_(), None, None
+            return dq.zero_(), dk.zero_(), dv.zero_(), None, None, None
         delta = torch.empty_like(lse)
         block_m = 64 if q.is_cuda else 16
         _attn_bwd_delta[(triton.cdiv(T, block_m), B * H)](o, do, delta, *o.stride()[:3], *do.stride(), H, T,
@@ -409,34 +489,37 @@ class _FlashAttention(torch.autograd.Function):
         grid_n = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * KH)
         if ctx.atomic_dq:
             dq32 = torch.zeros((B, H, T, D), dtype=torch.float32, device=q.device)
-            _attn_bwd_atomic[grid_n](q, k, v, do, lse, delta, dk, dv, dq32, *strides, *dk.stride()[:3], H, KH, T,
-                                     S, sm_scale * LOG2E, sm_scale, *_tune_key(T, S), **common)
-            return dq32.to(q.dtype), dk, dv, None, None
-        _attn_bwd_dkdv[grid_n](q, k, v, do, lse, delta, dk, dv, *strides, *dk.stride()[:3], H, KH, T, S,
+            _attn_bwd_atomic[grid_n](q, k, v, do, lse, delta, dk, dv, dq32, *segs, *strides, *dk.stride()[:3], H,
+                                     KH, T, S, sm_scale * LOG2E, sm_scale, *_tune_key(T, S), **common)
+            return dq32.to(q.dtype), dk, dv, None, None, None
+        _attn_bwd_dkdv[grid_n](q, k, v, do, lse, delta, dk, dv, *segs, *strides, *dk.stride()[:3], H, KH, T, S,
                                sm_scale * LOG2E, sm_scale, *_tune_key(T, S), **common)
-        _attn_bwd_dq[_grid_m(T, B * H)](q, k, v, do, lse, delta, dq, *strides, *dq.stride()[:3], H, T, S,
+        _attn_bwd_dq[_grid_m(T, B * H)](q, k, v, do, lse, delta, dq, *segs, *strides, *dq.stride()[:3], H, T, S,
                                         sm_scale * LOG2E, sm_scale, *_tune_key(T, S), **common)
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-              key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+              key_padding_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(D) + causal mask) v for q[B,H,T,D], k/v[B,K,S,D] (see reference.attention_naive).
+    segment_ids [B, T] (T == S, packed rows): a query attends only keys of its own segment (the varlen kernel).
     With a key_padding_mask this calls reference.attention_sdpa (generation only; see the module doc).
     Backward: the split dK/dV + dQ kernels (deterministic)."""
-    return _attention(q, k, v, causal, key_padding_mask, atomic_dq=False)
+    return _attention(q, k, v, causal, key_padding_mask, segment_ids, atomic_dq=False)
 
 
 def attention_atomic_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-                        key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+                        key_padding_mask: torch.Tensor | None = None,
+                        segment_ids: torch.Tensor | None = None) -> torch.Tensor:
     """`attention` with the FlashAttention-2 backward: one kernel, dQ accumulated with fp32 atomic adds
     (5 block matmuls instead of 7; the order of the adds, hence dQ's last bits, varies from run to run)."""
-    return _attention(q, k, v, causal, key_padding_mask, atomic_dq=True)
+    return _attention(q, k, v, causal, key_padding_mask, segment_ids, atomic_dq=True)
 
 
-def _attention(q, k, v, causal, key_padding_mask, atomic_dq: bool) -> torch.Tensor:
+def _attention(q, k, v, causal, key_padding_mask, segment_ids, atomic_dq: bool) -> torch.Tensor:
     if key_padding_mask is not None:
-        return reference.attention_sdpa(q, k, v, causal=causal, key_padding_mask=key_padding_mask)
+        return reference.attention_sdpa(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
+                                        segment_ids=segment_ids)
     B, H, T, D = q.shape
     if k.dim() != 4 or k.shape[0] != B or k.shape[3] != D or v.shape != k.shape or H % k.shape[1]:
         raise ValueError(f"attention: want q[B,H,T,D], k/v[B,K,S,D] with H % K == 0; got {tuple(q.shape)}, "
@@ -448,5 +531,14 @@ def _attention(q, k, v, causal, key_padding_mask, atomic_dq: bool) -> torch.Tens
                          "use attention=sdpa")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    if segment_ids is not None:
+        if tuple(segment_ids.shape) != (B, T) or k.shape[2] != T:
+            raise ValueError(f"segment_ids [B, T] needs T == S (packed training rows), got T={T}, S={k.shape[2]}, "
+                             f"segment_ids {list(segment_ids.shape)}")
+        if segment_ids.dtype.is_floating_point or segment_ids.dtype == torch.bool:
+            raise ValueError(f"attention: segment_ids must be integers, got {segment_ids.dtype}")
+        if segment_ids.device != q.device:
+            raise ValueError(f"attention: segment_ids on {segment_ids.device}, q on {q.device}")
+        segment_ids = segment_ids.to(torch.int32).contiguous()
     check_device(q, k, v)
-    return _FlashAttention.apply(q, k, v, bool(causal), atomic_dq)
+    return _FlashAttention.apply(q, k, v, bool(causal), atomic_dq, segment_ids)
