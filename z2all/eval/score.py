@@ -392,8 +392,9 @@ def exact_match(lm: LM, items, max_new_tokens: int = 32, stops: list[str] | None
     stopper = _stop_checker(lm.tok, stops) if stops else None
     for s in range(0, len(todo), batch_size):
         chunk = todo[s:s + batch_size]
+        # ids past the tokenizer (a vocabulary padded for speed) decode to nothing: never generate them
         gen = generate(lm.model, [prompts[i] for i in chunk], max_new_tokens, temperature=0.0, eos_id=eos,
-                       should_stop=stopper)
+                       should_stop=stopper, vocab_limit=len(lm.tok))
         for i, new in zip(chunk, gen):
             text = cut_at_stop(lm.tok.decode(new, skip_special_tokens=True), stops)
             ok = normalize_answer(text) in {normalize_answer(a) for a in items[i].answers}
