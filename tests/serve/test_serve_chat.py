@@ -1,4 +1,4 @@
-"""`z2all chat`: a real process fed on stdin (turns stream answers, /params /system /reset /help /exit,
+"""`z2all chat`: a real process fed on stdin (slow) (turns stream answers, /params /system /reset /help /exit,
 bad commands answered without quitting, trimming to the context announced, an HF export directory as
 --ckpt), and in-process: Ctrl-C during an answer stops that answer only, greedy answers equal generate()."""
 
@@ -9,6 +9,8 @@ import subprocess
 
 import pytest
 from serve_helpers import REPO, cli_argv, make_ckpt
+
+from z2all.utils import UserError
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +24,7 @@ def chat(ckpt, stdin: str, *args: str):
                           env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "TOKENIZERS_PARALLELISM": "false"})
 
 
+@pytest.mark.slow
 def test_chat_session_commands_and_trimming(ckpt, tmp_path):
     from z2all.model.hf_compat import export_hf
 
@@ -53,6 +56,33 @@ def test_chat_session_commands_and_trimming(ckpt, tmp_path):
     # bad options are one clear line
     r = chat(ckpt, "", "--temperature", "-1")
     assert r.returncode == 2 and "--temperature must be >= 0" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_trimming_in_process(ckpt):
+    """The fast twin of the slow process test's trimming: oldest turns go first, the user is told, the
+    system prompt stays, a message longer than the context is refused and the chat goes on."""
+    import torch
+
+    from z2all.serve.chat import Config, Session
+    from z2all.serve.engine import load
+
+    torch.set_num_threads(1)
+    loaded = load(str(ckpt), device="cpu")
+    out = io.StringIO()
+    s = Session(loaded, Config(ckpt=str(ckpt), temperature=0.0, max_new_tokens=8, context=64, system="Be kind."),
+                out=out)
+    for i in range(6):
+        s.ask(f"hi {i}")
+    assert "outgrew the context of 64 tokens: dropped the oldest" in out.getvalue(), out.getvalue()
+    assert s.turns[-2]["content"] == "hi 5" and len(s.turns) < 12
+    assert s._messages()[0] == {"role": "system", "content": "Be kind."}
+    n = len(s.turns)
+    s.ask("word " * 100)
+    assert "does not fit" in out.getvalue() and len(s.turns) == n
+    s.command("/params temperature=0.5 top_k=5")
+    assert s.params["temperature"] == 0.5 and s.params["top_k"] == 5
+    with pytest.raises(UserError, match="top_p"):
+        s.command("/params top_p=2")
 
 
 def test_ctrl_c_stops_the_answer_not_the_chat(ckpt, monkeypatch):

@@ -78,8 +78,14 @@ class Session:
             except ValueError:
                 what = "an integer" if PARAMS[key] is int else "a number"
                 raise UserError(f"/params {key}: {value!r} is not {what}") from None
-        check_sampling(**{k: new[k] for k in ("temperature", "top_k", "top_p", "repetition_penalty",
-                                              "max_new_tokens")})
+        try:
+            check_sampling(**{k: new[k] for k in ("temperature", "top_k", "top_p", "repetition_penalty",
+                                                  "max_new_tokens")})
+        except UserError as e:  # its message names the command-line options: name the /params keys instead
+            msg = str(e)
+            for k in PARAMS:
+                msg = msg.replace("--" + k.replace("_", "-"), k)
+            raise UserError(f"/params {msg}") from None
         if new["max_new_tokens"] >= self.ctx:
             raise UserError(f"max_new_tokens must be below the context of {self.ctx} tokens")
         self.params = new
@@ -105,11 +111,12 @@ class Session:
         from z2all.model.generate import _stop_checker, _Streamer, cut_at_stop, generate
         from z2all.serve.engine import BASE_CHAT_STOPS
 
+        kept = list(self.turns)
         self.turns.append({"role": "user", "content": text})
         ids, dropped = self._fit()
         room = self.ctx - len(ids)
         if room < 1 or (len(ids) + self.params["max_new_tokens"] > self.ctx and room < 16):
-            self.turns.pop()
+            self.turns = kept  # the conversation stays as it was
             self.say(f"[your message does not fit: the prompt is {len(ids)} tokens and the context {self.ctx}; "
                      f"send a shorter one, /reset, or lower max_new_tokens]")
             return ""

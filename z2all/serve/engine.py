@@ -396,7 +396,7 @@ def encode_text(tok, text: str) -> list[int]:
     """Ids of `text` as plain text: a special token's string inside it (`<|im_end|>`) stays text."""
     if not text:
         return []
-    return tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return tok(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
 
 
 def render_chat(tok, messages: list[dict], chatml: bool) -> list[int]:

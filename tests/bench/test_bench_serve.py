@@ -1,0 +1,34 @@
+"""`z2all bench serve` end to end on a tiny checkpoint (slow: two server processes): the table has a row per
+(mode, clients), the generate() reference row, the ratio lines; every request got its tokens."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests" / "serve"))
+from serve_helpers import cli_argv, make_ckpt  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_serve_small(tmp_path):
+    pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    ckpt = make_ckpt(tmp_path)
+    r = subprocess.run(cli_argv("bench", "serve", "--ckpt", str(ckpt), "--clients", "1,3", "--requests", "1",
+                                "--max-tokens", "6", "--prompt-tokens", "8", "--threads", "1"),
+                       capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [ln for ln in r.stdout.splitlines() if ln.startswith("| ") and ln.split("|")[1].strip() in
+            ("batched", "sequential")]
+    assert len(rows) == 4
+    for row in rows:
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        assert int(cells[3]) == int(cells[2]) * 6  # every request streamed exactly max_tokens tokens
+    assert "`z2all generate` path" in r.stdout and "3 concurrent streams: continuous batching" in r.stdout
+    assert "peak RSS" in r.stdout
