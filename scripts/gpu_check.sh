@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one prepared GPU check (issue 15 §3) for an H100/H200-class machine that brings only CUDA torch + triton.
-# One command, under 10 minutes (the device tool's limit per command): the stage caps sum to 480 s.
+# One command, under 10 minutes (the device tool's limit per command): the stage caps sum to 540 s.
 #
 #   scripts/gpu_check.sh            (or: make gpu-check)
 #   OUT=/some/dir scripts/gpu_check.sh
@@ -16,12 +16,13 @@
 #   1. tests       five pytest processes side by side (Triton compiles are CPU-bound, the box has cores):
 #                  ALL of tests/ops on CUDA, i.e. every kernel compiled (not interpreted) vs ops/reference.py
 #                  on odd shapes in fp32, fp16 and bf16, both attention backwards (split and atomic dQ, one
-#                  shard each), the whole model with every kernel vs the reference model (fp32, and bf16
+#                  shard each, each with its varlen / segment-ids tests), the whole model with every kernel vs the reference model (fp32, and bf16
 #                  autocast), the `gpu`-marked tests; and tests/train/test_train_gpu.py: bf16 + fused AdamW
 #                  with MFU from the peak table, use_all trained 8 steps vs 4 + resume + 4 (both backwards),
 #                  activation checkpointing                                                     cap ${GPU_CHECK_TESTS_S:-200} s
-#   2. kernels     z2all bench kernels (attention first: split vs atomic-dQ backward vs SDPA flash/cuDNN)
-#                                                                                               cap ${GPU_CHECK_KERNELS_S:-140} s
+#   2. kernels     z2all bench kernels (attention first: split vs atomic-dQ backward vs SDPA flash/cuDNN;
+#                  last, attention_varlen: packed rows, varlen kernel vs SDPA with the block mask vs the
+#                  segment-blind causal kernel)                                                 cap ${GPU_CHECK_KERNELS_S:-200} s
 #   3. ablation    z2all bench ablation --short (the seed's table: naive, sdpa, use_all, w/o each op, compile)
 #                                                                                               cap ${GPU_CHECK_ABLATION_S:-120} s
 # Nothing is lost to a cap: every table row is appended (and flushed) to its file under $OUT the moment it is
@@ -132,8 +133,10 @@ echo "== tests (cap ${GPU_CHECK_TESTS_S:-200}s, $((SECONDS - T_START)) s elapsed
 shards=()
 if has pytest; then
   shard ops-model "${PYTEST[@]}" tests/ops/test_triton_model.py tests/ops/test_ops_reference.py
-  shard ops-attention-split "${PYTEST[@]}" tests/ops/test_triton_attention.py -k "not atomic"
-  shard ops-attention-atomic "${PYTEST[@]}" tests/ops/test_triton_attention.py -k "atomic"
+  shard ops-attention-split "${PYTEST[@]}" tests/ops/test_triton_attention.py tests/ops/test_triton_varlen.py \
+    -k "not atomic"
+  shard ops-attention-atomic "${PYTEST[@]}" tests/ops/test_triton_attention.py tests/ops/test_triton_varlen.py \
+    -k "atomic"
   shard ops-ce-pointwise "${PYTEST[@]}" tests/ops/test_triton_cross_entropy.py tests/ops/test_triton_pointwise.py \
     tests/ops/test_triton_bench_kernels.py
   shards+=(ops-model ops-attention-split ops-attention-atomic ops-ce-pointwise)
@@ -157,8 +160,9 @@ for name in "${shards[@]}"; do
 done
 
 # ---- 2. kernel table, row by row into kernels.md
-stage kernels "${GPU_CHECK_KERNELS_S:-140}" "$PY" -m z2all bench kernels --out "$LOG/kernels.md" \
-  --ops=attention,cross_entropy,rmsnorm,swiglu,rope
+# (attention_varlen last: its autotuning compiles a second set of kernels, and a cut keeps the rows before it)
+stage kernels "${GPU_CHECK_KERNELS_S:-200}" "$PY" -m z2all bench kernels --out "$LOG/kernels.md" \
+  --ops=attention,cross_entropy,rmsnorm,swiglu,rope,attention_varlen
 
 # ---- 3. the seed's ablation table, row by row into ablation.md
 if has numpy; then

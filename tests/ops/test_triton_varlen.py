@@ -167,3 +167,48 @@ def test_varlen_bf16_gpu(bwd):
             left -= n
         rows.append(_segments(lengths))
     _check(8, 2, 64, rows, True, torch.bfloat16, bwd)
+
+
+def test_bench_kernels_varlen_rows_on_cpu(tmp_path):
+    """`bench kernels --ops=attention_varlen` at a tiny shape: eager and SDPA (block mask) measured, the Triton
+    rows (varlen split/atomic and the segment-blind causal baseline) say they need a GPU."""
+    from z2all.bench.kernels import Config, run
+
+    out = tmp_path / "k.md"
+    cfg = Config(ops="attention_varlen", size="cpu", batch=1, seq=32, dim=32, n_heads=2, n_kv_heads=1, doc_len=5,
+                 device="cpu", warmup=0, iters=1, compile=False, out=str(out))
+    assert run(cfg) == 0
+    rows = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in out.read_text().splitlines()
+            if ln.startswith("| attention varlen")]
+    assert [r[1] for r in rows] == ["eager", "triton", "triton-atomic", "sdpa", "triton-causal"]
+    by = {r[1]: r for r in rows}
+    assert float(by["eager"][2]) > 0 and float(by["sdpa"][7]) > 0
+    assert all("needs a GPU" in by[n][8] for n in ("triton", "triton-atomic", "triton-causal"))
+
+
+@pytest.mark.parametrize("bwd", list(BWD))
+def test_model_packed_rows_triton_equals_naive(bwd):
+    """A tiny model on packed rows (positions restarting, segment ids): attention=triton gives the loss and
+    parameter gradients of attention=naive, with either backward (what `z2all sft` trains)."""
+    from z2all.model.config import model_preset
+    from z2all.model.llama import Z2all
+    from z2all.ops import OpsConfig
+
+    torch.manual_seed(0)
+    cfg = model_preset("tiny", vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
+    T, rows = 36, [[7, 1, 25, 3], [36]]  # example lengths per row: four examples (one of length 1), one
+    seg = torch.tensor([_segments(r) for r in rows], dtype=torch.int32, device=DEV)
+    pos = torch.tensor([[p for n in r for p in range(n)] for r in rows], device=DEV)
+    x = torch.randint(0, 96, (2, T), device=DEV)
+    y = torch.randint(0, 96, (2, T), device=DEV)
+    results = []
+    for ops in (OpsConfig(attention="naive"), OpsConfig(attention="triton", attention_bwd=bwd)):
+        torch.manual_seed(1)
+        model = Z2all(cfg, ops).to(DEV)
+        _, loss = model(x, y, positions=pos, segment_ids=seg)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (ref_loss, ref_grads), (loss, grads) = results
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    for n, g in ref_grads.items():
+        torch.testing.assert_close(grads[n], g, atol=1e-5, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")

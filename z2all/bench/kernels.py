@@ -14,6 +14,15 @@ of `iters`), speed vs eager and vs compile (>1 = faster), and peak memory of one
 at vocab 64k). Attention also gets TFLOP/s with the FlashAttention paper's count: forward 4·B·H·T·S·D (QK^T
 and PV), backward 2.5x the forward, i.e. 14·B·H·T·S·D for fwd+bwd, halved when causal with T == S.
 
+`--ops=attention_varlen` (not in the default list; scripts/gpu_check.sh asks for it) times packed rows:
+each row of T positions holds examples of random lengths (1 .. 2*--doc_len, seed 0), and attention stays
+inside each example (segment_ids). Rows: `eager` (attention_naive with the block-diagonal causal mask),
+`triton` / `triton-atomic` (the varlen kernel, which skips key blocks outside each query block's examples),
+`sdpa` (SDPA with the boolean block mask, reference.attention_sdpa) and `triton-causal` (our kernel on the
+same rows ignoring the segments: the plain causal cost, so its ratio to `triton` is what the skipping
+saves; its output is not the packed attention). No compile row (it would cost the GPU check a compile).
+TFLOP/s counts the useful work: 14*H*D*sum(L^2)/2 over the examples of every row.
+
 Same precision for every row: inputs are in --dtype and, for 16-bit dtypes, every call runs under
 torch.autocast(dtype) as the model's training step does. Without it the eager attention (attention_naive,
 which upcasts q, k, v to fp32 for the spec's exact maths) would be timed as fp32 matmuls against bf16
@@ -41,6 +50,7 @@ from z2all.config import opt
 from z2all.utils import UserError, pick_device, pick_dtype
 
 OPS = ("rmsnorm", "rope", "swiglu", "cross_entropy", "attention")
+EXTRA_OPS = ("attention_varlen",)  # measured only when --ops names them
 
 # op shapes: B, T, model dim, heads, kv heads, FFN width, vocab. "gpu" is the 1B (TinyLlama) shape at the
 # original project's seq 2048 with a 64k vocabulary (the fused-CE memory target is quoted at 64k).
@@ -52,7 +62,8 @@ SIZES = {
 
 @dataclass
 class Config:
-    ops: str = opt(",".join(OPS), "comma-separated ops to measure, in this order: " + ", ".join(OPS))
+    ops: str = opt(",".join(OPS), "comma-separated ops to measure, in this order: " + ", ".join(OPS)
+                   + "; also " + ", ".join(EXTRA_OPS) + " (packed rows, segment ids)")
     size: str = opt("auto", "default shapes: gpu (the 1B model at seq 2048, vocab 64k), cpu (small), auto "
                     "(gpu on CUDA, else cpu); the fields below override single values", choices=("auto", "gpu", "cpu"))
     batch: int = opt(0, "batch size B (0 = from --size)")
@@ -62,6 +73,7 @@ class Config:
     n_kv_heads: int = opt(0, "key/value heads (0 = from --size)")
     ffn_dim: int = opt(0, "SwiGLU width (0 = from --size)")
     vocab: int = opt(0, "vocabulary size V for the LM-head cross-entropy (0 = from --size)")
+    doc_len: int = opt(0, "attention_varlen: mean example length in the packed rows (0 = seq / 8)")
     device: str = opt("auto", "auto | cuda | cpu")
     dtype: str = opt("auto", "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32")
     warmup: int = opt(3, "untimed fwd+bwd runs first (compilation and autotuning happen here)")
@@ -161,8 +173,8 @@ def build_cases(cfg: Config, device, dtype) -> list[Case]:
     rnd = lambda *shape, scale=1.0: (torch.randn(*shape, device=device) * scale).to(dtype)
     wanted = [o.strip() for o in cfg.ops.split(",") if o.strip()]
     for o in wanted:
-        if o not in OPS:
-            raise UserError(f"bench kernels: unknown op '{o}' in --ops; choose from {', '.join(OPS)}")
+        if o not in OPS + EXTRA_OPS:
+            raise UserError(f"bench kernels: unknown op '{o}' in --ops; choose from {', '.join(OPS + EXTRA_OPS)}")
 
     def compiled(fn):
         if not cfg.compile:
@@ -215,9 +227,52 @@ def build_cases(cfg: Config, device, dtype) -> list[Case]:
         cases.append(Case(f"attention causal q[{B},{H},{T},{D}] kv[{B},{K},{T},{D}]",
                           lambda: (rnd(B, T, H, D).transpose(1, 2), rnd(B, T, K, D).transpose(1, 2),
                                    rnd(B, T, K, D).transpose(1, 2)), 3, impls, flops))
-    for case, key in zip(cases, [o for o in OPS if o in wanted]):
+    if "attention_varlen" in wanted:
+        cases.append(_varlen_case(cfg, B, T, H, K, D, device, rnd))
+    for case, key in zip(cases, [o for o in OPS + EXTRA_OPS if o in wanted]):
         case.key = key
     return sorted(cases, key=lambda c: wanted.index(c.key))  # the order asked for: the headline op first
+
+
+def _varlen_case(cfg: Config, B: int, T: int, H: int, K: int, D: int, device, rnd) -> Case:
+    """Packed rows: examples of 1 .. 2*doc_len positions (seed 0, different per row) filling each row."""
+    import torch
+
+    from z2all.ops import reference as R
+
+    mean = cfg.doc_len or max(1, T // 8)
+    if mean < 1:
+        raise UserError(f"bench kernels: --doc_len must be >= 1 (got {mean})")
+    g = torch.Generator().manual_seed(0)
+    rows, work, n_docs = [], 0, 0
+    for _ in range(B):
+        ids: list[int] = []
+        while len(ids) < T:
+            n = min(T - len(ids), int(torch.randint(1, 2 * mean + 1, (1,), generator=g)))
+            ids += [n_docs] * n
+            work += n * n
+            n_docs += 1
+        rows.append(ids)
+    seg = torch.tensor(rows, dtype=torch.int32, device=device)
+
+    def triton(fn_name, segments=True):
+        f = _triton_impl("attention", fn_name, device)
+        if isinstance(f, str):
+            return f
+        if segments:
+            return lambda q, k, v, s: f(q, k, v, causal=True, segment_ids=s)
+        return lambda q, k, v, s: f(q, k, v, causal=True)
+
+    def sdpa(q, k, v, s):
+        return R.attention_sdpa(q, k, v, causal=True, segment_ids=s)
+    sdpa.note = "boolean block-diagonal causal mask"
+
+    impls = {"eager": lambda q, k, v, s: R.attention_naive(q, k, v, causal=True, segment_ids=s),
+             "triton": triton("attention"), "triton-atomic": triton("attention_atomic_dq"), "sdpa": sdpa,
+             "triton-causal": triton("attention", segments=False)}
+    return Case(f"attention varlen q[{B},{H},{T},{D}] kv[{B},{K},{T},{D}] {n_docs} docs of ~{mean}",
+                lambda: (rnd(B, T, H, D).transpose(1, 2), rnd(B, T, K, D).transpose(1, 2),
+                         rnd(B, T, K, D).transpose(1, 2), seg), 3, impls, 14.0 * H * D * work / 2)
 
 
 def measure(fn: Callable, make_inputs: Callable, n_grad: int, device, warmup: int, iters: int) -> tuple[float, int]:
@@ -262,7 +317,8 @@ def measure(fn: Callable, make_inputs: Callable, n_grad: int, device, warmup: in
     return statistics.median(times), peak
 
 
-NOTES = {"triton": "split bwd (dK/dV + dQ kernels)", "triton-atomic": "atomic-dQ bwd (one kernel)"}
+NOTES = {"triton": "split bwd (dK/dV + dQ kernels)", "triton-atomic": "atomic-dQ bwd (one kernel)",
+         "triton-causal": "segments ignored: the whole-row causal cost (TFLOP/s not comparable)"}
 
 
 def _autocast(fn: Callable, device, dtype) -> Callable:
