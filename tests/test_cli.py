@@ -15,9 +15,10 @@ EXPECTED = {
     "data": ["convert", "tokenize", "chat", "synth"],
     "tokenizer": ["train", "eval"],
     "train": None,
+    "eval": None,
     "generate": None,
     "export": ["hf", "gguf"],
-    "bench": ["data", "tokenizer", "patterns", "kernels", "model", "ablation"],
+    "bench": ["data", "tokenizer", "patterns", "kernels", "model", "eval", "ablation"],
     "plot": None,
     "demo": None,
 }

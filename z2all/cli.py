@@ -47,6 +47,8 @@ STAGES: dict[str, Command | tuple[str, dict[str, Command]]] = {
         "eval": Command("bytes/token and chars/token per domain vs other tokenizers", "z2all.tokenizer.evaluate"),
     }),
     "train": Command("pretrain a Z2all model (one CPU to many GPUs through torchrun)", "z2all.train.pretrain"),
+    "eval": Command("score checkpoints: bits per byte per domain, multiple choice (lm-eval's rules), exact match",
+                    "z2all.eval.run"),
     "generate": Command("sample text from a checkpoint with a KV cache", "z2all.model.generate"),
     "export": ("export a checkpoint to other ecosystems", {
         "hf": Command("write a standard Hugging Face LlamaForCausalLM directory", "z2all.model.hf_compat"),
@@ -62,6 +64,7 @@ STAGES: dict[str, Command | tuple[str, dict[str, Command]]] = {
         "kernels": Command("per-op fwd+bwd time and memory: reference, Triton, torch.compile, libraries",
                            "z2all.bench.kernels"),
         "model": Command("training and generation tokens/s: ours vs transformers", "z2all.bench.model"),
+        "eval": Command("multiple-choice items/s: ours vs lm-eval's hf backend", "z2all.bench.evaluate"),
         "ablation": Command("the original llm-zero2all ablation table: naive, use_all, w/o each op, +compile",
                             "z2all.bench.ablation"),
     }),
