@@ -342,6 +342,10 @@ def load_model(path: str | os.PathLike, map_location="cpu", ops: OpsConfig | Ops
         raise UserError(f"{weights} not found next to {CONFIG_FILE}")
     verify_checksums(path, only=[WEIGHTS_FILE, CONFIG_FILE])
     sd = read_safetensors(weights, str(torch.device(map_location)))
+    if any(k.endswith(".lora_A") for k in sd):  # an adapter-only checkpoint (z2all sft/dpo --lora.rank)
+        from z2all.model.lora import load_adapter_checkpoint
+
+        return load_adapter_checkpoint(path, sd, map_location, ops)
     return model_from_state_dict(cfg, sd, ops, source=weights)
 
 

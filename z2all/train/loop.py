@@ -94,6 +94,20 @@ class Objective:
         """Extra provenance for config.json."""
         return {}
 
+    def checkpoint_weights(self, model: torch.nn.Module) -> dict | None:
+        """The tensors a checkpoint's model.safetensors holds; None = the whole model (LoRA: the adapters)."""
+        return None
+
+    def load_weights(self, model: torch.nn.Module, ckpt: Path) -> None:
+        """Fill the freshly built model from a checkpoint on resume."""
+        from z2all.model.llama import load_model
+
+        model.load_state_dict(load_model(ckpt).state_dict())
+
+    def step_metrics(self) -> dict:
+        """Extra fields for the "train" metrics record (e.g. DPO's reward accuracy since the last log)."""
+        return {}
+
 
 class TrainingDiverged(UserError):
     """Too many NaN/inf steps in a row."""
@@ -231,9 +245,7 @@ def train_loop(cfg, info, objective: Objective) -> int:
     seed_everything(cfg.seed)
     model = objective.build_model()
     if ckpt:
-        from z2all.model.llama import load_model
-
-        model.load_state_dict(load_model(ckpt).state_dict())
+        objective.load_weights(model, ckpt)
     model.to(device)
     amp_dtype = pick_dtype(cfg.dtype, device)
     if cfg.train.activation_checkpointing:
@@ -305,6 +317,9 @@ def train_loop(cfg, info, objective: Objective) -> int:
         t0 = time.perf_counter()
         optim_state = ckpt_mod.full_optimizer_state(wrapped, optimizer, fsdp)
         full = ckpt_mod.full_model_state(wrapped) if fsdp else None  # collective: every rank
+        part = objective.checkpoint_weights(model)
+        if part is not None:
+            full = {k: v for k, v in (full or {}).items() if k in part} if fsdp else part
         rngs = dist_mod.all_gather_object(ckpt_mod.rng_state())
         path = None
         if info.is_main:
@@ -384,7 +399,7 @@ def train_loop(cfg, info, objective: Objective) -> int:
                     writer.log({"kind": "train", "step": done, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
                                 "tokens_per_s": tps, "mfu": m, "step_time_s": dt, "peak_mem_bytes": mem,
                                 "tokens": done * tokens_per_iter, "skipped": skipped,
-                                "elapsed_s": time.perf_counter() - t_start})
+                                "elapsed_s": time.perf_counter() - t_start, **objective.step_metrics()})
                 print0(f"step {done}/{cfg.train.max_steps} | loss {step_loss:.4f} | lr {lr:.2e} | grad {grad_norm:.3f} "
                        f"| {tps:,.0f} tok/s | MFU {fmt_mfu(m)} | mem {human_bytes(mem)} | {dt * 1000:.0f} ms/step")
             stopping = stop_vote > 0
