@@ -283,6 +283,10 @@ def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: st
             conf.setdefault("rope_theta", model.cfg.rope_theta)
             atomic_write_text(tmp / "config.json", json.dumps(conf, indent=2, sort_keys=True) + "\n")
             gen = GenerationConfig(**{k: v for k, v in ids.items() if v is not None})
+            im_end = tok.convert_tokens_to_ids("<|im_end|>") if tok is not None else None
+            if isinstance(im_end, int) and im_end != tok.unk_token_id and ids.get("eos_token_id") is not None:
+                # a chat model's turn ends with <|im_end|>: generate() stops there too (as Qwen's exports do)
+                gen.eos_token_id = [ids["eos_token_id"], im_end]
             gen.save_pretrained(tmp)
             if tok_dir is not None:
                 for f in sorted(tok_dir.iterdir()):

@@ -1,0 +1,149 @@
+"""`z2all sft` end to end on a tiny model: it trains from a pretrained checkpoint, evaluates and answers held-out
+prompts, and its checkpoints carry the tokenizer; a run killed with SIGKILL resumes with identical losses; 2 gloo
+processes equal 1 process with 2 accumulation steps; after `z2all export hf`, transformers' apply_chat_template
+gives our renderer's ids and model.generate stops at <|im_end|>; wrong inputs are refused with one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+import torch
+from sft_helpers import make_sft_inputs, run_sft_cli, run_sft_inproc, sft_args
+from train_helpers import load_weights, train_losses
+
+from z2all.train import checkpoint as ckpt
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    return make_sft_inputs(tmp_path_factory.mktemp("sft"))
+
+
+@pytest.fixture(scope="module")
+def trained(inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft_run") / "run"
+    assert run_sft_inproc(sft_args(inputs, out, "--train.max_steps=40", "--eval.every=20", "--train.log_every=5")) == 0
+    return out
+
+
+def test_sft_trains_evaluates_and_carries_the_tokenizer(inputs, trained):
+    recs = [json.loads(x) for x in (trained / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if r["kind"] == "train"]
+    assert train[-1]["loss"] < train[0]["loss"]
+    samples = [r for r in recs if r["kind"] == "sample"]
+    assert [r["step"] for r in samples] == [20, 40]
+    assert all(0 <= r["exact_match"] <= 1 and len(r["samples"]) == 2 for r in samples)
+    assert samples[0]["samples"][0]["prompt"].endswith("<|im_start|>assistant\n")
+    last = ckpt.latest_checkpoint(trained)
+    tok = last / "tokenizer"
+    assert json.loads((tok / "tokenizer_config.json").read_text())["chat_template"]
+    assert (tok / "tokenizer.json").read_bytes() == (inputs["tok"] / "tokenizer.json").read_bytes()
+    assert json.loads((trained / ".z2all-owner.json").read_text())["command"] == "sft"
+
+
+def test_sigkill_then_resume_matches_uninterrupted(inputs, tmp_path, capsys):
+    steps = 120
+    common = ["--train.max_steps=" + str(steps), "--train.log_every=1", "--ckpt.every=10", "--ckpt.keep_last=1",
+              "--eval.every=60", "--eval.samples=0"]
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    assert run_sft_inproc(sft_args(inputs, ref, *common)) == 0
+
+    proc = run_sft_cli(sft_args(inputs, killed, *common), popen=True)
+    target = killed / "checkpoints" / "step-000020"
+    deadline = time.time() + 180
+    while time.time() < deadline and not target.is_dir() and proc.poll() is None:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed; lengthen it"
+    at = ckpt.read_state(ckpt.latest_checkpoint(killed))["next_step"]
+    assert 20 <= at < steps
+
+    assert run_sft_inproc([*sft_args(inputs, killed, *common), "--resume=true"]) == 0
+    assert f"resumed from {killed / 'checkpoints'}" in capsys.readouterr().out
+    want, got = train_losses(ref), train_losses(killed)
+    assert sorted(got) == sorted(want) == list(range(1, steps + 1))
+    assert [got[s] for s in range(1, steps + 1)] == [want[s] for s in range(1, steps + 1)]  # bit for bit
+    a, b = load_weights(ckpt.latest_checkpoint(ref)), load_weights(ckpt.latest_checkpoint(killed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("packing", ["pack", "pad"])
+def test_two_processes_equal_one_process_with_accumulation(inputs, tmp_path, packing):
+    common = ["--train.max_steps=6", "--train.log_every=1", "--eval.every=0", "--eval.samples=0",
+              f"--data.packing={packing}", "--data.batch_size=2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_sft_cli(sft_args(inputs, one, *common, "--data.grad_accum=2"))
+    run_sft_cli(sft_args(inputs, two, *common), nproc=2)  # CPU: gloo
+    a, b = train_losses(one), train_losses(two)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for s in a:
+        assert a[s] == pytest.approx(b[s], rel=1e-5, abs=1e-6)
+    wa, wb = load_weights(ckpt.latest_checkpoint(one)), load_weights(ckpt.latest_checkpoint(two))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
+def test_export_hf_chat_template_and_generate_stop_at_im_end(inputs, trained, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from z2all.data.chat import ChatData, Renderer
+    from z2all.model.hf_compat import export_hf
+
+    out = export_hf(ckpt.latest_checkpoint(trained), tmp_path / "hf")
+    # the two ways to chat with our tokenizer in transformers (tokenizer/hf.py): its own class (remote code), or
+    # the plain fast tokenizer loaded with split_special_tokens=False and sanitize_control_tokens=True
+    remote = transformers.AutoTokenizer.from_pretrained(str(out), trust_remote_code=True, local_files_only=True)
+    tok = transformers.AutoTokenizer.from_pretrained(str(out), split_special_tokens=False, local_files_only=True)
+
+    def ids_of(x):
+        return list(x if isinstance(x, list) else x["input_ids"])
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert im_end in model.generation_config.eos_token_id
+
+    renderer = Renderer(inputs["tok"])
+    val = ChatData(inputs["chat"], "val")
+    records = [json.loads(x) for x in (inputs["synth"] / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    for rec in records[:5]:
+        msgs = rec["messages"]
+        ids, _ = renderer.render([msgs])[0]
+        assert ids_of(remote.apply_chat_template(msgs)) == ids
+        assert ids_of(tok.apply_chat_template(msgs, tokenize=True, sanitize_control_tokens=True)) == ids
+        hf_prompt = ids_of(remote.apply_chat_template(msgs[:-1], add_generation_prompt=True))
+        assert ids_of(tok.apply_chat_template(msgs[:-1], add_generation_prompt=True, tokenize=True,
+                                              sanitize_control_tokens=True)) == hf_prompt
+        # the generation prompt is the rendering of the conversation up to where the answer starts
+        assert ids[:len(hf_prompt)] == hf_prompt
+    # the prompts the SFT eval uses (val conversations up to their first trained token) are the same ids
+    ids, mask = val.example(0)
+    first = int(mask.argmax())
+    assert ids[:first].tolist()[-3:] == tok("<|im_start|>assistant\n", add_special_tokens=False,
+                                            split_special_tokens=False)["input_ids"][-3:]
+
+    # greedy generation: transformers and ours agree and the answer ends at <|im_end|>
+    from z2all.model.hf_compat import load_checkpoint
+    from z2all.train.sft import answer
+
+    ours = load_checkpoint(ckpt.latest_checkpoint(trained))[0].eval()
+    prompt = ids[:first].tolist()
+    [(new, ended)] = answer(ours, [prompt], im_end, max_new_tokens=24)
+    gen = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, len(prompt):].tolist()
+    assert ended, "the fine-tuned fixture model closes its turns with <|im_end|>"
+    assert gen == new + [im_end]  # transformers stops right at <|im_end|> (generation_config's eos list)
+
+
+def test_refusals(inputs, tmp_path, capsys):
+    from z2all.data import synthetic
+
+    res = run_sft_cli(sft_args(inputs, tmp_path / "r1", f"--tokenizer={inputs['synth']}"), check=False)
+    assert res.returncode == 2 and "tokenizer.json" in res.stderr and "Traceback" not in res.stderr
+    other = tmp_path / "other"
+    synthetic.run(synthetic.Config(out=str(other), n=10))
+    res = run_sft_cli(sft_args(inputs, other), check=False)
+    assert res.returncode == 2 and "data synth" in res.stderr and "Traceback" not in res.stderr
+    res = run_sft_cli([a for a in sft_args(inputs, tmp_path / "r2") if not a.startswith("--init")], check=False)
+    assert res.returncode == 2 and "--init" in res.stderr
