@@ -18,10 +18,10 @@ from eval_helpers import demo_docs, make_ckpt, write_jsonl  # noqa: E402
 
 
 def zeval(*args, cwd=None) -> Result:
-    """`z2all eval ARGS` through cli.main (python -m z2all.eval.run registers the stage if cli.py does not)."""
+    """`z2all eval ARGS` through the real CLI."""
     env = {**os.environ, "Z2ALL_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # tiny models
     env.pop("Z2ALL_DEBUG", None)
-    p = subprocess.run([sys.executable, "-m", "z2all.eval.run", *map(str, args)], cwd=cwd, env=env,
+    p = subprocess.run([sys.executable, "-m", "z2all", "eval", *map(str, args)], cwd=cwd, env=env,
                        capture_output=True, text=True, timeout=600)
     return Result(p.returncode, p.stdout, p.stderr)
 

@@ -195,18 +195,3 @@ def run(cfg: Config) -> int:
         save_config(cfg, Path(out_dir) / "config.json", command="z2all bench eval", machine=machine_name(),
                     rounds=times, max_ll_diff=diff)
     return 0
-
-
-def main() -> int:
-    """`python -m z2all.bench.evaluate ARGS` = `z2all bench eval ARGS`, also before cli.py lists it."""
-    import sys
-
-    from z2all import cli
-
-    cli.STAGES["bench"][1].setdefault("eval", cli.Command("multiple-choice items/s: ours vs lm-eval's hf backend",
-                                                          "z2all.bench.evaluate"))
-    return cli.main(["bench", "eval", *sys.argv[1:]])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

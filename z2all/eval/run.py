@@ -402,19 +402,3 @@ def eval_demo(ckpt_dir: str | Path, tokens_dir: str | Path, max_docs: int = 60, 
                      _fmt(t["acc"]) if t else "-", f"{1 / cfg.n_choices:.2f}", t["n"] if t else 0])
     return markdown_table(["domain", "held-out docs", "bits/byte", "unigram bits/byte", "continuation acc",
                            "chance", "items"], rows)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m z2all.eval.run ARGS` = `z2all eval ARGS`, through the same CLI (error lines, exit codes),
-    also before the stage is listed in cli.STAGES."""
-    import sys
-
-    from z2all import cli
-
-    cli.STAGES.setdefault("eval", cli.Command("score checkpoints: bits per byte, multiple choice, exact match",
-                                              "z2all.eval.run"))
-    return cli.main(["eval", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
