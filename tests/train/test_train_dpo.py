@@ -195,3 +195,22 @@ def test_bad_options_are_refused_in_one_line(inputs, tmp_path, capsys):
     assert run_inproc(["dpo", f"--init={inputs['base']}", f"--data.dir={inputs['chat']}",
                        f"--out_dir={tmp_path / 'y'}", *TINY]) == 2
     assert "z2all data prefs" in capsys.readouterr().err
+
+
+def test_lora_sft_checkpoints_only_adapters_and_trains(inputs, tmp_path, capsys):
+    from sft_helpers import sft_args
+
+    from z2all.model.llama import load_model
+
+    out = tmp_path / "sft-lora"
+    args = [*sft_args(inputs, out, "--train.max_steps=10", "--eval.every=0", "--train.log_every=1"), "--lora.rank=4",
+            "--lora.targets=all", "--optim.lr=1e-2"]
+    assert run_inproc(args) == 0
+    assert "LoRA rank 4 on all" in capsys.readouterr().out
+    last = ckpt.latest_checkpoint(out)
+    w = load_weights(last)
+    assert w and all(k.endswith(("lora_A", "lora_B")) for k in w)
+    assert set(torch.load(last / "optimizer.pt", weights_only=False)["state"]) == set(w)
+    train = records(out, "train")
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert load_model(last).cfg.dim == load_model(inputs["base"]).cfg.dim

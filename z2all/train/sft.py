@@ -19,6 +19,9 @@ metrics.jsonl + TensorBoard, Ctrl-C/SIGTERM save, checksummed checkpoints, `z2al
 - Batches (`data/sft_loader.py`): `--data.packing=pack` (default; examples packed into seq_len rows, each
   attending only to itself with RoPE positions restarting at 0) or `pad` (one example per row). Loss only on
   assistant tokens and the <|im_end|> closing each turn (the data's loss mask).
+- `--lora.rank=N` (+ `--lora.alpha/dropout/targets`, model/lora.py): only LoRA adapters train; the optimizer
+  state and checkpoints hold only them plus a reference to the --init base (`z2all export hf` merges them,
+  `--adapter` writes a PEFT adapter directory).
 - Length: `--train.epochs` (default 3) or `--train.max_steps` (> 0 wins). The LR warms up linearly over
   `--optim.warmup_steps` and decays by cosine to `--optim.min_lr`. Defaults for fine-tuning: lr 1e-4,
   min_lr 1e-5, warmup 20, weight decay 0 (lower the lr to ~2e-5 for models of 1B and up).
@@ -43,6 +46,7 @@ import torch
 
 from z2all.config import opt, section
 from z2all.io import fingerprint
+from z2all.model.lora import LoraConfig, LoraHooks, trainable_params
 from z2all.ops import OpsConfig
 from z2all.train import distributed as dist_mod
 from z2all.train.distributed import DistConfig
@@ -105,6 +109,7 @@ class Config:
     resume: bool = opt(False, "continue from the latest checkpoint in out_dir (fresh start if there is none)")
     threads: int = opt(0, "CPU threads for torch ops; 0 = torch's default")
     ops: OpsConfig = section(OpsConfig, "kernel per op (as --model.ops.* of `z2all train`)")
+    lora: LoraConfig = section(LoraConfig, "LoRA adapters (rank 0 = full fine-tuning)")
     data: SFTData = section(SFTData, "chat data, packing and batch shape")
     optim: SFTOptim = section(SFTOptim, "AdamW and the learning-rate schedule (fine-tuning defaults)")
     train: SFTTrain = section(SFTTrain, "length (epochs or steps), compile, logging")
@@ -132,6 +137,7 @@ class Config:
             raise UserError(f"--train.time_budget_s={self.train.time_budget_s}: must be a finite number >= 0")
         if not self.out_dir:
             raise UserError("--out_dir is empty; give the run directory")
+        self.lora.validate()
         validate_optim(self.optim)
 
 
@@ -158,7 +164,7 @@ def load_init(init: str, ops=None):
     return model.float(), path, kind
 
 
-class SFT(Objective):
+class SFT(LoraHooks, Objective):
     """Fine-tuning on chat data: packed or padded batches, loss on assistant tokens, eval loss on the val
     split and greedy answers to held-out prompts. A resume must keep the data, packing and global batch."""
 
@@ -169,6 +175,7 @@ class SFT(Objective):
         from z2all.model.hf_compat import default_tokenizer_dir
 
         self.cfg, d = cfg, cfg.data
+        self.lora = cfg.lora
         self.data_dir = Path(d.dir)
         if not (self.data_dir / "meta.json").is_file():
             raise UserError(f"--data.dir {self.data_dir}: no meta.json; give a directory made by `z2all data chat`")
@@ -214,7 +221,7 @@ class SFT(Objective):
 
     def build_model(self) -> torch.nn.Module:
         model, self._init_model = self._init_model, None
-        return model if model is not None else load_init(str(self.init_path), self.cfg.ops)[0]
+        return self.wrap_lora(model if model is not None else load_init(str(self.init_path), self.cfg.ops)[0])
 
     def micro_batch(self, step: int, micro: int):
         return self.batches.get_batch(step, micro)
@@ -258,13 +265,15 @@ class SFT(Objective):
 
     def describe(self, model) -> str:
         ops = ", ".join(f"{k}={v}" for k, v in self.cfg.ops.selected().items())
-        return (f"{model.num_params() / 1e6:.2f}M parameters from {self.init_path}, vocab "
+        lora = (f", LoRA rank {self.lora.rank} on {self.lora.targets}: {trainable_params(model):,} trainable"
+                if self.lora.enabled else "")
+        return (f"{model.num_params() / 1e6:.2f}M parameters from {self.init_path}{lora}, vocab "
                 f"{self.model_config.vocab_size}, ops {ops}")
 
     def resume_state(self) -> dict:
         d = self.cfg.data
         return {"seq_len": d.seq_len, "global_batch": self.batches.rows_per_step, "batch_size": d.batch_size,
-                "packing": d.packing, "data": self.data_id}
+                "packing": d.packing, "data": self.data_id, **self.lora_state()}
 
     def check_resume(self, ckpt: Path, state: dict) -> None:
         d = self.cfg.data
@@ -277,6 +286,7 @@ class SFT(Objective):
         if state.get("data") not in (None, self.data_id):
             raise UserError(f"--resume: --data.dir {self.data_dir} is not the chat data {ckpt} was trained on; point "
                             "--data.dir at the original files, or start a new run in another --out_dir")
+        self.check_lora_resume(ckpt, state)
 
     def config_extras(self) -> dict:
         return {"data_meta": self.meta, "init": str(self.init_path)}
