@@ -92,3 +92,32 @@ def test_demo_never_deletes_what_it_did_not_make(tmp_path, monkeypatch):
         demo.run(demo.Config(out_dir=str(out), fresh=True))
     assert (out / "notes.txt").read_text() == "mine"
     assert not (out / "converted").exists()
+
+
+def test_compare_table_counts_exact_match_and_im_end_per_task():
+    records = [{"task": "arithmetic", "answer": "12"}, {"task": "arithmetic", "answer": "7"},
+               {"task": "reverse", "answer": "b a"}]
+    base = [("12", False), ("x", False), ("", True)]
+    sft = [("12", True), ("7。", True), ("b a", True)]
+    table, summary = demo.compare_table(records, base, sft)
+    assert summary["arithmetic"] == {"n": 2, "base_em": 0.5, "sft_em": 1.0, "base_end": 0.0, "sft_end": 1.0}
+    assert summary["all"]["sft_em"] == 1.0 and summary["all"]["base_end"] == pytest.approx(1 / 3)
+    assert table.splitlines()[0].startswith("| task") and "| all " in table
+
+
+@pytest.mark.slow  # the whole pipeline twice over (pretrain, then SFT): ~2.5 min on 2 cores
+def test_demo_chat_part_ci_sized(tmp_path, capsys):
+    out = tmp_path / "demo"
+    cfg = demo.Config(out_dir=str(out), vocab_size=1024, max_steps=24, batch_size=8, eval_every=24,
+                      time_budget_s=0, threads=1, chat=True, synth_n=300, sft_max_steps=10, sft_time_budget_s=0,
+                      heldout_per_task=2)
+    assert demo.run(cfg) == 0
+    text = capsys.readouterr().out
+    for stage in range(1, 12):
+        assert f"=== [{stage}/11]" in text
+    assert "SFT exact match" in text and "chat samples" in text
+    sft_ckpt = checkpoint.latest_checkpoint(out / "sft")
+    assert sft_ckpt.name == "step-000010" and (sft_ckpt / "tokenizer" / "tokenizer_config.json").is_file()
+    summary = json.loads((out / "sft" / "compare.json").read_text())["tasks"]
+    assert set(summary) == {"arithmetic", "reverse", "count", "numeral", "title", "all"}
+    assert summary["all"]["n"] == 10

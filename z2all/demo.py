@@ -17,6 +17,15 @@ Stages (each is the real command's `run(Config)`; they meet only through the art
   7. export           a Hugging Face LlamaForCausalLM directory -> <out>/hf/, loaded back with
                       transformers.AutoModelForCausalLM and generating the same greedy tokens as ours
 
+With `--chat` (chat models, part 1) it goes on from the pretrained checkpoint:
+  8. data synth       the synthetic zh/en tasks with exact answers -> <out>/synth/{train,heldout}.jsonl
+  9. data chat        rendered with the demo tokenizer's ChatML template -> <out>/chat/
+ 10. sft              `z2all sft` of the final pretraining checkpoint, packed rows, step count fitted to
+                      --sft_time_budget_s like stage 5 -> <out>/sft/
+ 11. compare          the base and the SFT model answer the same held-out prompts greedily: exact-match
+                      accuracy per task and the share of answers that end with <|im_end|>, then a few chat
+                      samples of the SFT model
+
 A rerun reuses finished stages (their artifacts exist) and resumes training; `--fresh` starts over.
 """
 
@@ -36,7 +45,7 @@ from z2all.utils import UserError, print0
 
 DEMO_DIR = Path(__file__).resolve().parent / "data" / "demo"
 DEMO_INPUTS = ("wikipedia_zh=zh_wiki.jsonl.gz", "wikipedia_en=en_wiki.parquet", "github_python=code_python.jsonl.gz")
-STAGE_DIRS = ("converted", "tokenizer", "tokens", "train", "hf")
+STAGE_DIRS = ("converted", "tokenizer", "tokens", "train", "hf", "synth", "chat", "sft")
 PROMPTS = ("The LORD said unto", "def __init__(self", "中国的")
 
 
@@ -52,10 +61,20 @@ class Config:
     threads: int = opt(0, "torch CPU threads for training (0 = measure 1 vs torch's default and take the faster)")
     fresh: bool = opt(False, "delete the demo's own stage directories in out_dir first instead of reusing "
                              "finished stages (nothing else in out_dir is touched)")
+    chat: bool = opt(False, "then the chat part: synthetic tasks -> data chat -> SFT of the pretrained model -> "
+                            "held-out exact match of the base vs the SFT model, per task")
+    synth_n: int = opt(8000, "--chat: synthetic examples generated (about 5% are held out)")
+    sft_max_steps: int = opt(1000, "--chat: SFT steps at most (8 packed rows of 256 tokens each)")
+    sft_time_budget_s: float = opt(240.0, "--chat: fit the SFT step count to about this many seconds "
+                                          "(0 = run sft_max_steps)")
+    heldout_per_task: int = opt(40, "--chat: held-out prompts per task in the comparison")
+
+
+_TOTAL = [7]
 
 
 def _stage(n: int, title: str) -> float:
-    print0(f"\n=== [{n}/7] {title}")
+    print0(f"\n=== [{n}/{_TOTAL[0]}] {title}")
     return time.perf_counter()
 
 
@@ -111,13 +130,14 @@ def run(cfg: Config) -> int:
     from z2all.train import checkpoint, pretrain
 
     t_all = time.perf_counter()
+    _TOTAL[0] = 11 if cfg.chat else 7
     # an older demo dir (before owner files) is recognised by its stage directories
     out = claim_output_dir(cfg.out_dir, "demo", option="--out_dir",
                            legacy=lambda p: (p / "converted").is_dir() and (p / "tokens").is_dir())
     if cfg.fresh:  # only the stage directories the demo itself makes; anything else in out_dir stays
         removed = remove_listed(out, STAGE_DIRS)
         print0(f"--fresh: removed {removed} stage directories of an earlier demo in {out}")
-    converted, tok_dir, tokens, run_dir, hf_dir = (out / n for n in STAGE_DIRS)
+    converted, tok_dir, tokens, run_dir, hf_dir = (out / n for n in STAGE_DIRS[:5])
     print0(f"z2all demo: the whole pipeline on the embedded corpus ({DEMO_DIR}) -> {out}")
 
     t0 = _stage(1, "data convert: raw corpora -> unified jsonl shards (+ txt)")
@@ -178,6 +198,8 @@ def run(cfg: Config) -> int:
     match = _hf_roundtrip(hf_dir, ours)
     _done(t0, f"exported to {hf_dir}")
 
+    chat_rows = _chat_part(cfg, out, tok_dir, final) if cfg.chat else []
+
     print0(f"\n=== z2all demo finished in {time.perf_counter() - t_all:.0f} s")
     if val is not None:
         verdict = "well under" if val < baseline - 0.5 else ("under" if val < baseline else "NOT under")
@@ -186,7 +208,7 @@ def run(cfg: Config) -> int:
     print0(f"transformers greedy tokens {'match' if match else 'DO NOT match'} ours")
     rows = [("converted shards", converted), ("tokenizer", tok_dir), ("token files", tokens),
             ("training run (metrics.jsonl, checkpoints/)", run_dir), ("final checkpoint", final),
-            ("Hugging Face model", hf_dir)]
+            ("Hugging Face model", hf_dir), *chat_rows]
     for what, where in rows:
         print0(f"  {what:<44} {where}")
     print0(f"next: z2all plot {run_dir}  ·  z2all generate --ckpt {final} --prompt 'The '")
@@ -285,3 +307,167 @@ def _hf_roundtrip(hf_dir: Path, ours: list[list[int]]) -> bool:
     print0(f"transformers: {type(model).__name__} + {type(tok).__name__} from {hf_dir}: "
            f"{json.dumps(tok.decode(theirs[len(prompt_ids):]), ensure_ascii=False)}")
     return theirs == ours[0]
+
+
+# ---------------------------------------------------------------------- the chat part (--chat)
+
+def sft_config(cfg: Config, init: Path, chat_dir: Path, sft_dir: Path, threads: int):
+    """The demo's SFT run: packed rows of 256 tokens, 8 per step, lr 1e-3 (a 5M model fresh from a few
+    minutes of pretraining takes a high rate), cosine to 1e-4, resumable."""
+    from z2all.config import load_config
+    from z2all.train.sft import Config as SFTConfig
+
+    return load_config(SFTConfig, None, {
+        "init": str(init), "data.dir": str(chat_dir), "out_dir": str(sft_dir), "device": "cpu", "resume": True,
+        "threads": threads, "data.packing": "pack", "data.seq_len": 256, "data.batch_size": 8,
+        "optim.lr": 1e-3, "optim.min_lr": 1e-4, "optim.warmup_steps": min(20, max(1, cfg.sft_max_steps // 10)),
+        "train.max_steps": cfg.sft_max_steps, "train.log_every": max(1, min(25, cfg.sft_max_steps // 10)),
+        "eval.every": 0, "eval.max_batches": 10, "eval.samples": 4, "eval.sample_tokens": 48,
+        "ckpt.every": 0, "ckpt.keep_last": 1, "metrics.tensorboard": False,
+    })
+
+
+def _sft_seconds_per_step(scfg, init: Path) -> float:
+    """Seconds per SFT step (random packed rows, the real model) with scfg.threads threads."""
+    import torch
+
+    from z2all.model.llama import load_model
+
+    old = torch.get_num_threads()
+    if scfg.threads > 0:
+        torch.set_num_threads(scfg.threads)
+    try:
+        model = load_model(init)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        B, T = scfg.data.batch_size, scfg.data.seq_len
+        g = torch.Generator().manual_seed(0)
+        x = torch.randint(0, model.cfg.vocab_size, (B, T), generator=g)
+        seg = (torch.arange(T) // 64).int().expand(B, T)
+        pos = (torch.arange(T) % 64).expand(B, T)
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            model(x, x, positions=pos, segment_ids=seg)[1].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(old)
+    return sum(times[1:]) / 2
+
+
+def heldout_records(synth_dir: Path, per_task: int) -> list[dict]:
+    """The first `per_task` held-out records of every task (heldout.jsonl order: deterministic)."""
+    out, seen = [], {}
+    for line in (synth_dir / "heldout.jsonl").read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        if seen.get(rec["task"], 0) < per_task:
+            seen[rec["task"]] = seen.get(rec["task"], 0) + 1
+            out.append(rec)
+    return out
+
+
+def chat_answers(ckpt: Path, tok_dir: Path, records: list[dict], max_new_tokens: int = 48) -> list[tuple[str, bool]]:
+    """(greedy answer text, ended with <|im_end|>) of the model in `ckpt` for each record's conversation up
+    to its answer, rendered by the tokenizer's chat template exactly as `z2all data chat` renders training."""
+    import torch
+    from tokenizers import Tokenizer
+
+    from z2all.data.chat import Renderer
+    from z2all.model.llama import load_model
+    from z2all.train.sft import answer
+
+    renderer = Renderer(tok_dir)
+    tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    prompts = []
+    for rec in records:
+        ids, mask = renderer.render([rec["messages"]])[0]
+        prompts.append(ids[:mask.index(1)])
+    model = load_model(ckpt).eval()
+    with torch.no_grad():
+        outs = answer(model, prompts, tok.token_to_id("<|im_end|>"), max_new_tokens)
+    return [(tok.decode(list(o), skip_special_tokens=False), ended) for o, ended in outs]
+
+
+def compare_table(records: list[dict], base: list[tuple[str, bool]], sft: list[tuple[str, bool]]) -> tuple[str, dict]:
+    """Markdown table: rows = tasks (+ all), exact match and <|im_end|> share of base and SFT."""
+    from z2all.data.synthetic import exact_match
+    from z2all.utils import markdown_table
+
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    rows, summary = [], {}
+    for task in [*tasks, "all"]:
+        idx = [i for i, r in enumerate(records) if task == "all" or r["task"] == task]
+        em = {k: sum(exact_match(a[i][0], records[i]["answer"]) for i in idx) / len(idx)
+              for k, a in (("base", base), ("sft", sft))}
+        end = {k: sum(a[i][1] for i in idx) / len(idx) for k, a in (("base", base), ("sft", sft))}
+        summary[task] = {"n": len(idx), "base_em": em["base"], "sft_em": em["sft"], "base_end": end["base"],
+                         "sft_end": end["sft"]}
+        rows.append([task, len(idx), f"{em['base']:.1%}", f"{em['sft']:.1%}", f"{end['base']:.0%}",
+                     f"{end['sft']:.0%}"])
+    return markdown_table(["task", "held-out prompts", "base exact match", "SFT exact match",
+                           "base ends <|im_end|>", "SFT ends <|im_end|>"], rows), summary
+
+
+def _chat_part(cfg: Config, out: Path, tok_dir: Path, base_ckpt: Path) -> list[tuple[str, Path]]:
+    import torch
+
+    from z2all.data import chat, synthetic
+    from z2all.train import checkpoint, sft
+
+    synth_dir, chat_dir, sft_dir = out / "synth", out / "chat", out / "sft"
+    t0 = _stage(8, "data synth: synthetic zh/en tasks with exact answers")
+    if (synth_dir / "synth.json").is_file():
+        print0(f"{synth_dir} exists: reused")
+    else:
+        synthetic.run(synthetic.Config(out=str(synth_dir), n=cfg.synth_n, seed=0))
+    _done(t0, f"tasks in {synth_dir}")
+
+    t0 = _stage(9, "data chat: render the conversations with the demo tokenizer's chat template")
+    chat.run(chat.Config(inputs=[str(synth_dir / "train.jsonl")], tokenizer=str(tok_dir), out=str(chat_dir),
+                         val_fraction=0.02, max_len=256))
+    _done(t0, f"chat data in {chat_dir}")
+
+    t0 = _stage(10, "sft: fine-tune the pretrained checkpoint on the chat data (packed rows)")
+    threads = 1 if cfg.threads == 0 and torch.get_num_threads() > 1 else cfg.threads
+    scfg = sft_config(cfg, base_ckpt, chat_dir, sft_dir, threads)
+    if checkpoint.latest_checkpoint(sft_dir) is not None:
+        prev = json.loads((sft_dir / "config.json").read_text(encoding="utf-8"))["config"]
+        scfg.train.max_steps, scfg.optim.warmup_steps = prev["train"]["max_steps"], prev["optim"]["warmup_steps"]
+        print0(f"{sft_dir} has checkpoints: resuming its run of {scfg.train.max_steps} steps")
+    elif cfg.sft_time_budget_s > 0:
+        per_step = _sft_seconds_per_step(scfg, base_ckpt)
+        steps = max(10, min(cfg.sft_max_steps, int(cfg.sft_time_budget_s / per_step)))
+        print0(f"sft: {steps} steps ({per_step:.2f} s/step on {threads or torch.get_num_threads()} threads) to fit "
+               f"about {cfg.sft_time_budget_s:g} s")
+        scfg.train.max_steps, scfg.train.time_budget_s = steps, 1.5 * cfg.sft_time_budget_s
+        scfg.optim.warmup_steps = min(scfg.optim.warmup_steps, max(1, steps // 10))
+    status = sft.run(scfg)
+    if status:
+        raise UserError(f"the SFT stage stopped with status {status}; rerun `z2all demo --chat` to resume it")
+    sft_ckpt = checkpoint.latest_checkpoint(sft_dir)
+    _done(t0, f"checkpoint {sft_ckpt}")
+
+    t0 = _stage(11, "compare: base vs SFT model on held-out prompts (greedy)")
+    records = heldout_records(synth_dir, cfg.heldout_per_task)
+    base = chat_answers(base_ckpt, tok_dir, records)
+    tuned = chat_answers(sft_ckpt, tok_dir, records)
+    table, summary = compare_table(records, base, tuned)
+    print0(table)
+    print0("\nchat samples (SFT model, held-out prompts):")
+    shown = {}
+    for rec, (a, ended) in zip(records, tuned):
+        key = (rec["task"], rec["lang"])
+        if key in shown or len(shown) >= 6:
+            continue
+        shown[key] = True
+        print0(f"  user: {rec['messages'][-2]['content']}\n  assistant: {a}{'' if ended else ' [no <|im_end|>]'}"
+               f"   (expected: {rec['answer']})")
+    from z2all.io import atomic_write_json
+
+    atomic_write_json(sft_dir / "compare.json", {"base": str(base_ckpt), "sft": str(sft_ckpt), "tasks": summary})
+    allrow = summary["all"]
+    print0(f"held-out exact match: base {allrow['base_em']:.1%} -> SFT {allrow['sft_em']:.1%}; answers ending "
+           f"with <|im_end|>: {allrow['base_end']:.0%} -> {allrow['sft_end']:.0%}")
+    _done(t0, f"comparison in {sft_dir / 'compare.json'}")
+    return [("chat data", chat_dir), ("SFT run", sft_dir), ("SFT checkpoint", sft_ckpt)]
