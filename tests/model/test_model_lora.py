@@ -155,7 +155,16 @@ def test_export_merge_lora_and_peft_adapter_match_our_logits(tmp_path):
     assert not any("lora" in k for k in hf.state_dict())
     torch.testing.assert_close(hf(x).logits, ours, atol=1e-5, rtol=0)
 
-    base_dir, adapter_dir = export_peft_adapter(ck, tmp_path / "adapter", base_out=tmp_path / "base-hf")
+    from z2all.model import hf_compat
+
+    assert hf_compat.run(hf_compat.Config(ckpt=str(ck), out=str(tmp_path / "adapter"), adapter=True,
+                                          base_out=str(tmp_path / "base-hf"))) == 0
+    base_dir, adapter_dir = tmp_path / "base-hf", tmp_path / "adapter"
+    with pytest.raises(UserError, match="--merge-lora"):
+        hf_compat.run(hf_compat.Config(ckpt=str(ck), out=str(tmp_path / "x"), merge_lora=False))
+    with pytest.raises(UserError, match="not a LoRA checkpoint"):
+        export_peft_adapter(tmp_path / "base", tmp_path / "y")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     conf = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert conf["peft_type"] == "LORA" and conf["r"] == 4 and sorted(conf["target_modules"]) == [
         "gate_proj", "q_proj", "v_proj"]

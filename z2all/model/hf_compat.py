@@ -9,6 +9,10 @@ remote code.
 a directory holding anything else, or holding the checkpoint, is refused and left byte-identical.
 `load_checkpoint` reads any of: a save_model directory, a run directory (latest checkpoint), an export.
 
+LoRA checkpoints (`z2all sft/dpo --lora.rank=N`: adapters only + a reference to the base) export merged
+(`--merge-lora`, the default: a plain Llama directory), or with `--adapter` as a PEFT adapter directory
+(`--base-out DIR` also exports the base it loads onto); see model/lora.py.
+
 Both models use the rotate-half RoPE layout, so q/k projections copy 1:1 (no permutation); the map is:
 
     tok_embeddings.weight                  model.embed_tokens.weight
@@ -313,11 +317,34 @@ class Config:
     dtype: str = opt("auto", "weight dtype of the export; auto keeps the checkpoint's",
                      choices=("auto", "fp32", "bf16", "fp16"))
     tokenizer: str = opt("", "tokenizer directory to copy (default: <ckpt>/tokenizer/ when present)")
+    merge_lora: bool = opt(True, "a LoRA checkpoint (sft/dpo --lora.rank): merge the adapters into the base weights "
+                           "and write a plain Llama directory; false refuses LoRA checkpoints (see --adapter)")
+    adapter: bool = opt(False, "a LoRA checkpoint: write --out as a PEFT adapter directory (adapter_config.json + "
+                        "adapter_model.safetensors) instead of merging")
+    base_out: str = opt("", "with --adapter: also export the base model (what the adapter loads onto) here")
 
 
 def run(cfg: Config) -> int:
     if not cfg.ckpt or not cfg.out:
         raise UserError("give both --ckpt (a checkpoint directory) and --out (the export directory)")
+    if cfg.base_out and not cfg.adapter:
+        raise UserError("--base-out goes with --adapter (the base model the PEFT adapter loads onto)")
+    if cfg.adapter:
+        from z2all.model.lora import export_peft_adapter
+
+        base, out = export_peft_adapter(cfg.ckpt, cfg.out, base_out=cfg.base_out or None, dtype=cfg.dtype,
+                                        tokenizer_dir=cfg.tokenizer or None, config=cfg)
+        print0(f"exported the LoRA adapter of {cfg.ckpt} -> {out} (PEFT format)"
+               + (f", its base -> {base}" if base else "") + "; load with peft.PeftModel.from_pretrained(base_model, "
+               f"'{out}')")
+        return 0
+    if not cfg.merge_lora:
+        from z2all.model.lora import read_reference
+
+        ckpt, _, _ = resolve_checkpoint(cfg.ckpt, "--ckpt")
+        if read_reference(ckpt) is not None:
+            raise UserError(f"--ckpt {ckpt} holds LoRA adapters: pass --merge-lora (a plain Llama directory) or "
+                            "--adapter (a PEFT adapter directory)")
     out = export_hf(cfg.ckpt, cfg.out, cfg.dtype, cfg.tokenizer or None, config=cfg)
     has_tok = (out / "tokenizer_config.json").exists() or (out / "tokenizer.json").exists()
     print0(f"exported {cfg.ckpt} -> {out} (LlamaForCausalLM{', with tokenizer' if has_tok else ', no tokenizer'}); "
