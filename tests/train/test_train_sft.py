@@ -72,7 +72,7 @@ def test_sigkill_then_resume_matches_uninterrupted(inputs, tmp_path, capsys):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("packing", ["pack", "pad"])
+@pytest.mark.parametrize("packing", ["pack", pytest.param("pad", marks=pytest.mark.slow)])
 def test_two_processes_equal_one_process_with_accumulation(inputs, tmp_path, packing):
     common = ["--train.max_steps=6", "--train.log_every=1", "--eval.every=0", "--eval.samples=0",
               f"--data.packing={packing}", "--data.batch_size=2"]

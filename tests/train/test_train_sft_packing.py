@@ -126,3 +126,17 @@ def test_row_stream_is_independent_of_the_split(inputs):
             assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y) and torch.equal(a.segment_ids, b.segment_ids)
     assert one.epoch_rows(0) != one.epoch_rows(1)  # reshuffled per epoch
     assert pack_rows([3, 3, 3, 6], [0, 1, 2, 3], 8) == [[0, 1], [2], [3]]  # first-come, no look-ahead
+
+
+def test_bench_sft_prints_packed_vs_padded(inputs, capsys):
+    from z2all.bench import sft as bench_sft
+
+    cfg = bench_sft.Config(chat=str(inputs["chat"]), examples=24, seq_len=128, batch_size=4, rounds=1)
+    assert bench_sft.run(cfg) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in out.splitlines() if line.startswith(("| pack", "| pad"))}
+    assert rows["pack"][0] == rows["pad"][0] == "24"
+    assert int(rows["pack"][1]) < int(rows["pad"][1]) == 24  # fewer rows when packed
+    assert float(rows["pack"][4].rstrip("%")) < float(rows["pad"][4].rstrip("%"))
+    assert "packed / padded throughput" in out
