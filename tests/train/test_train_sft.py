@@ -45,6 +45,14 @@ def test_sft_trains_evaluates_and_carries_the_tokenizer(inputs, trained):
     assert json.loads((trained / ".z2all-owner.json").read_text())["command"] == "sft"
 
 
+def test_plot_draws_an_sft_run(trained, tmp_path):
+    pytest.importorskip("matplotlib")
+    from z2all.train import plot
+
+    assert plot.run(plot.Config(run=str(trained), out_dir=str(tmp_path / "png"))) == 0
+    assert plot.written_by_us(tmp_path / "png" / "loss.png") and (tmp_path / "png" / "throughput.png").is_file()
+
+
 def test_sigkill_then_resume_matches_uninterrupted(inputs, tmp_path, capsys):
     steps = 120
     common = ["--train.max_steps=" + str(steps), "--train.log_every=1", "--ckpt.every=10", "--ckpt.keep_last=1",

@@ -1,8 +1,10 @@
 """`z2all plot RUN`: draw a run's curves from its metrics.jsonl to PNG files next to it.
 
     z2all plot runs/demo/train                 # -> runs/demo/train/loss.png, throughput.png
+    z2all plot runs/demo/sft                   # an SFT run: the same, plus held-out exact match
 
-loss.png: train loss per logged step and validation loss per evaluation, against step.
+loss.png: train loss per logged step and validation loss per evaluation, against step; for a `z2all sft` run
+also the held-out exact match of each evaluation's greedy answers (right axis, %).
 throughput.png: tokens/s and, when the device has a known peak, MFU (%).
 
 It writes those two files and nothing else, each through a temp file + rename. Every PNG it writes carries a
@@ -74,9 +76,9 @@ def _save(fig, path: Path) -> None:
 def run(cfg: Config) -> int:
     run_dir = Path(cfg.run)
     if not run_dir.is_dir():
-        raise UserError(f"RUN {run_dir} is not a directory: give a `z2all train` out_dir")
+        raise UserError(f"RUN {run_dir} is not a directory: give a `z2all train` or `z2all sft` out_dir")
     if not (run_dir / "metrics.jsonl").is_file():
-        raise UserError(f"{run_dir}/metrics.jsonl not found: RUN must be a `z2all train` out_dir")
+        raise UserError(f"{run_dir}/metrics.jsonl not found: RUN must be a `z2all train` or `z2all sft` out_dir")
     out = _targets(cfg, run_dir)
     try:
         import matplotlib
@@ -92,6 +94,7 @@ def run(cfg: Config) -> int:
     recs = read_metrics(run_dir)
     train = [r for r in recs if r.get("kind") == "train" and num(r, "loss")]
     val = [r for r in recs if r.get("kind") == "val" and num(r, "val_loss")]
+    em = [r for r in recs if r.get("kind") == "sample" and num(r, "exact_match")]  # SFT evaluations
     if not train and not val:
         raise UserError(f"{run_dir}/metrics.jsonl holds no train or val records yet")
     out.mkdir(parents=True, exist_ok=True)
@@ -105,7 +108,14 @@ def run(cfg: Config) -> int:
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(f"{run_dir.name}: loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left")
+    if em:
+        ax2 = ax.twinx()
+        ax2.plot([r["step"] for r in em], [100 * r["exact_match"] for r in em], "s--", color="tab:green", lw=1.5,
+                 label="held-out exact match")
+        ax2.set_ylabel("held-out exact match (%)", color="tab:green")
+        ax2.set_ylim(0, 100)
+        ax2.legend(loc="upper right")
     fig.tight_layout()
     loss_png = out / "loss.png"
     _save(fig, loss_png)
