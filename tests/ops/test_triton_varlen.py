@@ -35,6 +35,8 @@ SEGS = {
     "ids-any": [_segments([4, 9, 1, 15], ids=[7, -3, 0, 2**30])],           # T = 29, unsorted ids
     "one-seg": [_segments([19])],                                           # T = 19: == plain causal
     "reused-id": [_segments([6, 10, 8, 9], ids=[1, 2, 1, 3])],              # T = 33: id 1 in two runs
+    # long examples: blocks inside every row's segment take the unmasked path (in both directions)
+    "long": [_segments([3, 70, 1, 6]), _segments([20, 5, 40, 15], ids=[1, 2, 1, 0])],  # T = 80, id 1 twice
 }
 
 
@@ -65,6 +67,7 @@ def _check(H, K, D, rows, causal, dtype, bwd="split"):
     (2, 2, 32, "two-rows", True),
     (2, 1, 24, "ids-any", False),    # non-causal: whole segments, head dim not a power of two
     (2, 1, 16, "reused-id", True),
+    (4, 2, 16, "long", True),
 ])
 def test_varlen_matches_reference(H, K, D, segs, causal, dtype, bwd):
     _check(H, K, D, SEGS[segs], causal, dtype, bwd)
@@ -74,6 +77,7 @@ def test_varlen_matches_reference(H, K, D, segs, causal, dtype, bwd):
 def test_varlen_one_segment_is_plain_attention(bwd):
     _check(2, 1, 64, SEGS["one-seg"], True, torch.float32, bwd)
     _check(2, 2, 16, SEGS["reused-id"], False, torch.float32, bwd)
+    _check(2, 1, 16, SEGS["long"], False, torch.float32, bwd)
 
 
 @pytest.fixture
@@ -126,12 +130,19 @@ def test_segment_bounds_match_brute_force():
     g = torch.Generator().manual_seed(0)
     seg = torch.randint(-2, 4, (3, 40), generator=g, dtype=torch.int32)  # ids reused in many runs
     seg[1] = torch.tensor(_segments([1, 7, 1, 1, 30]), dtype=torch.int32)
-    lo, hi = A._segment_bounds(seg)
+    bounds = A._segment_bounds(seg)
+    assert bounds.dtype == torch.int32 and bounds.shape == (3, 4, 40)
     for b in range(seg.shape[0]):
-        for i in range(seg.shape[1]):
-            where = (seg[b] == seg[b, i]).nonzero().flatten()
-            assert (lo[b, i], hi[b, i]) == (where.min(), where.max() + 1)
-    assert lo.dtype == hi.dtype == torch.int32
+        row = seg[b].tolist()
+        for i, s in enumerate(row):
+            where = [j for j, t in enumerate(row) if t == s]
+            start = i
+            while start and row[start - 1] == s:
+                start -= 1
+            end = i + 1
+            while end < len(row) and row[end] == s:
+                end += 1
+            assert bounds[b, :, i].tolist() == [where[0], where[-1] + 1, start, end], (b, i)
 
 
 def test_varlen_argument_checks():

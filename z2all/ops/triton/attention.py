@@ -44,6 +44,18 @@ Inputs are read through their strides (q from `view(B,T,H,D).transpose(1,2)` nee
 contiguous. Block sizes are autotuned on the GPU per (power-of-two bucket of T and of S, D, causal, GQA group);
 the interpreter runs one 16x16 config; Z2ALL_TRITON_AUTOTUNE=0 keeps the first (default) GPU config.
 
+Packed rows (segment_ids [B, T], T == S; `z2all sft` packs examples into rows): query i attends key j only
+when their ids are equal (and j <= i when causal), the block-diagonal mask of reference.attention_naive. The
+SEGMENTS variant of every kernel loads the ids of its row/column block and adds `seg_q == seg_k` to the mask,
+and visits only the blocks that can share a segment: `_segment_bounds` gives, per position, the first and
+last position of its id (one sort, no host sync) and the start/end of its run of equal ids. A query block
+visits keys [min first, min(causal end, max last + 1)) -- for contiguous examples, its first example's start
+to its own end -- instead of [0, end); a key block of dK/dV the query rows [max(its start, first), max last
++ 1). Inside that range, blocks lying in the run of every row of the block (and below the diagonal) take
+the unmasked path, as in plain causal attention; the rest are masked. Every row sees at least itself, so no
+row is empty. Any ids give the reference's result (an id reused in two runs is bounded by its first and
+last occurrence); contiguous examples are what the skipping is for.
+
 key_padding_mask (only batched generation with left padding uses it) falls back to reference.attention_sdpa:
 a padding mask in the kernels would add a load and a compare to every block of every training step for a
 path that never needs gradients.
@@ -151,16 +163,23 @@ def _same_segment(seg_q, seg_row, offs_n, S):
 
 
 @triton.jit
-def _segment_range(SEG, SEG_LO, SEG_HI, b, offs, T, hi, BLOCK: tl.constexpr):
-    """For the positions `offs` of packed row b: their segment ids (-1 past T), and the range [lo, hi) of
-    the other axis that can share a segment with any of them, lo rounded down to a multiple of BLOCK: from
-    the smallest first position (SEG_LO) to the largest last position + 1 (SEG_HI) of their segments,
-    capped by `hi` (the causal/length bound)."""
+def _segment_split(SEG, BOUNDS, b, offs, T, full_end, hi, BLOCK: tl.constexpr):
+    """Ranges of the other axis for the positions `offs` of packed row b (BOUNDS: _segment_bounds' [B, 4, T]).
+    Returns their segment ids (-1 past T) and lo <= full_lo <= full_end <= hi, multiples of BLOCK except hi:
+    [lo, hi) holds everything that can share a segment with one of them (their segments' first position ..
+    last position + 1, capped by the causal/length bound `hi`); [full_lo, full_end) only positions inside
+    the runs of ALL of them (the same segment for sure: no segment mask needed; capped by the caller's
+    unmasked bound `full_end`). Outside [full_lo, full_end) blocks need the segment mask."""
     ok = offs < T
+    base = BOUNDS + b * 4 * T + offs
     seg = tl.load(SEG + b * T + offs, mask=ok, other=-1)
-    lo = tl.min(tl.load(SEG_LO + b * T + offs, mask=ok, other=T), axis=0) // BLOCK * BLOCK
-    hi = tl.minimum(tl.max(tl.load(SEG_HI + b * T + offs, mask=ok, other=0), axis=0), hi)
-    return seg, lo, hi
+    lo = tl.min(tl.load(base, mask=ok, other=T), axis=0) // BLOCK * BLOCK
+    hi = tl.minimum(tl.max(tl.load(base + T, mask=ok, other=0), axis=0), hi)
+    full_lo = tl.cdiv(tl.max(tl.load(base + 2 * T, mask=ok, other=0), axis=0), BLOCK) * BLOCK
+    full_end = tl.minimum(tl.min(tl.load(base + 3 * T, mask=ok, other=T), axis=0) // BLOCK * BLOCK, full_end)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_end = tl.minimum(tl.maximum(full_end, full_lo), hi)
+    return seg, lo, full_lo, full_end, hi
 
 
 @triton.jit
@@ -194,7 +213,7 @@ def _fwd_block(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_d, n0, S, T, skn, 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=_KEY, prune_configs_by=_by_dtype(_FWD_32))
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _attn_fwd(Q, K, V, O, L, SEG, SEG_LO, SEG_HI, sqb, sqh, sqt, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+def _attn_fwd(Q, K, V, O, L, SEG, BOUNDS, sqb, sqh, sqt, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
               sob, soh, sot, H, T, S, qk_scale, TUNE_T, TUNE_S, GROUP, HEAD_DIM: tl.constexpr,
               CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, SEGMENTS: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -207,19 +226,22 @@ def _attn_fwd(Q, K, V, O, L, SEG, SEG_LO, SEG_HI, sqb, sqh, sqt, sqd, skb, skh, 
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     full_end, hi = _key_split(m0, S, T, CAUSAL, BLOCK_M, BLOCK_N)
-    if SEGMENTS:  # packed rows: only the key blocks of the rows' segments, every one masked
-        seg_q, lo, hi = _segment_range(SEG, SEG_LO, SEG_HI, b, offs_m, T, hi, BLOCK_N)
-        for n0 in range(lo, hi, BLOCK_N):
+    if SEGMENTS:  # packed rows: from the rows' first segment start on, masked until every row's run is in
+        seg_q, lo, full_lo, full_end, hi = _segment_split(SEG, BOUNDS, b, offs_m, T, full_end, hi, BLOCK_N)
+        for n0 in range(lo, full_lo, BLOCK_N):
             acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_d, n0, S, T, skn, skd, svn,
                                        svd, qk_scale, seg_q, SEG + b * T, True, CAUSAL, HEAD_DIM, BLOCK_N, PREC,
                                        True)
     else:
-        for n0 in range(0, full_end, BLOCK_N):
-            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_d, n0, S, T, skn, skd, svn,
-                                       svd, qk_scale, offs_m, SEG, False, CAUSAL, HEAD_DIM, BLOCK_N, PREC, False)
-        for n0 in range(full_end, hi, BLOCK_N):
-            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_d, n0, S, T, skn, skd, svn,
-                                       svd, qk_scale, offs_m, SEG, True, CAUSAL, HEAD_DIM, BLOCK_N, PREC, False)
+        seg_q = offs_m
+        full_lo = 0
+    for n0 in range(full_lo, full_end, BLOCK_N):
+        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_d, n0, S, T, skn, skd, svn,
+                                   svd, qk_scale, seg_q, SEG + b * T, False, CAUSAL, HEAD_DIM, BLOCK_N, PREC, False)
+    for n0 in range(full_end, hi, BLOCK_N):
+        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_d, n0, S, T, skn, skd, svn,
+                                   svd, qk_scale, seg_q, SEG + b * T, True, CAUSAL, HEAD_DIM, BLOCK_N, PREC,
+                                   SEGMENTS)
     empty = l_i == 0.0  # a causal row above the diagonal (T > S): output 0, L = +inf so backward's P = 0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
@@ -273,7 +295,7 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, l_row, delta_row, offs_n, offs_d,
 
 
 @triton.jit
-def _dkdv_program(Q, K, V, DO, L, DELTA, DK, DV, DQ, SEG, SEG_LO, SEG_HI, sqb, sqh, sqt, sqd, skb, skh, skn, skd,
+def _dkdv_program(Q, K, V, DO, L, DELTA, DK, DV, DQ, SEG, BOUNDS, sqb, sqh, sqt, sqd, skb, skh, skn, skd,
                   svb, svh, svn, svd, sdob, sdoh, sdot, sdod, sdkb, sdkh, sdkn, H, KH, T, S, qk_scale, sm_scale,
                   GROUP, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ATOMIC_DQ: tl.constexpr, SEGMENTS: tl.constexpr):
@@ -292,11 +314,14 @@ def _dkdv_program(Q, K, V, DO, L, DELTA, DK, DV, DQ, SEG, SEG_LO, SEG_HI, sqb, s
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     if SEGMENTS:
-        # packed rows (T == S): the query rows of these keys' segments, from the diagonal when causal (a
-        # segment's rows never precede its first key); every block masked
-        seg_k, m_seg, m_seg_end = _segment_range(SEG, SEG_LO, SEG_HI, b, offs_n, T, T, BLOCK_M)
+        # packed rows (T == S): the query rows of these keys' segments [m_seg, m_seg_end), from the diagonal
+        # when causal; no mask for [m_seg_full, m_seg_full_end): rows in the run of every key, below the block
+        seg_k, m_seg, m_seg_full, m_seg_full_end, m_seg_end = _segment_split(SEG, BOUNDS, b, offs_n, T, T, T,
+                                                                             BLOCK_M)
         if CAUSAL:
-            m_seg = n0 // BLOCK_M * BLOCK_M
+            m_seg = tl.maximum(m_seg, n0 // BLOCK_M * BLOCK_M)
+            m_seg_full = tl.minimum(tl.maximum(m_seg_full, tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M), m_seg_end)
+            m_seg_full_end = tl.maximum(m_seg_full_end, m_seg_full)
     else:
         seg_k = offs_n
     if CAUSAL:
@@ -315,7 +340,15 @@ def _dkdv_program(Q, K, V, DO, L, DELTA, DK, DV, DQ, SEG, SEG_LO, SEG_HI, sqb, s
         delta_row = DELTA + (b * H + h) * T
         dq_base = DQ + (b * H + h) * T * HEAD_DIM
         if SEGMENTS:
-            for m0 in range(m_seg, m_seg_end, BLOCK_M):
+            for m0 in range(m_seg, m_seg_full, BLOCK_M):
+                dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, l_row, delta_row, offs_n, offs_d, m0, T, S,
+                                     sqt, sqd, sdot, sdod, qk_scale, dq_base, sm_scale, seg_k, SEG + b * T, CAUSAL,
+                                     HEAD_DIM, BLOCK_M, PREC, ATOMIC_DQ, True)
+            for m0 in range(m_seg_full, m_seg_full_end, BLOCK_M):
+                dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, l_row, delta_row, offs_n, offs_d, m0, T, S,
+                                     sqt, sqd, sdot, sdod, qk_scale, dq_base, sm_scale, seg_k, SEG, False,
+                                     HEAD_DIM, BLOCK_M, PREC, ATOMIC_DQ, False)
+            for m0 in range(m_seg_full_end, m_seg_end, BLOCK_M):
                 dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, l_row, delta_row, offs_n, offs_d, m0, T, S,
                                      sqt, sqd, sdot, sdod, qk_scale, dq_base, sm_scale, seg_k, SEG + b * T, CAUSAL,
                                      HEAD_DIM, BLOCK_M, PREC, ATOMIC_DQ, True)
@@ -336,11 +369,11 @@ def _dkdv_program(Q, K, V, DO, L, DELTA, DK, DV, DQ, SEG, SEG_LO, SEG_HI, sqb, s
 
 @triton.autotune(configs=_BWD_KV_CONFIGS, key=_KEY, prune_configs_by=_by_dtype(_DKDV_32))
 @triton.jit(do_not_specialize=_NO_SPECIALIZE + ["KH"])
-def _attn_bwd_dkdv(Q, K, V, DO, L, DELTA, DK, DV, SEG, SEG_LO, SEG_HI, sqb, sqh, sqt, sqd, skb, skh, skn, skd,
+def _attn_bwd_dkdv(Q, K, V, DO, L, DELTA, DK, DV, SEG, BOUNDS, sqb, sqh, sqt, sqd, skb, skh, skn, skd,
                    svb, svh, svn, svd, sdob, sdoh, sdot, sdod, sdkb, sdkh, sdkn, H, KH, T, S, qk_scale, sm_scale,
                    TUNE_T, TUNE_S, GROUP, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr,
                    PREC: tl.constexpr, SEGMENTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    _dkdv_program(Q, K, V, DO, L, DELTA, DK, DV, L, SEG, SEG_LO, SEG_HI, sqb, sqh, sqt, sqd, skb, skh, skn, skd,
+    _dkdv_program(Q, K, V, DO, L, DELTA, DK, DV, L, SEG, BOUNDS, sqb, sqh, sqt, sqd, skb, skh, skn, skd,
                   svb, svh, svn, svd, sdob, sdoh, sdot, sdod, sdkb, sdkh, sdkn, H, KH, T, S, qk_scale, sm_scale,
                   GROUP, HEAD_DIM, CAUSAL, BLOCK_D, PREC, BLOCK_M, BLOCK_N, False, SEGMENTS)
 
@@ -349,12 +382,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, L, DELTA, DK, DV, SEG, SEG_LO, SEG_HI, sqb, sqh,
 @triton.autotune(configs=_BWD_ATOMIC_CONFIGS, key=_KEY, prune_configs_by=_by_dtype(_ATOMIC_32),
                  reset_to_zero=["DQ"])
 @triton.jit(do_not_specialize=_NO_SPECIALIZE + ["KH"])
-def _attn_bwd_atomic(Q, K, V, DO, L, DELTA, DK, DV, DQ, SEG, SEG_LO, SEG_HI, sqb, sqh, sqt, sqd, skb, skh, skn,
+def _attn_bwd_atomic(Q, K, V, DO, L, DELTA, DK, DV, DQ, SEG, BOUNDS, sqb, sqh, sqt, sqd, skb, skh, skn,
                      skd, svb, svh, svn, svd, sdob, sdoh, sdot, sdod, sdkb, sdkh, sdkn, H, KH, T, S, qk_scale,
                      sm_scale, TUNE_T, TUNE_S, GROUP, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
                      BLOCK_D: tl.constexpr, PREC: tl.constexpr, SEGMENTS: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr):
-    _dkdv_program(Q, K, V, DO, L, DELTA, DK, DV, DQ, SEG, SEG_LO, SEG_HI, sqb, sqh, sqt, sqd, skb, skh, skn, skd,
+    _dkdv_program(Q, K, V, DO, L, DELTA, DK, DV, DQ, SEG, BOUNDS, sqb, sqh, sqt, sqd, skb, skh, skn, skd,
                   svb, svh, svn, svd, sdob, sdoh, sdot, sdod, sdkb, sdkh, sdkn, H, KH, T, S, qk_scale, sm_scale,
                   GROUP, HEAD_DIM, CAUSAL, BLOCK_D, PREC, BLOCK_M, BLOCK_N, True, SEGMENTS)
 
@@ -387,7 +420,7 @@ def _dq_block(dq, q, do, lse, delta, k_base, v_base, offs_m, offs_d, n0, T, S, s
 
 @triton.autotune(configs=_BWD_Q_CONFIGS, key=_KEY, prune_configs_by=_by_dtype(_DQ_32))
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _attn_bwd_dq(Q, K, V, DO, L, DELTA, DQ, SEG, SEG_LO, SEG_HI, sqb, sqh, sqt, sqd, skb, skh, skn, skd, svb, svh,
+def _attn_bwd_dq(Q, K, V, DO, L, DELTA, DQ, SEG, BOUNDS, sqb, sqh, sqt, sqd, skb, skh, skn, skd, svb, svh,
                  svn, svd, sdob, sdoh, sdot, sdod, sdqb, sdqh, sdqt, H, T, S, qk_scale, sm_scale, TUNE_T, TUNE_S,
                  GROUP, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr,
                  PREC: tl.constexpr, SEGMENTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -401,17 +434,19 @@ def _attn_bwd_dq(Q, K, V, DO, L, DELTA, DQ, SEG, SEG_LO, SEG_HI, sqb, sqh, sqt, 
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     full_end, hi = _key_split(m0, S, T, CAUSAL, BLOCK_M, BLOCK_N)  # the same split as the forward
     if SEGMENTS:
-        seg_q, lo, hi = _segment_range(SEG, SEG_LO, SEG_HI, b, offs_m, T, hi, BLOCK_N)
-        for n0 in range(lo, hi, BLOCK_N):
+        seg_q, lo, full_lo, full_end, hi = _segment_split(SEG, BOUNDS, b, offs_m, T, full_end, hi, BLOCK_N)
+        for n0 in range(lo, full_lo, BLOCK_N):
             dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, offs_m, offs_d, n0, T, S, skn, skd, svn, svd,
                            qk_scale, seg_q, SEG + b * T, True, CAUSAL, HEAD_DIM, BLOCK_N, PREC, True)
     else:
-        for n0 in range(0, full_end, BLOCK_N):
-            dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, offs_m, offs_d, n0, T, S, skn, skd, svn, svd,
-                           qk_scale, offs_m, SEG, False, CAUSAL, HEAD_DIM, BLOCK_N, PREC, False)
-        for n0 in range(full_end, hi, BLOCK_N):
-            dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, offs_m, offs_d, n0, T, S, skn, skd, svn, svd,
-                           qk_scale, offs_m, SEG, True, CAUSAL, HEAD_DIM, BLOCK_N, PREC, False)
+        seg_q = offs_m
+        full_lo = 0
+    for n0 in range(full_lo, full_end, BLOCK_N):
+        dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, offs_m, offs_d, n0, T, S, skn, skd, svn, svd,
+                       qk_scale, seg_q, SEG + b * T, False, CAUSAL, HEAD_DIM, BLOCK_N, PREC, False)
+    for n0 in range(full_end, hi, BLOCK_N):
+        dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, offs_m, offs_d, n0, T, S, skn, skd, svn, svd,
+                       qk_scale, seg_q, SEG + b * T, True, CAUSAL, HEAD_DIM, BLOCK_N, PREC, SEGMENTS)
     dq_ptrs = DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqt + offs_d[None, :]
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
 
@@ -428,25 +463,32 @@ def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))  # tl.dot needs >= 16 on every dimension
 
 
-def _segment_bounds(seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For segment ids [B, T] int32: the first position and the last position + 1 of each position's
-    segment id in its row (int32 [B, T] each), the kernels' loop bounds. Computed from a stable sort, so an
-    id that occurs in several runs is bounded by its first and last occurrence (the mask still compares ids:
-    the result equals the reference for any ids; packed rows, one run per example, skip the most). No host
-    sync: it is a few device ops."""
+def _segment_bounds(seg: torch.Tensor) -> torch.Tensor:
+    """The kernels' loop bounds for segment ids [B, T] int32, as int32 [B, 4, T]: per position, the first
+    position and the last position + 1 of its id in the row (what can attend it at all), and the start and
+    end of its run of equal ids (what surely attends it: blocks inside every row's run skip the mask). An id
+    may occur in several runs (first/last occurrence bound it; the mask still compares ids, so any ids give
+    the reference's result); packed rows, one run per example, skip the most. A few device ops, no sync."""
     B, T = seg.shape
-    ids, perm = torch.sort(seg, dim=1, stable=True)
     pos = torch.arange(T, device=seg.device).expand(B, T)
-    new = torch.ones_like(ids, dtype=torch.bool)
-    new[:, 1:] = ids[:, 1:] != ids[:, :-1]
-    last = torch.ones_like(new)
-    last[:, :-1] = new[:, 1:]
-    first_at = torch.where(new, pos, 0).cummax(dim=1).values  # sorted index of each group's first member
-    last_at = torch.where(last, pos, T).flip(1).cummin(dim=1).values.flip(1)
-    lo, hi = torch.empty_like(seg), torch.empty_like(seg)
-    lo.scatter_(1, perm, perm.gather(1, first_at).to(seg.dtype))  # stable: a group's first = its least position
-    hi.scatter_(1, perm, perm.gather(1, last_at).to(seg.dtype) + 1)
-    return lo, hi
+
+    def firsts_lasts(ids):  # per position of the sorted/unsorted row: index of its group's first and last + 1
+        new = torch.ones_like(ids, dtype=torch.bool)
+        new[:, 1:] = ids[:, 1:] != ids[:, :-1]
+        end = torch.ones_like(new)
+        end[:, :-1] = new[:, 1:]
+        first = torch.where(new, pos, 0).cummax(dim=1).values
+        last = torch.where(end, pos, T).flip(1).cummin(dim=1).values.flip(1)
+        return first, last
+
+    ids, perm = torch.sort(seg, dim=1, stable=True)
+    first_at, last_at = firsts_lasts(ids)  # within the sorted row; stable: a group's first = its least position
+    out = torch.empty((B, 4, T), dtype=torch.int32, device=seg.device)
+    out[:, 0].scatter_(1, perm, perm.gather(1, first_at).to(torch.int32))
+    out[:, 1].scatter_(1, perm, perm.gather(1, last_at).to(torch.int32) + 1)
+    run_start, run_last = firsts_lasts(seg)
+    out[:, 2], out[:, 3] = run_start, run_last + 1
+    return out
 
 
 class _FlashAttention(torch.autograd.Function):
@@ -457,7 +499,7 @@ class _FlashAttention(torch.autograd.Function):
         o = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
         lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
         sm_scale = 1.0 / math.sqrt(D)
-        segs = (seg, *_segment_bounds(seg)) if seg is not None and o.numel() else (lse, lse, lse)
+        segs = (seg, _segment_bounds(seg)) if seg is not None and o.numel() else (lse, lse)
         common = dict(GROUP=H // KH, HEAD_DIM=D, CAUSAL=causal, BLOCK_D=_block_d(D), PREC=dot_precision(q.dtype),
                       SEGMENTS=seg is not None)
         if o.numel():
