@@ -214,3 +214,33 @@ def test_lora_sft_checkpoints_only_adapters_and_trains(inputs, tmp_path, capsys)
     train = records(out, "train")
     assert train[-1]["loss"] < train[0]["loss"]
     assert load_model(last).cfg.dim == load_model(inputs["base"]).cfg.dim
+
+
+def test_demo_functions_preference_and_exact_match_from_checkpoints(inputs, tmp_path):
+    from z2all.bench.finetune import exact_match_eval, preference_eval
+
+    out = tmp_path / "run"
+    assert run_inproc(dpo_args(inputs, out, "--train.max_steps=20", "--dpo.beta=0.5", data="few")) == 0
+    before = preference_eval(inputs["base"], inputs["few"], reference=inputs["base"], split="train", beta=0.5)
+    after = preference_eval(out, inputs["few"], reference=inputs["base"], split="train", beta=0.5)
+    assert before["pairs"] == after["pairs"] >= 4
+    assert before["reward_margin"] == pytest.approx(0.0, abs=1e-6) and before["reward_acc"] == 0.0
+    assert after["reward_acc"] >= 0.75 and after["reward_margin"] > 0.5
+    assert after["logp_margin"] > before["logp_margin"]
+    recs = [json.loads(x) for x in (inputs["synth"] / "heldout.jsonl").read_text(encoding="utf-8").splitlines()][:3]
+    em = exact_match_eval(out, recs, max_new_tokens=4)
+    assert 0.0 <= em["all"] <= 1.0 and set(em) >= {"all", recs[0]["task"]}
+
+
+@pytest.mark.slow
+def test_bench_finetune_rows(tmp_path, capsys):
+    from z2all.bench.finetune import Config, run
+
+    assert run(Config(n=300, steps=3, batch_size=4, dim=32, n_layers=2, n_heads=2, threads=1,
+                      out=str(tmp_path / "out"))) == 0
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    assert [r["row"].split(",")[0] for r in rows] == ["SFT", "SFT", "DPO", "DPO", "DPO"]
+    full, lora = rows[0], rows[1]
+    assert lora["trainable"] < full["trainable"] / 3 and lora["ckpt_bytes"] < full["ckpt_bytes"] / 3
+    assert all(r["tokens_per_s"] > 0 and r["peak_mem"] > 0 for r in rows)
+    assert "| run " in (tmp_path / "out" / "report.md").read_text()
