@@ -164,6 +164,39 @@ class FastDecode:
             x = x + F.linear(F.silu(a) * b, w2)
         return F.linear(self._rms(x, m.norm.weight), m.output.weight)
 
+    def step_rows(self, tokens: torch.Tensor, pos: torch.Tensor, k_pool: list, v_pool: list, rows: torch.Tensor,
+                  row_range: tuple[int, int] | None, mask: torch.Tensor) -> torch.Tensor:
+        """One token per row, each row at its own position (continuous batching, serve/engine.py): tokens,
+        pos, rows [B]; k_pool/v_pool per layer [slots, K, len, D]; row b's key and value go to
+        (rows[b], pos[b]); attention reads rows[b]'s keys 0..S-1 (S = mask.shape[1]) where mask [B, S] is
+        True; row_range = (lo, hi) when rows are lo..hi-1 in order (a slice instead of a gather).
+        Returns logits [B, V]."""
+        F, H, K, D = self.F, self.H, self.K, self.D
+        m = self.model
+        B, S = mask.shape
+        cos, sin = self._rope(tokens.device, S)
+        cos, sin = cos[pos][:, None], sin[pos][:, None]  # [B, 1, D]
+        x = F.embedding(tokens, m.tok_embeddings.weight)
+        attn_mask = mask[:, None, None, :]
+        nqk = (H + K) * D
+        for i, (wn1, wqkv, wo, wn2, w13, w2) in enumerate(self.layers):
+            qkv = F.linear(self._rms(x, wn1), wqkv)
+            qk = qkv[:, :nqk].view(B, H + K, D)
+            qk = qk * cos + qk.roll(D // 2, -1) * sin
+            kc, vc = k_pool[i], v_pool[i]
+            kc[rows, :, pos] = qk[:, H:]
+            vc[rows, :, pos] = qkv[:, nqk:].view(B, K, D)
+            if row_range is not None:
+                keys, values = kc[row_range[0]:row_range[1], :, :S], vc[row_range[0]:row_range[1], :, :S]
+            else:
+                keys, values = kc[rows, :, :S], vc[rows, :, :S]
+            y = F.scaled_dot_product_attention(qk[:, :H, None], keys, values, attn_mask=attn_mask,
+                                               enable_gqa=K != H)
+            x = x + F.linear(y.reshape(B, H * D), wo)
+            a, b = F.linear(self._rms(x, wn2), w13).chunk(2, -1)
+            x = x + F.linear(F.silu(a) * b, w2)
+        return F.linear(self._rms(x, m.norm.weight), m.output.weight)
+
 
 @torch.inference_mode()
 def generate(model, input_ids: list[list[int]], max_new_tokens: int = 64, *, temperature: float = 0.0,

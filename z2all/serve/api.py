@@ -276,13 +276,13 @@ def create_app(svc: Service):
 
     async def run_request(request: Request, body: dict, chat: bool):
         params, explicit = parse_params(body, chat)
-        if chat:
-            msgs = parse_messages(body)
-            ids = render_chat(svc.tok, msgs, svc.chatml)
-            if not svc.chatml:
-                params.stop = params.stop + BASE_CHAT_STOPS
-        else:
-            ids = parse_prompt(body, svc.tok)
+        with svc.engine.tok_lock:
+            if chat:
+                ids = render_chat(svc.tok, parse_messages(body), svc.chatml)
+            else:
+                ids = parse_prompt(body, svc.tok)
+        if chat and not svc.chatml:
+            params.stop = params.stop + BASE_CHAT_STOPS
         svc.fill_max_tokens(params, explicit, len(ids), chat)
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
@@ -364,8 +364,14 @@ async def _sse(svc: Service, req, queue: asyncio.Queue, rid: str, created: int, 
             yield chunk({"role": "assistant", "content": ""})
         while True:
             ev = await queue.get()
-            if ev.text:
-                yield chunk({"content": ev.text} if chat else ev.text)
+            text = ev.text
+            # under load several deltas wait in the queue: send them as one chunk (fewer writes; OpenAI's
+            # chunks carry any number of tokens too)
+            while not ev.final and not queue.empty():
+                ev = queue.get_nowait()
+                text += ev.text
+            if text:
+                yield chunk({"content": text} if chat else text)
             if ev.final:
                 break
         if ev.finish_reason == "error":
@@ -403,6 +409,8 @@ class Config:
     max_body: int = opt(4 << 20, "largest request body in bytes; larger bodies get 413")
     sequential: bool = opt(False, "serve one request at a time (the reference for continuous batching; the same "
                            "as --max-batch 1)")
+    decode: str = opt("fast", "decode step: fast (fused projections) or plain (the model's forward, the reference)",
+                      choices=("fast", "plain"))
     device: str = opt("auto", "auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
     dtype: str = opt("auto", "compute dtype: auto = bf16/fp16 on GPU, fp32 on CPU",
                      choices=("auto", "fp32", "bf16", "fp16"))
@@ -443,7 +451,7 @@ def build(cfg: Config) -> tuple[Service, object]:
                         f"{human_bytes(free)} is free; lower --max-batch, --context or --max-tokens-in-cache")
     engine = Engine(model, loaded.tok, max_batch=max_batch, max_tokens_in_cache=cfg.max_tokens_in_cache,
                     context=cfg.context, prefill_chunk=cfg.prefill_chunk, max_queue=cfg.max_queue,
-                    eos_ids=loaded.eos_ids, vocab_limit=loaded.vocab_limit)
+                    eos_ids=loaded.eos_ids, vocab_limit=loaded.vocab_limit, decode=cfg.decode)
     svc = Service(engine, loaded.tok, cfg.model_name or loaded.name, loaded.chatml, cfg.api_key, cfg.max_body)
     return svc, create_app(svc)
 

@@ -23,8 +23,10 @@ The scheduler, one loop iteration:
   3. prefill ONE chunk of at most `prefill_chunk` tokens of the oldest admitted request still in prefill
      (chunked prefill: a long prompt costs the decoding requests at most one chunk's forward per step);
   4. one batched decode step for every request past its prefill: each row at its own position (a key
-     padding mask over the slot rows and per-row RoPE positions, see Z2all.rope_for), sampled with its
-     own settings; finished rows (EOS, a stop string, max_tokens) leave at once.
+     padding mask over the slot rows and per-row RoPE positions), sampled with its own settings; finished
+     rows (EOS, a stop string, max_tokens) leave at once. The step is model/generate.py's
+     FastDecode.step_rows (fused projections) or, with decode="plain", the model's forward (the
+     reference; Z2all.rope_for derives the positions from the mask).
 
 Greedy results do not depend on the company a request keeps: its prefill runs alone in the same chunks,
 and a decode row's masked extra keys add exact zeros. The batched matrix multiplies can round differently
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import os
 import threading
 import time
 import traceback
@@ -91,12 +94,16 @@ class Request:
         self.last = None  # the last sampled token, not yet in the cache
         self.cancelled = False
         self.done = False
-        self.text = ""
-        self.sent = 0  # characters of text already emitted
+        self.text = ""   # the decoded completion so far (incremental, see Engine._detok)
+        self.sent = 0    # characters of text already emitted
+        self.prefix = 0  # incremental detokenization: tokens [prefix:read] were decoded last time as context
+        self.read = 0
         self.generator = None
         if params.temperature > 0:
             self.generator = torch.Generator()
-            self.generator.manual_seed(params.seed if params.seed is not None else torch.seed() % (2 ** 63))
+            # no seed: a fresh one from the OS (torch.seed() would reseed the global generator)
+            seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+            self.generator.manual_seed(seed)
 
 
 class _SlotView:
@@ -152,13 +159,16 @@ class Engine:
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_tokens_in_cache: int = 0,
                  context: int = 0, prefill_chunk: int = 128, max_queue: int = 64,
-                 eos_ids: list[int] | None = None, vocab_limit: int | None = None):
+                 eos_ids: list[int] | None = None, vocab_limit: int | None = None, decode: str = "fast"):
         if max_batch < 1:
             raise UserError(f"--max-batch must be >= 1, got {max_batch}")
         if prefill_chunk < 1:
             raise UserError(f"--prefill-chunk must be >= 1, got {prefill_chunk}")
         if max_queue < 0:
             raise UserError(f"--max-queue must be >= 0, got {max_queue}")
+        if decode not in ("fast", "plain"):
+            raise UserError(f"--decode must be fast or plain, got {decode!r}")
+        self.decode = decode
         self.model = model.eval()
         self.tok = tokenizer
         ctx = context or model.cfg.max_seq_len
@@ -179,6 +189,9 @@ class Engine:
         self.waiting: collections.deque[Request] = collections.deque()
         self.active: list[Request] = []
         self.cond = threading.Condition()
+        # one user of the tokenizer at a time: the server encodes prompts on its event loop while this thread
+        # decodes, and a Rust tokenizer borrowed by two threads at once can fail ("Already borrowed")
+        self.tok_lock = threading.Lock()
         self.stopping = False
         self.steps = 0  # decode steps run (for tests and the benchmark)
         self.max_rows = 0  # the most rows one decode step has carried
@@ -233,6 +246,7 @@ class Engine:
             self.free.sort()  # lowest first keeps the active slots packed (a slice, not a gather)
             req.slot = -1
         if reason in ("stop", "length"):
+            self._detok(req, final=True)
             tail = _cut(req.text, req.params.stop)[req.sent:]
             if tail:
                 req.emit(Event(text=tail))
@@ -292,9 +306,17 @@ class Engine:
         S = view.S
         ar = torch.arange(S, device=self.device)
         mask = ar[None, :] <= view.pos[:, None]  # [B, S]: each row sees its own keys only
-        idx = torch.tensor([[r.last] for r in rows], dtype=torch.long, device=self.device)
-        logits, _ = self.model(idx, kv_cache=view, start_pos=S - 1, key_padding_mask=mask, logits_to_keep=1)
-        nxt = self._sample(logits[:, -1], rows)
+        if self.decode == "fast":
+            from z2all.model.generate import FastDecode
+
+            tokens = torch.tensor([r.last for r in rows], dtype=torch.long, device=self.device)
+            logits = FastDecode.for_model(self.model).step_rows(tokens, view.pos, self.pool.k, self.pool.v,
+                                                                view.slots, view.range, mask)
+        else:
+            idx = torch.tensor([[r.last] for r in rows], dtype=torch.long, device=self.device)
+            logits, _ = self.model(idx, kv_cache=view, start_pos=S - 1, key_padding_mask=mask, logits_to_keep=1)
+            logits = logits[:, -1]
+        nxt = self._sample(logits, rows)
         with self.cond:
             self.steps += 1
             self.max_rows = max(self.max_rows, len(rows))
@@ -324,21 +346,36 @@ class Engine:
         req.out.append(token)
         req.last = token
         stops = req.params.stop
-        text = self.tok.decode(req.out, skip_special_tokens=True)
-        req.text = text
-        if stops and any(s in text for s in stops):
-            self._finish(req, "stop")
-            return
+        delta = self._detok(req)
+        text = req.text
+        if stops and delta:
+            window = text[-(len(delta) + max(len(s) for s in stops)):]
+            if any(s in window for s in stops):
+                self._finish(req, "stop")
+                return
         if len(req.out) >= req.params.max_tokens:
             self._finish(req, "length")
-            return
-        if text.endswith("\ufffd"):  # half a character: wait for the rest
             return
         hold = max((len(s) for s in stops), default=1) - 1  # may be the start of a stop string
         upto = len(text) - hold
         if upto > req.sent:
             req.emit(Event(text=text[req.sent:upto]))
             req.sent = upto
+
+    def _detok(self, req: Request, final: bool = False) -> str:
+        """Append the text of the new tokens to req.text and return it, decoding only a short window (the
+        tokens since the previous read as context, then the new ones), not the whole completion every step
+        (text-generation-inference's scheme). A token that ends in half a character (U+FFFD) waits for the
+        next one, unless final."""
+        with self.tok_lock:
+            prefix = self.tok.decode(req.out[req.prefix:req.read], skip_special_tokens=True)
+            full = self.tok.decode(req.out[req.prefix:], skip_special_tokens=True)
+        if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
+            delta = full[len(prefix):]
+            req.text += delta
+            req.prefix, req.read = req.read, len(req.out)
+            return delta
+        return ""
 
 
 def _cut(text: str, stops: list[str]) -> str:
