@@ -391,13 +391,13 @@ def export_peft_adapter(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike,
     if base_out is not None and Path(base_out).resolve() == out.resolve():
         raise UserError("--base-out must differ from --out (the adapter directory)")
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else default_tokenizer_dir(ckpt, kind)
+    model = load_base(ref, ckpt)  # before anything is written: a missing or changed base is refused first
+    apply_lora(model, config_of(ref))
+    load_adapters(model, read_safetensors(ckpt / WEIGHTS_FILE), ckpt)
     base_path = None
     if base_out is not None:
         base_path = export_hf(ref["base"], base_out, dtype, str(tok_dir) if tok_dir.is_dir() else None)
     claim_output_dir(out, ADAPTER_COMMAND, option="--out", protect=[ckpt_dir, ckpt, tok_dir, ref["base"]])
-    model = load_base(ref, ckpt)
-    apply_lora(model, config_of(ref))
-    load_adapters(model, read_safetensors(ckpt / WEIGHTS_FILE), ckpt)
     dt = None if dtype == "auto" else pick_dtype(dtype, torch.device("cpu"))
     with atomic_dir(out) as tmp:
         shutil.copy2(out / OWNER_FILE, tmp / OWNER_FILE)
