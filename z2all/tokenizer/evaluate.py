@@ -229,6 +229,7 @@ def _twin(path: Path, train_docs: list[str], twin_max_chars: int) -> tuple[Path 
         note = (f"the HF twin trained on the eval corpus' non-held-out documents: {path.name}'s training inputs "
                 f"are not on disk, so the twin row is not a same-data comparison")
     tc = TrainConfig(inputs=inputs, out_dir=str(tmp / "tok"), backend="hf", vocab_size=cfg["vocab_size"],
+                     pattern=cfg.get("pattern", "z2all"),  # tokenizers from before --pattern used ours
                      han_chunk=cfg["han_chunk"], min_frequency=cfg["min_frequency"],
                      special_tokens=cfg["special_tokens"], text_field=cfg["text_field"],
                      max_chars=twin_max_chars or cfg["max_chars"])

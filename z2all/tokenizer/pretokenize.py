@@ -5,7 +5,12 @@ things: which tokens can exist at all, and how many distinct "words" the trainer
 pattern string is written into `tokenizer.json` (a `Split` pre-tokenizer), so training (Python `regex`)
 and encoding (Rust `tokenizers`, Oniguruma) cut text identically; a test checks the two agree.
 
-The pattern, alternative by alternative (first match wins, scanning left to right):
+Three patterns, by name (`z2all tokenizer train --pattern`): `llama-bpe` (Llama 3's, the default),
+`qwen2` (Qwen2's: the same with single digits) and `z2all` (ours, below: Han runs in chunks). The first
+two are the ones llama.cpp implements, so a GGUF export tokenizes exactly as we do (model/gguf.py); why
+llama-bpe is the default is measured in docs/performance.md ("Split patterns").
+
+Our `z2all` pattern, alternative by alternative (first match wins, scanning left to right):
 
     (?i:'s|'t|'re|'ve|'m|'ll|'d)         English contractions, as in GPT-4's cl100k
     \\p{Han}{1,N}                         Han characters in chunks of at most N (default 4), see below
@@ -65,7 +70,13 @@ QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 NAMED_PATTERNS = {"llama-bpe": LLAMA3_PATTERN, "qwen2": QWEN2_PATTERN}
 LLAMA_CPP_PRE = {"llama-bpe": "llama-bpe", "qwen2": "qwen2"}  # our name -> tokenizer.ggml.pre
-PATTERN_NAMES = ("z2all", *NAMED_PATTERNS)
+PATTERN_NAMES = ("llama-bpe", "qwen2", "z2all")
+# The default of `z2all tokenizer train`, chosen by `z2all bench patterns` (docs/performance.md): on 33 MB of
+# zh/en/code at vocab 32k, whole Han runs gave 11% more zh bytes/token than 4-character chunks (3% under a
+# memory budget that forced pruning), en and code equal, at the same peak memory under the same budget,
+# and llama.cpp tokenizes it identically. Chunking remains as `z2all` for corpora whose Chinese word table
+# would not fit the budget without heavy pruning.
+DEFAULT_PATTERN = "llama-bpe"
 
 
 def named_pattern(name: str, han_chunk: int = DEFAULT_HAN_CHUNK) -> str:

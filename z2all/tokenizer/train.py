@@ -43,7 +43,7 @@ from z2all.data.schema import FIELDS, record_text
 from z2all.data.shards import MANIFEST, find_shards
 from z2all.io import OWNER_FILE, atomic_dir, atomic_write_bytes, claim_output_dir
 from z2all.tokenizer import bpe, hf
-from z2all.tokenizer.pretokenize import DEFAULT_HAN_CHUNK, PATTERN_NAMES, named_pattern
+from z2all.tokenizer.pretokenize import DEFAULT_HAN_CHUNK, DEFAULT_PATTERN, PATTERN_NAMES, named_pattern
 from z2all.utils import UserError, human_bytes, print0, progress
 
 
@@ -58,10 +58,11 @@ class Config:
     memory_budget: str = opt("2GB", "z2all backend: RAM for counting and merging, e.g. 2GB, 512MB; the word "
                              "table is pruned (lossy counting) to fit")
     workers: int = opt(0, "z2all backend: word-counting processes (0 = all cores)")
-    pattern: str = opt("z2all", "split pattern: z2all (ours: Han runs cut into pieces of at most --han-chunk "
-                       "characters, bounded memory on Chinese), llama-bpe (Llama 3's) or qwen2 (Qwen2's); the "
-                       "last two export to llama.cpp (GGUF) with identical tokenization", choices=PATTERN_NAMES)
-    han_chunk: int = opt(DEFAULT_HAN_CHUNK, "split pattern: Han runs are cut into pieces of at most this many "
+    pattern: str = opt(DEFAULT_PATTERN, "split pattern: llama-bpe (Llama 3's: whole letter and Han runs, digits "
+                       "in 3s), qwen2 (Qwen2's: single digits) or z2all (Han runs cut into pieces of at most "
+                       "--han-chunk characters); llama-bpe and qwen2 export to llama.cpp (GGUF) with identical "
+                       "tokenization. `z2all bench patterns` compares them", choices=PATTERN_NAMES)
+    han_chunk: int = opt(DEFAULT_HAN_CHUNK, "with --pattern z2all: Han runs are cut into pieces of at most this many "
                          "characters (see pretokenize.py)")
     min_frequency: int = opt(2, "a pair must occur at least this often to be merged (z2all and hf)")
     special_tokens: list[str] = opt(factory=list, help="extra special tokens after <|endoftext|>, <|im_start|>, "
