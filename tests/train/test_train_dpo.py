@@ -244,3 +244,21 @@ def test_bench_finetune_rows(tmp_path, capsys):
     assert lora["trainable"] < full["trainable"] / 3 and lora["ckpt_bytes"] < full["ckpt_bytes"] / 3
     assert all(r["tokens_per_s"] > 0 and r["peak_mem"] > 0 for r in rows)
     assert "| run " in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_two_processes_equal_one_process_with_accumulation(inputs, tmp_path):
+    common = ["--train.max_steps=4", "--eval.every=0", "--data.batch_size=2", "--dpo.reference=precomputed"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    for out, nproc, extra in ((one, 1, ["--data.grad_accum=2"]), (two, 2, [])):
+        pre = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        res = subprocess.run([*(pre if nproc > 1 else [sys.executable]), str(DPO_CLI),
+                              *dpo_args(inputs, out, *common, *extra)], cwd=REPO, env=cli_env(), capture_output=True,
+                             text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+    a, b = train_losses(one), train_losses(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for s in a:
+        assert a[s] == pytest.approx(b[s], rel=1e-5, abs=1e-6)
+    wa, wb = load_weights(ckpt.latest_checkpoint(one)), load_weights(ckpt.latest_checkpoint(two))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
