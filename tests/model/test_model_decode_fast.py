@@ -54,3 +54,18 @@ def test_fast_padded_batch_and_weight_changes():
     assert after == generate(m, prompts[:1], 20, decode="plain") and after != before
     with pytest.raises(UserError, match="--decode"):
         generate(m, prompts, 2, decode="quick")
+
+
+def test_lora_model_takes_the_forward():
+    """A LoRA-wrapped model (adapters not merged) is not FastDecode's: generate falls back to the forward,
+    which runs the adapters."""
+    from z2all.model.lora import LoraConfig, apply_lora
+
+    m = model()
+    apply_lora(m, LoraConfig(rank=4))
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.5)
+    assert FastDecode.for_model(m) is None
+    assert generate(m, [[3, 14, 15]], 12, decode="fast") == generate(m, [[3, 14, 15]], 12, decode="plain")

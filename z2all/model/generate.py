@@ -120,8 +120,24 @@ class FastDecode:
     def _key(model) -> tuple:
         return tuple((p.data_ptr(), p._version) for p in model.parameters())
 
+    @staticmethod
+    def supports(model) -> bool:
+        """Only plain nn.Linear projections without hooks: a LoRA-wrapped model (model/lora.py LoraLinear)
+        or one with forward hooks must take the forward, which runs them."""
+        import torch.nn as nn
+
+        for b in model.layers:
+            a, f = b.attention, b.feed_forward
+            for lin in (a.wq, a.wk, a.wv, a.wo, f.w1, f.w2, f.w3):
+                if type(lin) is not nn.Linear or lin._forward_hooks or lin._forward_pre_hooks:
+                    return False
+        return type(model.output) is nn.Linear and type(model.tok_embeddings) is nn.Embedding
+
     @classmethod
-    def for_model(cls, model) -> FastDecode:
+    def for_model(cls, model) -> FastDecode | None:
+        """The model's FastDecode (built once per weights), or None when it does not support the model."""
+        if not cls.supports(model):
+            return None
         fd = model.__dict__.get("_z2all_fast_decode")
         if fd is None or fd.key != cls._key(model):
             fd = cls(model)

@@ -306,12 +306,14 @@ class Engine:
         S = view.S
         ar = torch.arange(S, device=self.device)
         mask = ar[None, :] <= view.pos[:, None]  # [B, S]: each row sees its own keys only
+        fast = None
         if self.decode == "fast":
             from z2all.model.generate import FastDecode
 
+            fast = FastDecode.for_model(self.model)
+        if fast is not None:
             tokens = torch.tensor([r.last for r in rows], dtype=torch.long, device=self.device)
-            logits = FastDecode.for_model(self.model).step_rows(tokens, view.pos, self.pool.k, self.pool.v,
-                                                                view.slots, view.range, mask)
+            logits = fast.step_rows(tokens, view.pos, self.pool.k, self.pool.v, view.slots, view.range, mask)
         else:
             idx = torch.tensor([[r.last] for r in rows], dtype=torch.long, device=self.device)
             logits, _ = self.model(idx, kv_cache=view, start_pos=S - 1, key_padding_mask=mask, logits_to_keep=1)
