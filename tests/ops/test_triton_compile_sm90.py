@@ -3,9 +3,9 @@ the interpreter that runs the CPU tests skips the real compiler (type unificatio
 constexpr branches, dot shapes, register/shared-memory limits), so this is the CPU-side guard for the GPU
 path. For each kernel's default configs (bf16 at head dims 64 and 128, and the fp32 config; every config of
 the atomic-dQ backward) it also checks the shared memory the compiled kernel needs against the H100's 227 KiB
-per block.
+per block. The attention kernels are built twice: plain, and with SEGMENTS (packed rows, segment ids).
 
-Slow (~2-4 min on 2 cores: ptxas on flash-attention kernels takes seconds each), so marked `slow`. Runs in a
+Slow (~4-8 min on 2 cores: ptxas on flash-attention kernels takes seconds each), so marked `slow`. Runs in a
 subprocess because Triton fixes interpreted-vs-compiled when the kernels are imported, and conftest.py
 switches the interpreter on for this process.
 """
@@ -59,21 +59,28 @@ SCRIPT = textwrap.dedent('''
     cases = [("bf16", 64, A._FWD_16[0], A._DKDV_16[0], A._DQ_16[0]),
              ("bf16", 128, A._FWD_16[0], A._DKDV_16[0], A._DQ_16[0]),
              ("fp32", 64, A._FWD_32[0], A._DKDV_32[0], A._DQ_32[0])]
+    seg = {"SEG": "*i32", "BOUNDS": "*i32"}
     for dt, D, cf, ckv, cq in cases:
-        common = {"HEAD_DIM": D, "CAUSAL": True, "BLOCK_D": D, "PREC": "ieee" if dt == "fp32" else "tf32"}
-        build(A._attn_fwd, {**{n: P(dt) for n in "QKVO"}, "L": "*fp32", **fl}, common, cf)
         build(A._attn_bwd_delta, {"O": P(dt), "DO": P(dt), "DELTA": "*fp32"},
               {"HEAD_DIM": D, "BLOCK_D": D, "BLOCK_M": 64})
-        build(A._attn_bwd_dkdv, {**{n: P(dt) for n in ("Q", "K", "V", "DO", "DK", "DV")}, "L": "*fp32",
-                                 "DELTA": "*fp32", **fl}, common, ckv)
-        build(A._attn_bwd_dq, {**{n: P(dt) for n in ("Q", "K", "V", "DO", "DQ")}, "L": "*fp32", "DELTA": "*fp32",
-                               **fl}, common, cq)
-        # the atomic-dQ backward (ops.attention_bwd=atomic): every config of its search space
-        for ca in (A._ATOMIC_16 if dt == "bf16" else A._ATOMIC_32):
-            build(A._attn_bwd_atomic, {**{n: P(dt) for n in ("Q", "K", "V", "DO", "DK", "DV")}, "L": "*fp32",
-                                       "DELTA": "*fp32", "DQ": "*fp32", **fl}, common, ca)
-    build(A._attn_fwd, {**{n: P("bf16") for n in "QKVO"}, "L": "*fp32", **fl},
-          {"HEAD_DIM": 64, "CAUSAL": False, "BLOCK_D": 64, "PREC": "tf32"}, A._FWD_16[0])
+        # plain and packed rows (SEGMENTS: the varlen variant, segment ids as int32 pointers)
+        for segments in (False, True):
+            common = {"HEAD_DIM": D, "CAUSAL": True, "BLOCK_D": D, "PREC": "ieee" if dt == "fp32" else "tf32",
+                      "SEGMENTS": segments}
+            sg = seg if segments else {n: "*fp32" for n in seg}  # the plain path passes L as a dummy
+            build(A._attn_fwd, {**{n: P(dt) for n in "QKVO"}, "L": "*fp32", **sg, **fl}, common, cf)
+            build(A._attn_bwd_dkdv, {**{n: P(dt) for n in ("Q", "K", "V", "DO", "DK", "DV")}, "L": "*fp32",
+                                     "DELTA": "*fp32", **sg, **fl}, common, ckv)
+            build(A._attn_bwd_dq, {**{n: P(dt) for n in ("Q", "K", "V", "DO", "DQ")}, "L": "*fp32",
+                                   "DELTA": "*fp32", **sg, **fl}, common, cq)
+            # the atomic-dQ backward (ops.attention_bwd=atomic): every config of its search space
+            for ca in (A._ATOMIC_16 if dt == "bf16" else A._ATOMIC_32):
+                build(A._attn_bwd_atomic, {**{n: P(dt) for n in ("Q", "K", "V", "DO", "DK", "DV")},
+                                           "L": "*fp32", "DELTA": "*fp32", "DQ": "*fp32", **sg, **fl}, common, ca)
+    for segments in (False, True):  # non-causal
+        sg = seg if segments else {n: "*fp32" for n in seg}
+        build(A._attn_fwd, {**{n: P("bf16") for n in "QKVO"}, "L": "*fp32", **sg, **fl},
+              {"HEAD_DIM": 64, "CAUSAL": False, "BLOCK_D": 64, "PREC": "tf32", "SEGMENTS": segments}, A._FWD_16[0])
     print("OK")
 ''')
 
