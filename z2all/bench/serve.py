@@ -5,7 +5,7 @@ against one request at a time (`--sequential`), the same model and prompts in on
     z2all bench serve --ckpt runs/demo --clients 1,4,8,16 --requests 2 --max-tokens 64
 
 For each mode a real server process starts (127.0.0.1, a free port, --threads), takes one warm-up request,
-then for each N in --clients: N clients (asyncio + httpx, streaming /v1/completions, greedy, ignore_eos so
+then for each N in --clients: N clients (bare asyncio connections, streaming /v1/completions, greedy, ignore_eos so
 every request yields exactly --max-tokens tokens) each send --requests requests one after another, each
 with its own prompt of about --prompt-tokens tokens from the demo corpus. Reported per (mode, N):
 aggregate generated tokens/s (all tokens / wall time of the level), time to first token p50/p99, the gap
@@ -152,40 +152,44 @@ class _Server:
         self.log.close()
 
 
-async def _one(client, url: str, model: str, prompt: str, max_tokens: int) -> dict:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}
+async def _one(port: int, model: str, prompt: str, max_tokens: int) -> dict:
+    """One streaming request over a bare asyncio connection (HTTP/1.1 written by hand, SSE lines read as
+    they come): a client light enough not to take the cores it measures from the server."""
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                       "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}).encode()
     t0 = time.perf_counter()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    await writer.drain()
+    status = (await reader.readline()).split()
+    if len(status) < 2 or status[1] != b"200":
+        rest = await reader.read(600)
+        writer.close()
+        raise UserError(f"the server answered {b' '.join(status[1:]).decode()}: {rest[-300:]!r}")
     times, tokens = [], 0
-    async with client.stream("POST", url + "/v1/completions", json=body) as r:
-        if r.status_code != 200:
-            raise UserError(f"the server answered {r.status_code}: {(await r.aread())[:300]!r}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            if chunk.get("choices") and chunk["choices"][0].get("text"):
-                times.append(time.perf_counter())
+    while line := await reader.readline():
+        if not line.startswith(b"data: {"):
+            continue  # headers, chunk sizes, blank lines, [DONE]
+        if line.startswith(b'data: {"id"') and b'"usage":{' in line.replace(b" ", b""):
+            tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+        elif b'"text":""' not in line.replace(b" ", b""):
+            times.append(time.perf_counter())
+    writer.close()
     return {"ttft": times[0] - t0 if times else float("nan"), "gaps": [b - a for a, b in zip(times, times[1:])],
             "tokens": tokens}
 
 
-async def _level(url: str, model: str, prompts: list[str], n: int, requests: int, max_tokens: int, timeout: float):
-    import httpx
-
-    async def client_loop(c, k):
+async def _level(port: int, model: str, prompts: list[str], n: int, requests: int, max_tokens: int, timeout: float):
+    async def client_loop(k):
         out = []
         for j in range(requests):
-            out.append(await _one(c, url, model, prompts[(k * requests + j) % len(prompts)], max_tokens))
+            out.append(await _one(port, model, prompts[(k * requests + j) % len(prompts)], max_tokens))
         return out
 
-    limits = httpx.Limits(max_connections=n + 2, max_keepalive_connections=n + 2)
-    async with httpx.AsyncClient(timeout=timeout, limits=limits) as c:
-        t0 = time.perf_counter()
-        res = await asyncio.wait_for(asyncio.gather(*(client_loop(c, k) for k in range(n))), timeout)
-        wall = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    res = await asyncio.wait_for(asyncio.gather(*(client_loop(k) for k in range(n))), timeout)
+    wall = time.perf_counter() - t0
     return [r for rs in res for r in rs], wall
 
 
@@ -220,10 +224,10 @@ def _generate_reference(ckpt: Path, prompt: str, max_tokens: int, threads: int) 
 
 def run(cfg: Config) -> int:
     try:
-        import httpx  # noqa: F401
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
     except ImportError:
-        raise UserError("z2all bench serve needs httpx (pip install httpx) and the serve extra "
-                        "(pip install 'llm-zero2all[serve]')") from None
+        raise UserError("z2all bench serve needs the serve extra: pip install 'llm-zero2all[serve]'") from None
     clients = [int(c) for c in cfg.clients]
     if not clients or min(clients) < 1 or cfg.requests < 1 or cfg.max_tokens < 1 or cfg.prompt_tokens < 1:
         raise UserError("--clients, --requests, --max-tokens and --prompt-tokens must be >= 1")
@@ -249,9 +253,9 @@ def run(cfg: Config) -> int:
             srv = _Server(ckpt, cfg.threads, *args)
             try:
                 model = srv.health["model"]
-                asyncio.run(_level(srv.url, model, prompts[:1], 1, 1, 8, cfg.timeout))  # warm-up
+                asyncio.run(_level(srv.port, model, prompts[:1], 1, 1, 8, cfg.timeout))  # warm-up
                 for n in clients:
-                    res, wall = asyncio.run(_level(srv.url, model, prompts, n, cfg.requests, cfg.max_tokens,
+                    res, wall = asyncio.run(_level(srv.port, model, prompts, n, cfg.requests, cfg.max_tokens,
                                                    cfg.timeout))
                     toks = sum(r["tokens"] for r in res)
                     ttft = [r["ttft"] for r in res]
