@@ -13,11 +13,11 @@
 # Stages (each capped; every stage runs even when an earlier one failed):
 #   0. deps        pytest, numpy, safetensors present? else pip install them (a GPU box may have no internet:
 #                  then it says which are missing and skips only what needs them)          cap  ${GPU_CHECK_DEPS_S:-20} s
-#   1. tests       five pytest processes side by side (Triton compiles are CPU-bound, the box has cores):
+#   1. tests       seven pytest processes side by side (Triton compiles are CPU-bound, the box has cores):
 #                  ALL of tests/ops on CUDA, i.e. every kernel compiled (not interpreted) vs ops/reference.py
 #                  on odd shapes in fp32, fp16 and bf16, both attention backwards (split and atomic dQ, one
-#                  shard each, each with its varlen / segment-ids tests), the whole model with every kernel vs the reference model (fp32, and bf16
-#                  autocast), the `gpu`-marked tests; and tests/train/test_train_gpu.py: bf16 + fused AdamW
+#                  shard each; the varlen / segment-ids kernels in two more), the whole model with every
+#                  kernel vs the reference model (fp32, and bf16 autocast), the `gpu`-marked tests; and tests/train/test_train_gpu.py: bf16 + fused AdamW
 #                  with MFU from the peak table, use_all trained 8 steps vs 4 + resume + 4 (both backwards),
 #                  activation checkpointing                                                     cap ${GPU_CHECK_TESTS_S:-200} s
 #   2. kernels     z2all bench kernels (attention first: split vs atomic-dQ backward vs SDPA flash/cuDNN;
@@ -133,13 +133,14 @@ echo "== tests (cap ${GPU_CHECK_TESTS_S:-200}s, $((SECONDS - T_START)) s elapsed
 shards=()
 if has pytest; then
   shard ops-model "${PYTEST[@]}" tests/ops/test_triton_model.py tests/ops/test_ops_reference.py
-  shard ops-attention-split "${PYTEST[@]}" tests/ops/test_triton_attention.py tests/ops/test_triton_varlen.py \
-    -k "not atomic"
-  shard ops-attention-atomic "${PYTEST[@]}" tests/ops/test_triton_attention.py tests/ops/test_triton_varlen.py \
-    -k "atomic"
+  shard ops-attention-split "${PYTEST[@]}" tests/ops/test_triton_attention.py -k "not atomic"
+  shard ops-attention-atomic "${PYTEST[@]}" tests/ops/test_triton_attention.py -k "atomic"
+  # the varlen (segment ids) kernels compile their own variants: shards of their own, not on the ones above
+  shard ops-varlen-split "${PYTEST[@]}" tests/ops/test_triton_varlen.py -k "not atomic"
+  shard ops-varlen-atomic "${PYTEST[@]}" tests/ops/test_triton_varlen.py -k "atomic"
   shard ops-ce-pointwise "${PYTEST[@]}" tests/ops/test_triton_cross_entropy.py tests/ops/test_triton_pointwise.py \
     tests/ops/test_triton_bench_kernels.py
-  shards+=(ops-model ops-attention-split ops-attention-atomic ops-ce-pointwise)
+  shards+=(ops-model ops-attention-split ops-attention-atomic ops-varlen-split ops-varlen-atomic ops-ce-pointwise)
 else
   skip ops-tests "needs pytest"
 fi
