@@ -18,8 +18,9 @@
 #                  on odd shapes in fp32, fp16 and bf16, both attention backwards (split and atomic dQ, one
 #                  shard each; the varlen / segment-ids kernels in two more), the whole model with every
 #                  kernel vs the reference model (fp32, and bf16 autocast), the `gpu`-marked tests; and
-#                  tests/train/test_train_gpu.py: bf16 + fused AdamW with MFU from the peak table, use_all trained 8 steps vs 4 + resume + 4 (both backwards),
-#                  activation checkpointing                                                     cap ${GPU_CHECK_TESTS_S:-200} s
+#                  tests/train/test_train_gpu.py: bf16 + fused AdamW with MFU from the peak table, use_all
+#                  trained 8 steps vs 4 + resume + 4 (both backwards), activation checkpointing
+#                                                                                               cap ${GPU_CHECK_TESTS_S:-200} s
 #   2. kernels     z2all bench kernels (attention first: split vs atomic-dQ backward vs SDPA flash/cuDNN;
 #                  last, attention_varlen: packed rows, varlen kernel vs SDPA with the block mask vs the
 #                  segment-blind causal kernel)                                                 cap ${GPU_CHECK_KERNELS_S:-200} s
