@@ -1,9 +1,11 @@
 """The document-aware (segment ids / varlen) Triton flash attention vs reference.attention_naive with the same
 segment_ids: output and dq, dk, dv, fp32 and fp16 (+ bf16 on a GPU), both backward passes (split and atomic
 dQ), on small odd shapes: GQA, several segments per row including length-1 segments, rows with different
-segmentations, causal and non-causal, unequal block shapes; plus a test that blocks outside a query block's
-segments are never read (poisoned with NaN), the segment-bounds helper against brute force, and the argument
-checks. On CPU through the interpreter, on a CUDA machine the compiled kernels (ops_helpers).
+segmentations, ids reused in two runs, long examples (the unmasked in-segment path), causal and non-causal,
+unequal block shapes; plus: blocks outside a query block's segments are never read (poisoned with NaN), the
+segment-bounds helper against brute force, the argument checks, a tiny model on packed rows (triton ==
+naive, loss and gradients) and the `bench kernels --ops=attention_varlen` rows on CPU. On CPU through the
+interpreter, on a CUDA machine the compiled kernels (ops_helpers).
 
 Tolerances as tests/ops/test_triton_attention.py: fp32 1e-4, fp16 1e-2.
 """
