@@ -450,8 +450,14 @@ def _chat_part(cfg: Config, out: Path, tok_dir: Path, base_ckpt: Path) -> list[t
 
     t0 = _stage(11, "compare: base vs SFT model on held-out prompts (greedy)")
     records = heldout_records(synth_dir, cfg.heldout_per_task)
-    base = chat_answers(base_ckpt, tok_dir, records)
-    tuned = chat_answers(sft_ckpt, tok_dir, records)
+    old = torch.get_num_threads()
+    if threads > 0:  # the thread count training used: spinning OpenMP threads on a busy machine stall decoding
+        torch.set_num_threads(threads)
+    try:
+        base = chat_answers(base_ckpt, tok_dir, records)
+        tuned = chat_answers(sft_ckpt, tok_dir, records)
+    finally:
+        torch.set_num_threads(old)
     table, summary = compare_table(records, base, tuned)
     print0(table)
     print0("\nchat samples (SFT model, held-out prompts):")
