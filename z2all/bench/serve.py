@@ -4,14 +4,15 @@ against one request at a time (`--sequential`), the same model and prompts in on
     z2all bench serve                                   # the demo-sized model (tiny preset, random weights)
     z2all bench serve --ckpt runs/demo --clients 1,4,8,16 --requests 2 --max-tokens 64
 
-For each mode a real server process starts (127.0.0.1, a free port, --threads), takes one warm-up request,
-then for each N in --clients: N clients (bare asyncio connections, streaming /v1/completions, greedy, ignore_eos so
-every request yields exactly --max-tokens tokens) each send --requests requests one after another, each
-with its own prompt of about --prompt-tokens tokens from the demo corpus. Reported per (mode, N):
+Each mode's server process starts (127.0.0.1, a free port, --threads) and takes one warm-up request;
+then for each N in --clients, the modes one after the other (alternating, so both see the same load): N
+clients (bare asyncio connections, streaming /v1/completions, greedy, ignore_eos so every request yields
+exactly --max-tokens tokens) each send --requests requests one after another, each with its own prompt
+of about --prompt-tokens tokens from the demo corpus. Reported per (mode, N):
 aggregate generated tokens/s (all tokens / wall time of the level), time to first token p50/p99, the gap
 between streamed chunks (inter-token latency) p50/p99; per mode the server's peak RSS (VmHWM) and KV
 cache. The last row is `z2all generate`'s path (model/generate.py, in this process, batch 1, the same
-prompt length and token count): the single-stream reference.
+prompt length and token count, measured right after the single-stream rows): the single-stream reference.
 
 Without --ckpt the model is the `tiny` preset (the demo's model, ~5M parameters at vocab 4096) with random
 weights and a BPE trained on the embedded demo corpus in a second: throughput does not depend on the
@@ -248,15 +249,20 @@ def run(cfg: Config) -> int:
         prompts = _prompts(tok, max(clients) * cfg.requests, cfg.prompt_tokens)
         rows, notes = [], []
         results: dict[tuple[str, int], float] = {}
-        for mode in cfg.modes:
-            args = ["--sequential"] if mode == "sequential" else ["--max-batch", str(max(clients))]
-            srv = _Server(ckpt, cfg.threads, *args)
-            try:
-                model = srv.health["model"]
-                asyncio.run(_level(srv.port, model, prompts[:1], 1, 1, 8, cfg.timeout))  # warm-up
-                for n in clients:
-                    res, wall = asyncio.run(_level(srv.port, model, prompts, n, cfg.requests, cfg.max_tokens,
-                                                   cfg.timeout))
+        servers: dict[str, _Server] = {}
+        ref = None
+        try:
+            # every mode's server runs from the start (an idle one sleeps on its scheduler's condition) and the
+            # levels alternate between them, so each pair of rows saw the same load on a shared machine
+            for mode in cfg.modes:
+                args = ["--sequential"] if mode == "sequential" else ["--max-batch", str(max(clients))]
+                servers[mode] = _Server(ckpt, cfg.threads, *args)
+                asyncio.run(_level(servers[mode].port, servers[mode].health["model"], prompts[:1], 1, 1, 8,
+                                   cfg.timeout))  # warm-up
+            for n in clients:
+                for mode, srv in servers.items():
+                    res, wall = asyncio.run(_level(srv.port, srv.health["model"], prompts, n, cfg.requests,
+                                                   cfg.max_tokens, cfg.timeout))
                     toks = sum(r["tokens"] for r in res)
                     ttft = [r["ttft"] for r in res]
                     gaps = [g for r in res for g in r["gaps"]]
@@ -265,10 +271,14 @@ def run(cfg: Config) -> int:
                                  f"{_pct(ttft, 50) * 1e3:.0f}", f"{_pct(ttft, 99) * 1e3:.0f}",
                                  f"{_pct(gaps, 50) * 1e3:.1f}", f"{_pct(gaps, 99) * 1e3:.1f}"])
                     print(f"  {mode:<10} N={n:<3} {toks / wall:8.0f} tokens/s", file=sys.stderr, flush=True)
+                if ref is None:  # next to the single-stream rows
+                    ref = _generate_reference(ckpt, prompts[0], cfg.max_tokens, cfg.threads)
+            for mode, srv in servers.items():
                 notes.append(f"{mode}: server peak RSS {srv.peak_rss() / 2**20:.0f} MB")
-            finally:
+        finally:
+            for srv in servers.values():
                 srv.stop()
-        ref = _generate_reference(ckpt, prompts[0], cfg.max_tokens, cfg.threads)
+        rows.sort(key=lambda r: (cfg.modes.index(r[0]), r[1]))
         rows.append(["`z2all generate` path, in-process", 1, 3, 3 * cfg.max_tokens, "", f"{ref:,.0f}",
                      "", "", "", ""])
     finally:
