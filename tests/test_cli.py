@@ -16,9 +16,11 @@ EXPECTED = {
     "tokenizer": ["train", "eval"],
     "train": None,
     "eval": None,
+    "chat": None,
+    "serve": None,
     "generate": None,
     "export": ["hf", "gguf"],
-    "bench": ["data", "tokenizer", "patterns", "kernels", "model", "eval", "ablation"],
+    "bench": ["data", "tokenizer", "patterns", "kernels", "model", "eval", "serve", "ablation"],
     "plot": None,
     "demo": None,
 }

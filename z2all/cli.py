@@ -49,6 +49,9 @@ STAGES: dict[str, Command | tuple[str, dict[str, Command]]] = {
     "train": Command("pretrain a Z2all model (one CPU to many GPUs through torchrun)", "z2all.train.pretrain"),
     "eval": Command("score checkpoints: bits per byte per domain, multiple choice (lm-eval's rules), exact match",
                     "z2all.eval.run"),
+    "chat": Command("multi-turn terminal chat with a checkpoint (streaming; /reset /system /params)",
+                    "z2all.serve.chat"),
+    "serve": Command("OpenAI-compatible HTTP server with continuous batching and a chat page", "z2all.serve.api"),
     "generate": Command("sample text from a checkpoint with a KV cache", "z2all.model.generate"),
     "export": ("export a checkpoint to other ecosystems", {
         "hf": Command("write a standard Hugging Face LlamaForCausalLM directory", "z2all.model.hf_compat"),
@@ -65,6 +68,8 @@ STAGES: dict[str, Command | tuple[str, dict[str, Command]]] = {
                            "z2all.bench.kernels"),
         "model": Command("training and generation tokens/s: ours vs transformers", "z2all.bench.model"),
         "eval": Command("multiple-choice items/s: ours vs lm-eval's hf backend", "z2all.bench.evaluate"),
+        "serve": Command("serving tokens/s, TTFT, inter-token latency at N streams: continuous batching vs one at a "
+                         "time", "z2all.bench.serve"),
         "ablation": Command("the original llm-zero2all ablation table: naive, use_all, w/o each op, +compile",
                             "z2all.bench.ablation"),
     }),

@@ -1,8 +1,5 @@
 """Fault classes of `z2all serve`, `z2all chat` and `z2all bench serve`, through the real CLI in subprocesses:
-each ends in one `error:` line naming the option or file, exit 2, no traceback, and nothing written.
-
-(The commands are registered in-process with setdefault, the same entries cli.STAGES lists once the lead
-adds them; then this is `python -m z2all ...` exactly.)"""
+each ends in one `error:` line naming the option or file, exit 2, no traceback, and nothing written."""
 
 from __future__ import annotations
 
@@ -19,7 +16,7 @@ from rel_helpers import Result, assert_clean_failure, snapshot
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "serve"))
-from serve_helpers import LAUNCH, make_ckpt  # noqa: E402
+from serve_helpers import cli_argv, make_ckpt  # noqa: E402
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -28,21 +25,16 @@ pytest.importorskip("uvicorn")
 def run(*args: str, timeout: float = 300) -> Result:
     env = {**os.environ, "Z2ALL_NO_PROGRESS": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     env.pop("Z2ALL_DEBUG", None)
-    p = subprocess.run([sys.executable, "-c", LAUNCH, *map(str, args)], cwd=REPO, env=env, capture_output=True,
+    p = subprocess.run(cli_argv(*map(str, args)), cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=timeout, input="")
     return Result(p.returncode, p.stdout, p.stderr)
 
 
 @pytest.fixture
 def inproc(monkeypatch, capsys):
-    """Variants in this process: cli.main with the commands registered for this test only."""
+    """Variants in this process: cli.main itself (no interpreter start per case)."""
     from z2all import cli
 
-    monkeypatch.setitem(cli.STAGES, "serve", cli.STAGES.get("serve", cli.Command("serve", "z2all.serve.api")))
-    monkeypatch.setitem(cli.STAGES, "chat", cli.STAGES.get("chat", cli.Command("chat", "z2all.serve.chat")))
-    help_, cmds = cli.STAGES["bench"]
-    monkeypatch.setitem(cli.STAGES, "bench", (help_, {"serve": cli.Command("bench serve", "z2all.bench.serve"),
-                                                      **cmds}))
     monkeypatch.setattr(sys, "stdin", __import__("io").StringIO(""))
 
     def call(*args) -> Result:

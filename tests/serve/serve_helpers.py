@@ -1,8 +1,7 @@
 """Shared by tests/serve: a tiny chat checkpoint (our specials and ChatML, a random model with sharp logits so
 greedy choices are not near-ties), and the real `z2all serve` process on a free loopback port.
 
-The server is started through z2all.cli.main with the serve/chat/bench-serve commands registered in-process
-(the same code path as `z2all serve` once cli.STAGES lists them)."""
+The server is the real `python -m z2all serve` process."""
 
 from __future__ import annotations
 
@@ -21,17 +20,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "z2all" / "data" / "demo"
 
-LAUNCH = (
-    "import sys; from z2all import cli\n"
-    "cli.STAGES.setdefault('serve', cli.Command('serve', 'z2all.serve.api'))\n"
-    "cli.STAGES.setdefault('chat', cli.Command('chat', 'z2all.serve.chat'))\n"
-    "b = cli.STAGES['bench'][1]; b.setdefault('serve', cli.Command('bench serve', 'z2all.bench.serve'))\n"
-    "sys.exit(cli.main(sys.argv[1:]))\n"
-)
-
-
 def cli_argv(*args: str) -> list[str]:
-    return [sys.executable, "-c", LAUNCH, *args]
+    return [sys.executable, "-m", "z2all", *args]
 
 
 def _texts(max_chars: int = 16_000) -> list[str]:
