@@ -20,7 +20,7 @@ EXPECTED = {
     "serve": None,
     "generate": None,
     "export": ["hf", "gguf"],
-    "bench": ["data", "tokenizer", "patterns", "kernels", "model", "eval", "serve", "ablation"],
+    "bench": ["data", "tokenizer", "patterns", "kernels", "model", "eval", "llamacpp", "serve", "ablation"],
     "plot": None,
     "demo": None,
 }

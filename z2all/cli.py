@@ -68,6 +68,8 @@ STAGES: dict[str, Command | tuple[str, dict[str, Command]]] = {
                            "z2all.bench.kernels"),
         "model": Command("training and generation tokens/s: ours vs transformers", "z2all.bench.model"),
         "eval": Command("multiple-choice items/s: ours vs lm-eval's hf backend", "z2all.bench.evaluate"),
+        "llamacpp": Command("single-stream decode tokens/s: our generate vs llama.cpp on the GGUF export",
+                            "z2all.bench.llamacpp"),
         "serve": Command("serving tokens/s, TTFT, inter-token latency at N streams: continuous batching vs one at a "
                          "time", "z2all.bench.serve"),
         "ablation": Command("the original llm-zero2all ablation table: naive, use_all, w/o each op, +compile",

@@ -118,3 +118,16 @@ def test_f16_and_q8_0_agreement(exported):
             assert got == want and top1 >= 0.99
         else:  # q8_0 on random weights: near-tied logits flip (measured 0.89 top-1, 32/32 greedy); reported
             assert top1 >= 0.8
+
+
+def test_bench_llamacpp_table(exported, capsys):
+    """`z2all bench llamacpp` runs ours and llama.cpp on the same checkpoint and reports equal greedy tokens."""
+    from z2all.bench import llamacpp
+
+    _, _, files = exported
+    ckpt = files["f32"].parent / "step-000001"
+    assert llamacpp.run(llamacpp.Config(ckpt=str(ckpt), new_tokens=16, repeats=1, threads=1,
+                                        dtypes=["f32"])) == 0
+    out = capsys.readouterr().out
+    rows = [r for r in out.splitlines() if r.startswith("| llama.cpp f32") or r.startswith("| z2all generate")]
+    assert len(rows) == 3 and all("| 16/16" in r for r in rows), out
