@@ -26,6 +26,12 @@ With `--chat` (chat models, part 1) it goes on from the pretrained checkpoint:
                       accuracy per task and the share of answers that end with <|im_end|>, then a few chat
                       samples of the SFT model
 
+What to expect from --chat (measured on a 2-core machine shared with other jobs, so ~6x slower than quiet): the
+SFT model closes 94-100% of its answers with <|im_end|> (base: 0%) and gives answers of the right form, but
+held-out exact match stays low (4-5.5%, mostly `count`) after 42-240 SFT steps on a base pretrained for 75 steps:
+copying (reverse, title) and arithmetic need more pretraining and SFT steps than that. The same pipeline fits
+24 training conversations exactly (100% exact match after 150 steps at lr 3e-3), so masks, packing, rendering
+and decoding are right; the gap is the training budget.
 A rerun reuses finished stages (their artifacts exist) and resumes training; `--fresh` starts over.
 """
 
