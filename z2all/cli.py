@@ -49,6 +49,8 @@ STAGES: dict[str, Command | tuple[str, dict[str, Command]]] = {
     "train": Command("pretrain a Z2all model (one CPU to many GPUs through torchrun)", "z2all.train.pretrain"),
     "eval": Command("score checkpoints: bits per byte per domain, multiple choice (lm-eval's rules), exact match",
                     "z2all.eval.run"),
+    "sft": Command("fine-tune a pretrained checkpoint on chat data (packing, loss on assistant tokens)",
+                   "z2all.train.sft"),
     "chat": Command("multi-turn terminal chat with a checkpoint (streaming; /reset /system /params)",
                     "z2all.serve.chat"),
     "serve": Command("OpenAI-compatible HTTP server with continuous batching and a chat page", "z2all.serve.api"),
@@ -68,6 +70,7 @@ STAGES: dict[str, Command | tuple[str, dict[str, Command]]] = {
                            "z2all.bench.kernels"),
         "model": Command("training and generation tokens/s: ours vs transformers", "z2all.bench.model"),
         "eval": Command("multiple-choice items/s: ours vs lm-eval's hf backend", "z2all.bench.evaluate"),
+        "sft": Command("packed vs padded SFT batches: rows, padding share, real tokens/s", "z2all.bench.sft"),
         "llamacpp": Command("single-stream decode tokens/s: our generate vs llama.cpp on the GGUF export",
                             "z2all.bench.llamacpp"),
         "serve": Command("serving tokens/s, TTFT, inter-token latency at N streams: continuous batching vs one at a "

@@ -14,7 +14,7 @@ import pytest
 from rel_helpers import Result, assert_clean_failure, snapshot
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
-from sft_helpers import SFT_CLI, TINY_SFT, make_sft_inputs  # noqa: E402
+from sft_helpers import TINY_SFT, make_sft_inputs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -24,7 +24,7 @@ def sft(*args: str) -> Result:
 
     env = {**os.environ, "Z2ALL_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
     env.pop("Z2ALL_DEBUG", None)
-    p = subprocess.run([sys.executable, str(SFT_CLI), "sft", *map(str, args)], cwd=REPO, env=env,
+    p = subprocess.run([sys.executable, "-m", "z2all", "sft", *map(str, args)], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=300)
     return Result(p.returncode, p.stdout, p.stderr)
 

@@ -12,8 +12,6 @@ from pathlib import Path
 
 from train_helpers import REPO, cli_env
 
-SFT_CLI = Path(__file__).with_name("sft_cli.py")
-
 # a tiny model and short rows: steps take milliseconds on one thread
 TINY_SFT = ["--data.seq_len=128", "--data.batch_size=4", "--eval.max_batches=2", "--eval.samples=2",
             "--eval.sample_tokens=8", "--metrics.tensorboard=false", "--device=cpu", "--optim.warmup_steps=2",
@@ -58,9 +56,9 @@ def run_sft_cli(args: list[str], *, nproc: int = 1, timeout: float = 300, check:
                 popen: bool = False):
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(SFT_CLI), *args]
+               "-m", "z2all", *args]
     else:
-        cmd = [sys.executable, str(SFT_CLI), *args]
+        cmd = [sys.executable, "-m", "z2all", *args]
     if popen:
         return subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     res = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=timeout)
@@ -70,8 +68,6 @@ def run_sft_cli(args: list[str], *, nproc: int = 1, timeout: float = 300, check:
 
 
 def run_sft_inproc(args: list[str]) -> int:
-    import sft_cli  # noqa: F401 - registers the stage
-
     from z2all import cli
 
     return cli.main(args)
