@@ -12,16 +12,17 @@ from z2all import cli
 from z2all.config import leaves
 
 EXPECTED = {
-    "data": ["convert", "tokenize", "chat", "synth"],
+    "data": ["convert", "tokenize", "chat", "prefs", "synth"],
     "tokenizer": ["train", "eval"],
     "train": None,
     "sft": None,
+    "dpo": None,
     "eval": None,
     "chat": None,
     "serve": None,
     "generate": None,
     "export": ["hf", "gguf"],
-    "bench": ["data", "tokenizer", "patterns", "kernels", "model", "eval", "sft", "llamacpp", "serve", "ablation"],
+    "bench": ["data", "tokenizer", "patterns", "kernels", "model", "eval", "sft", "finetune", "llamacpp", "serve", "ablation"],
     "plot": None,
     "demo": None,
 }

@@ -39,6 +39,7 @@ STAGES: dict[str, Command | tuple[str, dict[str, Command]]] = {
                            "z2all.data.convert"),
         "tokenize": Command("shards + tokenizer -> memory-mapped train/val token files", "z2all.data.tokenize"),
         "chat": Command("conversations + tokenizer -> SFT token, loss-mask and example-index files", "z2all.data.chat"),
+        "prefs": Command("preference pairs + tokenizer -> DPO token, mask and pair files", "z2all.data.prefs"),
         "synth": Command("generate the synthetic zh/en instruction set (train + held-out jsonl)",
                          "z2all.data.synthetic"),
     }),
@@ -51,6 +52,7 @@ STAGES: dict[str, Command | tuple[str, dict[str, Command]]] = {
                     "z2all.eval.run"),
     "sft": Command("fine-tune a pretrained checkpoint on chat data (packing, loss on assistant tokens)",
                    "z2all.train.sft"),
+    "dpo": Command("align a checkpoint on preference pairs (DPO / IPO, LoRA optional)", "z2all.train.dpo"),
     "chat": Command("multi-turn terminal chat with a checkpoint (streaming; /reset /system /params)",
                     "z2all.serve.chat"),
     "serve": Command("OpenAI-compatible HTTP server with continuous batching and a chat page", "z2all.serve.api"),
@@ -71,6 +73,8 @@ STAGES: dict[str, Command | tuple[str, dict[str, Command]]] = {
         "model": Command("training and generation tokens/s: ours vs transformers", "z2all.bench.model"),
         "eval": Command("multiple-choice items/s: ours vs lm-eval's hf backend", "z2all.bench.evaluate"),
         "sft": Command("packed vs padded SFT batches: rows, padding share, real tokens/s", "z2all.bench.sft"),
+        "finetune": Command("full vs LoRA SFT, DPO live vs precomputed reference: tokens/s, memory, checkpoint "
+                            "size", "z2all.bench.finetune"),
         "llamacpp": Command("single-stream decode tokens/s: our generate vs llama.cpp on the GGUF export",
                             "z2all.bench.llamacpp"),
         "serve": Command("serving tokens/s, TTFT, inter-token latency at N streams: continuous batching vs one at a "

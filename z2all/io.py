@@ -184,6 +184,35 @@ def claim_output_dir(path: str | os.PathLike, command: str, *, option: str = "--
     return out
 
 
+@contextlib.contextmanager
+def claimed_output_dir(path: str | os.PathLike, command: str, **claim) -> Iterator[Path]:
+    """`claim_output_dir` for a command that may still fail before writing anything useful: if the claim
+    created the directory (or found it empty) and the body raises, the claim is undone (the owner file,
+    then the directories it created while they are empty), so a failed first run leaves no trace."""
+    out = Path(path)
+    fresh = not out.exists() or (out.is_dir() and not any(out.iterdir()))
+    stop = out if out.exists() else next((a for a in out.parents if a.exists()), out.anchor)
+    out = claim_output_dir(out, command, **claim)
+    try:
+        yield out
+    except BaseException:
+        if fresh:
+            (out / OWNER_FILE).unlink(missing_ok=True)
+            d = out
+            while d != Path(stop) and d != d.parent:
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
+                d = d.parent
+        raise
+
+
+def inside(child: str | os.PathLike, parent: str | os.PathLike) -> bool:
+    """Whether `child` is `parent` or lies below it (after resolving links)."""
+    return _inside(Path(child), Path(parent))
+
+
 def remove_listed(directory: str | os.PathLike, names: Iterable[str]) -> int:
     """Remove exactly the files (or our directories) `names` inside `directory`; returns how many existed.
     Used by --overwrite: a command deletes only what its own manifest says it wrote."""

@@ -19,7 +19,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 from sft_helpers import make_sft_inputs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-DPO_CLI = REPO / "tests" / "train" / "dpo_cli.py"
 TINY = ["--data.batch_size=2", "--eval.max_batches=1", "--metrics.tensorboard=false", "--device=cpu", "--threads=1",
         "--train.max_steps=2"]
 
@@ -27,7 +26,7 @@ TINY = ["--data.batch_size=2", "--eval.max_batches=1", "--metrics.tensorboard=fa
 def cli(*args: str) -> Result:
     env = {**os.environ, "Z2ALL_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
     env.pop("Z2ALL_DEBUG", None)
-    p = subprocess.run([sys.executable, str(DPO_CLI), *map(str, args)], cwd=REPO, env=env, capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "z2all", *map(str, args)], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=300)
     return Result(p.returncode, p.stdout, p.stderr)
 

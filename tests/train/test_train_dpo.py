@@ -22,7 +22,7 @@ from train_helpers import REPO, cli_env, load_weights, train_losses
 from z2all.train import checkpoint as ckpt
 from z2all.train.dpo import dpo_loss, sequence_logps
 
-DPO_CLI = Path(__file__).with_name("dpo_cli.py")
+Z2ALL = ["-m", "z2all"]  # the real CLI, also under torchrun
 TINY = ["--data.batch_size=4", "--eval.max_batches=2", "--metrics.tensorboard=false", "--device=cpu",
         "--optim.warmup_steps=2", "--optim.lr=3e-3", "--optim.min_lr=3e-4", "--threads=1", "--train.log_every=1"]
 
@@ -49,8 +49,6 @@ def dpo_args(inputs, out: Path, *extra: str, data: str = "prefs") -> list[str]:
 
 
 def run_inproc(args: list[str]) -> int:
-    import dpo_cli  # noqa: F401 - registers the stage
-
     from z2all import cli
 
     return cli.main(args)
@@ -133,7 +131,7 @@ def test_sigkill_then_resume_matches_uninterrupted(inputs, tmp_path, capsys):
     common = [f"--train.max_steps={steps}", "--ckpt.every=5", "--ckpt.keep_last=1", "--eval.every=30"]
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     assert run_inproc(dpo_args(inputs, ref, *common)) == 0
-    proc = subprocess.Popen([sys.executable, str(DPO_CLI), *dpo_args(inputs, killed, *common)], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, *Z2ALL, *dpo_args(inputs, killed, *common)], cwd=REPO,
                             env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     target = killed / "checkpoints" / "step-000010"
     deadline = time.time() + 180
@@ -251,7 +249,7 @@ def test_two_processes_equal_one_process_with_accumulation(inputs, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     for out, nproc, extra in ((one, 1, ["--data.grad_accum=2"]), (two, 2, [])):
         pre = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-        res = subprocess.run([*(pre if nproc > 1 else [sys.executable]), str(DPO_CLI),
+        res = subprocess.run([*(pre if nproc > 1 else [sys.executable]), *Z2ALL,
                               *dpo_args(inputs, out, *common, *extra)], cwd=REPO, env=cli_env(), capture_output=True,
                              text=True, timeout=300)
         assert res.returncode == 0, res.stderr[-3000:]

@@ -41,7 +41,7 @@ from z2all.io import (
     OWNER_FILE,
     atomic_dir,
     atomic_write_text,
-    claim_output_dir,
+    claimed_output_dir,
     verify_checksums,
     write_checksums,
 )
@@ -220,19 +220,6 @@ def _token_ids(tok) -> dict:
             "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id}
 
 
-def _unclaim(out: Path, stop: Path) -> None:
-    """Undo a claim_output_dir that created `out` (and parents up to `stop`, which existed) for a command
-    that then failed: only the owner file and empty directories are removed."""
-    (out / OWNER_FILE).unlink(missing_ok=True)
-    d = out
-    while d != stop and d != d.parent:
-        try:
-            d.rmdir()
-        except OSError:
-            return
-        d = d.parent
-
-
 def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "auto",
               tokenizer_dir: str | os.PathLike | None = None, config=None) -> Path:
     """Write a standard LlamaForCausalLM directory at out_dir from a checkpoint (anything
@@ -263,10 +250,7 @@ def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: st
 
         hf_logging.disable_progress_bar()  # "Writing model shards" bars in CI logs
     # claimed before the (slow) model load, so a refusal is immediate; undone if the export fails
-    fresh = not out.exists() or (out.is_dir() and not any(out.iterdir()))
-    stop = out if out.exists() else next(a for a in out.parents if a.exists())
-    claim_output_dir(out, EXPORT_COMMAND, option="--out", protect=[ckpt_dir, ckpt, tok_dir])
-    try:
+    with claimed_output_dir(out, EXPORT_COMMAND, option="--out", protect=[ckpt_dir, ckpt, tok_dir]):
         model = load_model(ckpt) if kind == "z2all" else load_hf_dir(ckpt)
         if dtype != "auto":
             model = model.to(pick_dtype(dtype, torch.device("cpu")))
@@ -301,10 +285,6 @@ def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: st
             save_config(config, tmp / EXPORT_CONFIG, checkpoint=str(ckpt), checkpoint_kind=kind,
                         tokenizer_dir=str(tok_dir) if tok_dir is not None else None)
             write_checksums(tmp)
-    except BaseException:
-        if fresh:
-            _unclaim(out, stop)
-        raise
     return out
 
 

@@ -41,7 +41,7 @@ from z2all.config import opt, save_config
 from z2all.data import readers
 from z2all.data.schema import FIELDS, record_text
 from z2all.data.shards import MANIFEST, find_shards
-from z2all.io import OWNER_FILE, atomic_dir, atomic_write_bytes, claim_output_dir
+from z2all.io import OWNER_FILE, atomic_dir, atomic_write_bytes, claimed_output_dir, inside
 from z2all.tokenizer import bpe, hf
 from z2all.tokenizer.pretokenize import DEFAULT_HAN_CHUNK, DEFAULT_PATTERN, PATTERN_NAMES, named_pattern
 from z2all.utils import UserError, human_bytes, print0, progress
@@ -391,27 +391,6 @@ def _legacy_tokenizer_dir(d: Path) -> bool:
             and names <= OUR_FILES)
 
 
-def _inside(child: Path, parent: Path) -> bool:
-    try:
-        child.resolve().relative_to(parent.resolve())
-        return True
-    except ValueError:
-        return False
-
-
-def _unclaim(out: Path, stop: Path) -> None:
-    """Undo claim_output_dir for a run that failed: the owner file, then the directories it created (only
-    while empty, up to `stop`, which existed before)."""
-    (out / OWNER_FILE).unlink(missing_ok=True)
-    d = out
-    while d != stop and d != d.parent:
-        try:
-            d.rmdir()
-        except OSError:
-            return
-        d = d.parent
-
-
 def train_tokenizer(cfg: Config) -> dict:
     """Train and write `cfg.out_dir`; returns a summary dict (also stored in the provenance file).
     The directory is claimed first (new, empty, an earlier `tokenizer train` output, or an older z2all's
@@ -427,18 +406,11 @@ def train_tokenizer(cfg: Config) -> dict:
     pattern = named_pattern(cfg.pattern, cfg.han_chunk)
     out = Path(cfg.out_dir)
     for item in cfg.inputs:  # the output inside an input directory would be read back as input next time
-        if Path(item).is_dir() and _inside(out, Path(item)):
+        if Path(item).is_dir() and inside(out, item):
             raise UserError(f"--out-dir {out} lies inside the input directory {item}; a later run would read the "
                             f"tokenizer files as text. Choose an --out-dir outside the inputs")
-    fresh = not out.exists() or (out.is_dir() and not any(out.iterdir()))
-    stop = out if out.exists() else next(a for a in out.parents if a.exists())
-    claim_output_dir(out, TRAIN_COMMAND, option="--out-dir", protect=files, legacy=_legacy_tokenizer_dir)
-    try:
+    with claimed_output_dir(out, TRAIN_COMMAND, option="--out-dir", protect=files, legacy=_legacy_tokenizer_dir):
         return _train_into(cfg, out, files, specials, vocab_target, pattern)
-    except BaseException:
-        if fresh:
-            _unclaim(out, stop)
-        raise
 
 
 def _train_into(cfg: Config, out: Path, files: list[Path], specials: list[str], vocab_target: int,
