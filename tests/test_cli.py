@@ -62,6 +62,7 @@ def test_every_command_has_config_run_and_help_for_every_option(path, cmd, capsy
         cli.main([*path, "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
+    assert "option_strings" not in out  # a bare % in a help text makes argparse print its internals
     for key, f, _ in leaves(config_cls):
         shown = key.upper() if f.metadata.get("positional") else f"--{key}"
         assert shown in out

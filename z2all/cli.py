@@ -110,7 +110,9 @@ def build_parser(prog: str, cmd: Command, config_cls) -> argparse.ArgumentParser
         if meta.get("choices"):
             help_text += f" (one of: {', '.join(map(str, meta['choices']))})"
         base, _ = strip_optional(hint)
-        kw = dict(dest=key, default=argparse.SUPPRESS, help=f"{help_text} [default: {default}]")
+        # argparse %-formats help strings: a literal "5%" in our text must reach it as "5%%"
+        kw = dict(dest=key, default=argparse.SUPPRESS,
+                  help=f"{help_text} [default: {default}]".replace("%", "%%"))
         if meta.get("positional"):
             many = typing.get_origin(base) in (list, tuple)
             p.add_argument(key, nargs="*" if many else "?", metavar=key.upper(),
