@@ -28,7 +28,6 @@ def test_use_all_resolves_to_triton_kernels():
     ops = resolve(OpsConfig(preset="use_all"))
     for op in OPS:  # the config key is the field name
         assert getattr(ops, op).__module__.startswith("z2all.ops.triton."), op
-    assert ops.rms_norm is ops.rmsnorm and ops.linear_cross_entropy is ops.cross_entropy  # deprecated aliases
     assert ops.attention.__name__ == "attention" and ("attention_bwd", "split") in ops.names
     ops = resolve(OpsConfig(preset="use_all", rope="torch"))  # the "w/o RoPE" ablation row
     assert ops.rope.__module__ == "z2all.ops.reference"

@@ -72,7 +72,7 @@ class RMSNorm(nn.Module):
         self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ops.rms_norm(x, self.weight, self.eps)
+        return self.ops.rmsnorm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -240,7 +240,7 @@ class Z2all(nn.Module):
                 positions: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None):
         """idx [B, T] token ids.
 
-        targets [B, T] (ignore_index -100): returns (None, mean loss), computed by ops.linear_cross_entropy
+        targets [B, T] (ignore_index -100): returns (None, mean loss), computed by ops.cross_entropy
         on the final hidden states [B*T, C] and the LM head weight, so a fused backend never holds the
         [B*T, V] logits. Without targets: returns (logits [B, T, V] in the model's dtype, None), only the
         last `logits_to_keep` positions when that is > 0 (generation wants 1).
@@ -269,7 +269,7 @@ class Z2all(nn.Module):
                 x = layer(x, cos, sin, kv_cache, start_pos, key_padding_mask, segment_ids)
         x = self.norm(x)
         if targets is not None:
-            loss = self.ops.linear_cross_entropy(x.reshape(B * T, -1), self.output.weight, targets.reshape(-1))
+            loss = self.ops.cross_entropy(x.reshape(B * T, -1), self.output.weight, targets.reshape(-1))
             return None, loss
         if logits_to_keep > 0:
             x = x[:, -logits_to_keep:]

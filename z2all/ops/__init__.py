@@ -14,8 +14,7 @@ Implementations:
 
 One name per op everywhere: the config key (`--model.ops.rmsnorm`), the field of the resolved `Ops`
 (`ops.rmsnorm`), the ablation row and the `bench kernels --ops` name are the same word. The callables keep
-reference.py's descriptive names (rms_norm, linear_cross_entropy); `Ops.rms_norm` and
-`Ops.linear_cross_entropy` remain as deprecated aliases of `ops.rmsnorm` / `ops.cross_entropy`.
+reference.py's descriptive names (rms_norm, linear_cross_entropy).
 
 Presets (the rows of the original llm-zero2all project's ablation): "naive" = every op torch and naive
 attention; "use_all" = every op Triton. A preset sets all ops first; then any op named explicitly
@@ -125,16 +124,6 @@ class Ops:
     attention: Callable
     cross_entropy: Callable
     names: tuple  # ((op, impl), ...) for logging
-
-    @property
-    def rms_norm(self) -> Callable:
-        """Deprecated alias of `rmsnorm` (the field's name before op keys and fields were unified)."""
-        return self.rmsnorm
-
-    @property
-    def linear_cross_entropy(self) -> Callable:
-        """Deprecated alias of `cross_entropy`."""
-        return self.cross_entropy
 
 
 def _load(path: str) -> Callable:
