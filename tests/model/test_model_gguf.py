@@ -187,3 +187,22 @@ def test_tokenizer_train_pattern_option_reaches_the_gguf(tmp_path):
     assert ours._split_pattern(tj) == named_pattern("qwen2")
     voc = ours.read_vocab(out, 384)
     assert voc.pre == "qwen2" and voc.warning is None
+
+
+def test_hf_directory_exports_directly(ckpt, tmp_path):
+    """Any Llama directory our import accepts exports to GGUF: ours -> export hf -> export gguf gives the
+    same tensors as ours -> export gguf."""
+    from z2all.model.hf_compat import export_hf
+
+    d, _ = ckpt
+    hf_dir = export_hf(d, tmp_path / "hf")
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    ours.run(ours.Config(ckpt=str(d), out=str(a)))
+    ours.run(ours.Config(ckpt=str(hf_dir), out=str(b)))
+    ra, rb = gguf.GGUFReader(str(a)), gguf.GGUFReader(str(b))
+    ta = {t.name: np.asarray(t.data) for t in ra.tensors}
+    tb = {t.name: np.asarray(t.data) for t in rb.tensors}
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        np.testing.assert_array_equal(ta[k], tb[k], err_msg=k)
+    assert _read(a)[1]["tokenizer.ggml.tokens"] == _read(b)[1]["tokenizer.ggml.tokens"]
