@@ -22,7 +22,8 @@ EXPECTED = {
     "serve": None,
     "generate": None,
     "export": ["hf", "gguf"],
-    "bench": ["data", "tokenizer", "patterns", "kernels", "model", "eval", "sft", "finetune", "llamacpp", "serve", "ablation"],
+    "bench": ["data", "tokenizer", "patterns", "kernels", "model", "eval", "sft", "finetune", "llamacpp", "serve",
+              "ablation"],
     "plot": None,
     "demo": None,
 }
