@@ -33,3 +33,21 @@ def test_one_row_per_pattern_with_raw_numbers(tmp_path, capsys):
 def test_unknown_pattern_is_refused():
     with pytest.raises(UserError, match="--patterns: unknown gpt5"):
         patterns.Config(patterns=["gpt5"]).validate()
+
+
+def test_foreign_out_is_refused_before_any_training(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.md").write_text("keep me")
+    with pytest.raises(UserError, match="not empty"):
+        patterns.run(patterns.Config(size_mb=0.1, vocab_size=512, out=str(out)))
+    assert [p.name for p in out.iterdir()] == ["notes.md"] and (out / "notes.md").read_text() == "keep me"
+
+
+def test_bench_llamacpp_bad_arguments_are_one_line(tmp_path):
+    from z2all.bench import llamacpp
+
+    with pytest.raises(UserError, match="--ckpt"):
+        llamacpp.run(llamacpp.Config())
+    with pytest.raises(UserError, match=">= 1"):
+        llamacpp.run(llamacpp.Config(ckpt=str(tmp_path), new_tokens=0))
