@@ -1,7 +1,7 @@
 """Tasks from our own artifacts: the held-out documents of a `data tokenize` output are exactly its val
 split, the unigram baseline comes from its train split when the tokenizer is the model's, and
-`eval_demo` (what `make demo` prints) gives bits per byte and continuation accuracy per domain next to
-chance."""
+`demo_report` (what `make demo` prints) gives bits per byte per domain next to the unigram baseline and
+continuation accuracy per domain next to chance, windowed at the length the checkpoint was trained on."""
 
 from __future__ import annotations
 
@@ -55,13 +55,33 @@ def test_heldout_docs_are_the_val_split_and_unigram_from_train(tokens_dir, ckpt)
     assert run.unigram_counts(out, out) is None  # another tokenizer: no train-split baseline
 
 
-def test_eval_demo_table(tokens_dir, ckpt):
+def test_demo_report_table_and_results(tokens_dir, ckpt):
     out, _ = tokens_dir
-    table = run.eval_demo(ckpt, out, max_docs=8, max_tokens=2000)
-    lines = table.splitlines()
+    text, res = run.demo_report(ckpt, out, max_docs=8, max_tokens=2000, max_items=5)
+    lines = text.splitlines()
     assert lines[0].split("|")[1].strip() == "domain" and "continuation acc" in lines[0]
-    rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]] for ln in lines[2:]}
-    assert set(rows) == {"github_python", "wikipedia_zh"}
-    for ndocs, bpb, unigram, acc, chance, n in rows.values():
-        assert int(ndocs) > 0 and float(bpb) > 0 and float(unigram) > 0 and 0 <= float(acc) <= 1
-        assert chance == "0.25" and int(n) > 0
+    assert "unigram bits/byte (train split)" in lines[0] and res["unigram"] == "train split"
+    rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]] for ln in lines[2:4]}
+    assert set(rows) == set(res["domains"]) == {"github_python", "wikipedia_zh"}
+    for dom, (ndocs, nbytes, bpb, unigram, acc, chance, n) in rows.items():
+        d = res["domains"][dom]
+        assert int(ndocs) == d["docs"] > 0 and int(nbytes.replace(",", "")) == d["bytes"] > 0
+        assert float(bpb) == pytest.approx(d["bpb"], abs=1e-4) and float(unigram) > 0 and 0 <= float(acc) <= 1
+        assert chance == "0.25" and int(n) == d["items"] and 0 < d["items"] <= 5  # the bound holds
+    # the untrained fixture model guesses: the verdict line says whether every domain beat chance
+    assert res["above_chance"] == all(d["acc"] > 0.25 for d in res["domains"].values())
+    assert ("above chance in every domain: yes" in text) == res["above_chance"]
+    # no training config next to the fixture checkpoint: windows of its max_seq_len
+    assert res["window"] == 96 and run.trained_seq_len(ckpt) == 0
+
+
+def test_demo_report_windows_are_the_trained_length(tokens_dir, ckpt, tmp_path):
+    import shutil
+
+    out, _ = tokens_dir
+    trained = tmp_path / "ckpt"
+    shutil.copytree(ckpt, trained)
+    (trained / "config.json").write_text(json.dumps({"config": {"data": {"seq_len": 32}}}), encoding="utf-8")
+    assert run.trained_seq_len(trained) == 32
+    _, res = run.demo_report(trained, out, max_docs=4, max_tokens=500, max_items=2)
+    assert res["window"] == 32

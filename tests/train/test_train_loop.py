@@ -1,7 +1,9 @@
 """The training loop on CPU, in process: it trains any Objective (not only pretraining); a small batch
 overfits; NaN losses are skipped and counted and a streak of them stops the run with the last good checkpoint
 intact; Ctrl-C saves before exiting; `z2all plot` draws the curves; the checkpoint holds what generate/export
-need."""
+need; the opt-in held-out scores (bits per byte and "which continuation?" accuracy per domain) are logged at
+each evaluation, bounded, refused early when misconfigured, identical after a resume, drawn by `z2all plot`,
+and change no training loss."""
 
 from __future__ import annotations
 
@@ -175,3 +177,111 @@ def test_the_loop_trains_any_objective_and_resumes_it(tmp_path):
     assert sorted(losses) == list(range(1, 41)) and losses[40] < 0.5 * losses[1]
     state = ckpt.read_state(ckpt.latest_checkpoint(tmp_path / "run"))
     assert state["next_step"] == 40 and state["task"] == "copy" and state["grad_accum"] == 2
+
+
+# ---------------------------------------------------------------- held-out scores during training
+
+@pytest.fixture(scope="module")
+def heldout_tokens(tmp_path_factory):
+    from heldout_helpers import write_heldout_token_dir
+
+    return write_heldout_token_dir(tmp_path_factory.mktemp("heldout"))
+
+
+HELDOUT = ["--eval.bpb_max_tokens=1500", "--eval.tasks_max_items=6"]
+
+
+def _heldout_records(run_dir, timed: bool = True) -> dict[int, dict]:
+    """step -> the "heldout" record (without its wall time when timed=False)."""
+    return {r["step"]: {k: v for k, v in r.items() if timed or k != "heldout_s"}
+            for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "heldout"}
+
+
+def test_heldout_scores_are_logged_resumed_and_plotted_without_changing_training(tmp_path, heldout_tokens, capsys):
+    import shutil
+    from contextlib import nullcontext
+
+    from z2all.eval import intrain
+
+    common = ["--data.seq_len=64", "--train.max_steps=20", "--train.log_every=1", "--eval.every=10",
+              "--ckpt.every=10", "--ckpt.keep_last=2", "--model.dropout=0.1"]  # dropout: an RNG draw would show
+    with_scores = make_cfg(tmp_path / "a", heldout_tokens, *common, *HELDOUT)
+    plain = make_cfg(tmp_path / "b", heldout_tokens, *common)
+    assert run(with_scores) == 0 and run(plain) == 0
+    a, b = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    # scoring the held-out documents draws no random number and reads no batch: the same losses bit for bit
+    assert train_losses(a) == train_losses(b) and len(train_losses(a)) == 20
+
+    recs = _heldout_records(a)
+    assert sorted(recs) == [10, 20] and not _heldout_records(b)
+    doms = {"wikipedia_zh", "github_python"}
+    for r in recs.values():
+        assert set(r["bpb"]) == set(r["unigram_bpb"]) == set(r["continuation_acc"]) == doms
+        assert all(0 < v < 12 for v in r["bpb"].values()) and all(0 < v < 12 for v in r["unigram_bpb"].values())
+        assert all(0 <= v <= 1 for v in r["continuation_acc"].values()) and r["chance"] == 0.25
+        assert r["continuation_items"] == {d: 6 for d in doms}  # the bound holds
+        assert all(1500 <= n < 3000 for n in r["bpb_tokens"].values())  # whole documents up to the bound
+    assert recs[10]["unigram_bpb"] == recs[20]["unigram_bpb"]  # a reference: the train split's unigram
+    assert all(recs[20]["bpb"][d] < recs[10]["bpb"][d] for d in doms)  # training lowers it
+
+    # the logged numbers are those of `intrain` on the saved checkpoint, windows of data.seq_len tokens
+    held = intrain.build(with_scores.eval, heldout_tokens, ckpt.latest_checkpoint(a) / "tokenizer", 64)
+    again = held(load_model(ckpt.latest_checkpoint(a)), nullcontext())
+    assert again["bpb"] == pytest.approx(recs[20]["bpb"], rel=1e-6)
+    assert again["continuation_acc"] == recs[20]["continuation_acc"]
+
+    # a run killed after its step-10 checkpoint resumes to the same losses and the same held-out records
+    c = tmp_path / "c" / "run"
+    shutil.copytree(a, c)
+    shutil.rmtree(c / "checkpoints" / "step-000020")
+    resumed = make_cfg(tmp_path / "c", heldout_tokens, *common, *HELDOUT, "--resume=true")
+    assert run(resumed) == 0
+    assert train_losses(c) == train_losses(a)
+    assert "resumed from" in capsys.readouterr().out
+    assert _heldout_records(c, timed=False) == _heldout_records(a, timed=False)  # step 20's scored again
+
+    # z2all plot draws them (a panel per family, a line per domain); a run without them gets no heldout.png
+    assert plot.run(plot.Config(run=str(a))) == 0 and (a / "heldout.png").stat().st_size > 1000
+    assert plot.written_by_us(a / "heldout.png")
+    assert plot.run(plot.Config(run=str(b))) == 0 and not (b / "heldout.png").exists()
+
+
+def test_heldout_options_are_refused_before_anything_is_written(tmp_path, heldout_tokens):
+    from z2all.utils import UserError
+
+    synthetic = write_token_dir(tmp_path / "tok")  # no tokenizer, no shards
+    cases = [
+        (heldout_tokens, ["--eval.tasks_max_items=-1"], "--eval.tasks_max_items=-1: must be >= 0"),
+        (heldout_tokens, ["--eval.bpb_max_tokens=100", f"--eval.heldout={tmp_path / 'nowhere'}"], "no meta.json"),
+        (heldout_tokens, ["--eval.bpb_max_tokens=100", "--eval.texts=law.txt"], "must look like NAME=PATH"),
+        (heldout_tokens, ["--eval.bpb_max_tokens=100", f"--eval.texts=law={tmp_path / 'law.txt'}"], "not found"),
+        (synthetic, ["--eval.bpb_max_tokens=100"], "need the tokenizer"),
+    ]
+    for i, (tokens, extra, msg) in enumerate(cases):
+        cfg = make_cfg(tmp_path / str(i), tokens, "--data.seq_len=64", *extra)
+        with pytest.raises(UserError, match=msg):
+            run(cfg)
+        assert not (tmp_path / str(i) / "run").exists()
+
+
+def test_metrics_writer_sends_per_domain_families_to_tensorboard(tmp_path):
+    from z2all.train.metrics import MetricsWriter
+
+    class FakeTB:
+        def __init__(self):
+            self.scalars = []
+
+        def add_scalar(self, tag, value, step):
+            self.scalars.append((tag, value, step))
+
+        def close(self):
+            pass
+
+    w = MetricsWriter(tmp_path, tensorboard=False)
+    w._tb = tb = FakeTB()
+    w.log({"kind": "heldout", "step": 7, "bpb": {"zh": 1.5, "code": 0.9}, "chance": 0.25, "ok": True,
+           "note": "x", "continuation_acc": {"zh": 0.5}})
+    w.close()
+    assert tb.scalars == [("bpb/zh", 1.5, 7), ("bpb/code", 0.9, 7), ("heldout/chance", 0.25, 7),
+                          ("continuation_acc/zh", 0.5, 7)]
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["bpb"] == {"zh": 1.5, "code": 0.9}

@@ -173,9 +173,10 @@ def load_domains(cfg: Config) -> dict[str, list[str]]:
     return domains
 
 
-def unigram_counts(tokens_dir: str | Path, tok_dir: str | Path | None):
+def unigram_counts(tokens_dir: str | Path, tok_dir: str | Path | None, max_tokens: int = 0):
     """Token counts of a tokenize output's train split, when it was made with the same tokenizer.json as
-    the model's (else None: the in-sample unigram is used)."""
+    the model's (else None: the in-sample unigram is used). max_tokens > 0: count only the first that many
+    tokens of the train files (in file order), so the cost stays bounded on a large corpus."""
     import numpy as np
 
     tokens_dir = Path(tokens_dir)
@@ -186,11 +187,17 @@ def unigram_counts(tokens_dir: str | Path, tok_dir: str | Path | None):
         return None
     vocab = int(meta["vocab_size"])
     counts = np.zeros(vocab, dtype=np.int64)
+    left = max_tokens or None
     for name in meta["train_files"]:
         p = tokens_dir / name
         if p.stat().st_size:
             arr = np.memmap(p, dtype=np.dtype(meta["dtype"]).newbyteorder("<"), mode="r")
+            if left is not None:
+                arr = arr[:left]
+                left -= len(arr)
             counts += np.bincount(arr, minlength=vocab)[:vocab]
+            if left is not None and left <= 0:
+                break
     return counts
 
 
@@ -379,26 +386,64 @@ def _tok_dir(path: str, tokenizer: str) -> Path:
     return p / "tokenizer" if (p / "tokenizer").is_dir() else p
 
 
-def eval_demo(ckpt_dir: str | Path, tokens_dir: str | Path, max_docs: int = 60, max_tokens: int = 50_000,
-              seed: int = 1234) -> str:
-    """For `make demo`: bits per byte per domain on the held-out documents of the demo corpus (next to the
-    unigram baseline) and the "which continuation?" accuracy per domain next to chance, as markdown."""
-    cfg = Config(ckpt=[str(ckpt_dir)], heldout=str(tokens_dir), max_docs=max_docs, max_tokens=max_tokens, seed=seed,
-                 device="cpu")
+def trained_seq_len(ckpt_dir: str | Path) -> int:
+    """The row length a `z2all train` / `z2all sft` checkpoint was trained on (its config.json's data.seq_len),
+    or 0 when the checkpoint does not say (an HF directory, an older checkpoint)."""
+    try:
+        cfg = json.loads((Path(ckpt_dir) / "config.json").read_text(encoding="utf-8"))
+        return int(cfg["config"]["data"]["seq_len"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def demo_report(ckpt_dir: str | Path, tokens_dir: str | Path, max_docs: int = 100, max_tokens: int = 20_000,
+                max_items: int = 100, seed: int = 1234, threads: int = 0) -> tuple[str, dict]:
+    """For `make demo`: (markdown, results) with bits per byte per domain on the held-out documents of the
+    demo's token directory next to the unigram baseline of its train split (same units), and the "which
+    continuation?" accuracy per domain next to chance (1/4). Bounded: at most `max_docs` documents,
+    `max_tokens` tokens (whole documents) and `max_items` items per domain. Windows are the length the
+    checkpoint was trained on (config.json's data.seq_len; the demo trains on 128-token rows of a
+    256-position model), else its max_seq_len. CPU, fp32; `threads` > 0 sets torch's thread count meanwhile.
+
+    results: {"window", "seconds", "unigram" ("train split" | "in-sample"), "above_chance" (every domain),
+    "domains": {domain: {"docs", "bytes", "tokens", "bpb", "unigram_bpb", "acc", "acc_norm", "items",
+    "chance"}}}."""
     import torch
 
     from z2all.eval import score
 
-    lm = score.load_lm(ckpt_dir, None, "cpu", torch.float32)
-    domains = load_domains(cfg)
-    task_list = _continuation_tasks(domains, cfg)
-    with torch.inference_mode():
-        m = evaluate_model(lm, task_list, domains, cfg, unigram_counts(tokens_dir, _tok_dir(str(ckpt_dir), "")))
-    rows = []
-    for dom in sorted(m["bpb"]):
-        b = m["bpb"][dom]
-        t = m["tasks"].get(f"continuation/{dom}")
-        rows.append([dom, b["docs"], _fmt(b["bpb"]), _fmt(b.get("unigram_bpb")),
-                     _fmt(t["acc"]) if t else "-", f"{1 / cfg.n_choices:.2f}", t["n"] if t else 0])
-    return markdown_table(["domain", "held-out docs", "bits/byte", "unigram bits/byte", "continuation acc",
-                           "chance", "items"], rows)
+    t0 = time.perf_counter()
+    old_threads = torch.get_num_threads()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        lm = score.load_lm(ckpt_dir, None, "cpu", torch.float32)
+        lm.context = min(trained_seq_len(ckpt_dir) or lm.window, int(lm.model.cfg.max_seq_len))
+        cfg = Config(ckpt=[str(ckpt_dir)], heldout=str(tokens_dir), max_docs=max_docs, max_tokens=max_tokens,
+                     seed=seed, limit=max_items, device="cpu")
+        domains = load_domains(cfg)
+        unigram = unigram_counts(tokens_dir, _tok_dir(str(ckpt_dir), ""))
+        with torch.inference_mode():
+            bpb = score.bpb_per_domain(lm.model, lm.tok, domains, max_tokens, cfg.batch_size, unigram,
+                                       window=lm.context)
+            tasks_ = {t.name.split("/", 1)[1]: evaluate_task(lm, t, cfg) for t in _continuation_tasks(domains, cfg)}
+    finally:
+        torch.set_num_threads(old_threads)
+    chance = 1.0 / cfg.n_choices
+    doms: dict = {}
+    for dom in sorted(bpb):
+        b, t = bpb[dom], tasks_.get(dom)
+        doms[dom] = {"docs": b["docs"], "bytes": b["bytes"], "tokens": b["tokens"], "bpb": b["bpb"],
+                     "unigram_bpb": b.get("unigram_bpb"), "acc": t["acc"] if t else None,
+                     "acc_norm": t["acc_norm"] if t else None, "items": t["n"] if t else 0, "chance": chance}
+    above = bool(doms) and all(d["acc"] is not None and d["acc"] > chance for d in doms.values())
+    res = {"window": lm.context, "seconds": round(time.perf_counter() - t0, 1),
+           "unigram": "train split" if unigram is not None else "in-sample", "above_chance": above, "domains": doms}
+    rows = [[dom, d["docs"], f"{d['bytes']:,}", _fmt(d["bpb"]), _fmt(d["unigram_bpb"]), _fmt(d["acc"]),
+             f"{chance:.2f}", d["items"]] for dom, d in doms.items()]
+    text = (markdown_table(["domain", "held-out docs", "bytes", "bits/byte", f"unigram bits/byte ({res['unigram']})",
+                            "continuation acc", "chance", "items"], rows)
+            + f"\nbits per byte: lower is better, windows of {lm.context} tokens; 'which continuation?': the true next "
+            f"span among {cfg.n_choices} from held-out documents of the same domain; above chance in every domain: "
+            f"{'yes' if above else 'NO'} ({res['seconds']:.1f} s)\n")
+    return text, res

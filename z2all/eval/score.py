@@ -54,10 +54,11 @@ class LM:
     tok: object  # a transformers tokenizer
     name: str
     path: str
+    context: int = 0  # > 0: score with windows of this many tokens (the length trained on) instead of max_seq_len
 
     @property
     def window(self) -> int:
-        return int(self.model.cfg.max_seq_len)
+        return self.context or int(self.model.cfg.max_seq_len)
 
     @property
     def prefix_id(self) -> int | None:
@@ -154,18 +155,20 @@ def _windows(ids: list[int], window: int) -> list[list[int]]:
 
 @torch.inference_mode()
 def bpb_per_domain(model, tokenizer, texts: dict[str, list[str]], max_tokens: int = 0, batch_size: int = 8,
-                   unigram: dict | None = None) -> dict[str, dict]:
+                   unigram: dict | None = None, window: int = 0) -> dict[str, dict]:
     """{domain: {"bpb", "bits", "bytes", "tokens", "docs", "unigram_bpb"}} for documents `texts[domain]`.
     max_tokens > 0: stop adding documents to a domain once that many tokens are scored (whole documents
     only, so the byte count stays exact). `unigram`: token counts (numpy array over the vocab) for the
     unigram baseline in the same units; None = the in-sample unigram of the scored tokens themselves (a
-    lower bound on any unigram model's score). Callable from a training loop with the raw model."""
+    lower bound on any unigram model's score). `window` > 0: windows of that many tokens instead of the model's
+    max_seq_len (a model trained on shorter rows than its max_seq_len has never seen the later positions).
+    Callable from a training loop with the raw model."""
     import numpy as np
 
     was_training = model.training
     model.eval()
     device = model.tok_embeddings.weight.device
-    window = int(model.cfg.max_seq_len)
+    window = window or int(model.cfg.max_seq_len)
     prefix = prefix_token(tokenizer)
     out = {}
     try:

@@ -10,7 +10,10 @@ must match. `train_loop(cfg, info, objective)` owns everything else:
 - one optimizer step: `grad_accum` micro-batches, each loss divided by grad_accum, gradient sync on the last
   only (no_sync before), clip, a finite check (a NaN/inf loss or norm skips the update; `train.max_bad_steps`
   in a row stop the run with the last good checkpoint untouched), step;
-- evaluation, checkpoints (interval, final, retention), metrics (metrics.jsonl, TensorBoard, tokens/s, MFU),
+- evaluation: the objective's validation loss and samples, and (when `eval.bpb_max_tokens` /
+  `eval.tasks_max_items` are set, z2all/eval/intrain.py) bits per byte and "which continuation?" accuracy
+  per held-out domain, scored by rank 0 without touching any RNG or the data order;
+- checkpoints (interval, final, retention), metrics (metrics.jsonl, TensorBoard, tokens/s, MFU),
   Ctrl-C/SIGTERM/time budget: finish the step, save, exit (status 130 after a signal).
 
 `cfg` is duck-typed: it needs out_dir, seed, dtype, resume, optim, train, eval.every, ckpt, dist, metrics
@@ -31,6 +34,7 @@ from typing import Any
 import torch
 
 from z2all.config import save_config, to_dict
+from z2all.eval import intrain
 from z2all.io import claim_output_dir, read_owner
 from z2all.model.config import ModelConfig
 from z2all.train import checkpoint as ckpt_mod
@@ -53,6 +57,8 @@ class Objective:
     tokens_per_step: int = 0
     protect: tuple = ()
     tokenizer_dir: Path | None = None
+    heldout_dir: Path | None = None  # default --eval.heldout: a tokenize output whose val documents are scored
+    eval_window: int = 0  # tokens per window of the held-out scores (the training row length); 0 = max_seq_len
 
     def build_model(self) -> torch.nn.Module:
         """The freshly initialised single-device model (the loop seeds the RNG first and loads a checkpoint
@@ -204,6 +210,25 @@ def check_resume_model(ckpt: Path, mcfg: ModelConfig) -> None:
                         f"{now}; resume with the run's shape ({was}) or start a new run in another --out_dir")
 
 
+def _build_heldout(cfg, info, objective: Objective):
+    """The in-training held-out scorer on rank 0 (None elsewhere, or when off); errors agreed by all ranks."""
+    opts = cfg.eval
+    intrain.validate_options(opts)
+    if not intrain.enabled(opts):
+        return None
+    built, err = None, None
+    if info.is_main:
+        try:
+            built = intrain.build(opts, objective.heldout_dir, objective.tokenizer_dir,
+                                  objective.eval_window, seed=1234)
+        except UserError as e:
+            err = str(e)
+    err = next((e for e in dist_mod.all_gather_object(err) if e), None)
+    if err:
+        raise UserError(err)
+    return built
+
+
 # ---------------------------------------------------------------- one optimizer step
 
 def accumulate(model, objective: Objective, step: int, device: torch.device, autocast) -> torch.Tensor:
@@ -230,6 +255,10 @@ def train_loop(cfg, info, objective: Objective) -> int:
     mcfg = objective.model_config
     tokens_per_iter = objective.tokens_per_step
 
+    # ---- held-out scores: documents and items read once by rank 0, before anything is written, and a
+    # problem with them is the same UserError on every rank (the others would wait at a collective)
+    heldout = _build_heldout(cfg, info, objective)
+
     # ---- the run directory and the resume point: rank 0 claims the dir and sets corrupt checkpoints aside,
     # then every rank reads the same (newest intact) checkpoint
     if info.is_main:
@@ -254,6 +283,12 @@ def train_loop(cfg, info, objective: Objective) -> int:
         dist_mod.apply_compile(model)
     wrapped = dist_mod.wrap_model(model, info, cfg.dist, amp_dtype)
     fsdp = dist_mod.is_fsdp(wrapped)
+    if fsdp and heldout is not None:
+        print0("note: the held-out scores (eval.bpb_max_tokens / eval.tasks_max_items) are skipped under FSDP: "
+               "score the checkpoints with `z2all eval --heldout` instead")
+        heldout = None
+    elif heldout is not None:
+        print0(heldout.describe())
     optimizer = make_optimizer(wrapped, cfg.optim, device)
     start = 0
     if ckpt:
@@ -290,6 +325,14 @@ def train_loop(cfg, info, objective: Objective) -> int:
     params = [p for p in wrapped.parameters() if p.requires_grad]
 
     def evaluate(step: int) -> float | None:
+        val = validate(step)
+        if heldout is not None:  # rank 0 only (None elsewhere); the single-device module, RNG untouched
+            rec = heldout(model, autocast)
+            writer.log({"kind": "heldout", "step": step, **rec})
+            print0(intrain.summary(rec))
+        return val
+
+    def validate(step: int) -> float | None:
         batches = objective.eval_batches()
         if batches is None:
             return None

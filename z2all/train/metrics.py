@@ -74,9 +74,14 @@ def fmt_mfu(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}%"
 
 
+def _scalar(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 class MetricsWriter:
     """Appends one JSON object per line to `<run>/metrics.jsonl` (flushed per record, so a killed run keeps
-    everything logged so far) and mirrors scalars to TensorBoard when `tensorboard` is importable.
+    everything logged so far) and mirrors scalars to TensorBoard when `tensorboard` is importable: a
+    top-level number as `<kind>/<key>`, a dict of numbers (a metric per domain) as `<key>/<domain>`.
     Only rank 0 creates one."""
 
     def __init__(self, run_dir: str | os.PathLike, tensorboard: bool = True):
@@ -98,8 +103,14 @@ class MetricsWriter:
         if self._tb is not None and "step" in record:
             kind = record.get("kind", "train")
             for k, v in record.items():
-                if k not in ("step", "kind") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                if k in ("step", "kind"):
+                    continue
+                if _scalar(v):
                     self._tb.add_scalar(f"{kind}/{k}", v, record["step"])
+                elif isinstance(v, dict):  # a family per domain ({"bpb": {"zh": 1.2}}): one TB section "bpb"
+                    for sub, x in v.items():
+                        if _scalar(x):
+                            self._tb.add_scalar(f"{k}/{sub}", x, record["step"])
 
     def close(self) -> None:
         """Called from the trainer's `finally`: it must not mask the error in flight (a full disk, say), so

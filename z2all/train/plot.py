@@ -6,8 +6,11 @@
 loss.png: train loss per logged step and validation loss per evaluation, against step; for a `z2all sft` run
 also the held-out exact match of each evaluation's greedy answers (right axis, %).
 throughput.png: tokens/s and, when the device has a known peak, MFU (%).
+heldout.png (only for a run trained with --eval.bpb_max_tokens / --eval.tasks_max_items): a panel per metric
+family of its "heldout" records, a line per domain: bits per byte (solid; the domain's unigram baseline dashed
+in the same colour) and "which continuation?" accuracy (chance dotted).
 
-It writes those two files and nothing else, each through a temp file + rename. Every PNG it writes carries a
+It writes those files and nothing else, each through a temp file + rename. Every PNG it writes carries a
 `Software: z2all plot` text chunk; an existing loss.png/throughput.png without it (a user's own figure) is
 never overwritten: the command refuses and names it. `--out_dir` may be any directory (created if missing)
 but not a file.
@@ -26,7 +29,7 @@ from z2all.train.metrics import read_metrics
 from z2all.utils import UserError, print0
 
 MARK = "z2all plot"  # the PNG `Software` text of every figure this command writes
-NAMES = ("loss.png", "throughput.png")
+NAMES = ("loss.png", "throughput.png", "heldout.png")
 
 
 @dataclass
@@ -140,5 +143,58 @@ def run(cfg: Config) -> int:
         _save(fig, tp_png)
         plt.close(fig)
         written.append(tp_png)
+    held = [r for r in recs if r.get("kind") == "heldout" and isinstance(r.get("step"), int)]
+    if any(r.get("bpb") or r.get("continuation_acc") for r in held):
+        fig = heldout_figure(plt, held, run_dir.name)
+        held_png = out / "heldout.png"
+        _save(fig, held_png)
+        plt.close(fig)
+        written.append(held_png)
     print0("wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def _series(recs: list[dict], family: str) -> dict[str, tuple[list[int], list[float]]]:
+    """{domain: (steps, values)} of one per-domain family of the heldout records (non-numbers skipped)."""
+    out: dict[str, tuple[list[int], list[float]]] = {}
+    for r in recs:
+        fam = r.get(family)
+        if not isinstance(fam, dict):
+            continue
+        for dom, v in fam.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                steps, vals = out.setdefault(str(dom), ([], []))
+                steps.append(r["step"])
+                vals.append(float(v))
+    return out
+
+
+def heldout_figure(plt, recs: list[dict], title: str):
+    """Panels: bits per byte per domain (+ unigram dashed) and continuation accuracy per domain (+ chance)."""
+    bpb, uni = _series(recs, "bpb"), _series(recs, "unigram_bpb")
+    acc = _series(recs, "continuation_acc")
+    panels = [p for p in ("bpb", "acc") if (bpb if p == "bpb" else acc)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    colors = {d: f"C{i}" for i, d in enumerate(sorted(set(bpb) | set(acc)))}
+    for ax, panel in zip(axes[0], panels):
+        if panel == "bpb":
+            for dom, (steps, vals) in sorted(bpb.items()):
+                ax.plot(steps, vals, "o-", color=colors[dom], lw=1.5, ms=3, label=dom)
+                if dom in uni:
+                    ax.plot(*uni[dom], "--", color=colors[dom], lw=1, label=f"{dom} unigram")
+            ax.set_ylabel("bits per byte (lower is better)")
+            ax.set_title(f"{title}: held-out bits per byte")
+        else:
+            for dom, (steps, vals) in sorted(acc.items()):
+                ax.plot(steps, [100 * v for v in vals], "s-", color=colors[dom], lw=1.5, ms=3, label=dom)
+            chance = next((r["chance"] for r in recs if isinstance(r.get("chance"), (int, float))), None)
+            if chance:
+                ax.axhline(100 * chance, color="gray", ls=":", lw=1, label="chance")
+            ax.set_ylim(0, 100)
+            ax.set_ylabel("'which continuation?' accuracy (%)")
+            ax.set_title(f"{title}: held-out continuation task")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -14,7 +14,9 @@ indices, so the samples of a step do not depend on the split either.
 
 The loop itself (setup, resume, accumulation, clipping, NaN skipping, evaluation, checkpoints, signals,
 metrics) is `z2all.train.loop.train_loop`; pretraining is its `Pretraining` objective: micro-batches from
-the token files, cross-entropy, validation on the val split, sample generations. Per step: forward/backward
+the token files, cross-entropy, validation on the val split, sample generations, and (with
+`--eval.bpb_max_tokens` / `--eval.tasks_max_items`) bits per byte and "which continuation?" accuracy per domain
+on the held-out documents of the token files (z2all/eval/intrain.py). Per step: forward/backward
 under bf16 autocast on GPU (fp32 on CPU), gradient all-reduce on the last micro-batch only, clip, AdamW with
 the warmup+cosine LR. A NaN/inf loss or gradient norm skips the update (counted); `train.max_bad_steps` in a
 row stop the run with the last good checkpoint untouched. Ctrl-C (SIGINT), SIGTERM or the time budget
@@ -47,6 +49,7 @@ from pathlib import Path
 import torch
 
 from z2all.config import opt, section
+from z2all.eval.intrain import HeldoutEvalOptions
 from z2all.io import fingerprint
 from z2all.model.config import ModelConfig, model_preset
 from z2all.ops import OpsConfig
@@ -103,7 +106,7 @@ class TrainSection:
 
 
 @dataclass
-class EvalSection:
+class EvalSection(HeldoutEvalOptions):
     every: int = opt(200, "validation loss every this many steps (and at the end); 0 = only at the end")
     max_batches: int = opt(20, "validation micro-batches per evaluation (per process)")
     samples: int = opt(2, "sample generations printed at each evaluation (0 = none)")
@@ -140,7 +143,8 @@ class Config:
     model: ModelSection = section(ModelSection, "model shape: a preset plus overrides, and the kernels")
     optim: OptimConfig = section(OptimConfig, "AdamW and the learning-rate schedule")
     train: TrainSection = section(TrainSection, "loop length, compile, activation checkpointing, logging")
-    eval: EvalSection = section(EvalSection, "validation loss and sample generations")
+    eval: EvalSection = section(EvalSection, "validation loss, sample generations and (opt-in) bits per byte and "
+                                "continuation accuracy per held-out domain")
     ckpt: CkptSection = section(CkptSection, "checkpoint interval and retention")
     dist: DistConfig = section(DistConfig, "multi-process strategy (under torchrun)")
     metrics: MetricsSection = section(MetricsSection, "MFU peak and sinks")
@@ -231,6 +235,7 @@ class Pretraining(Objective):
         self.world_size = info.world_size
         self.tokens_per_step = d.grad_accum * info.world_size * d.batch_size * d.seq_len
         self.protect = (self.data_dir, self.tokenizer_dir)  # inputs the run dir may not contain
+        self.heldout_dir, self.eval_window = self.data_dir, d.seq_len  # the held-out scores (eval/intrain.py)
         self.data_id = data_identity(self.loader)
         self.sampler = _Sampler(cfg, self.model_config, self.tokenizer_dir, self.val_loader, meta.get("eos_id"))
         print0(f"tokens per iteration will be: {self.tokens_per_step:,}")
