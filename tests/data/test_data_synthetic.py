@@ -40,7 +40,7 @@ def check_answer(r: dict) -> None:
         sep = "、" if "、" in shown else " "
         assert a == sep.join(reversed(shown.split(sep)))
     elif r["task"] == "count":
-        c, s = re.findall(r'"(\w+)"', p) if r["lang"] == "en" else re.findall(r"“(\w+)”", p)[::-1]
+        c, s = re.findall(r'"([^"]+)"', p) if r["lang"] == "en" else re.findall(r"“([^”]+)”", p)[::-1]
         assert int(a) == s.count(c)
     elif r["task"] == "numeral":
         if a.isdigit():
@@ -102,3 +102,52 @@ def test_synth_command_writes_deterministic_files_that_data_chat_reads(tmp_path)
     (tmp_path / "c" / "mine.txt").write_text("x")
     with pytest.raises(UserError, match="not empty"):
         syn.run(syn.Config(out=str(tmp_path / "c"), n=10))
+
+
+def test_easy_level_answers_ranges_and_split():
+    """--level easy: the same tasks with answers still right, inside its ranges (one-digit operands, numerals
+    below 100, 2-4 of the first 8 words, 2-6 spaced characters, one-sentence documents), deterministic, and
+    its held-out prompts never in train; the standard level is unchanged by the level machinery."""
+    recs = list(syn.generate(1000, seed=2, level="easy"))
+    assert recs == list(syn.generate(1000, seed=2, level="easy"))
+    assert {r["task"] for r in recs} == set(syn.TASKS) and {r["lang"] for r in recs} == {"en", "zh"}
+    easy = syn.LEVELS["easy"]
+    for r in recs:
+        check_answer(r)
+        p, a = syn.prompt_of(r), r["answer"]
+        if r["task"] == "arithmetic":
+            operands = [int(x) for x in re.findall(r"\d+", p)]
+            assert len(operands) == 2 and all(x <= 9 for x in operands) and 0 <= int(a) <= 81
+        elif r["task"] == "reverse":
+            words = a.split("、" if "、" in a else " ")
+            assert 2 <= len(words) <= 4 and set(words) <= set(syn._EN_WORDS[:8]) | set(syn._ZH_WORDS[:8])
+        elif r["task"] == "count":
+            s = re.findall(r'"([^"]+)"', p)[1] if r["lang"] == "en" else re.findall(r"“([^”]+)”", p)[0]
+            chars = s.split(" ")
+            assert 2 <= len(chars) <= 6 and all(len(c) == 1 for c in chars)
+            assert "".join(chars) and set("".join(chars)) <= set("".join(easy.count_en + easy.count_zh))
+        elif r["task"] == "numeral":
+            n = int(a) if a.isdigit() else syn.from_chinese(a)
+            assert 0 <= n <= 99
+        else:
+            body = p.split("\n\n")[2]
+            assert body.count(".") + body.count("。") == 1
+    parts = syn.split(syn.generate(4000, seed=0, level="easy"), seed=0, fraction=0.1)
+    train = {syn.prompt_of(r) for r in parts["train"]}
+    held = {syn.prompt_of(r) for r in parts["heldout"]}
+    assert held and not train & held
+    assert {r["task"] for r in parts["heldout"]} == set(syn.TASKS)
+    # standard is the default and does not change with the level code: the first examples stay as they were
+    assert list(syn.generate(50, seed=3)) == list(syn.generate(50, seed=3, level="standard"))
+    with pytest.raises(UserError, match="choose from"):
+        list(syn.generate(1, level="hard"))
+
+
+def test_synth_command_records_its_level(tmp_path):
+    assert syn.run(syn.Config(out=str(tmp_path / "e"), n=200, seed=0, level="easy")) == 0
+    meta = json.loads((tmp_path / "e" / "synth.json").read_text())
+    assert meta["level"] == "easy"
+    rows = [json.loads(x) for x in (tmp_path / "e" / "train.jsonl").read_text().splitlines()]
+    assert all(r["task"] != "numeral" or len(r["answer"]) <= 3 for r in rows)
+    with pytest.raises(UserError, match="--level"):
+        syn.run(syn.Config(out=str(tmp_path / "h"), n=10, level="hard"))

@@ -4,12 +4,15 @@ answers and exact-match scoring. `z2all data synth` writes it as OpenAI-`message
     z2all data synth --out data/synth --n 20000 --seed 0
     z2all data chat --inputs data/synth/train.jsonl --tokenizer data/tok --out data/sft
 
-Tasks (`TASKS`), each with English and Chinese prompts, learnable by a few-million-parameter model in minutes:
+Tasks (`TASKS`), each with English and Chinese prompts (ranges of `--level standard`, the default):
     arithmetic   small-number + - × ("What is 37 + 45?" / "37 加 45 等于多少？")
     reverse      reverse a list of 3-6 English or Chinese words
     count        how many times a character occurs in a short string
     numeral      Arabic <-> Chinese numerals, 0..99,999 (1005 <-> 一千零五, 10 <-> 十, 20000 <-> 二万)
     title        the title of a short generated document (first line, "Title: ...", "# ...", 《...》)
+`--level easy` (`LEVELS`) keeps the tasks and narrows the ranges to what a ~5M-parameter model learns in a few
+CPU minutes (`z2all demo --chat` uses it): operands 0..9 (× 2..5), numerals 0..99, 2-4 of 8 words, 2-6
+space-separated characters to count in, one-sentence documents.
 
 Every record: {"id", "task", "lang", "messages": [(system,) user, assistant], "answer"}; the assistant's content
 is the answer. Example i is a pure function of (seed, i) (its own `random.Random`), and tasks take turns
@@ -123,13 +126,38 @@ def from_chinese(s: str) -> int:
 
 # ---------------------------------------------------------------- the tasks
 
-def _arithmetic(rng: random.Random, lang: str) -> tuple[str, str]:
+@dataclass(frozen=True)
+class Level:
+    """The ranges of one difficulty level (every task draws the same random calls at every level, only
+    the ranges differ, so `standard` stays byte-identical to the set before levels existed)."""
+    add_max: int = 99                          # + and - operands 0..add_max
+    mul_max: int = 12                          # × operands 2..mul_max
+    words: int = 30                            # reverse: the first `words` of each word list
+    list_len: tuple[int, int] = (3, 6)         # reverse: list length
+    count_en: tuple[str, ...] = ("abcde", "xyz", "mnop")
+    count_zh: tuple[str, ...] = ("天地人", "山水花", "日月星云")
+    count_len: tuple[int, int] = (4, 12)       # count: string length
+    count_sep: str = ""                        # count: between the characters of the string
+    numeral_digits: int = 5                    # numeral: 0 .. 10**numeral_digits - 1
+    sentences: tuple[int, int] = (2, 3)        # title: body sentences
+
+
+LEVELS = {
+    "standard": Level(),
+    # what a ~5M-parameter model learns in a few CPU minutes: one-digit operands, numerals below 100, 2-4
+    # words from 8, short spaced strings (a byte-level BPE of a small corpus merges "abcab" into "abc" +
+    # "ab", which hides the letters to count), one-sentence documents
+    "easy": Level(add_max=9, mul_max=5, words=8, list_len=(2, 4), count_en=("ab", "xyz"), count_zh=("天地", "山水花"),
+                  count_len=(2, 6), count_sep=" ", numeral_digits=2, sentences=(1, 1)),
+}
+
+def _arithmetic(rng: random.Random, lang: str, lv: Level) -> tuple[str, str]:
     op = rng.choice("+-×")
     if op == "×":
-        a, b = rng.randint(2, 12), rng.randint(2, 12)
+        a, b = rng.randint(2, lv.mul_max), rng.randint(2, lv.mul_max)
         result = a * b
     else:
-        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        a, b = rng.randint(0, lv.add_max), rng.randint(0, lv.add_max)
         if op == "-" and a < b:
             a, b = b, a
         result = a + b if op == "+" else a - b
@@ -142,9 +170,9 @@ def _arithmetic(rng: random.Random, lang: str) -> tuple[str, str]:
     return prompt.format(a=a, b=b, op=op), str(result)
 
 
-def _reverse(rng: random.Random, lang: str) -> tuple[str, str]:
+def _reverse(rng: random.Random, lang: str, lv: Level) -> tuple[str, str]:
     zh_words = rng.random() < 0.5
-    words = rng.sample(_ZH_WORDS if zh_words else _EN_WORDS, rng.randint(3, 6))
+    words = rng.sample((_ZH_WORDS if zh_words else _EN_WORDS)[:lv.words], rng.randint(*lv.list_len))
     sep = "、" if zh_words else " "
     shown = sep.join(words)
     if lang == "en":
@@ -154,12 +182,9 @@ def _reverse(rng: random.Random, lang: str) -> tuple[str, str]:
     return prompt, sep.join(reversed(words))
 
 
-def _count(rng: random.Random, lang: str) -> tuple[str, str]:
-    if rng.random() < 0.5:
-        alphabet = rng.choice(("abcde", "xyz", "mnop"))
-    else:
-        alphabet = rng.choice(("天地人", "山水花", "日月星云"))
-    s = "".join(rng.choice(alphabet) for _ in range(rng.randint(4, 12)))
+def _count(rng: random.Random, lang: str, lv: Level) -> tuple[str, str]:
+    alphabet = rng.choice(lv.count_en if rng.random() < 0.5 else lv.count_zh)
+    s = lv.count_sep.join(rng.choice(alphabet) for _ in range(rng.randint(*lv.count_len)))
     c = rng.choice(alphabet)
     if lang == "en":
         prompt = f'How many times does "{c}" appear in "{s}"?'
@@ -168,8 +193,8 @@ def _count(rng: random.Random, lang: str) -> tuple[str, str]:
     return prompt, str(s.count(c))
 
 
-def _numeral(rng: random.Random, lang: str) -> tuple[str, str]:
-    digits = rng.randint(1, 5)
+def _numeral(rng: random.Random, lang: str, lv: Level) -> tuple[str, str]:
+    digits = rng.randint(1, lv.numeral_digits)
     n = rng.randrange(0 if digits == 1 else 10 ** (digits - 1), 10**digits)
     zh = to_chinese(n)
     if rng.random() < 0.5:
@@ -179,14 +204,14 @@ def _numeral(rng: random.Random, lang: str) -> tuple[str, str]:
     return prompt, str(n)
 
 
-def _title(rng: random.Random, lang: str) -> tuple[str, str]:
+def _title(rng: random.Random, lang: str, lv: Level) -> tuple[str, str]:
     if rng.random() < 0.5:
         title = f"The {rng.choice(_EN_ADJ)} {rng.choice(_EN_NOUN)}"
-        body = " ".join(rng.sample(_EN_SENT, rng.randint(2, 3)))
+        body = " ".join(rng.sample(_EN_SENT, rng.randint(*lv.sentences)))
         head = rng.choice(("{t}", "Title: {t}", "# {t}")).format(t=title)
     else:
         title = rng.choice(_ZH_ADJ) + rng.choice(_ZH_NOUN)
-        body = "".join(rng.sample(_ZH_SENT, rng.randint(2, 3)))
+        body = "".join(rng.sample(_ZH_SENT, rng.randint(*lv.sentences)))
         head = rng.choice(("《{t}》", "标题：{t}", "# {t}")).format(t=title)
     doc = f"{head}\n\n{body}"
     if lang == "en":
@@ -199,23 +224,25 @@ def _title(rng: random.Random, lang: str) -> tuple[str, str]:
 _MAKERS = {"arithmetic": _arithmetic, "reverse": _reverse, "count": _count, "numeral": _numeral, "title": _title}
 
 
-def example(i: int, seed: int = 0, tasks: tuple[str, ...] = TASKS) -> dict:
-    """Example i of the set (a pure function of seed, i and the task list)."""
+def example(i: int, seed: int = 0, tasks: tuple[str, ...] = TASKS, level: str = "standard") -> dict:
+    """Example i of the set (a pure function of seed, i, the task list and the level)."""
     task = tasks[i % len(tasks)]
     rng = random.Random((seed & 0xFFFFFFFF) << 40 | i)
     lang = rng.choice(("en", "zh"))
-    prompt, answer = _MAKERS[task](rng, lang)
+    prompt, answer = _MAKERS[task](rng, lang, LEVELS[level])
     messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
     if rng.random() < 0.25:
         messages.insert(0, {"role": "system", "content": rng.choice(_SYSTEM[lang])})
     return {"id": f"synth-{seed}-{i}", "task": task, "lang": lang, "messages": messages, "answer": answer}
 
 
-def generate(n: int, seed: int = 0, tasks: Iterable[str] = TASKS) -> Iterator[dict]:
+def generate(n: int, seed: int = 0, tasks: Iterable[str] = TASKS, level: str = "standard") -> Iterator[dict]:
     """Examples 0..n-1 (see `example`)."""
     tasks = check_tasks(tasks)
+    if level not in LEVELS:
+        raise UserError(f"--level {level}: choose from {', '.join(LEVELS)}")
     for i in range(n):
-        yield example(i, seed, tasks)
+        yield example(i, seed, tasks, level)
 
 
 def check_tasks(tasks: Iterable[str]) -> tuple[str, ...]:
@@ -287,6 +314,9 @@ class Config:
     seed: int = opt(0, "seed: the same seed gives byte-identical files")
     heldout_fraction: float = opt(0.05, "share of prompts that go to heldout.jsonl")
     tasks: list[str] = opt(None, "tasks to include (default all: " + ", ".join(TASKS) + ")", factory=list)
+    level: str = opt("standard", "difficulty: standard (two-digit + and -, numerals to 99,999, 3-6 words...) or "
+                     "easy (one-digit operands, numerals 0..99, 2-4 of 8 words, short strings, one-sentence "
+                     "documents: what a few-million-parameter model learns in minutes)", choices=tuple(LEVELS))
 
 
 def run(cfg: Config) -> int:
@@ -296,14 +326,17 @@ def run(cfg: Config) -> int:
         raise UserError(f"--heldout-fraction must be in [0, 1) (got {cfg.heldout_fraction})")
     tasks = check_tasks(cfg.tasks or TASKS)
     out = claim_output_dir(cfg.out, COMMAND)
-    parts = split(generate(cfg.n, cfg.seed, tasks), cfg.seed, cfg.heldout_fraction)
+    if cfg.level not in LEVELS:
+        raise UserError(f"--level {cfg.level}: choose from {', '.join(LEVELS)}")
+    parts = split(generate(cfg.n, cfg.seed, tasks, cfg.level), cfg.seed, cfg.heldout_fraction)
     counts = {}
     for name, records in parts.items():
         with atomic_open(out / f"{name}.jsonl", "wb") as f:
             for r in records:
                 f.write(orjson.dumps(r) + b"\n")
         counts[name] = {t: sum(r["task"] == t for r in records) for t in tasks}
-    atomic_write_json(out / "synth.json", {"version": VERSION, "seed": cfg.seed, "n": cfg.n, "tasks": list(tasks),
+    atomic_write_json(out / "synth.json", {"version": VERSION, "seed": cfg.seed, "n": cfg.n, "level": cfg.level,
+                                           "tasks": list(tasks),
                                            "heldout_fraction": cfg.heldout_fraction, "counts": counts,
                                            "repeated_prompts_dropped": cfg.n - sum(map(len, parts.values()))})
     print0(markdown_table(["task", "train", "heldout"], [[t, counts["train"][t], counts["heldout"][t]]
