@@ -1,7 +1,10 @@
-"""generate(decode="fast") (FastDecode: fused projections, folded RoPE, no op switch) returns the same tokens as
-the reference forward (decode="plain"): greedy and seeded sampling, batches, GQA and MHA, tied embeddings, a
-padded batch (which falls back to the forward), and after the weights change in place (the fused copies are
-rebuilt)."""
+"""generate(decode="fast") (FastDecode: fused transposed projections, residual adds in addmm, folded RoPE, no op
+switch) returns the same tokens as the reference forward (decode="plain"): greedy and seeded sampling, batches,
+GQA and MHA, tied embeddings, a padded batch (which falls back to the forward), and after the weights change
+in place (the fused copies are rebuilt). FastDecode.step_rows (the serving engine's batched step, each row at
+its own position in its own slot) gives each row the logits step() gives it alone. The decode-thread rule:
+a small CPU model decodes on one thread, an explicit count is obeyed, torch's count is restored after, and
+the tokens do not depend on it."""
 
 from __future__ import annotations
 
@@ -69,3 +72,51 @@ def test_lora_model_takes_the_forward():
                 p.normal_(0, 0.5)
     assert FastDecode.for_model(m) is None
     assert generate(m, [[3, 14, 15]], 12, decode="fast") == generate(m, [[3, 14, 15]], 12, decode="plain")
+
+
+def test_step_rows_equals_step_per_row():
+    """Three slots at different positions, one batched step_rows (a gather, then a slice of consecutive
+    slots) == each row's own step() on a one-row cache."""
+    m = model()
+    c = m.cfg
+    prompts = [[3, 14, 15], [35, 89, 79, 32, 38, 4, 7], [2, 71, 82, 81, 8]]
+    L = 16
+    k_pool = [torch.zeros(4, c.n_kv_heads, L, c.head_dim) for _ in range(c.n_layers)]
+    v_pool = [torch.zeros(4, c.n_kv_heads, L, c.head_dim) for _ in range(c.n_layers)]
+    fd = FastDecode.for_model(m)
+    want = []
+    with torch.inference_mode():
+        for slot, p in zip((0, 1, 2), prompts):
+            cache = m.new_kv_cache(1, L)
+            m(torch.tensor([p]), kv_cache=cache)
+            for i in range(c.n_layers):
+                k_pool[i][slot], v_pool[i][slot] = cache.k[i][0], cache.v[i][0]
+            want.append(fd.step(torch.tensor([9 + slot]), len(p), cache)[0])
+        for rows, rng in (([2, 0, 1], None), ([0, 1, 2], (0, 3))):
+            kp, vp = [k.clone() for k in k_pool], [v.clone() for v in v_pool]
+            pos = torch.tensor([len(prompts[r]) for r in rows])
+            S = int(pos.max()) + 1
+            mask = torch.arange(S)[None, :] <= pos[:, None]
+            got = fd.step_rows(torch.tensor([9 + r for r in rows]), pos, kp, vp, torch.tensor(rows), rng, mask)
+            for b, r in enumerate(rows):
+                torch.testing.assert_close(got[b], want[r], rtol=1e-5, atol=1e-5)
+                # the new key landed at the row's own position of its own slot
+                assert kp[0][r, :, len(prompts[r])].abs().sum() > 0
+                assert kp[0][r, :, len(prompts[r]) + 1:].abs().sum() == 0
+
+
+def test_decode_threads_rule_and_restore():
+    from z2all.model.generate import decode_threads
+
+    m = model()
+    assert decode_threads(m) == 1  # a few KB of weights: one thread
+    assert decode_threads(m, 3) == 3
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        one = generate(m, [[3, 14, 15, 92]], 24, decode="fast")
+        assert torch.get_num_threads() == 2  # restored after the decode loop
+        assert generate(m, [[3, 14, 15, 92]], 24, decode="fast", threads=2) == one
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(old)

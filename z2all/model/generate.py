@@ -86,33 +86,54 @@ def check_sampling(*, temperature: float = 0.0, top_k: int = 0, top_p: float = 1
 
 class FastDecode:
     """The one-token decode step with as few tensor ops as the math allows (`decode="fast"`; the model's own
-    forward is the reference, `decode="plain"`). At batch 1 on a small model the per-op framework cost, not
-    the arithmetic, sets the speed: the tiny preset's plain step runs ~45 ops per layer. Here, per layer:
-    the q/k/v projections are one matmul (their weights concatenated once) and so are the FFN's gate and
-    up; RoPE is x * cos + roll(x, D/2) * sin_signed on q and k together (rotate-half with the sign folded
-    into a precomputed table); no [B, T] bookkeeping, no mask, no op switch. It reads and writes the same
-    KVCache as the forward (the prompt is prefilled by the forward), and plain PyTorch only: the model's
-    op switch (Triton kernels) applies to the prefill, not to these steps. Rows must share one position
-    (no left padding: generate() falls back to the forward for padded batches).
+    forward is the reference, `decode="plain"`). At batch 1 on a small model the per-op framework cost and
+    the matmul library's small-matrix path, not the arithmetic, set the speed: the tiny preset's plain step
+    runs ~45 ops per layer. Here, per layer (~17 ops):
 
-    The fused weights are built once and reused while the model's parameters are unchanged (their storage
-    and version counters are the key), so a trainer's sample generations between steps rebuild them."""
+    - weights are copied once, transposed to [in, out] row-major: `x @ W^T` through torch.mm/addmm on that
+      layout is ~20% faster per matmul than F.linear's transposed-weight call for a 1-row x (MKL, fp32, 1
+      thread: 17.7 vs 22.2 us for the 256x1408 gate/up matrix);
+    - q/k/v are one matmul, and so are the FFN's gate and up;
+    - the residual adds are fused into the matmuls (torch.addmm(x, h, W) = x + h @ W);
+    - RMSNorm is one aten op (torch.rms_norm) in fp32 (the upcasting formula otherwise);
+    - RoPE is qk * cos + roll(qk, D/2) * sin_signed on q and k together (rotate-half with the sign folded
+      into a precomputed table), two ops plus the roll;
+    - on CPU in fp32 with MKL, the LM head (the largest matrix: V x C) goes through MKL's packed sgemm
+      (weights reordered once; 47.7 vs 73.5 us for 4096x256).
+
+    No [B, T] bookkeeping, no mask, no op switch. It reads and writes the same KVCache as the forward (the
+    prompt is prefilled by the forward), and plain PyTorch only: the model's op switch (Triton kernels)
+    applies to the prefill, not to these steps. Rows of step() share one position (generate() falls back to
+    the forward for left-padded batches); step_rows() gives each row its own (the serving engine).
+
+    The copies are built once and reused while the model's parameters are unchanged (their storage and
+    version counters are the key), so a trainer's sample generations between steps rebuild them. They cost
+    one more copy of the block weights (and of the LM head where packed) in memory."""
 
     def __init__(self, model):
-        import torch.nn.functional as F
-
-        self.F = F
         self.model = model
         c = model.cfg
-        self.H, self.K, self.D = c.n_heads, c.n_kv_heads, c.head_dim
+        self.H, self.K, self.D, self.C = c.n_heads, c.n_kv_heads, c.head_dim, c.dim
+        self.F = c.ffn_hidden
         self.eps = c.norm_eps
+        w = model.tok_embeddings.weight
+        self.fp32 = w.dtype == torch.float32
         with torch.no_grad():
             self.layers = []
             for b in model.layers:
                 a, f = b.attention, b.feed_forward
-                self.layers.append((b.attention_norm.weight, torch.cat([a.wq.weight, a.wk.weight, a.wv.weight]),
-                                    a.wo.weight, b.ffn_norm.weight, torch.cat([f.w1.weight, f.w3.weight]),
-                                    f.w2.weight))
+                self.layers.append((b.attention_norm.weight.detach(),
+                                    torch.cat([a.wq.weight, a.wk.weight, a.wv.weight]).t().contiguous(),
+                                    a.wo.weight.detach().t().contiguous(), b.ffn_norm.weight.detach(),
+                                    torch.cat([f.w1.weight, f.w3.weight]).t().contiguous(),
+                                    f.w2.weight.detach().t().contiguous()))
+            self.head = model.output.weight.detach()
+            self.head_packed = None
+            if self.fp32 and w.device.type == "cpu" and torch._C.has_mkl:
+                try:
+                    self.head_packed = torch.ops.mkl._mkl_reorder_linear_weight(self.head, 1)
+                except (RuntimeError, AttributeError):  # a build without the op: F.linear
+                    self.head_packed = None
         self.key = self._key(model)
         self.tables: dict = {}
 
@@ -154,31 +175,40 @@ class FastDecode:
         return t
 
     def _rms(self, x, w):
+        if self.fp32:
+            return torch.rms_norm(x, (self.C,), w, self.eps)
         xf = x.float()
         return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
+    def _logits(self, x):
+        h = self._rms(x, self.model.norm.weight)
+        if self.head_packed is not None:
+            return torch.ops.mkl._mkl_linear(h, self.head_packed, self.head, None, h.shape[0])
+        return torch.nn.functional.linear(h, self.head)
+
+    def _ffn(self, x, wn2, w13, w2):
+        h = torch.mm(self._rms(x, wn2), w13)  # [B, 2F]: gate | up
+        return torch.addmm(x, torch.nn.functional.silu(h[:, :self.F]).mul_(h[:, self.F:]), w2)
+
     def step(self, tokens: torch.Tensor, pos: int, cache) -> torch.Tensor:
         """tokens [B] at position pos (every row) -> logits [B, V]; writes their keys/values at pos."""
-        F, H, K, D = self.F, self.H, self.K, self.D
-        m = self.model
+        H, K, D = self.H, self.K, self.D
         B = tokens.shape[0]
         cos, sin = self._rope(tokens.device, pos + 1)
         cos, sin = cos[pos], sin[pos]
-        x = F.embedding(tokens, m.tok_embeddings.weight)
+        x = self.model.tok_embeddings.weight.index_select(0, tokens)  # [B, C]
         nqk = (H + K) * D
+        sdpa = torch.nn.functional.scaled_dot_product_attention
         for i, (wn1, wqkv, wo, wn2, w13, w2) in enumerate(self.layers):
-            qkv = F.linear(self._rms(x, wn1), wqkv)
+            qkv = torch.mm(self._rms(x, wn1), wqkv)  # [B, (H + 2K) * D]
             qk = qkv[:, :nqk].view(B, H + K, D)
-            qk = qk * cos + qk.roll(D // 2, -1) * sin
+            qk = torch.addcmul(qk * cos, qk.roll(D // 2, -1), sin)
             kc, vc = cache.k[i], cache.v[i]
-            kc[:, :, pos] = qk[:, H:]
-            vc[:, :, pos] = qkv[:, nqk:].view(B, K, D)
-            y = F.scaled_dot_product_attention(qk[:, :H, None], kc[:, :, :pos + 1], vc[:, :, :pos + 1],
-                                               enable_gqa=K != H)
-            x = x + F.linear(y.reshape(B, H * D), wo)
-            a, b = F.linear(self._rms(x, wn2), w13).chunk(2, -1)
-            x = x + F.linear(F.silu(a) * b, w2)
-        return F.linear(self._rms(x, m.norm.weight), m.output.weight)
+            kc.select(2, pos).copy_(qk[:, H:])
+            vc.select(2, pos).copy_(qkv[:, nqk:].view(B, K, D))
+            y = sdpa(qk[:, :H, None], kc.narrow(2, 0, pos + 1), vc.narrow(2, 0, pos + 1), enable_gqa=K != H)
+            x = self._ffn(torch.addmm(x, y.reshape(B, H * D), wo), wn2, w13, w2)
+        return self._logits(x)
 
     def step_rows(self, tokens: torch.Tensor, pos: torch.Tensor, k_pool: list, v_pool: list, rows: torch.Tensor,
                   row_range: tuple[int, int] | None, mask: torch.Tensor) -> torch.Tensor:
@@ -187,18 +217,18 @@ class FastDecode:
         (rows[b], pos[b]); attention reads rows[b]'s keys 0..S-1 (S = mask.shape[1]) where mask [B, S] is
         True; row_range = (lo, hi) when rows are lo..hi-1 in order (a slice instead of a gather).
         Returns logits [B, V]."""
-        F, H, K, D = self.F, self.H, self.K, self.D
-        m = self.model
+        H, K, D = self.H, self.K, self.D
         B, S = mask.shape
         cos, sin = self._rope(tokens.device, S)
         cos, sin = cos[pos][:, None], sin[pos][:, None]  # [B, 1, D]
-        x = F.embedding(tokens, m.tok_embeddings.weight)
+        x = self.model.tok_embeddings.weight.index_select(0, tokens)
         attn_mask = mask[:, None, None, :]
         nqk = (H + K) * D
+        sdpa = torch.nn.functional.scaled_dot_product_attention
         for i, (wn1, wqkv, wo, wn2, w13, w2) in enumerate(self.layers):
-            qkv = F.linear(self._rms(x, wn1), wqkv)
+            qkv = torch.mm(self._rms(x, wn1), wqkv)
             qk = qkv[:, :nqk].view(B, H + K, D)
-            qk = qk * cos + qk.roll(D // 2, -1) * sin
+            qk = torch.addcmul(qk * cos, qk.roll(D // 2, -1), sin)
             kc, vc = k_pool[i], v_pool[i]
             kc[rows, :, pos] = qk[:, H:]
             vc[rows, :, pos] = qkv[:, nqk:].view(B, K, D)
@@ -206,12 +236,49 @@ class FastDecode:
                 keys, values = kc[row_range[0]:row_range[1], :, :S], vc[row_range[0]:row_range[1], :, :S]
             else:
                 keys, values = kc[rows, :, :S], vc[rows, :, :S]
-            y = F.scaled_dot_product_attention(qk[:, :H, None], keys, values, attn_mask=attn_mask,
-                                               enable_gqa=K != H)
-            x = x + F.linear(y.reshape(B, H * D), wo)
-            a, b = F.linear(self._rms(x, wn2), w13).chunk(2, -1)
-            x = x + F.linear(F.silu(a) * b, w2)
-        return F.linear(self._rms(x, m.norm.weight), m.output.weight)
+            y = sdpa(qk[:, :H, None], keys, values, attn_mask=attn_mask, enable_gqa=K != H)
+            x = self._ffn(torch.addmm(x, y.reshape(B, H * D), wo), wn2, w13, w2)
+        return self._logits(x)
+
+
+# Below this many bytes of weights a CPU decode step runs on one thread (decode_threads' auto rule).
+SMALL_MODEL_BYTES = 64 << 20
+
+
+def decode_threads(model, threads: int = 0) -> int:
+    """Intra-op threads for the decode steps (one token per row): `threads` when > 0; else (auto) 1 on the
+    CPU for a model whose weights are under SMALL_MODEL_BYTES, torch's current count otherwise (and on GPUs).
+    Why: a step of a small model is ~80 ops of a few microseconds each, and with 2 threads every matmul and
+    attention call becomes an OpenMP parallel region whose hand-off costs more than the split saves; on a
+    loaded machine it is catastrophic (the demo model, 2 cores shared with other jobs: 93 vs 1,589 tokens per
+    CPU-second, 2 threads vs 1). A large model's step is memory-bound matmuls, where a second core adds
+    bandwidth. The prefill (many tokens at once) keeps every thread."""
+    if threads > 0:
+        return threads
+    w = model.tok_embeddings.weight
+    if w.device.type != "cpu":
+        return torch.get_num_threads()
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return 1 if nbytes < SMALL_MODEL_BYTES else torch.get_num_threads()
+
+
+class num_threads:
+    """`with num_threads(n):` torch's intra-op thread count set to n inside, restored after (process-wide:
+    the caller is the only thread computing)."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.old = torch.get_num_threads()
+
+    def __enter__(self):
+        if self.n != self.old:
+            torch.set_num_threads(self.n)
+        return self
+
+    def __exit__(self, *exc):
+        if torch.get_num_threads() != self.old:
+            torch.set_num_threads(self.old)
+        return False
 
 
 @torch.inference_mode()
@@ -219,7 +286,8 @@ def generate(model, input_ids: list[list[int]], max_new_tokens: int = 64, *, tem
              top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
              eos_id: int | list[int] | None = None, should_stop: Callable[[int, list[int]], bool] | None = None,
              on_token: Callable[[int, int], None] | None = None, generator: torch.Generator | None = None,
-             pad_id: int = 0, vocab_limit: int | None = None, decode: str = "plain") -> list[list[int]]:
+             pad_id: int = 0, vocab_limit: int | None = None, decode: str = "plain",
+             threads: int = 0) -> list[list[int]]:
     """Continue each prompt in one batch; returns the new tokens of each row (without the EOS that ended
     it). A row finishes at eos_id, when should_stop(row, new_tokens) is true (stop strings), or after
     max_new_tokens; generation ends when every row has finished. on_token(row, token) is called for each
@@ -228,7 +296,8 @@ def generate(model, input_ids: list[list[int]], max_new_tokens: int = 64, *, tem
     generating it by itself (up to floating-point reduction order). vocab_limit: ids from there on are never
     sampled (a model whose vocabulary is padded past its tokenizer's). decode: "plain" runs every step through
     the model's forward (the reference); "fast" through FastDecode (same tokens, fewer ops per step) when
-    no row is padded."""
+    no row is padded. threads: intra-op threads for the decode steps (decode_threads; 0 = auto: one for a
+    small model on the CPU); the prefill runs with torch's current count."""
     if not input_ids or any(len(p) == 0 for p in input_ids):
         raise UserError("every prompt needs at least one token")
     if max_new_tokens <= 0:
@@ -268,10 +337,12 @@ def generate(model, input_ids: list[list[int]], max_new_tokens: int = 64, *, tem
     cache = model.new_kv_cache(B, P + max_new_tokens)
     out: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
+    threads_ctx = num_threads(decode_threads(model, threads))
     try:
         logits, _ = model(idx, kv_cache=cache, start_pos=0,
                           key_padding_mask=None if mask is None else mask[:, :P], logits_to_keep=1)
         pos = P
+        threads_ctx.__enter__()
         for _ in range(max_new_tokens):
             step = logits[:, -1]
             if vocab_limit is not None and vocab_limit < step.shape[-1]:
@@ -302,6 +373,7 @@ def generate(model, input_ids: list[list[int]], max_new_tokens: int = 64, *, tem
                                   key_padding_mask=None if mask is None else mask[:, :pos + 1], logits_to_keep=1)
             pos += 1
     finally:
+        threads_ctx.__exit__(None, None, None)
         model.train(was_training)
     return out
 
@@ -473,6 +545,8 @@ class Config:
     tokenizer: str = opt("", "tokenizer directory (default: <ckpt>/tokenizer/)")
     decode: str = opt("fast", "decode step: fast (FastDecode: fused projections, fewer ops per token) or plain "
                       "(the model's forward, the reference); both give the same tokens", choices=("fast", "plain"))
+    decode_threads: int = opt(0, "CPU threads for the decode steps; 0 = auto: 1 for a model under 64 MB of weights "
+                              "(per-op threading costs more than it saves there), torch's default otherwise")
 
 
 def _prompts(cfg: Config) -> list[str]:
@@ -504,6 +578,8 @@ def run(cfg: Config) -> int:
 
     check_sampling(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                    repetition_penalty=cfg.repetition_penalty, max_new_tokens=cfg.max_new_tokens)
+    if cfg.decode_threads < 0:
+        raise UserError(f"--decode-threads must be >= 0 (0 = auto), got {cfg.decode_threads}")
     prompts = _prompts(cfg)
     ckpt, kind, _ = resolve_checkpoint(cfg.ckpt, "--ckpt")  # a bad --ckpt is named before the tokenizer
     tok_dir = Path(cfg.tokenizer) if cfg.tokenizer else default_tokenizer_dir(ckpt, kind)
@@ -534,7 +610,8 @@ def run(cfg: Config) -> int:
                    top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty, eos_id=tok.eos_token_id,
                    should_stop=_stop_checker(tok, cfg.stop) if cfg.stop else None, on_token=streamer,
                    generator=gen, pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
-                   vocab_limit=vocab_limit, decode=cfg.decode)
+                   vocab_limit=vocab_limit, decode=cfg.decode,
+                   threads=cfg.decode_threads)
     if streamer is not None:
         streamer.finish()
         return 0

@@ -415,6 +415,8 @@ class Config:
     dtype: str = opt("auto", "compute dtype: auto = bf16/fp16 on GPU, fp32 on CPU",
                      choices=("auto", "fp32", "bf16", "fp16"))
     threads: int = opt(0, "CPU threads for torch (0 = torch's default)")
+    decode_threads: int = opt(0, "CPU threads for the decode steps; 0 = auto: 1 for a model under 64 MB of weights "
+                              "(per-op threading costs more than it saves there), --threads otherwise")
 
 
 def build(cfg: Config) -> tuple[Service, object]:
@@ -451,7 +453,8 @@ def build(cfg: Config) -> tuple[Service, object]:
                         f"{human_bytes(free)} is free; lower --max-batch, --context or --max-tokens-in-cache")
     engine = Engine(model, loaded.tok, max_batch=max_batch, max_tokens_in_cache=cfg.max_tokens_in_cache,
                     context=cfg.context, prefill_chunk=cfg.prefill_chunk, max_queue=cfg.max_queue,
-                    eos_ids=loaded.eos_ids, vocab_limit=loaded.vocab_limit, decode=cfg.decode)
+                    eos_ids=loaded.eos_ids, vocab_limit=loaded.vocab_limit, decode=cfg.decode,
+                    decode_threads=cfg.decode_threads)
     svc = Service(engine, loaded.tok, cfg.model_name or loaded.name, loaded.chatml, cfg.api_key, cfg.max_body)
     return svc, create_app(svc)
 

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from z2all.model.generate import filter_logits
+from z2all.model.generate import filter_logits, num_threads
 from z2all.utils import UserError
 
 
@@ -152,6 +152,21 @@ class _Pool:
         self.k = [torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in range(c.n_layers)]
         self.v = [torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in range(c.n_layers)]
         self.nbytes = 2 * c.n_layers * torch.Size(shape).numel() * p.element_size()
+        self._rows: dict[int, _Row] = {}
+
+    def row(self, slot: int) -> _Row:
+        """Slot `slot` as a one-row KVCache (views [1, K, slot_len, D] per layer, made once per slot)."""
+        r = self._rows.get(slot)
+        if r is None:
+            r = self._rows[slot] = _Row([k[slot:slot + 1] for k in self.k], [v[slot:slot + 1] for v in self.v])
+        return r
+
+
+class _Row:
+    """One slot's rows of the pool in the KVCache layout FastDecode.step reads (k[layer], v[layer])."""
+
+    def __init__(self, k: list, v: list):
+        self.k, self.v = k, v
 
 
 class Engine:
@@ -159,7 +174,8 @@ class Engine:
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_tokens_in_cache: int = 0,
                  context: int = 0, prefill_chunk: int = 128, max_queue: int = 64,
-                 eos_ids: list[int] | None = None, vocab_limit: int | None = None, decode: str = "fast"):
+                 eos_ids: list[int] | None = None, vocab_limit: int | None = None, decode: str = "fast",
+                 decode_threads: int = 0):
         if max_batch < 1:
             raise UserError(f"--max-batch must be >= 1, got {max_batch}")
         if prefill_chunk < 1:
@@ -168,8 +184,19 @@ class Engine:
             raise UserError(f"--max-queue must be >= 0, got {max_queue}")
         if decode not in ("fast", "plain"):
             raise UserError(f"--decode must be fast or plain, got {decode!r}")
+        if decode_threads < 0:
+            raise UserError(f"--decode-threads must be >= 0 (0 = auto), got {decode_threads}")
+        from z2all.model.generate import decode_threads as pick_threads
+
         self.decode = decode
+        # decode steps run on this many threads (1 for a small model on the CPU, see generate.decode_threads);
+        # prefill chunks keep torch's count
+        self.decode_threads = pick_threads(model, decode_threads)
         self.model = model.eval()
+        from z2all.model.generate import FastDecode
+
+        # built once: a server's weights do not change (FastDecode.for_model's per-call key check is ~40 us)
+        self.fast = FastDecode.for_model(self.model) if decode == "fast" else None
         self.tok = tokenizer
         ctx = context or model.cfg.max_seq_len
         if max_tokens_in_cache:
@@ -280,7 +307,8 @@ class Engine:
                     if prefilling is not None:
                         self._prefill_chunk(prefilling)
                     if decoding:
-                        self._decode(decoding)
+                        with num_threads(self.decode_threads):
+                            self._decode(decoding)
             except Exception as e:  # a bug or an out-of-memory: fail these requests, keep serving
                 traceback.print_exc()
                 with self.cond:
@@ -300,17 +328,20 @@ class Engine:
                     self._accept(req, self._sample(logits[:, -1], [req])[0])
 
     def _decode(self, rows: list[Request]) -> None:
+        fast = self.fast
+        if fast is not None and len(rows) == 1:
+            # one stream: generate()'s step on the slot's own rows, without the per-row positions, mask and
+            # gathers a batch needs (the same math; ~10 fewer small ops and tensors per step)
+            r = rows[0]
+            tokens = torch.tensor([r.last], dtype=torch.long, device=self.device)
+            self._advance(rows, fast.step(tokens, r.pos, self.pool.row(r.slot)))
+            return
         slots = [r.slot for r in rows]
         pos = [r.pos for r in rows]
         view = _DecodeView(self.pool, slots, pos, self.device)
         S = view.S
         ar = torch.arange(S, device=self.device)
         mask = ar[None, :] <= view.pos[:, None]  # [B, S]: each row sees its own keys only
-        fast = None
-        if self.decode == "fast":
-            from z2all.model.generate import FastDecode
-
-            fast = FastDecode.for_model(self.model)
         if fast is not None:
             tokens = torch.tensor([r.last for r in rows], dtype=torch.long, device=self.device)
             logits = fast.step_rows(tokens, view.pos, self.pool.k, self.pool.v, view.slots, view.range, mask)
@@ -318,6 +349,10 @@ class Engine:
             idx = torch.tensor([[r.last] for r in rows], dtype=torch.long, device=self.device)
             logits, _ = self.model(idx, kv_cache=view, start_pos=S - 1, key_padding_mask=mask, logits_to_keep=1)
             logits = logits[:, -1]
+        self._advance(rows, logits)
+
+    def _advance(self, rows: list[Request], logits: torch.Tensor) -> None:
+        """Sample each row's next token from its logits [B, V] and accept it."""
         nxt = self._sample(logits, rows)
         with self.cond:
             self.steps += 1
