@@ -1,5 +1,6 @@
 """`z2all bench serve` end to end on a tiny checkpoint (slow: two server processes): the table has a row per
-(mode, clients), the generate() reference row, the ratio lines; every request got its tokens."""
+(mode, clients), the single-stream pair (one request, generate()) and the ratio lines; every request got its
+tokens."""
 
 from __future__ import annotations
 
@@ -31,4 +32,5 @@ def test_bench_serve_small(tmp_path):
         cells = [c.strip() for c in row.split("|")[1:-1]]
         assert int(cells[3]) == int(cells[2]) * 6  # every request streamed exactly max_tokens tokens
     assert "`z2all generate` path" in r.stdout and "3 concurrent streams: continuous batching" in r.stdout
+    assert "single stream through the server (batched)" in r.stdout
     assert "peak RSS" in r.stdout
