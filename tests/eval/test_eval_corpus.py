@@ -63,14 +63,16 @@ def test_demo_report_table_and_results(tokens_dir, ckpt):
     assert "unigram bits/byte (train split)" in lines[0] and res["unigram"] == "train split"
     rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]] for ln in lines[2:4]}
     assert set(rows) == set(res["domains"]) == {"github_python", "wikipedia_zh"}
-    for dom, (ndocs, nbytes, bpb, unigram, acc, chance, n) in rows.items():
+    for dom, (ndocs, nbytes, bpb, unigram, acc, acc_mi, chance, n) in rows.items():
         d = res["domains"][dom]
         assert int(ndocs) == d["docs"] > 0 and int(nbytes.replace(",", "")) == d["bytes"] > 0
         assert float(bpb) == pytest.approx(d["bpb"], abs=1e-4) and float(unigram) > 0 and 0 <= float(acc) <= 1
+        assert float(acc_mi) == pytest.approx(d["acc_mi"], abs=1e-4) and 0 <= d["acc_mi"] <= 1
         assert chance == "0.25" and int(n) == d["items"] and 0 < d["items"] <= 5  # the bound holds
     # the untrained fixture model guesses: the verdict line says whether every domain beat chance
-    assert res["above_chance"] == all(d["acc"] > 0.25 for d in res["domains"].values())
-    assert ("above chance in every domain: yes" in text) == res["above_chance"]
+    for key in ("acc", "acc_mi"):
+        assert res["above_chance"][key] == all(d[key] > 0.25 for d in res["domains"].values())
+        assert (f"{key} yes" in text) == res["above_chance"][key]
     # no training config next to the fixture checkpoint: windows of its max_seq_len
     assert res["window"] == 96 and run.trained_seq_len(ckpt) == 0
 

@@ -130,6 +130,44 @@ def test_continuation_items_are_deterministic_and_same_domain():
     assert tasks.continuation_items(docs[:3], n_choices=4) == []
 
 
+def test_continuation_items_per_document_spread_and_never_overlap():
+    docs = demo_docs(n=5, chars=3000)
+    one = tasks.continuation_items(docs, n_choices=4, ctx_bytes=200, span_bytes=24, seed=3)
+    many = tasks.continuation_items(docs, n_choices=4, ctx_bytes=200, span_bytes=24, seed=3, per_doc=6)
+    assert len(one) == 5 and len(many) > 3 * len(one)
+    assert many == tasks.continuation_items(docs, n_choices=4, ctx_bytes=200, span_bytes=24, seed=3, per_doc=6)
+    where = {}
+    for it in many:
+        k = int(it.where.split("document ")[1].split(",")[0]) - 1
+        at = docs[k].index(it.context + it.continuations[it.gold])  # context then its true span, in order
+        where.setdefault(k, []).append((at, at + len(it.context) + len(it.continuations[it.gold])))
+        assert all(any(c in d for m, d in enumerate(docs) if m != k)  # distractors: spans of other documents
+                   for i, c in enumerate(it.continuations) if i != it.gold)
+        assert len(set(it.continuations)) == 4
+    for spans in where.values():  # the items of a document never overlap
+        spans.sort()
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    # offset-major: a cap takes every document's first item before any second one
+    capped = tasks.continuation_items(docs, n_choices=4, ctx_bytes=200, span_bytes=24, seed=3, per_doc=6,
+                                      max_items=5)
+    assert sorted(int(it.where.split("document ")[1].split(",")[0]) for it in capped) == [1, 2, 3, 4, 5]
+
+
+def test_mutual_info_subtracts_the_choice_alone(lm):
+    item = Item("The cat sat on the", [" mat", " dog runs"], [" mat", " dog runs"], 0, "x")
+    (un,) = score.unconditional_loglikelihoods(lm, [item])
+    for choice, (got, _) in zip(item.continuations, un):  # log p(choice | <|endoftext|>), by a plain forward
+        ids = [lm.prefix_id] + lm.encode(choice)
+        with torch.inference_mode():
+            logits, _ = lm.model(torch.tensor([ids]))
+        want = logits[0, :-1].float().log_softmax(-1).gather(-1, torch.tensor(ids[1:])[:, None]).sum()
+        assert got == pytest.approx(float(want), abs=1e-4)
+    # the likelier choice under the context can lose to one the context lifts more; ties go to the first
+    assert score.choose_mutual_info([-5.0, -4.0], [-1.0, -3.5]) == 1  # gains -4.0 and -0.5
+    assert score.choose_mutual_info([-5.0, -4.0], [-4.0, -1.0]) == 0  # gains -1.0 and -3.0
+    assert score.choose_mutual_info([-2.0, -2.0], [-1.0, -1.0]) == 0
+
+
 def test_exact_match_through_the_chat_template(lm):
     from z2all.tokenizer.hf import CHAT_TEMPLATE
 

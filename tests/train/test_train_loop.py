@@ -217,8 +217,10 @@ def test_heldout_scores_are_logged_resumed_and_plotted_without_changing_training
     doms = {"wikipedia_zh", "github_python"}
     for r in recs.values():
         assert set(r["bpb"]) == set(r["unigram_bpb"]) == set(r["continuation_acc"]) == doms
+        assert set(r["continuation_acc_norm"]) == set(r["continuation_acc_mi"]) == doms
         assert all(0 < v < 12 for v in r["bpb"].values()) and all(0 < v < 12 for v in r["unigram_bpb"].values())
-        assert all(0 <= v <= 1 for v in r["continuation_acc"].values()) and r["chance"] == 0.25
+        assert all(0 <= v <= 1 for v in [*r["continuation_acc"].values(), *r["continuation_acc_mi"].values()])
+        assert r["chance"] == 0.25
         assert r["continuation_items"] == {d: 6 for d in doms}  # the bound holds
         assert all(1500 <= n < 3000 for n in r["bpb_tokens"].values())  # whole documents up to the bound
     assert recs[10]["unigram_bpb"] == recs[20]["unigram_bpb"]  # a reference: the train split's unigram
@@ -229,6 +231,7 @@ def test_heldout_scores_are_logged_resumed_and_plotted_without_changing_training
     again = held(load_model(ckpt.latest_checkpoint(a)), nullcontext())
     assert again["bpb"] == pytest.approx(recs[20]["bpb"], rel=1e-6)
     assert again["continuation_acc"] == recs[20]["continuation_acc"]
+    assert again["continuation_acc_mi"] == recs[20]["continuation_acc_mi"]
 
     # a run killed after its step-10 checkpoint resumes to the same losses and the same held-out records
     c = tmp_path / "c" / "run"

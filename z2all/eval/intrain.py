@@ -22,8 +22,13 @@ what the validation loss costs (measured in docs/performance.md).
 What is logged, per evaluation, as one {"kind": "heldout", "step": N, ...} record of metrics.jsonl (nested
 by domain; TensorBoard gets `<family>/<domain>` scalars):
   bpb {domain: bits per byte}, unigram_bpb {domain: the train split's unigram in the same units, a constant
-  reference}, bpb_tokens {domain: tokens scored}, continuation_acc / continuation_acc_norm {domain},
-  continuation_items {domain}, chance (1 / choices), heldout_s (seconds the scoring took).
+  reference}, bpb_tokens {domain: tokens scored}, continuation_acc / continuation_acc_norm /
+  continuation_acc_mi {domain} (lm-eval's acc, acc_norm and acc_mutual_info: the last credits what the context
+  adds over each span's own likelihood, the sharper signal on this set), continuation_items {domain},
+  chance (1 / choices), heldout_s (seconds the scoring took).
+
+The items: up to 8 per held-out document (tasks.continuation_items per_doc), the first tasks_max_items in
+offset-major order, seed 1234: the same items `z2all eval --heldout DIR --per_doc 8 --limit N` scores.
 
 Determinism: the documents, the items (their own seeded random.Random) and the scoring (eval mode, no
 dropout, no sampling) touch no global RNG and no data loader, so a resumed run logs the same numbers and
@@ -43,6 +48,7 @@ from z2all.config import opt
 from z2all.utils import UserError
 
 N_CHOICES = 4
+PER_DOC = 8  # continuation items per document at most (as demo_report): small corpora hold out few documents
 UNIGRAM_MAX_TOKENS = 50_000_000  # bincount of 50M uint16 tokens: ~0.3 s, once at the start
 
 
@@ -90,7 +96,7 @@ class HeldoutEval:
         if tasks_max_items:
             for dom, docs in sorted(domains.items()):
                 items = tasks.continuation_items(docs, N_CHOICES, seed=seed, max_items=tasks_max_items,
-                                                 where=f"{dom} held-out")
+                                                 where=f"{dom} held-out", per_doc=PER_DOC)
                 if items:
                     self.items[dom] = items
 
@@ -124,22 +130,25 @@ class HeldoutEval:
                 model.eval()
                 try:
                     lm = score.LM(model, self.tok, "training", "", context=self.window)
-                    acc, acc_norm, n = {}, {}, {}
+                    acc, acc_norm, acc_mi, n = {}, {}, {}, {}
                     for dom, items in self.items.items():
-                        k = k_norm = m = 0
-                        for it, r in zip(items, score.loglikelihoods(lm, items, self.batch_size)):
-                            if r is None:
+                        k = k_norm = k_mi = m = 0
+                        uncond = score.unconditional_loglikelihoods(lm, items, self.batch_size)
+                        for it, r, u in zip(items, score.loglikelihoods(lm, items, self.batch_size), uncond):
+                            if r is None or u is None:
                                 continue
-                            pred, pred_norm, _ = score.choose([x[0] for x in r], it.choices)
+                            ll = [x[0] for x in r]
+                            pred, pred_norm, _ = score.choose(ll, it.choices)
                             k += pred == it.gold
                             k_norm += pred_norm == it.gold
+                            k_mi += score.choose_mutual_info(ll, [x[0] for x in u]) == it.gold
                             m += 1
                         if m:
-                            acc[dom], acc_norm[dom], n[dom] = k / m, k_norm / m, m
+                            acc[dom], acc_norm[dom], acc_mi[dom], n[dom] = k / m, k_norm / m, k_mi / m, m
                 finally:
                     model.train(was_training)
-                rec.update(continuation_acc=acc, continuation_acc_norm=acc_norm, continuation_items=n,
-                           chance=1.0 / N_CHOICES)
+                rec.update(continuation_acc=acc, continuation_acc_norm=acc_norm, continuation_acc_mi=acc_mi,
+                           continuation_items=n, chance=1.0 / N_CHOICES)
         rec["heldout_s"] = round(time.perf_counter() - t0, 3)
         return rec
 
@@ -152,8 +161,10 @@ def summary(rec: dict) -> str:
         parts.append("bpb " + ", ".join(f"{d} {v:.3f}" + (f" (unigram {uni[d]:.3f})" if d in uni else "")
                                         for d, v in rec["bpb"].items()))
     if rec.get("continuation_acc"):
-        parts.append("continuation acc " + ", ".join(f"{d} {v:.2f}" for d, v in rec["continuation_acc"].items())
-                     + f" (chance {rec['chance']:.2f})")
+        mi = rec.get("continuation_acc_mi", {})
+        parts.append("continuation acc " + ", ".join(f"{d} {v:.2f}" + (f"/{mi[d]:.2f}" if d in mi else "")
+                                                      for d, v in rec["continuation_acc"].items())
+                     + f" (acc/acc_mi; chance {rec['chance']:.2f})")
     return f"  held-out: {' | '.join(parts) or 'nothing scored'} ({rec['heldout_s']:.1f} s)"
 
 

@@ -22,7 +22,9 @@ Multiple choice, the way lm-evaluation-harness scores `loglikelihood` requests (
      (lm-eval's len(str)); acc_bytes = argmax of sum / UTF-8 bytes of the choice (lm-eval's acc_bytes).
      They agree on ASCII; on Chinese a character is 3 bytes, so the two differ only when choices mix
      scripts. The lengths are those of the choice without the delimiter, as lm-eval takes them.
-  4. Too long for the window: like lm-eval, each choice's row keeps the last window + 1 tokens of context +
+  4. acc_mi (lm-eval's acc_mutual_info; used for the "which continuation?" set): argmax of the sum minus the
+     same choice's sum after the BOS/EOS token alone (context ""), so a choice is not picked for being common.
+  5. Too long for the window: like lm-eval, each choice's row keeps the last window + 1 tokens of context +
      continuation (truncate="left"; such an item's choices then run as separate rows, since their cut
      contexts differ), or the item is skipped and counted (truncate="skip"). A continuation longer than
      the window alone is always skipped.
@@ -339,6 +341,22 @@ def loglikelihoods(lm: LM, items, batch_size: int = 8, truncate: str = "left"):
             else:
                 results[i][j:j + len(res)] = res
     return results
+
+
+def unconditional_loglikelihoods(lm: LM, items, batch_size: int = 8):
+    """Per item, per choice (sum log-prob, greedy) of the continuation after the BOS/EOS token alone (the
+    context replaced by "", as lm-eval's acc_mutual_info scores it), or None for an item skipped."""
+    import dataclasses
+
+    return loglikelihoods(lm, [dataclasses.replace(it, context="") for it in items], batch_size)
+
+
+def choose_mutual_info(lls: list[float], unconditional: list[float]) -> int:
+    """acc_mutual_info's prediction: argmax of log p(choice | context) - log p(choice). It credits what the
+    context adds, not how likely a choice is on its own: on the "which continuation?" set, whose distractors
+    are real spans of other documents, plain acc is dominated by how common each span is in general."""
+    gain = [a - b for a, b in zip(lls, unconditional)]
+    return max(range(len(gain)), key=lambda i: (gain[i], -i))
 
 
 def choose(lls: list[float], choices: list[str]) -> tuple[int, int, int]:

@@ -8,7 +8,8 @@ the training loop never trained on. The domain of a document is its `data_src` (
 
 "Which continuation?": per domain, a document's first `ctx_bytes` bytes (cut at a character) are the
 context; the true next `span_bytes` bytes are the right choice, and the spans at the same place of
-`n_choices - 1` other documents of the same domain are the distractors. Choices are scored as exact
+`n_choices - 1` other documents of the same domain are the distractors (`per_doc` > 1: further items
+later in each document, distractors from any span of the other documents). Choices are scored as exact
 continuations (no delimiter); chance is 1 / n_choices. The set depends only on the documents and `seed`.
 """
 
@@ -77,27 +78,39 @@ def heldout_docs(tokens_dir: str | Path, max_docs: int = 0) -> dict[str, list[st
 
 
 def continuation_items(docs: list[str], n_choices: int = 4, ctx_bytes: int = 400, span_bytes: int = 48,
-                       seed: int = 0, max_items: int = 0, where: str = "corpus") -> list[Item]:
+                       seed: int = 0, max_items: int = 0, where: str = "corpus", per_doc: int = 1) -> list[Item]:
     """The "which continuation?" items of one domain (see the module docstring). Documents too short for
-    context + span are left out; fewer than n_choices usable documents give no items."""
-    spans = []
+    context + span are left out; fewer than n_choices usable spans give no items.
+
+    per_doc > 1: up to that many items per document, at byte offsets 0, ctx+span, 2(ctx+span), ... (each
+    context is the ctx_bytes before its span, so items of one document never overlap); distractors are
+    then drawn from every span of the other documents. Items are ordered offset-major (every document's
+    first item, then every second one, ...) so `max_items` spreads over the documents. per_doc=1 gives
+    exactly the one-item-per-document set."""
+    spans = []  # (offset index, document, context, true span)
     for i, text in enumerate(docs):
-        c = _cut(text, 0, ctx_bytes)
-        e = _cut(text, c, span_bytes)
-        if c < len(text) and text[c:e].strip() and len(text[:c].encode("utf-8")) >= ctx_bytes // 2:
-            spans.append((i, text[:c], text[c:e]))
-    if len(spans) < n_choices:
+        start = 0
+        for j in range(per_doc):
+            c = _cut(text, start, ctx_bytes)
+            e = _cut(text, c, span_bytes)
+            if not (c < len(text) and text[c:e].strip() and len(text[start:c].encode("utf-8")) >= ctx_bytes // 2):
+                break
+            spans.append((j, i, text[start:c], text[c:e]))
+            start = e
+    spans.sort(key=lambda s: (s[0], s[1]))
+    if len(spans) < n_choices or len({s[1] for s in spans}) < 2:
         return []
     rng = random.Random(seed)
     items = []
-    for i, ctx, true in spans:
-        others = [s[2] for s in spans if s[0] != i and s[2] != true]
+    for j, i, ctx, true in spans:
+        others = [s[3] for s in spans if s[1] != i and s[3] != true]
         if len(set(others)) < n_choices - 1:
             continue
         distract = rng.sample(sorted(set(others)), n_choices - 1)
         gold = rng.randrange(n_choices)
         choices = distract[:gold] + [true] + distract[gold:]
-        items.append(Item(ctx, list(choices), list(choices), gold, f"{where}: document {i + 1}"))
+        at = f", item {j + 1}" if per_doc > 1 else ""
+        items.append(Item(ctx, list(choices), list(choices), gold, f"{where}: document {i + 1}{at}"))
         if max_items and len(items) >= max_items:
             break
     return items

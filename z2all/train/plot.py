@@ -8,7 +8,7 @@ also the held-out exact match of each evaluation's greedy answers (right axis, %
 throughput.png: tokens/s and, when the device has a known peak, MFU (%).
 heldout.png (only for a run trained with --eval.bpb_max_tokens / --eval.tasks_max_items): a panel per metric
 family of its "heldout" records, a line per domain: bits per byte (solid; the domain's unigram baseline dashed
-in the same colour) and "which continuation?" accuracy (chance dotted).
+in the same colour) and "which continuation?" accuracy (acc solid, acc_mi dashed, chance dotted).
 
 It writes those files and nothing else, each through a temp file + rename. Every PNG it writes carries a
 `Software: z2all plot` text chunk; an existing loss.png/throughput.png without it (a user's own figure) is
@@ -172,7 +172,7 @@ def _series(recs: list[dict], family: str) -> dict[str, tuple[list[int], list[fl
 def heldout_figure(plt, recs: list[dict], title: str):
     """Panels: bits per byte per domain (+ unigram dashed) and continuation accuracy per domain (+ chance)."""
     bpb, uni = _series(recs, "bpb"), _series(recs, "unigram_bpb")
-    acc = _series(recs, "continuation_acc")
+    acc, acc_mi = _series(recs, "continuation_acc"), _series(recs, "continuation_acc_mi")
     panels = [p for p in ("bpb", "acc") if (bpb if p == "bpb" else acc)]
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
     colors = {d: f"C{i}" for i, d in enumerate(sorted(set(bpb) | set(acc)))}
@@ -186,7 +186,11 @@ def heldout_figure(plt, recs: list[dict], title: str):
             ax.set_title(f"{title}: held-out bits per byte")
         else:
             for dom, (steps, vals) in sorted(acc.items()):
-                ax.plot(steps, [100 * v for v in vals], "s-", color=colors[dom], lw=1.5, ms=3, label=dom)
+                ax.plot(steps, [100 * v for v in vals], "s-", color=colors[dom], lw=1.5, ms=3, label=f"{dom} acc")
+                if dom in acc_mi:
+                    mi_steps, mi_vals = acc_mi[dom]
+                    ax.plot(mi_steps, [100 * v for v in mi_vals], "^--", color=colors[dom], lw=1, ms=3,
+                            label=f"{dom} acc_mi")
             chance = next((r["chance"] for r in recs if isinstance(r.get("chance"), (int, float))), None)
             if chance:
                 ax.axhline(100 * chance, color="gray", ls=":", lw=1, label="chance")
