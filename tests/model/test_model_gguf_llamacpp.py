@@ -6,7 +6,8 @@
   q8_0  greedy agreement and top-1 agreement over 64 positions printed (and bounded loosely)
 Measured (x86_64, 2 cores, llama-cpp-python 0.3.36): f32 max |logit diff| 8.6e-4; f16 2.8e-3, top-1 1.00,
 greedy 32/32; q8_0 6.2e-2, top-1 0.89, greedy 32/32.
-and llama.cpp's own tokenizer gives our ids on English, Python and Chinese strings."""
+and llama.cpp's own tokenizer gives our ids on English, Python and Chinese strings. `z2all bench llamacpp` runs on a
+checkpoint (equal greedy tokens) and on --preset (the forced-threads, llama.cpp 1-thread and engine rows)."""
 
 from __future__ import annotations
 
@@ -131,3 +132,22 @@ def test_bench_llamacpp_table(exported, capsys):
     out = capsys.readouterr().out
     rows = [r for r in out.splitlines() if r.startswith("| llama.cpp f32") or r.startswith("| z2all generate")]
     assert len(rows) == 3 and all("| 16/16" in r for r in rows), out
+
+
+def test_bench_llamacpp_preset_engine_and_thread_rows(capsys):
+    """--preset builds a random-weight model with the demo BPE; with 2 threads the table also has the forced
+    other-thread row, llama.cpp on 1 thread, and the engine's aggregate row; every row has its ratio."""
+    from z2all.bench import llamacpp
+
+    assert llamacpp.run(llamacpp.Config(preset="tiny", new_tokens=8, repeats=1, threads=2, streams=3,
+                                        dtypes=["f32"])) == 0
+    out = capsys.readouterr().out
+    assert "preset tiny (random weights, demo BPE)" in out
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in out.splitlines()
+            if r.startswith("| z2all") or r.startswith("| llama.cpp")}
+    assert set(rows) == {"z2all generate, plain forward (1 thr)", "z2all generate, fast decode (1 thr)",
+                         "z2all generate, fast decode (2 thr, forced)",
+                         "z2all engine, 3 streams aggregate (in-process, 1 thr)",
+                         "llama.cpp f32 (28.8 MB)", "llama.cpp f32-1 (1 thr)"}, out
+    assert all(cells[1].endswith("x") and cells[2].endswith("/8") for cells in rows.values())
+    assert rows["llama.cpp f32 (28.8 MB)"][1] == "1.00x"

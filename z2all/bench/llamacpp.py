@@ -19,7 +19,8 @@ name the threads their decode steps ran on: the auto rule (model/generate.py dec
 under 64 MB on one thread and a larger one on --threads; the "forced" row runs the other choice. The engine
 row counts all streams' tokens over the wall time from submitting them together to the last one finishing
 (their prefills included). "same greedy tokens" compares each row's tokens with ours (plain forward, f32;
-the engine row: its worst stream); llama.cpp's generation runs past end-of-text as ours does (no stop), so
+the engine row: its worst stream). With --threads above 1, "llama.cpp f32-1" is llama.cpp on 1 thread, the
+count our small-model rows decode on. llama.cpp's generation runs past end-of-text as ours does (no stop), so
 every row produces exactly --new-tokens tokens.
 """
 
@@ -153,6 +154,10 @@ def run(cfg: Config) -> int:
                                        verbose=False, seed=0)
             rows[f"llama.cpp {dt} ({info['file_bytes'] / 1e6:.1f} MB)"] = []
             warning = info["warning"]
+            if dt == "f32" and cfg.threads > 1:  # the same thread count as our 1-thread rows
+                llms["f32-1"] = llama_cpp.Llama(model_path=str(path), n_ctx=len(ids) + cfg.new_tokens + 8,
+                                                n_threads=1, n_threads_batch=1, n_batch=512, verbose=False, seed=0)
+                rows["llama.cpp f32-1 (1 thr)"] = []
         if warning:
             print0(f"note: {warning}")
         try:
@@ -184,7 +189,7 @@ def run(cfg: Config) -> int:
             if engine is not None:
                 engine.close()
     ref = tokens[plain]
-    cpp32 = next((min(s) for name, s in rows.items() if name.startswith("llama.cpp f32")), None)
+    cpp32 = next((min(s) for name, s in rows.items() if name.startswith("llama.cpp f32 ")), None)
     table = []
     for name, secs in rows.items():
         best = min(secs)
