@@ -20,6 +20,7 @@ from data_helpers import (
     raw_rows,
     read_records,
     real_docs,
+    write_bytes,
     write_json_array,
     write_jsonl,
     write_parquet,
@@ -155,6 +156,42 @@ def test_bad_input_is_skipped_and_counted(docs, tmp_path):
     assert len(recs) == 20 - 6 and "\ufffd" in recs[4]["content"]
 
 
+def test_byte_ranges_and_lines_give_identical_output(docs, tmp_path):
+    """A plain jsonl (read as byte ranges by the workers) and the same file gzipped (read as lines by the
+    parent) convert to the same shards and manifests, with 1 or 2 workers, bad lines included."""
+    rows = raw_rows("wikipedia_zh", docs["zh"][:120])
+    lines = [orjson.dumps(r) for r in rows]
+    lines[3] = b'{"id": "3", "title": "broken", "text": "no end'
+    lines[5] = lines[5][:-2] + b'\xff"}'
+    lines[9] = b"   "
+    data = b"\xef\xbb\xbf" + b"\n".join(lines)  # a BOM, and no newline after the last line
+    plain, packed = tmp_path / "in.jsonl", tmp_path / "in.jsonl.gz"
+    plain.write_bytes(data)
+    write_bytes(packed, data)
+    outs = {}
+    for path, workers in ((plain, 1), (plain, 2), (packed, 1)):
+        out = tmp_path / f"out-{path.name}-{workers}"
+        cfg = cfg_for({"wikipedia_zh": path}, out, shard_mb=0.02, batch_mb=0.005, workers=workers)
+        convert.run(cfg)
+        man = json.loads((out / "wikipedia_zh" / "manifest.json").read_text())
+        for k in ("inputs",):
+            man.pop(k)
+        outs[(path.suffix, workers)] = (shard_bytes(out), json.dumps(man).replace(str(path), "IN"))
+    first = outs[(".jsonl", 1)]
+    assert len(first[0]) > 4 and '"malformed JSON": 1' in first[1] and "IN:6" in first[1]
+    for key, o in outs.items():
+        assert o[0] == first[0], key
+        assert o[1] == first[1], key
+
+
+def test_worker_module_imports_no_numpy():
+    """A spawned convert worker imports convert_worker and what it imports: no numpy (its import and the
+    OpenBLAS thread it starts cost every worker), no torch."""
+    code = "import sys, z2all.data.convert_worker; print(sorted({'numpy', 'torch'} & set(sys.modules)))"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert p.stdout.strip() == "[]"
+
+
 def test_bad_json_array_and_utf8_in_arrays(docs, tmp_path):
     rows = raw_rows("wudao", docs["man"][:6])
     rows[5]["title"] = "坏标题"
@@ -222,9 +259,13 @@ sys.exit(convert.run(convert.Config(inputs=sys.argv[3].split(","), out=sys.argv[
 """
 
 
-@pytest.mark.parametrize("where", ["after_finish", "mid_shard"])
-def test_sigkill_and_resume(inputs, tmp_path, where):
+@pytest.mark.parametrize("where", ["after_finish", "mid_shard", "mid_shard_plain"])
+def test_sigkill_and_resume(inputs, docs, tmp_path, where):
     ins = ",".join(f"{k}={inputs[k]}" for k in ("wikipedia_zh", "wudao", "github_python"))
+    if where.endswith("_plain"):  # a plain jsonl: batches are byte ranges, resumed from a line inside one
+        where = where[: -len("_plain")]
+        plain = write_jsonl(tmp_path / "zh.jsonl", raw_rows("wikipedia_zh", docs["zh"]))
+        ins = ",".join([f"wikipedia_zh={plain}", *ins.split(",")[1:]])
     out = tmp_path / "killed"
     script = tmp_path / "killer.py"
     script.write_text(KILLER)

@@ -20,11 +20,13 @@ from data_helpers import (
 from z2all.data.readers import (
     BadLine,
     InputReader,
+    LineRange,
     MalformedJSON,
     ReadError,
     detect_format,
     expand_inputs,
     parse_json_line,
+    read_lines,
     sniff_compression,
     utf8_errors,
 )
@@ -212,3 +214,36 @@ def test_parse_json_line():
         with pytest.raises(BadLine) as e:
             parse_json_line(line)
         assert e.value.reason == reason
+
+
+def _batches(path, ranges: bool, start: int, batch_bytes: int):
+    r = InputReader(path, ranges=ranges)
+    out = []
+    for first, batch in r.batches(start, batch_bytes=batch_bytes):
+        if ranges:
+            assert isinstance(batch, LineRange)
+            lines = read_lines(path, batch.start, batch.end)
+            assert len(lines) == batch.count
+            batch = [bytes(x) for x in lines]
+        out.append((first, batch))
+    assert r.position() == r.size
+    return out
+
+
+@pytest.mark.parametrize("name", ["a.jsonl", "a.json"])
+def test_line_ranges_cut_the_batches_lines_cut(tmp_path, rows, name):
+    """Byte ranges of a plain jsonl file (and of jsonl named .json) hold exactly the lines, first indices and
+    batches of the line reader, for any hint (a line ending exactly on it included), any resume start, a BOM,
+    a blank line and a last line without its newline; compressed files keep the line batches."""
+    body = jsonl_bytes(rows[:40]) + b"\n" + orjson.dumps(rows[40])  # a blank line; no final newline
+    lens = [len(x) for x in body.splitlines(keepends=True)]
+    for bom in (b"", b"\xef\xbb\xbf"):
+        path = tmp_path / name
+        path.write_bytes(bom + body)
+        for hint in (1, lens[0] - 1, lens[0], lens[0] + 1, lens[0] + lens[1] - 1, 3000, 1 << 20):
+            for start in (0, 1, 2, 17, 41, 42, 50):
+                want = _batches(path, False, start, hint)
+                assert _batches(path, True, start, hint) == want, (bom, hint, start)
+                assert sum(len(b) for _, b in want) == max(0, 42 - start)
+    gz = write_bytes(tmp_path / "a.jsonl.gz", body)
+    assert all(isinstance(b, list) for _, b in InputReader(gz, ranges=True).batches(0, batch_bytes=2048))

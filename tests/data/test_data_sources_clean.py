@@ -12,7 +12,8 @@ from data_helpers import raw_rows, real_docs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from z2all.data.clean import _CJK, CleanConfig, Cleaner, HashSet64, MinHash, content_hash
+from z2all.data.clean import _CJK, CleanConfig, Cleaner, content_hash
+from z2all.data.dedup import HashSet64, MinHash
 from z2all.data.schema import FIELDS, record_text
 from z2all.data.sources import SOURCES, get_source
 from z2all.utils import UserError

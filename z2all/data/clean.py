@@ -1,4 +1,4 @@
-"""Text normalisation, document filters, exact and near-duplicate removal.
+"""Text normalisation, document filters and the content hash that exact dedup keys on.
 
 Prose cleaning (`Cleaner.clean_prose`), in order; every step is a precompiled regex or a C string method,
 never a per-character Python loop:
@@ -16,25 +16,18 @@ Code (`kind="code"`) is never cleaned: a single changed byte can change what a p
 
 Filters: min/max length in characters, and the share of junk block characters (U+2580-259F, "▅█▂").
 
-Dedup: `HashSet64` keeps 64-bit hashes in a sorted NumPy array plus a pending Python set (at most 2**18
-entries, ~17 MB) merged in with one O(n) insert when full: 8 bytes per kept document (10 M documents =
-80 MB, 2x during a merge), never the text. Exact dedup keys on `content_hash` (SHA-256 of the cleaned content,
-64 bits kept). `MinHash` (optional) finds near duplicates with character 5-gram MinHash and LSH banding: 128
-permutations in 16 bands of 8 rows flag pairs above Jaccard similarity ~0.7 ((1/16)**(1/8)) with high
-probability; it costs O(characters x permutations)
-of NumPy work per document (see `z2all bench data` for the measured slowdown) and 16 more hashes (128 B)
-per document in memory.
+Exact dedup keys on `content_hash` (SHA-256 of the cleaned content, 64 bits kept). The hash set and
+the MinHash near-duplicate keys live in dedup.py (numpy), which a convert worker imports only with
+near-dedup on.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 import unicodedata
 from dataclasses import dataclass
 from hashlib import sha256 as _sha256
 
-import numpy as np
 import regex
 
 from z2all.config import opt
@@ -169,98 +162,3 @@ def content_hash(data: bytes | str) -> int:
     if isinstance(data, str):
         data = data.encode("utf-8", "surrogatepass")
     return int.from_bytes(_sha256(data).digest()[:8], "little")
-
-
-class HashSet64:
-    """A set of 64-bit integers at ~8 bytes each: sorted uint64 array + a pending set merged every `flush`."""
-
-    def __init__(self, flush: int = 1 << 18):
-        self.base = np.empty(0, dtype=np.uint64)
-        self.pending: set[int] = set()
-        self.flush = flush  # 2**18 pending ints ~ 17 MB of Python set; merging is one O(n) np.insert
-
-    def __len__(self) -> int:
-        return len(self.base) + len(self.pending)
-
-    def _in_base(self, values: np.ndarray) -> np.ndarray:
-        if not len(self.base):
-            return np.zeros(len(values), dtype=bool)
-        pos = np.searchsorted(self.base, values).clip(max=len(self.base) - 1)
-        return self.base[pos] == values
-
-    def add_new(self, values) -> list[bool]:
-        """For each value in order: True if it was not in the set (and add it), False if seen before
-        (including earlier in the same call)."""
-        arr = np.asarray(values, dtype=np.uint64)
-        seen = self._in_base(arr)
-        out = []
-        pending = self.pending
-        for v, s in zip(arr.tolist(), seen.tolist()):
-            if s or v in pending:
-                out.append(False)
-            else:
-                pending.add(v)
-                out.append(True)
-        if len(pending) >= self.flush:
-            self.merge()
-        return out
-
-    def add_all(self, values) -> None:
-        self._insert(np.asarray(values, dtype=np.uint64))
-
-    def merge(self) -> None:
-        if self.pending:
-            self._insert(np.fromiter(self.pending, dtype=np.uint64, count=len(self.pending)))
-            self.pending = set()
-
-    def _insert(self, arr: np.ndarray) -> None:
-        arr = np.unique(arr)
-        if len(self.base):
-            arr = arr[~self._in_base(arr)]
-        self.base = np.insert(self.base, np.searchsorted(self.base, arr), arr)  # O(n + m), stays sorted
-
-    def values(self) -> np.ndarray:
-        self.merge()
-        return self.base
-
-
-# ---------------------------------------------------------------- MinHash near-duplicates
-
-_MERSENNE = np.uint64((1 << 61) - 1)
-
-
-class MinHash:
-    """Character 5-gram MinHash signatures and their LSH band keys (computed in the workers)."""
-
-    def __init__(self, perms: int = 128, bands: int = 16, shingle: int = 5, seed: int = 1):
-        rng = np.random.default_rng(seed)
-        # 31-bit multipliers keep (a * h) below 2**62 for 31-bit shingle hashes: exact in uint64
-        self.a = rng.integers(1, 1 << 31, size=perms, dtype=np.uint64)
-        self.b = rng.integers(0, 1 << 31, size=perms, dtype=np.uint64)
-        self.perms, self.bands, self.shingle = perms, bands, shingle
-
-    def shingles(self, text: str) -> np.ndarray:
-        """31-bit hashes of every character n-gram (lower-cased, whitespace dropped), vectorised."""
-        s = "".join(text.lower().split())
-        cps = np.frombuffer(s.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
-        n = self.shingle
-        if len(cps) < n:
-            cps = np.concatenate([cps, np.zeros(n - len(cps), dtype=np.uint64)])
-        h = np.zeros(len(cps) - n + 1, dtype=np.uint64)
-        for j in range(n):  # polynomial rolling hash, wrapping mod 2**64
-            h = h * np.uint64(1_000_003) + cps[j: len(cps) - n + 1 + j]
-        return np.unique(h & np.uint64(0x7FFFFFFF))
-
-    def band_keys(self, text: str) -> list[int]:
-        sh = self.shingles(text)
-        sig = np.empty(self.perms, dtype=np.uint64)
-        for i in range(0, self.perms, 32):  # 32 permutations at a time bounds the [32, shingles] temporary
-            a, b = self.a[i: i + 32, None], self.b[i: i + 32, None]
-            sig[i: i + 32] = ((a * sh[None, :] + b) % _MERSENNE).min(axis=1)
-        rows = self.perms // self.bands
-        keys = []
-        for band in range(self.bands):
-            digest = hashlib.blake2b(sig[band * rows: (band + 1) * rows].tobytes(), digest_size=8,
-                                     person=band.to_bytes(2, "little")).digest()
-            keys.append(int.from_bytes(digest, "little"))
-        return keys

@@ -16,10 +16,12 @@ Several sources go into one output in one run: inputs are grouped by source (fir
 order kept within a source) and numbered in that order, so `gid` is unique over the whole output,
 contiguous, and the same on every run and for any `--workers`.
 
-How it runs (pipeline.ordered_map): the parent reads inputs and hands ~4 MB batches (raw jsonl lines, or
-decoded items for arrays/parquet/txt) to `--workers` processes that parse, map, clean, filter, hash and
-serialise; results come back in order (at most 2 x workers + 1 batches in flight: bounded memory) and the parent alone
-deduplicates, numbers and writes, so the output does not depend on timing. With `--workers 1` everything
+How it runs (pipeline.ordered_map): the parent reads inputs and hands ~4 MB batches to `--workers`
+processes (convert_worker.py) that parse, map, clean, filter, hash and serialise. A batch of a plain
+(uncompressed) jsonl file is a byte range aligned to line starts (readers.LineRange) that the worker reads
+itself; of a compressed one, its raw lines; of arrays/parquet/txt, the decoded items. Results come back in
+order (at most 2 x workers + 1 batches in flight: bounded memory) and the parent alone deduplicates, numbers
+and writes, so the output does not depend on timing. With `--workers 1` everything
 runs in-process.
 
 Resume: the parent commits `OUT/.convert_state.json` (input position, next gid, shard lists, skip counts,
@@ -57,24 +59,22 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import orjson
-
 from z2all.config import opt, save_config, section, to_dict
-from z2all.data.clean import CleanConfig, Cleaner, HashSet64, MinHash
+from z2all.data import convert_worker
+from z2all.data.clean import CleanConfig
+from z2all.data.dedup import HashSet64
 from z2all.data.pipeline import ordered_map, read_state, write_state
 from z2all.data.readers import (
     FORMATS,
     TXT_MODES,
-    BadLine,
     InputReader,
+    LineRange,
     MalformedJSON,
     detect_format,
     expand_inputs,
-    parse_json_line,
     utf8_errors,
     where,
 )
-from z2all.data.schema import record_text
 from z2all.data.shards import (
     MANIFEST,
     ShardWriter,
@@ -160,67 +160,6 @@ def plan(cfg: Config) -> list[Unit]:
         for p in paths:
             units.append(Unit(src, p, cfg.format or detect_format(p)))
     return units
-
-
-# ---------------------------------------------------------------- worker side
-
-_W: dict = {}
-
-
-def _init_worker(sources: list[Source], clean: CleanConfig, txt: bool, max_examples: int) -> None:
-    _W.update(sources=sources, cleaner=Cleaner(clean), txt=txt, max_examples=max_examples,
-              minhash=MinHash(clean.minhash_perms, clean.minhash_bands) if clean.near_dedup else None)
-
-
-def _note(table: dict, reason: str, at: str) -> None:
-    entry = table.setdefault(reason, [0, []])
-    entry[0] += 1
-    if len(entry[1]) < _W["max_examples"]:
-        entry[1].append(at)
-
-
-def _work(task: tuple) -> tuple:
-    """Parse, map, clean, filter, hash and serialise one batch. Returns
-    ("batch", unit, first, n_items, [(body, text, hash, near_keys)], skipped, repaired) where skipped and
-    repaired map reason -> [count, [file:line examples]]."""
-    _, u, first, kind, items, path = task
-    src: Source = _W["sources"][u]
-    cleaner, txt, minhash = _W["cleaner"], _W["txt"], _W["minhash"]
-    out, skipped, repaired = [], {}, {}
-    dumps = orjson.dumps
-    for i, item in enumerate(items):
-        if kind == "lines":
-            try:
-                raw, fixed = parse_json_line(item)
-            except BadLine as e:
-                at = where(path, kind, first + i)
-                _note(skipped, e.reason, f"{at} ({e})" if str(e) else at)
-                continue
-            if fixed:
-                _note(repaired, "invalid UTF-8 replaced", where(path, kind, first + i))
-        else:
-            raw = item
-        rec = src.to_record(raw)
-        if isinstance(rec, str):
-            at = where(path, kind, first + i)
-            if rec.startswith("missing field") and isinstance(raw, dict):  # says which field was meant
-                at += f" (it has: {', '.join(list(map(str, raw))[:8])})"
-            _note(skipped, rec, at)
-            continue
-        cleaned = cleaner(rec, src.kind)
-        if isinstance(cleaned, str):
-            _note(skipped, cleaned, where(path, kind, first + i))
-            continue
-        rec, h = cleaned
-        try:  # gid/id are -1 here: the writer swaps in the real ones (shards.PLACEHOLDER)
-            body = dumps(rec, default=str, option=orjson.OPT_APPEND_NEWLINE)
-        except TypeError as e:  # lone surrogates in code, which is never cleaned
-            _note(skipped, "unencodable text", f"{where(path, kind, first + i)} ({e})")
-            continue
-        text = record_text(rec).encode("utf-8") if txt else None
-        near = minhash.band_keys(rec["content"]) if minhash is not None else None
-        out.append((body, text, h, near))
-    return "batch", u, first, len(items), out, skipped, repaired
 
 
 # ---------------------------------------------------------------- parent side
@@ -483,16 +422,20 @@ class Converter:
         batch_bytes = int(self.cfg.batch_mb * 2**20)
         for u in range(u0, len(self.units)):
             unit = self.units[u]
-            reader = InputReader(unit.path, unit.fmt, txt_mode=self.cfg.txt_mode)
+            reader = InputReader(unit.path, unit.fmt, txt_mode=self.cfg.txt_mode, ranges=True)
             self._reader = reader
             before = utf8_errors()
             try:
                 for first, items in reader.batches(start if u == u0 else 0, batch_bytes=batch_bytes):
-                    fixed = utf8_errors() - before  # arrays and txt are decoded here, jsonl in the workers
+                    # arrays and txt are decoded here, jsonl lines in the workers, which count their own
+                    # repairs: with --workers 1 they run in this process, and their count must not be taken
+                    # for the parent's (it was: counted twice, once as "near file:item N")
+                    fixed = utf8_errors() - before
                     before += fixed
-                    if fixed:  # queued before its batch so that a commit after the batch includes it
+                    if fixed and reader.kind == "records":  # queued before its batch: a commit after it has it
                         yield ("repaired", u, fixed, where(unit.path, "records", first))
-                    yield ("batch", u, first, reader.kind, items, str(unit.path))
+                    kind = "range" if isinstance(items, LineRange) else reader.kind
+                    yield ("batch", u, first, kind, items, str(unit.path))
             except MalformedJSON as e:
                 yield ("malformed", u, e.index, str(e), where(unit.path, "records", e.index))
             yield ("end", u)
@@ -586,7 +529,7 @@ class Converter:
         # a batch travels as its payload with a small tag; markers ("end", "repaired", ...) are their own tag
         jobs = (((t[0], t[1]), t) if t[0] == "batch" else (t, None) for t in self._tasks())
         error: UserError | None = None
-        results = ordered_map(_work, jobs, workers=cfg.workers, initializer=_init_worker,
+        results = ordered_map(convert_worker.work, jobs, workers=cfg.workers, initializer=convert_worker.init,
                               initargs=(sources, cfg.clean, cfg.txt, cfg.max_examples), submitted=submitted)
         try:
             with contextlib.closing(results):

@@ -11,6 +11,13 @@ underneath. A UTF-8 byte order mark at the start of a text file is dropped.
 `parse_json_line` is the one place a raw JSON line becomes an object (with invalid UTF-8 repaired and
 counted); the converter and the tokenizer trainer both use it.
 
+Byte ranges (`InputReader(..., ranges=True)`): a plain (uncompressed) jsonl file, or jsonl named `.json`, is
+batched as `LineRange(start, end, count)` (byte offsets aligned to line starts) instead of lists of lines, so
+that a worker process reads and splits its own lines (`read_lines`) and the parent neither holds nor pickles
+them. The parent still reads each batch once (`read` + `bytes.count`, ~5 ms per 24 MB) to count its lines:
+item numbers (file:line, resume positions) stay exact, and the batches are exactly the ones `readlines(hint)`
+makes, so the output does not depend on the mode.
+
 Decompression goes through one small raw stream (`_Decompressing`) over zlib/bz2/zstandard decompressor
 objects instead of gzip.open & co: it checks at end of file that the last frame was complete, because a
 truncated `.zst` otherwise reads as a silently shorter file. `InputReader.position()` is the number of bytes
@@ -29,7 +36,7 @@ import os
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -88,14 +95,16 @@ class BadLine(ValueError):
         self.reason = reason
 
 
-def parse_json_line(line: bytes) -> tuple[Any, bool]:
-    """One raw jsonl line -> (value, repaired). The fast path is orjson on the raw bytes; a line it rejects
-    is retried after replacing invalid UTF-8 (repaired=True when that made it parse: the replacements are
-    counted in `utf8_errors`). Raises BadLine for a blank line or malformed JSON."""
+def parse_json_line(line: bytes | memoryview) -> tuple[Any, bool]:
+    """One raw jsonl line (bytes, or a memoryview from `read_lines`) -> (value, repaired). The fast path is
+    orjson on the raw bytes; a line it rejects is retried after replacing invalid UTF-8 (repaired=True when
+    that made it parse: the replacements are counted in `utf8_errors`). Raises BadLine for a blank line or
+    malformed JSON."""
     try:
         return orjson.loads(line), False
     except orjson.JSONDecodeError:
         pass
+    line = bytes(line)
     if not line.strip():
         raise BadLine("blank line")
     before = utf8_errors()
@@ -250,6 +259,35 @@ class _Utf8Repair(io.RawIOBase):
         return n
 
 
+class LineRange(NamedTuple):
+    """Bytes [start, end) of a plain jsonl file, aligned to line starts, holding `count` lines."""
+    start: int
+    end: int
+    count: int
+
+
+def read_lines(path: str | os.PathLike, start: int, end: int) -> list[memoryview]:
+    """The lines of bytes [start, end) of a file (what one `LineRange` names), each with its newline, as
+    views into one buffer: one read, no copy per line."""
+    with open(path, "rb", buffering=0) as f:
+        f.seek(start)
+        data = f.read(end - start)
+        while len(data) < end - start:  # a raw read may return less; the file did not shrink (fingerprinted)
+            more = f.read(end - start - len(data))
+            if not more:
+                raise ReadError(f"{path}: the file ended at byte {start + len(data):,} inside a batch that ends "
+                                f"at {end:,} (it changed while being read)")
+            data += more
+    mv = memoryview(data)
+    lines, pos, n, find = [], 0, len(data), data.find
+    while pos < n:
+        nl = find(b"\n", pos)
+        stop = n if nl < 0 else nl + 1
+        lines.append(mv[pos:stop])
+        pos = stop
+    return lines
+
+
 def where(path, kind: str, index: int) -> str:
     """Human location of item `index` (0-based): file:line for jsonl, file:item N otherwise."""
     return f"{path}:{index + 1}" if kind == "lines" else f"{path}:item {index + 1}"
@@ -257,14 +295,15 @@ def where(path, kind: str, index: int) -> str:
 
 class InputReader:
     """One input file as batches of items. `kind` is "lines" (raw jsonl lines as bytes, parsed by the
-    worker so parsing runs in parallel) or "records" (dicts already decoded).
+    worker so parsing runs in parallel; with `ranges=True` on a plain file each batch is one `LineRange`
+    instead of a list) or "records" (dicts already decoded).
 
         r = InputReader("baike_qa.json.gz")
         for first_index, items in r.batches(): ...
     """
 
     def __init__(self, path: str | os.PathLike, fmt: str | None = None, *, columns: list[str] | None = None,
-                 txt_mode: str = "paragraph"):
+                 txt_mode: str = "paragraph", ranges: bool = False):
         self.path = Path(path)
         self.fmt = fmt or detect_format(self.path)
         if self.fmt not in FORMATS:
@@ -272,6 +311,7 @@ class InputReader:
         if txt_mode not in TXT_MODES:
             raise UserError(f"txt mode '{txt_mode}' is not one of {', '.join(TXT_MODES)}")
         self.columns, self.txt_mode = columns, txt_mode
+        self.ranges = ranges and not sniff_compression(self.path)  # LineRange batches: see the module docstring
         self.size = self.path.stat().st_size
         self._raw = None
         self._pos_estimate = 0
@@ -298,7 +338,9 @@ class InputReader:
         try:
             if f.peek(3)[:3] == BOM:  # Windows editors write one; it would spoil the first line or the array
                 f.read(3)
-            if self.fmt == "jsonl":
+            if self.fmt == "jsonl" and self.ranges:
+                yield from self._ranges(f, start, batch_bytes, f.tell())
+            elif self.fmt == "jsonl":
                 yield from self._lines(f, start, batch_bytes)
             elif self.fmt == "txt":
                 yield from self._group(self._txt(f), start, batch_items)
@@ -326,6 +368,28 @@ class InputReader:
             yield index, lines
             index += len(lines)
 
+    @staticmethod
+    def _ranges(f, start: int, batch_bytes: int, pos: int, index: int = 0):
+        """LineRange batches from byte `pos` on (the first line there is item `index`), skipping items before
+        `index + start`. A batch is the lines `f.readlines(batch_bytes)` would return (it stops after the line
+        that takes the total past the hint), so both modes cut the same batches."""
+        start += index
+        while True:
+            data = f.read(batch_bytes + 1)
+            if not data:
+                return
+            if not data.endswith(b"\n"):
+                data += f.readline()
+            n = data.count(b"\n") + (not data.endswith(b"\n"))
+            if index + n > start:
+                off = 0
+                for _ in range(max(0, start - index)):  # resume inside this batch: skip to line `start`
+                    off = data.index(b"\n", off) + 1
+                first = max(index, start)
+                yield first, LineRange(pos + off, pos + len(data), index + n - first)
+            index += n
+            pos += len(data)
+
     def _json(self, f, start: int, batch_bytes: int, batch_items: int):
         head = f.peek(64).lstrip()[:1]
         if head == b"{":
@@ -337,7 +401,13 @@ class InputReader:
                 jsonl = False
             if jsonl:  # jsonl named .json (baike2018qa, news2016zh ship like this)
                 self.kind = "lines"
-                yield from self._lines(f, start, batch_bytes, first=[first])
+                if self.ranges:  # the first line is a batch of its own, as in _lines
+                    pos = f.tell()
+                    if start == 0:
+                        yield 0, LineRange(pos - len(first), pos, 1)
+                    yield from self._ranges(f, max(0, start - 1), batch_bytes, pos, index=1)
+                else:
+                    yield from self._lines(f, start, batch_bytes, first=[first])
                 return
             f = io.BufferedReader(_Utf8Repair(_Prepend(first, f)), buffer_size=_CHUNK)
             prefix = ""

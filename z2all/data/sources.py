@@ -7,7 +7,9 @@ byte for byte. Adding a corpus is one line in `SOURCES`:
     SOURCES["my_corpus"] = Source("my_corpus", title="headline", content="body", category="news")
 
 `to_record(raw)` returns a record, or a string naming why the raw item was skipped (a missing or empty
-content field, a raw item that is not an object); the converter counts skips under that reason.
+content field, a raw item that is not an object); the converter counts skips under that reason. Its ids are
+-1 until the shard writer numbers the kept records: `serialise(record)` is the record's jsonl line without
+the `PLACEHOLDER` those ids make, and shards.ShardWriter puts `{"gid":G,"id":I,` in its place.
 """
 
 from __future__ import annotations
@@ -20,6 +22,18 @@ from z2all.data.schema import Record
 from z2all.utils import UserError
 
 KINDS = ("prose", "code")
+PLACEHOLDER = b'{"gid":-1,"id":-1,'  # how the ids of a record from to_record serialise
+_SKIP = len(PLACEHOLDER)
+
+
+def serialise(record: dict) -> bytes:
+    """A record from `to_record` as its jsonl line (newline included) less the leading PLACEHOLDER. The
+    slice copies the line into a bytes of its own size: orjson's output buffer is larger (RSS held ~3.7x
+    the line until copied). TypeError for text that does not encode (lone surrogates)."""
+    body = orjson.dumps(record, default=str, option=orjson.OPT_APPEND_NEWLINE)
+    if not body.startswith(PLACEHOLDER):  # a record not made by to_record: the writer would misnumber it
+        raise ValueError(f"record line does not start with {PLACEHOLDER!r}: {body[:40]!r}")
+    return body[_SKIP:]
 
 
 def _as_text(value) -> str:

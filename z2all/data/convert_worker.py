@@ -1,0 +1,79 @@
+"""The worker side of `z2all data convert`: parse, map, clean, filter, hash and serialise one batch.
+
+convert.py runs `work` through pipeline.ordered_map, in-process with --workers 1 and in spawned processes
+otherwise. A spawned worker imports this module (and what it imports) before its first batch, so its import
+chain stays light: orjson, regex, the readers, sources and the cleaner; no numpy (~0.1 s of CPU per worker
+when it was imported here) and no torch. numpy comes in only with --clean.near-dedup (MinHash, in `init`).
+tests/data/test_data_convert.py checks that importing this module does not import numpy.
+"""
+
+from __future__ import annotations
+
+from z2all.data.clean import CleanConfig, Cleaner
+from z2all.data.readers import BadLine, parse_json_line, read_lines, where
+from z2all.data.schema import record_text
+from z2all.data.sources import Source, serialise
+
+_W: dict = {}
+
+
+def init(sources: list[Source], clean: CleanConfig, txt: bool, max_examples: int) -> None:
+    """Per-process setup (the pool's initializer): the sources by unit index, one Cleaner, the options."""
+    minhash = None
+    if clean.near_dedup:
+        from z2all.data.dedup import MinHash
+
+        minhash = MinHash(clean.minhash_perms, clean.minhash_bands)
+    _W.update(sources=sources, cleaner=Cleaner(clean), txt=txt, max_examples=max_examples, minhash=minhash)
+
+
+def _note(table: dict, reason: str, at: str) -> None:
+    entry = table.setdefault(reason, [0, []])
+    entry[0] += 1
+    if len(entry[1]) < _W["max_examples"]:
+        entry[1].append(at)
+
+
+def work(task: tuple) -> tuple:
+    """One batch ("batch", unit, first item, kind, items, path) -> ("batch", unit, first, n_items,
+    [(body, text, hash, near_keys)], skipped, repaired), where skipped and repaired map reason -> [count,
+    [file:line examples]]. kind "range": items is a readers.LineRange of the file, read here."""
+    _, u, first, kind, items, path = task
+    if kind == "range":
+        items, kind = read_lines(path, items.start, items.end), "lines"
+    src: Source = _W["sources"][u]
+    cleaner, txt, minhash = _W["cleaner"], _W["txt"], _W["minhash"]
+    out, skipped, repaired = [], {}, {}
+    for i, item in enumerate(items):
+        if kind == "lines":
+            try:
+                raw, fixed = parse_json_line(item)
+            except BadLine as e:
+                at = where(path, kind, first + i)
+                _note(skipped, e.reason, f"{at} ({e})" if str(e) else at)
+                continue
+            if fixed:
+                _note(repaired, "invalid UTF-8 replaced", where(path, kind, first + i))
+        else:
+            raw = item
+        rec = src.to_record(raw)
+        if isinstance(rec, str):
+            at = where(path, kind, first + i)
+            if rec.startswith("missing field") and isinstance(raw, dict):  # says which field was meant
+                at += f" (it has: {', '.join(list(map(str, raw))[:8])})"
+            _note(skipped, rec, at)
+            continue
+        cleaned = cleaner(rec, src.kind)
+        if isinstance(cleaned, str):
+            _note(skipped, cleaned, where(path, kind, first + i))
+            continue
+        rec, h = cleaned
+        try:  # without its -1 ids: the writer puts the real ones in front (sources.PLACEHOLDER)
+            body = serialise(rec)
+        except TypeError as e:  # lone surrogates in code, which is never cleaned
+            _note(skipped, "unencodable text", f"{where(path, kind, first + i)} ({e})")
+            continue
+        text = record_text(rec).encode("utf-8") if txt else None
+        near = minhash.band_keys(rec["content"]) if minhash is not None else None
+        out.append((body, text, h, near))
+    return "batch", u, first, len(items), out, skipped, repaired
