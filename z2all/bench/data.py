@@ -5,21 +5,26 @@ and tokenization throughput of our pipeline against raw `tokenizers` and tiktoke
     z2all bench data --size-mb 32 --repeats 3     # quicker; best of 3, rows interleaved
     z2all bench data --corpora DIR         # any dir of *.jsonl.gz with {"title", "text"} lines
 
+    z2all bench data --size-mb 96 --zh --repeats 3  # the issue's case: Chinese prose only
+
 Builds a wikipedia_zh-format jsonl ({id, title, text}) of --size-mb from real prose (../shared/corpora
 next to the repository when present, else the embedded demo corpus; code_* files are left out because
-code is never cleaned and would flatter the converter; documents shuffled with a fixed seed so that any
-size mixes every corpus), repeating documents with varying
+code is never cleaned and would flatter the converter; --zh keeps only the zh_* files; documents shuffled
+with a fixed seed so that any size mixes every corpus), repeating documents with varying
 ids and a copy number appended to the text (so exact dedup keeps them: an honest write load). Then, each
 run in a fresh process (bench.run_isolated) so peak RSS is the run's own, every row --repeats times in
-turn (interleaved, best wall kept: the machine's noise hits every row alike):
+turn (interleaved, best wall kept: the machine's noise hits every row alike). Each row prints its wall
+time and its CPU time: user + system seconds of the run's process and every process it started and waited
+for (the --workers processes), so on a busy machine the CPU columns still compare; "vs stdlib" is the
+throughput ratio to the peer by wall time, "CPU vs stdlib" the same by CPU time:
   - stdlib (the peer, the "vs stdlib" column's 1.0): a plain stdlib converter (what the original
     llm-zero2all scripts and most first scripts do), json.loads -> unified record ->
     json.dumps(ensure_ascii=False) -> write, no cleaning, no dedup;
   - bare: orjson.loads + orjson.dumps + write of every line: the floor any converter pays;
-  - ours: `z2all data convert` on the same file, cleaning and dedup on, --workers 1 (so MB/s is per core),
-    at the full size and at a quarter of it (peak RSS must not grow with the input), the quarter with
-    --clean.clean false (dedup and filters still on) to split the cost between cleaning and the rest, and
-    the full size with --workers 2 (scaling);
+  - ours: `z2all data convert` on the same file, cleaning and dedup on, --workers 1 (so MB/s is per core);
+    the same with --clean.clean false (dedup and filters still on) to split the cost between cleaning and
+    the rest; at a quarter of the size (peak RSS must not grow with the input); and with --workers N
+    (scaling: its wall-time ratio to --workers 1 is printed under the table);
   - near-dedup (optional, --near-dedup): the same quarter-size run with MinHash on, to put a number on it;
   - tokenize: a --tokenize-mb conversion encoded with a BPE trained here by `z2all tokenizer train`
     (--vocab-size): `z2all data tokenize --workers N` end to end, and the peers on the same texts in one
@@ -53,6 +58,7 @@ class Config:
     size_mb: float = opt(1024.0, "size of the generated jsonl input in MB")
     corpora: str = opt("", "directory of *.jsonl(.gz) files with title/text fields "
                            "(default: ../shared/corpora next to the repo, else z2all/data/demo)")
+    zh: bool = opt(False, "build the input from the zh_* corpus files only (Chinese prose)")
     work_dir: str = opt("", "scratch directory, kept afterwards: new, empty or an earlier `bench data` one (default: "
                             "a temporary one, removed afterwards)")
     vocab_size: int = opt(8192, "vocabulary of the BPE trained (z2all tokenizer train) for the tokenize rows")
@@ -68,11 +74,13 @@ class Config:
             raise UserError("size_mb and tokenize_mb must be > 0, repeats and workers >= 1")
 
 
-def _source_texts(corpora: str) -> list[dict]:
+def _source_texts(corpora: str, zh: bool = False) -> list[dict]:
     candidates = [Path(corpora)] if corpora else [REPO.parent / "shared" / "corpora", REPO / "z2all" / "data" / "demo"]
     for d in candidates:
         files = sorted(d.glob("*.jsonl.gz")) + sorted(d.glob("*.jsonl")) if d.is_dir() else []
         files = [f for f in files if not f.name.startswith("code")]  # code is never cleaned: it would flatter us
+        if zh:
+            files = [f for f in files if f.name.startswith("zh")]
         docs = []
         for f in files:
             opener = gzip.open if f.suffix == ".gz" else open
@@ -139,6 +147,21 @@ def ours(src: str, out: str, near_dedup: bool = False, clean: bool = True, worke
     return sum(s["documents"] for s in _state(out)["sources"].values())
 
 
+def tree_cpu() -> float:
+    """User + system CPU seconds of this process and of every child process it has waited for."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def measured(fn, *args):
+    """(fn(*args), CPU seconds it took, its worker processes included: the pipeline joins its pool)."""
+    before = tree_cpu()
+    result = fn(*args)
+    return result, tree_cpu() - before
+
+
 def _state(out: str) -> dict:
     return orjson.loads((Path(out) / ".convert_state.json").read_bytes())
 
@@ -196,7 +219,7 @@ def _best(runs: dict, key: str, value) -> None:
 
 def run(cfg: Config) -> int:
     cfg.validate()
-    docs = _source_texts(cfg.corpora)
+    docs = _source_texts(cfg.corpora, cfg.zh)
     random.Random(0).shuffle(docs)  # files come one after another: a small input would hold only the first
     if cfg.work_dir:  # a user's directory: only a new, empty or earlier `bench data` one is written to
         work = claim_output_dir(cfg.work_dir, "bench data", option="--work-dir", protect=[cfg.corpora])
@@ -208,16 +231,16 @@ def run(cfg: Config) -> int:
         build_input(docs, big, size)
         build_input(docs, small, size // 4)
         mb_big, mb_small = big.stat().st_size / 2**20, small.stat().st_size / 2**20
-        print0(f"bench data: inputs {mb_big:.0f} MB and {mb_small:.0f} MB from {len(docs)} real documents, "
-               f"best of {cfg.repeats}")
+        print0(f"bench data: inputs {mb_big:.0f} MB and {mb_small:.0f} MB from {len(docs)} real "
+               f"{'Chinese ' if cfg.zh else ''}documents, best of {cfg.repeats}")
         rows_spec = [  # (label, input, MB, fn, args)
             ("stdlib converter (json, no cleaning)", big, mb_big, seed_convert,
              (str(big), str(work / "seed.jsonl"))),
             ("bare orjson loads+dumps", big, mb_big, bare_loop, (str(big), str(work / "bare.jsonl"))),
+            ("ours: convert, cleaning off (dedup on), 1 worker", big, mb_big, ours,
+             (str(big), str(work / "out-noclean"), False, False)),
             ("ours: convert, clean+dedup, 1 worker", big, mb_big, ours, (str(big), str(work / "out-big"))),
             ("ours: same, 1/4 input", small, mb_small, ours, (str(small), str(work / "out-small"))),
-            ("ours: same, 1/4 input, cleaning off", small, mb_small, ours,
-             (str(small), str(work / "out-noclean"), False, False)),
         ]
         if cfg.workers > 1:
             rows_spec.append((f"ours: convert, clean+dedup, {cfg.workers} workers", big, mb_big, ours,
@@ -230,14 +253,22 @@ def run(cfg: Config) -> int:
             for label, _src, _mb, fn, args in rows_spec:
                 if fn is ours:
                     shutil.rmtree(args[1], ignore_errors=True)  # a finished output would rerun in no time
-                _best(runs, label, run_isolated(fn, *args))
+                (res, cpu), wall, rss = run_isolated(measured, fn, *args)
+                _best(runs, label, ((res, cpu), wall, rss))
         for f in ("seed.jsonl", "bare.jsonl"):
             (work / f).unlink(missing_ok=True)
-        t_seed = runs[rows_spec[0][0]][1]
+        (_, c_seed), t_seed, _ = runs[rows_spec[0][0]]
         rows = []
         for label, _src, mb, _fn, _args in rows_spec:
-            _, t, rss = runs[label]
-            rows.append([label, f"{mb:.0f}", t, mb / t, (mb / t) / (mb_big / t_seed), rss / 2**20])
+            (_, c), t, rss = runs[label]
+            rows.append([label, f"{mb:.0f}", t, c, mb / t, (mb / t) / (mb_big / t_seed), (mb / c) / (mb_big / c_seed),
+                         rss / 2**20])
+        scaling = ""
+        if cfg.workers > 1:
+            (_, c1), t1, _ = runs["ours: convert, clean+dedup, 1 worker"]
+            (_, cn), tn, _ = runs[f"ours: convert, clean+dedup, {cfg.workers} workers"]
+            scaling = (f"\n--workers {cfg.workers} vs --workers 1 (clean+dedup, {mb_big:.0f} MB): {t1 / tn:.2f}x by "
+                       f"wall time; CPU of all processes {cn:.2f} s vs {c1:.2f} s ({cn / c1:.2f}x the work)")
         shutil.rmtree(work / "out-big", ignore_errors=True)
 
         tok_in = work / "tok.jsonl"
@@ -264,11 +295,12 @@ def run(cfg: Config) -> int:
             (n, _), t, rss = truns[kind]
             tok_rows.append([f"{kind} encode, 1 process, 1 thread (encoding only)", n, t, n / t, text_mb / t,
                              rss / 2**20])
-        table = markdown_table(["step", "input MB", "wall s", "MB/s", "vs stdlib", "peak RSS MB"], rows)
+        table = markdown_table(["step", "input MB", "wall s", "CPU s", "MB/s", "vs stdlib", "CPU vs stdlib",
+                                "peak RSS MB (main process)"], rows)
         tok_table = markdown_table([f"tokenize {text_mb:.1f} MB, BPE {cfg.vocab_size} (z2all tokenizer train)",
                                     "tokens", "wall s", "tokens/s", "MB/s", "peak RSS MB"], tok_rows)
         note = f"\ntiktoken: not used, the tokenizer does not convert exactly ({why})" if why else ""
-        print0(f"\nmachine: {machine_name()}\n\n{table}\n\n{tok_table}{note}")
+        print0(f"\nmachine: {machine_name()}\n\n{table}{scaling}\n\n{tok_table}{note}")
     finally:
         if not cfg.work_dir:
             shutil.rmtree(work, ignore_errors=True)
