@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from z2all.config import opt, section
+from z2all.eval.intrain import HeldoutEvalOptions
 from z2all.io import atomic_path, atomic_write_json, fingerprint
 from z2all.model.lora import LoraConfig, LoraHooks, adapters_disabled, trainable_params
 from z2all.ops import OpsConfig
@@ -105,7 +106,7 @@ class DPOTrain:
 
 
 @dataclass
-class DPOEval:
+class DPOEval(HeldoutEvalOptions):  # + opt-in held-out bpb / continuation scores (--eval.heldout TOKENS_DIR)
     every: int = opt(100, "evaluate on the val pairs every this many steps (and at the end); 0 = at the end")
     max_batches: int = opt(20, "validation micro-batches per evaluation (per process)")
 

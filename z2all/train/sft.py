@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 
 from z2all.config import opt, section
+from z2all.eval.intrain import HeldoutEvalOptions
 from z2all.io import fingerprint
 from z2all.model.lora import LoraConfig, LoraHooks, trainable_params
 from z2all.ops import OpsConfig
@@ -90,7 +91,7 @@ class SFTTrain:
 
 
 @dataclass
-class SFTEval:
+class SFTEval(HeldoutEvalOptions):  # + opt-in held-out bpb / continuation scores (--eval.heldout TOKENS_DIR)
     every: int = opt(100, "eval loss and held-out answers every this many steps (and at the end); 0 = at the end")
     max_batches: int = opt(20, "validation micro-batches per evaluation (per process)")
     samples: int = opt(4, "held-out prompts answered greedily at each evaluation (0 = none)")
@@ -205,6 +206,7 @@ class SFT(LoraHooks, Objective):
         if cfg.train.max_steps <= 0:
             cfg.train.max_steps = self.batches.steps_for_epochs(cfg.train.epochs)
         self.protect = (self.data_dir, self.tokenizer_dir, self.init_path)
+        self.eval_window = d.seq_len  # held-out scores (eval/intrain.py) in windows of the rows trained on
         self.data_id = {"files": {p.name: {k: v for k, v in fingerprint(p).items() if k != "mtime_ns"}
                                   for p in sorted(self.data_dir.glob("train-*.*"))},
                         "train_examples": len(self.batches.examples)}
