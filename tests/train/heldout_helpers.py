@@ -15,7 +15,7 @@ DEMO = Path(__file__).resolve().parents[2] / "z2all" / "data" / "demo"
 EOS = "<|endoftext|>"
 
 
-def _demo_docs(name: str, field: str, n: int, chars: int) -> list[str]:
+def demo_docs(name: str, field: str, n: int, chars: int) -> list[str]:
     out = []
     with gzip.open(DEMO / name, "rt", encoding="utf-8") as f:
         for line in f:
@@ -35,8 +35,8 @@ def write_heldout_token_dir(root: Path, n_docs: int = 30, chars: int = 700, val_
 
     from z2all.data.tokenize import is_val
 
-    docs = {"wikipedia_zh": _demo_docs("zh_wiki.jsonl.gz", "text", n_docs, chars),
-            "github_python": _demo_docs("code_python.jsonl.gz", "content", n_docs, chars)}
+    docs = {"wikipedia_zh": demo_docs("zh_wiki.jsonl.gz", "text", n_docs, chars),
+            "github_python": demo_docs("code_python.jsonl.gz", "content", n_docs, chars)}
     recs = [{"gid": 1000 * k + i, "data_src": dom, "category": "x", "title": "", "content": t}
             for k, (dom, texts) in enumerate(docs.items()) for i, t in enumerate(texts)]
     shard = root / "conv" / "part-00000.jsonl"

@@ -15,7 +15,7 @@ import time
 
 import pytest
 import torch
-from train_helpers import REPO, TINY, cli_env, train_losses, write_token_dir
+from train_helpers import REPO, TINY, cli_env, run_cli, train_losses, write_token_dir
 
 from z2all.config import load_config
 from z2all.model.llama import Z2all, load_model
@@ -255,7 +255,8 @@ def test_heldout_options_are_refused_before_anything_is_written(tmp_path, heldou
     synthetic = write_token_dir(tmp_path / "tok")  # no tokenizer, no shards
     cases = [
         (heldout_tokens, ["--eval.tasks_max_items=-1"], "--eval.tasks_max_items=-1: must be >= 0"),
-        (heldout_tokens, ["--eval.bpb_max_tokens=100", f"--eval.heldout={tmp_path / 'nowhere'}"], "no meta.json"),
+        (heldout_tokens, ["--eval.bpb_max_tokens=100", f"--eval.heldout={tmp_path / 'nowhere'}"],
+         "--eval.heldout .*: no meta.json"),
         (heldout_tokens, ["--eval.bpb_max_tokens=100", "--eval.texts=law.txt"], "must look like NAME=PATH"),
         (heldout_tokens, ["--eval.bpb_max_tokens=100", f"--eval.texts=law={tmp_path / 'law.txt'}"], "not found"),
         (synthetic, ["--eval.bpb_max_tokens=100"], "need the tokenizer"),
@@ -288,3 +289,34 @@ def test_metrics_writer_sends_per_domain_families_to_tensorboard(tmp_path):
     assert tb.scalars == [("bpb/zh", 1.5, 7), ("bpb/code", 0.9, 7), ("heldout/chance", 0.25, 7),
                           ("continuation_acc/zh", 0.5, 7)]
     assert json.loads((tmp_path / "metrics.jsonl").read_text())["bpb"] == {"zh": 1.5, "code": 0.9}
+
+
+def test_sft_logs_heldout_scores_on_named_texts(tmp_path):
+    from heldout_helpers import demo_docs
+    from sft_helpers import make_sft_inputs, run_sft_inproc, sft_args
+
+    inputs = make_sft_inputs(tmp_path / "in", n=200)
+    texts = tmp_path / "zh.jsonl"
+    texts.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n"
+                             for t in demo_docs("zh_wiki.jsonl.gz", "text", 8, 700)), encoding="utf-8")
+    out = tmp_path / "sft"
+    assert run_sft_inproc(sft_args(inputs, out, "--train.max_steps=4", "--eval.every=0", "--eval.samples=0",
+                                   "--eval.bpb_max_tokens=300", "--eval.tasks_max_items=4",
+                                   f"--eval.texts=zh={texts}")) == 0
+    (rec,) = _heldout_records(out).values()
+    assert rec["step"] == 4 and set(rec["bpb"]) == {"zh"} and rec["bpb"]["zh"] > 0
+    assert 300 <= rec["bpb_tokens"]["zh"] and rec["continuation_items"] == {"zh": 4}
+    assert "unigram_bpb" in rec  # in-sample: no train split to count
+
+
+def test_ddp_scores_on_rank_0_once_and_agrees_on_errors(tmp_path, heldout_tokens):
+    args = ["train", *TINY, f"--data.dir={heldout_tokens}", "--data.seq_len=64", "--train.max_steps=4",
+            "--eval.every=2", "--ckpt.every=0", *HELDOUT]
+    res = run_cli([*args, f"--out_dir={tmp_path / 'ddp'}"], nproc=2, timeout=300)
+    assert sorted(_heldout_records(tmp_path / "ddp")) == [2, 4]  # one record per evaluation, from rank 0
+    assert res.stdout.count("held-out: bpb") == 2
+    # rank 0 fails to read the documents: both ranks stop with its one-line error (exit 2 each), no hang
+    bad = run_cli([*args, f"--out_dir={tmp_path / 'bad'}", f"--eval.heldout={tmp_path / 'nowhere'}"], nproc=2,
+                  timeout=300, check=False)
+    assert bad.returncode != 0 and bad.stderr.count(f"error: --eval.heldout {tmp_path / 'nowhere'}: no meta.json") == 2
+    assert not (tmp_path / "bad").exists()

@@ -35,9 +35,9 @@ def _cut(text: str, start: int, nbytes: int) -> int:
     return i
 
 
-def heldout_docs(tokens_dir: str | Path, max_docs: int = 0) -> dict[str, list[str]]:
+def heldout_docs(tokens_dir: str | Path, max_docs: int = 0, option: str = "--heldout") -> dict[str, list[str]]:
     """{data_src: [text, ...]} of the validation documents of a `z2all data tokenize` output, in shard
-    order (max_docs > 0: at most that many per domain)."""
+    order (max_docs > 0: at most that many per domain). `option` names the input in error messages."""
     import orjson
 
     from z2all.data.schema import record_text
@@ -49,7 +49,7 @@ def heldout_docs(tokens_dir: str | Path, max_docs: int = 0) -> dict[str, list[st
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
         shards, seed, frac = meta["shards"], int(meta["seed"]), float(meta["val_fraction"])
     except FileNotFoundError:
-        raise UserError(f"--heldout {tokens_dir}: no meta.json; give the --out of `z2all data tokenize`") from None
+        raise UserError(f"{option} {tokens_dir}: no meta.json; give the --out of `z2all data tokenize`") from None
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{meta_file}: not a tokenize meta.json ({e})") from None
     if frac <= 0:

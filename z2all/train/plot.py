@@ -1,6 +1,6 @@
 """`z2all plot RUN`: draw a run's curves from its metrics.jsonl to PNG files next to it.
 
-    z2all plot runs/demo/train                 # -> runs/demo/train/loss.png, throughput.png
+    z2all plot runs/demo/train                 # -> runs/demo/train/loss.png, throughput.png (+ heldout.png)
     z2all plot runs/demo/sft                   # an SFT run: the same, plus held-out exact match
 
 loss.png: train loss per logged step and validation loss per evaluation, against step; for a `z2all sft` run
