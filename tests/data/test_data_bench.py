@@ -42,7 +42,7 @@ def test_bench_runs_end_to_end(shared_corpora, tmp_path, capsys):
     out = capsys.readouterr().out
     for row in ("stdlib converter", "bare orjson", "ours: convert", "1/4 input", "cleaning off", "2 workers", "MinHash",
                 "tokens/s", "data tokenize --workers", "tokenizers encode", "tiktoken encode", "cores", "CPU s",
-                "CPU vs stdlib", "--workers 2 vs --workers 1"):
+                "CPU vs stdlib", "--workers 2 vs --workers 1", "pure-Python loop"):
         assert row in out
     table = [line.split("|") for line in out.splitlines() if line.startswith("| ours: convert, clean+dedup, 1 worker")]
     assert table and float(table[0][4]) > 0  # the CPU column holds this run's seconds
