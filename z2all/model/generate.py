@@ -15,6 +15,11 @@ transformers.AutoTokenizer. --ckpt may also be a run directory (its latest check
 `z2all export hf` directory. Settings are checked before the model loads (`check_sampling`), a tokenizer
 bigger than the model's vocabulary is refused (`check_vocab_fits`), and the KV cache is sized against free
 memory first (`plan_memory`); these are shared with any later command that samples.
+
+Decoding: `--decode fast` (default) runs each new token through FastDecode (fused, transposed weights; see
+the class), `--decode plain` through the model's forward (the reference; both give the same tokens). The
+decode steps of a model under 64 MB run on one CPU thread (`decode_threads`; `--decode-threads N` sets it),
+where torch's per-op threading costs more than it saves.
 """
 
 from __future__ import annotations

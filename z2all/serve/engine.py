@@ -25,8 +25,10 @@ The scheduler, one loop iteration:
   4. one batched decode step for every request past its prefill: each row at its own position (a key
      padding mask over the slot rows and per-row RoPE positions), sampled with its own settings; finished
      rows (EOS, a stop string, max_tokens) leave at once. The step is model/generate.py's
-     FastDecode.step_rows (fused projections) or, with decode="plain", the model's forward (the
-     reference; Z2all.rope_for derives the positions from the mask).
+     FastDecode.step_rows (fused projections; a lone row takes FastDecode.step on its slot, as generate()
+     does) or, with decode="plain", the model's forward (the reference; Z2all.rope_for derives the
+     positions from the mask). Decode steps run on generate.decode_threads' count (one thread for a small
+     model on the CPU), prefill chunks on torch's.
 
 Greedy results do not depend on the company a request keeps: its prefill runs alone in the same chunks,
 and a decode row's masked extra keys add exact zeros. The batched matrix multiplies can round differently
