@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 
-from z2all.data.sources import PLACEHOLDER  # noqa: F401  (re-exported: the writer's half of the contract)
 from z2all.io import atomic_write_bytes, atomic_write_text
 from z2all.utils import UserError
 
