@@ -18,8 +18,8 @@ memory first (`plan_memory`); these are shared with any later command that sampl
 
 Decoding: `--decode fast` (default) runs each new token through FastDecode (fused, transposed weights; see
 the class), `--decode plain` through the model's forward (the reference; both give the same tokens). The
-decode steps of a model under 64 MB run on one CPU thread (`decode_threads`; `--decode-threads N` sets it),
-where torch's per-op threading costs more than it saves.
+prefill and decode steps of a model under 64 MB run on one CPU thread (`decode_threads`; `--decode-threads N`
+sets it), where torch's per-op threading costs more than it saves.
 """
 
 from __future__ import annotations
@@ -251,13 +251,14 @@ SMALL_MODEL_BYTES = 64 << 20
 
 
 def decode_threads(model, threads: int = 0) -> int:
-    """Intra-op threads for the decode steps (one token per row): `threads` when > 0; else (auto) 1 on the
-    CPU for a model whose weights are under SMALL_MODEL_BYTES, torch's current count otherwise (and on GPUs).
-    Why: a step of a small model is ~80 ops of a few microseconds each, and with 2 threads every matmul and
-    attention call becomes an OpenMP parallel region whose hand-off costs more than the split saves; on a
-    loaded machine it is catastrophic (the demo model, 2 cores shared with other jobs: 93 vs 1,589 tokens per
-    CPU-second, 2 threads vs 1). A large model's step is memory-bound matmuls, where a second core adds
-    bandwidth. The prefill (many tokens at once) keeps every thread."""
+    """Intra-op threads for generation (the prefill and the decode steps): `threads` when > 0; else (auto) 1
+    on the CPU for a model whose weights are under SMALL_MODEL_BYTES, torch's current count otherwise (and
+    on GPUs). Why: a decode step of a small model is ~80 ops of a few microseconds each, and with 2 threads
+    every matmul and attention call becomes an OpenMP parallel region whose hand-off costs more than the
+    split saves; on a loaded machine it is catastrophic (the demo model, 2 cores shared with other jobs: 93
+    vs 1,589 tokens per CPU-second, 2 threads vs 1). The prefill runs on the same count: a 2-thread prefill
+    left libgomp's worker spinning into the 1-thread decode (2x slower there). A large model's step is
+    memory-bound matmuls, where a second core adds bandwidth."""
     if threads > 0:
         return threads
     w = model.tok_embeddings.weight
@@ -301,8 +302,8 @@ def generate(model, input_ids: list[list[int]], max_new_tokens: int = 64, *, tem
     generating it by itself (up to floating-point reduction order). vocab_limit: ids from there on are never
     sampled (a model whose vocabulary is padded past its tokenizer's). decode: "plain" runs every step through
     the model's forward (the reference); "fast" through FastDecode (same tokens, fewer ops per step) when
-    no row is padded. threads: intra-op threads for the decode steps (decode_threads; 0 = auto: one for a
-    small model on the CPU); the prefill runs with torch's current count."""
+    no row is padded. threads: intra-op threads for the prefill and the decode steps (decode_threads; 0 =
+    auto: one for a small model on the CPU), torch's count restored after."""
     if not input_ids or any(len(p) == 0 for p in input_ids):
         raise UserError("every prompt needs at least one token")
     if max_new_tokens <= 0:
@@ -342,12 +343,14 @@ def generate(model, input_ids: list[list[int]], max_new_tokens: int = 64, *, tem
     cache = model.new_kv_cache(B, P + max_new_tokens)
     out: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
+    # the prefill too: after a 2-thread prefill, libgomp's spinning worker (OMP_WAIT_POLICY unset) slowed the
+    # 1-thread decode of the demo model 2x on a loaded machine (417 vs 892 tokens/s)
     threads_ctx = num_threads(decode_threads(model, threads))
     try:
+        threads_ctx.__enter__()
         logits, _ = model(idx, kv_cache=cache, start_pos=0,
                           key_padding_mask=None if mask is None else mask[:, :P], logits_to_keep=1)
         pos = P
-        threads_ctx.__enter__()
         for _ in range(max_new_tokens):
             step = logits[:, -1]
             if vocab_limit is not None and vocab_limit < step.shape[-1]:
@@ -550,8 +553,9 @@ class Config:
     tokenizer: str = opt("", "tokenizer directory (default: <ckpt>/tokenizer/)")
     decode: str = opt("fast", "decode step: fast (FastDecode: fused projections, fewer ops per token) or plain "
                       "(the model's forward, the reference); both give the same tokens", choices=("fast", "plain"))
-    decode_threads: int = opt(0, "CPU threads for the decode steps; 0 = auto: 1 for a model under 64 MB of weights "
-                              "(per-op threading costs more than it saves there), torch's default otherwise")
+    decode_threads: int = opt(0, "CPU threads for generating (prefill and decode steps); 0 = auto: 1 for a model "
+                              "under 64 MB of weights (per-op threading costs more than it saves there), torch's "
+                              "default otherwise")
 
 
 def _prompts(cfg: Config) -> list[str]:

@@ -415,8 +415,8 @@ class Config:
     dtype: str = opt("auto", "compute dtype: auto = bf16/fp16 on GPU, fp32 on CPU",
                      choices=("auto", "fp32", "bf16", "fp16"))
     threads: int = opt(0, "CPU threads for torch (0 = torch's default)")
-    decode_threads: int = opt(0, "CPU threads for the decode steps; 0 = auto: 1 for a model under 64 MB of weights "
-                              "(per-op threading costs more than it saves there), --threads otherwise")
+    decode_threads: int = opt(0, "CPU threads for prefill and decode steps; 0 = auto: 1 for a model under 64 MB of "
+                              "weights (per-op threading costs more than it saves there), --threads otherwise")
 
 
 def build(cfg: Config) -> tuple[Service, object]:

@@ -27,8 +27,8 @@ The scheduler, one loop iteration:
      rows (EOS, a stop string, max_tokens) leave at once. The step is model/generate.py's
      FastDecode.step_rows (fused projections; a lone row takes FastDecode.step on its slot, as generate()
      does) or, with decode="plain", the model's forward (the reference; Z2all.rope_for derives the
-     positions from the mask). Decode steps run on generate.decode_threads' count (one thread for a small
-     model on the CPU), prefill chunks on torch's.
+     positions from the mask). Prefill chunks and decode steps run on generate.decode_threads' count
+     (one thread for a small model on the CPU).
 
 Greedy results do not depend on the company a request keeps: its prefill runs alone in the same chunks,
 and a decode row's masked extra keys add exact zeros. The batched matrix multiplies can round differently
@@ -191,8 +191,8 @@ class Engine:
         from z2all.model.generate import decode_threads as pick_threads
 
         self.decode = decode
-        # decode steps run on this many threads (1 for a small model on the CPU, see generate.decode_threads);
-        # prefill chunks keep torch's count
+        # prefill chunks and decode steps run on this many threads (1 for a small model on the CPU, see
+        # generate.decode_threads)
         self.decode_threads = pick_threads(model, decode_threads)
         self.model = model.eval()
         from z2all.model.generate import FastDecode
@@ -305,12 +305,11 @@ class Engine:
                 decoding = sorted((r for r in self.active if r.filled == len(r.prompt) and r.last is not None),
                                   key=lambda r: r.slot)
             try:
-                with torch.inference_mode():
+                with torch.inference_mode(), num_threads(self.decode_threads):
                     if prefilling is not None:
                         self._prefill_chunk(prefilling)
                     if decoding:
-                        with num_threads(self.decode_threads):
-                            self._decode(decoding)
+                        self._decode(decoding)
             except Exception as e:  # a bug or an out-of-memory: fail these requests, keep serving
                 traceback.print_exc()
                 with self.cond:
