@@ -94,7 +94,7 @@ def _model(cfg: Config, tmp: Path):
         from z2all.model.llama import Z2all
 
         mcfg = model_preset(cfg.preset)  # a bad name is a UserError listing the presets
-        tok_dir, n_tok = demo_tokenizer(tmp)
+        tok_dir, n_tok = demo_tokenizer(tmp, "llama-bpe")
         torch.manual_seed(0)
         model = Z2all(model_preset(cfg.preset, vocab_size=max(mcfg.vocab_size, n_tok)))
         return model.float().eval(), tok_dir, f"preset {cfg.preset} (random weights, demo BPE)"

@@ -65,9 +65,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def demo_tokenizer(root: Path) -> tuple[Path, int]:
-    """A 4,096-token byte-level BPE with our specials, trained on the embedded demo corpus in about a second:
-    (its directory root/tokenizer, its vocabulary size). Shared with `z2all bench llamacpp --preset`."""
+def demo_tokenizer(root: Path, pattern: str = "z2all") -> tuple[Path, int]:
+    """A 4,096-token byte-level BPE with our specials and the named split pattern, trained on the embedded demo
+    corpus in about a second: (its directory root/tokenizer, its vocabulary size). Shared with `z2all bench
+    llamacpp --preset` (which asks for llama-bpe, a pattern llama.cpp knows)."""
     import gzip
 
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -81,7 +82,7 @@ def demo_tokenizer(root: Path) -> tuple[Path, int]:
     with gzip.open(Path(__file__).resolve().parents[1] / "data" / "demo" / "zh_wiki.jsonl.gz", "rt") as f:
         texts += [json.loads(line)["text"] for _, line in zip(range(400), f)]
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer, tok.decoder = hf.byte_level_parts(named_pattern("z2all"))
+    tok.pre_tokenizer, tok.decoder = hf.byte_level_parts(named_pattern(pattern))
     specials = hf.special_tokens([])
     tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=4096 - 64, show_progress=False,
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
