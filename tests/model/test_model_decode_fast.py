@@ -106,8 +106,10 @@ def test_step_rows_equals_step_per_row():
 
 
 def test_decode_threads_rule_and_restore():
-    from z2all.model.generate import decode_threads
+    from z2all.model.generate import Config, decode_threads, run
 
+    with pytest.raises(UserError, match="--decode-threads"):
+        run(Config(prompt="x", decode_threads=-1))
     m = model()
     assert decode_threads(m) == 1  # a few KB of weights: one thread
     assert decode_threads(m, 3) == 3
