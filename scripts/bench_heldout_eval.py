@@ -10,12 +10,15 @@ checkpoint of <demo>/train with torch at --threads threads:
     16 x 128 tokens);
   - the in-training held-out scores (z2all/eval/intrain.py) at a few bounds, windows of 128 tokens (the
     demo's data.seq_len); setup (reading the held-out documents, counting the unigram) is paid once per run;
-  - demo_report with its defaults.
+  - demo_report with its defaults, then (the control) demo_report on a random-init model of the same
+    shape, tokenizer and config.json: what a model that learned nothing scores on the same items.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -25,7 +28,7 @@ import torch
 from z2all.config import load_config
 from z2all.data.loader import TokenLoader
 from z2all.eval import intrain, run
-from z2all.model.llama import load_model
+from z2all.model.llama import Z2all, load_model, save_model
 from z2all.train import checkpoint
 from z2all.train.pretrain import Config
 
@@ -65,11 +68,19 @@ def main() -> None:
                      f"(+{ws:.1f} s setup once)", w, c))
     (text, res), w, c = timed(lambda: run.demo_report(ck, tokens, threads=args.threads))
     rows.append(("demo_report(ckpt, tokens) with its defaults", w, c))
+    with tempfile.TemporaryDirectory() as tmp:  # the control: same shape, tokenizer and config, random weights
+        rand = Path(tmp) / "random-init"
+        torch.manual_seed(0)
+        save_model(Z2all(model.cfg), rand)
+        shutil.copytree(ck / "tokenizer", rand / "tokenizer")
+        shutil.copy(ck / "config.json", rand / "config.json")
+        control, _ = run.demo_report(rand, tokens, threads=args.threads)
     print(f"\n{ck}, torch threads {torch.get_num_threads()}\n")
     print("| what | wall s | CPU s |\n| --- | --- | --- |")
     for name, w, c in rows:
         print(f"| {name} | {w:.2f} | {c:.2f} |")
-    print("\n" + text)
+    print(f"\ndemo_report({ck}):\n\n{text}")
+    print(f"control, a random-init model of the same shape:\n\n{control}")
 
 
 if __name__ == "__main__":
