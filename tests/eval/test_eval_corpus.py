@@ -13,6 +13,7 @@ from eval_helpers import demo_docs
 
 from z2all.data.tokenize import is_val
 from z2all.eval import run, tasks
+from z2all.utils import UserError
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +88,29 @@ def test_demo_report_windows_are_the_trained_length(tokens_dir, ckpt, tmp_path):
     assert run.trained_seq_len(trained) == 32
     _, res = run.demo_report(trained, out, max_docs=4, max_tokens=500, max_items=2)
     assert res["window"] == 32
+
+
+def test_in_training_scores_equal_z2all_eval_on_the_same_checkpoint(tokens_dir, ckpt, tmp_path):
+    """The loop's held-out record is what `z2all eval --heldout DIR --per_doc 8 --limit N --window W` reports."""
+    from contextlib import nullcontext
+
+    from z2all.config import load_config
+    from z2all.eval import intrain, score
+    from z2all.train.pretrain import Config as TrainConfig
+
+    out, _ = tokens_dir
+    opts = load_config(TrainConfig, None, ["--eval.bpb_max_tokens=600", "--eval.tasks_max_items=3"]).eval
+    rec = intrain.build(opts, out, ckpt / "tokenizer", 48)(score.load_lm(ckpt).model, nullcontext())
+    cfg = run.Config(ckpt=[str(ckpt)], heldout=str(out), max_tokens=600, per_doc=8, limit=3, window=48,
+                     out=str(tmp_path / "res"), device="cpu")
+    assert run.run(cfg) == 0
+    (m,) = json.loads((tmp_path / "res" / "results.json").read_text(encoding="utf-8"))["models"].values()
+    assert m["window"] == 48
+    assert rec["bpb"] == pytest.approx({d: r["bpb"] for d, r in m["bpb"].items()}, rel=1e-6)
+    assert rec["unigram_bpb"] == pytest.approx({d: r["unigram_bpb"] for d, r in m["bpb"].items()}, rel=1e-9)
+    tasks_ = {name.split("/", 1)[1]: r for name, r in m["tasks"].items()}
+    assert rec["continuation_items"] == {d: r["n"] for d, r in tasks_.items()} == {d: 3 for d in tasks_}
+    assert rec["continuation_acc"] == {d: r["acc"] for d, r in tasks_.items()}
+    assert rec["continuation_acc_mi"] == {d: r["acc_mi"] for d, r in tasks_.items()}
+    with pytest.raises(UserError, match="--window 1000 exceeds"):
+        run.run(run.Config(ckpt=[str(ckpt)], heldout=str(out), window=1000, out=str(tmp_path / "r2"), device="cpu"))

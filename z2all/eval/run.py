@@ -70,6 +70,9 @@ class Config:
                           factory=lambda: ["\n"])
     max_new_tokens: int = opt(32, "generative tasks: tokens generated per item at most")
     batch_size: int = opt(8, "questions (or documents) per forward batch")
+    window: int = opt(0, "tokens per scoring window (bits per byte, multiple-choice contexts); 0 = the model's "
+                      "max_seq_len. A model trained on shorter rows than its max_seq_len (the demo: 128 of 256) "
+                      "scores as in training with --window set to that length")
     threads: int = opt(0, "torch CPU threads (0 = torch's default); 1 is often faster for small models on a "
                        "busy machine")
     device: str = opt("auto", "auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
@@ -309,7 +312,8 @@ def evaluate_model(lm: score.LM, task_list: list[Task], domains: dict, cfg: Conf
 
     m: dict = {"path": lm.path, "params": lm.model.num_params(), "window": lm.window, "tasks": {}}
     if domains:
-        m["bpb"] = score.bpb_per_domain(lm.model, lm.tok, domains, cfg.max_tokens, cfg.batch_size, unigram)
+        m["bpb"] = score.bpb_per_domain(lm.model, lm.tok, domains, cfg.max_tokens, cfg.batch_size, unigram,
+                                        window=lm.window)
     for t in task_list:
         m["tasks"][t.name] = evaluate_task(lm, t, cfg)
     return m
@@ -344,8 +348,9 @@ def run(cfg: Config) -> int:
             raise UserError(f"--ckpt {path} is not a directory (give a checkpoint step-N/ or an HF Llama directory)")
     if not (cfg.tasks or cfg.texts or cfg.heldout):
         raise UserError("nothing to evaluate: give --tasks FORMAT=PATH, --texts NAME=PATH or --heldout TOKENS_DIR")
-    if cfg.fewshot < 0 or cfg.batch_size < 1 or cfg.n_choices < 2 or cfg.per_doc < 1:
-        raise UserError("--fewshot must be >= 0, --batch-size >= 1, --n-choices >= 2 and --per-doc >= 1")
+    if cfg.fewshot < 0 or cfg.batch_size < 1 or cfg.n_choices < 2 or cfg.per_doc < 1 or cfg.window < 0:
+        raise UserError("--fewshot must be >= 0, --batch-size >= 1, --n-choices >= 2, --per-doc >= 1 and "
+                        "--window >= 0")
     task_list = load_tasks(cfg)
     domains = load_domains(cfg)
     if cfg.continuation:
@@ -369,6 +374,11 @@ def run(cfg: Config) -> int:
                "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "models": {}}
     for path in cfg.ckpt:
         lm = score.load_lm(path, cfg.tokenizer or None, device, dtype)
+        if cfg.window:
+            if cfg.window > lm.model.cfg.max_seq_len:
+                raise UserError(f"--window {cfg.window} exceeds the max_seq_len of {path} "
+                                f"({lm.model.cfg.max_seq_len}); give at most that")
+            lm.context = cfg.window
         unigram = unigram_counts(cfg.heldout, _tok_dir(path, cfg.tokenizer)) if cfg.heldout else None
         with torch.inference_mode():
             m = evaluate_model(lm, task_list, domains, cfg, unigram)
