@@ -56,6 +56,8 @@ class Config:
     modes: list[str] = opt(help="batched (continuous batching) and/or sequential (one request at a time)",
                            factory=lambda: ["batched", "sequential"])
     threads: int = opt(2, "torch threads of the server and of the generate() reference")
+    stream_interval: float = opt(0.0, "the servers' --stream-interval (seconds between streamed chunks; 0 = every "
+                                 "token)")
     timeout: float = opt(600.0, "seconds any one level may take before the benchmark gives up")
 
 
@@ -274,6 +276,7 @@ def run(cfg: Config) -> int:
             # levels alternate between them, so each pair of rows saw the same load on a shared machine
             for mode in cfg.modes:
                 args = ["--sequential"] if mode == "sequential" else ["--max-batch", str(max(clients))]
+                args += ["--stream-interval", str(cfg.stream_interval)]
                 servers[mode] = _Server(ckpt, cfg.threads, *args)
                 asyncio.run(_level(servers[mode].port, servers[mode].health["model"], prompts[:1], 1, 1, 8,
                                    cfg.timeout))  # warm-up
