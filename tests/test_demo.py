@@ -103,21 +103,58 @@ def test_compare_table_counts_exact_match_and_im_end_per_task():
     assert summary["arithmetic"] == {"n": 2, "base_em": 0.5, "sft_em": 1.0, "base_end": 0.0, "sft_end": 1.0}
     assert summary["all"]["sft_em"] == 1.0 and summary["all"]["base_end"] == pytest.approx(1 / 3)
     assert table.splitlines()[0].startswith("| task") and "| all " in table
+    # further models (DPO, LoRA SFT) get their own exact-match columns
+    table, summary = demo.compare_table(records, base, sft, {"dpo": [("12", True), ("8", True), ("b a", True)],
+                                                             "lora": [("1", True), ("7", True), ("a b", False)]})
+    assert summary["arithmetic"]["dpo_em"] == 0.5 and summary["reverse"]["dpo_em"] == 1.0
+    assert summary["all"]["lora_em"] == pytest.approx(1 / 3) and summary["all"]["lora_end"] == pytest.approx(2 / 3)
+    header = table.splitlines()[0]
+    assert "DPO exact match" in header and "LoRA-SFT exact match" in header
 
 
-@pytest.mark.slow  # the whole pipeline twice over (pretrain, then SFT): ~2.5 min on 2 cores
+@pytest.mark.slow  # the whole pipeline, then SFT, DPO and LoRA SFT of 10/5/10 steps: ~3 min on 2 cores
 def test_demo_chat_part_ci_sized(tmp_path, capsys):
     out = tmp_path / "demo"
     cfg = demo.Config(out_dir=str(out), vocab_size=1024, max_steps=24, batch_size=8, eval_every=24,
                       time_budget_s=0, threads=1, chat=True, synth_n=300, sft_max_steps=10, sft_time_budget_s=0,
-                      heldout_per_task=2)
+                      heldout_per_task=2, dpo_max_steps=5, dpo_time_budget_s=0)
     assert demo.run(cfg) == 0
     text = capsys.readouterr().out
-    for stage in range(1, 12):
-        assert f"=== [{stage}/11]" in text
+    for stage in range(1, 16):
+        assert f"=== [{stage}/15]" in text
     assert "SFT exact match" in text and "chat samples" in text
+    assert "DPO exact match" in text and "LoRA-SFT exact match" in text and "reward accuracy" in text
     sft_ckpt = checkpoint.latest_checkpoint(out / "sft")
     assert sft_ckpt.name == "step-000010" and (sft_ckpt / "tokenizer" / "tokenizer_config.json").is_file()
-    summary = json.loads((out / "sft" / "compare.json").read_text())["tasks"]
+    assert checkpoint.latest_checkpoint(out / "dpo").name == "step-000005"
+    assert checkpoint.latest_checkpoint(out / "sft-lora").name == "step-000010"
+    res = json.loads((out / "sft" / "compare.json").read_text())
+    summary = res["tasks"]
+    assert res["synth_level"] == "easy"
     assert set(summary) == {"arithmetic", "reverse", "count", "numeral", "title", "all"}
     assert summary["all"]["n"] == 10
+    for row in summary.values():
+        for key in ("base_em", "sft_em", "dpo_em", "lora_em", "base_end", "sft_end"):
+            assert 0.0 <= row[key] <= 1.0
+    before, after = res["dpo"]["before"], res["dpo"]["after"]
+    assert before["pairs"] == after["pairs"] > 0
+    assert 0.0 <= before["logp_acc"] <= 1.0 and 0.0 <= after["reward_acc"] <= 1.0 and "reward_margin" in after
+    full, lora = res["sft_cost"], res["lora"]["cost"]
+    assert full["steps"] == lora["steps"] == 10
+    assert 0 < lora["trainable"] < full["trainable"] / 5 and lora["ckpt_bytes"] < full["ckpt_bytes"] / 5
+    assert full["peak_rss"] > 50e6 and lora["peak_rss"] > 50e6 and full["wall_s"] > 0
+
+    # a rerun reuses every finished stage: no training, the same results
+    assert demo.run(cfg) == 0
+    text = capsys.readouterr().out
+    assert text.count("finished (") == 3 and "starting from scratch" not in text
+    assert json.loads((out / "sft" / "compare.json").read_text())["tasks"] == summary
+
+
+def test_demo_chat_options_are_checked_before_any_stage(tmp_path):
+    from z2all.utils import UserError
+
+    for bad in ({"lora_rank": 0}, {"dpo_beta": 0.0}, {"sft_lr": float("nan")}, {"synth_n": 0}):
+        with pytest.raises(UserError, match="must be a positive number"):
+            demo.run(demo.Config(out_dir=str(tmp_path / "d"), chat=True, **bad))
+        assert not (tmp_path / "d").exists()

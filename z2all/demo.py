@@ -17,21 +17,31 @@ Stages (each is the real command's `run(Config)`; they meet only through the art
   7. export           a Hugging Face LlamaForCausalLM directory -> <out>/hf/, loaded back with
                       transformers.AutoModelForCausalLM and generating the same greedy tokens as ours
 
-With `--chat` (chat models, part 1) it goes on from the pretrained checkpoint:
-  8. data synth       the synthetic zh/en tasks with exact answers -> <out>/synth/{train,heldout}.jsonl
+With `--chat` (chat models, parts 1 and 2) it goes on from the pretrained checkpoint:
+  8. data synth       the synthetic zh/en tasks with exact answers, `--synth_level easy` by default ->
+                      <out>/synth/{train,heldout}.jsonl
   9. data chat        rendered with the demo tokenizer's ChatML template -> <out>/chat/
  10. sft              `z2all sft` of the final pretraining checkpoint, packed rows, step count fitted to
-                      --sft_time_budget_s like stage 5 -> <out>/sft/
+                      --sft_time_budget_s like stage 5, in its own process -> <out>/sft/
  11. compare          the base and the SFT model answer the same held-out prompts greedily: exact-match
                       accuracy per task and the share of answers that end with <|im_end|>, then a few chat
-                      samples of the SFT model
+                      samples of the SFT model -> <out>/sft/compare.json
+ 12. data prefs       (--chat_dpo) preference pairs from the synthetic train split (chosen = the exact answer,
+                      rejected = a plausible wrong or over-long one) -> <out>/prefs/, and from the held-out
+                      records of stage 11 -> <out>/prefs-heldout/
+ 13. dpo              `z2all dpo` of the SFT checkpoint, live frozen reference, fitted to --dpo_time_budget_s
+                      -> <out>/dpo/
+ 14. compare          held-out preference accuracy and margin before (SFT) and after DPO, exact match after DPO
+ 15. LoRA SFT         (--chat_lora) `z2all sft --lora.rank` of the same base with the same data and steps as
+                      stage 10 -> <out>/sft-lora/; then one table of exact match per task for base, SFT, DPO
+                      and LoRA SFT, and full vs LoRA SFT: trainable parameters, peak RSS (each run is a child
+                      process: its own VmHWM), wall and CPU seconds, checkpoint size; all in compare.json
 
-What to expect from --chat (measured on a 2-core machine shared with other jobs, so ~6x slower than quiet): the
-SFT model closes 94-100% of its answers with <|im_end|> (base: 0%) and gives answers of the right form, but
-held-out exact match stays low (4-5.5%, mostly `count`) after 42-240 SFT steps on a base pretrained for 75 steps:
-copying (reverse, title) and arithmetic need more pretraining and SFT steps than that. The same pipeline fits
-24 training conversations exactly (100% exact match after 150 steps at lr 3e-3), so masks, packing, rendering
-and decoding are right; the gap is the training budget.
+Why `--synth_level easy`: the demo's 5M-parameter model, pretrained for ~5 minutes, learns in a few hundred
+SFT steps the answer *form* (<|im_end|> in ~100% of answers) and the answer *distribution* of each task, but
+not yet to condition on the prompt's content over the standard ranges (two-digit operands, numerals to
+99,999, 3-6 of 30 words): there it answers e.g. "1" to every count question. The easy ranges shrink what has
+to be told apart (docs/performance.md, "SFT on the synthetic tasks", has the runs).
 A rerun reuses finished stages (their artifacts exist) and resumes training; `--fresh` starts over.
 """
 
@@ -51,7 +61,8 @@ from z2all.utils import UserError, print0
 
 DEMO_DIR = Path(__file__).resolve().parent / "data" / "demo"
 DEMO_INPUTS = ("wikipedia_zh=zh_wiki.jsonl.gz", "wikipedia_en=en_wiki.parquet", "github_python=code_python.jsonl.gz")
-STAGE_DIRS = ("converted", "tokenizer", "tokens", "train", "hf", "synth", "chat", "sft")
+STAGE_DIRS = ("converted", "tokenizer", "tokens", "train", "hf", "synth", "chat", "sft", "prefs", "prefs-heldout",
+              "prefs.jsonl", "prefs-heldout.jsonl", "dpo", "sft-lora")
 PROMPTS = ("The LORD said unto", "def __init__(self", "中国的")
 
 
@@ -69,11 +80,26 @@ class Config:
                              "finished stages (nothing else in out_dir is touched)")
     chat: bool = opt(False, "then the chat part: synthetic tasks -> data chat -> SFT of the pretrained model -> "
                             "held-out exact match of the base vs the SFT model, per task")
-    synth_n: int = opt(8000, "--chat: synthetic examples generated (about 5% are held out)")
+    synth_n: int = opt(8000, "--chat: synthetic examples generated (about 5% are held out; repeated prompts "
+                             "are dropped)")
+    synth_level: str = opt("easy", "--chat: difficulty of the synthetic tasks (`z2all data synth --level`): easy "
+                           "is what the demo's 5M model learns in minutes, standard is far beyond it",
+                           choices=("easy", "standard"))
     sft_max_steps: int = opt(1000, "--chat: SFT steps at most (8 packed rows of 256 tokens each)")
     sft_time_budget_s: float = opt(240.0, "--chat: fit the SFT step count to about this many seconds "
                                           "(0 = run sft_max_steps)")
+    sft_lr: float = opt(3e-3, "--chat: peak learning rate of the full SFT (cosine to a tenth)")
     heldout_per_task: int = opt(40, "--chat: held-out prompts per task in the comparison")
+    chat_dpo: bool = opt(True, "--chat: go on with DPO from the SFT checkpoint on synthetic preference pairs")
+    dpo_max_steps: int = opt(300, "--chat: DPO steps at most (8 pairs each)")
+    dpo_time_budget_s: float = opt(90.0, "--chat: fit the DPO step count to about this many seconds "
+                                         "(0 = run dpo_max_steps)")
+    dpo_lr: float = opt(1e-4, "--chat: peak learning rate of DPO (cosine to a tenth)")
+    dpo_beta: float = opt(0.1, "--chat: DPO beta")
+    chat_lora: bool = opt(True, "--chat: also LoRA SFT of the same base (same data and steps) and compare it "
+                                "with the full SFT: exact match, trainable parameters, peak RSS, time")
+    lora_rank: int = opt(16, "--chat: LoRA rank (adapters on every projection, alpha = rank)")
+    lora_lr: float = opt(1e-2, "--chat: peak learning rate of the LoRA SFT (cosine to a tenth)")
 
 
 _TOTAL = [7]
@@ -136,7 +162,9 @@ def run(cfg: Config) -> int:
     from z2all.train import checkpoint, pretrain
 
     t_all = time.perf_counter()
-    _TOTAL[0] = 11 if cfg.chat else 7
+    _TOTAL[0] = 11 + 3 * cfg.chat_dpo + cfg.chat_lora if cfg.chat else 7
+    if cfg.chat:
+        _check_chat_options(cfg)
     # an older demo dir (before owner files) is recognised by its stage directories
     out = claim_output_dir(cfg.out_dir, "demo", option="--out_dir",
                            legacy=lambda p: (p / "converted").is_dir() and (p / "tokens").is_dir())
@@ -317,20 +345,63 @@ def _hf_roundtrip(hf_dir: Path, ours: list[list[int]]) -> bool:
 
 # ---------------------------------------------------------------------- the chat part (--chat)
 
-def sft_config(cfg: Config, init: Path, chat_dir: Path, sft_dir: Path, threads: int):
-    """The demo's SFT run: packed rows of 256 tokens, 8 per step, lr 1e-3 (a 5M model fresh from a few
-    minutes of pretraining takes a high rate), cosine to 1e-4, resumable."""
-    from z2all.config import load_config
-    from z2all.train.sft import Config as SFTConfig
-
-    return load_config(SFTConfig, None, {
+def sft_overrides(cfg: Config, init: Path, chat_dir: Path, sft_dir: Path, threads: int) -> dict:
+    """The demo's SFT run as config overrides: packed rows of 256 tokens, 8 per step, lr cfg.sft_lr (a 5M model
+    fresh from a few minutes of pretraining takes a high rate), cosine to a tenth of it, resumable."""
+    return {
         "init": str(init), "data.dir": str(chat_dir), "out_dir": str(sft_dir), "device": "cpu", "resume": True,
         "threads": threads, "data.packing": "pack", "data.seq_len": 256, "data.batch_size": 8,
-        "optim.lr": 1e-3, "optim.min_lr": 1e-4, "optim.warmup_steps": min(20, max(1, cfg.sft_max_steps // 10)),
+        "optim.lr": cfg.sft_lr, "optim.min_lr": cfg.sft_lr / 10,
+        "optim.warmup_steps": min(20, max(1, cfg.sft_max_steps // 10)),
         "train.max_steps": cfg.sft_max_steps, "train.log_every": max(1, min(25, cfg.sft_max_steps // 10)),
         "eval.every": 0, "eval.max_batches": 10, "eval.samples": 4, "eval.sample_tokens": 48,
         "ckpt.every": 0, "ckpt.keep_last": 1, "metrics.tensorboard": False,
-    })
+    }
+
+
+def sft_config(cfg: Config, init: Path, chat_dir: Path, sft_dir: Path, threads: int):
+    """The demo's SFT run (`sft_overrides`) as a `z2all sft` Config."""
+    from z2all.config import load_config
+    from z2all.train.sft import Config as SFTConfig
+
+    return load_config(SFTConfig, None, sft_overrides(cfg, init, chat_dir, sft_dir, threads))
+
+
+def dpo_overrides(cfg: Config, init: Path, prefs_dir: Path, dpo_dir: Path, threads: int) -> dict:
+    """The demo's DPO run: 8 pairs per step, sigmoid loss with beta cfg.dpo_beta, lr cfg.dpo_lr with cosine
+    decay, and a live reference (a frozen copy): the demo's few hundred steps read ~1-2k of the ~4.5k train
+    pairs, so precomputing all of them would cost more forward passes than it saves (the 5M model's
+    second copy is ~20 MB)."""
+    return {
+        "init": str(init), "data.dir": str(prefs_dir), "out_dir": str(dpo_dir), "device": "cpu", "resume": True,
+        "threads": threads, "data.batch_size": 8, "dpo.beta": cfg.dpo_beta, "dpo.reference": "live",
+        "optim.lr": cfg.dpo_lr, "optim.min_lr": cfg.dpo_lr / 10,
+        "optim.warmup_steps": min(10, max(1, cfg.dpo_max_steps // 10)), "train.max_steps": cfg.dpo_max_steps,
+        "train.log_every": max(1, min(25, cfg.dpo_max_steps // 10)), "eval.every": 0, "eval.max_batches": 10,
+        "ckpt.every": 0, "ckpt.keep_last": 1, "metrics.tensorboard": False,
+    }
+
+
+def _timed_steps(step, n: int = 3) -> float:
+    """Mean seconds of steps 2..n of `step()` (the first one warms up)."""
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return sum(times[1:]) / (n - 1)
+
+
+def _with_threads(threads: int, fn):
+    import torch
+
+    old = torch.get_num_threads()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(old)
 
 
 def _sft_seconds_per_step(scfg, init: Path) -> float:
@@ -339,10 +410,7 @@ def _sft_seconds_per_step(scfg, init: Path) -> float:
 
     from z2all.model.llama import load_model
 
-    old = torch.get_num_threads()
-    if scfg.threads > 0:
-        torch.set_num_threads(scfg.threads)
-    try:
+    def measure():
         model = load_model(init)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
         B, T = scfg.data.batch_size, scfg.data.seq_len
@@ -350,16 +418,39 @@ def _sft_seconds_per_step(scfg, init: Path) -> float:
         x = torch.randint(0, model.cfg.vocab_size, (B, T), generator=g)
         seg = (torch.arange(T) // 64).int().expand(B, T)
         pos = (torch.arange(T) % 64).expand(B, T)
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
+
+        def step():
             model(x, x, positions=pos, segment_ids=seg)[1].backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            times.append(time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(old)
-    return sum(times[1:]) / 2
+        return _timed_steps(step)
+    return _with_threads(scfg.threads, measure)
+
+
+def _dpo_seconds_per_step(init: Path, prefs_dir: Path, batch_size: int, threads: int) -> float:
+    """Seconds per DPO step on the real pairs: the policy's forward + backward over both sides, plus the
+    live reference's forward (timed with the same weights)."""
+    import torch
+
+    from z2all.data.prefs import PrefData
+    from z2all.model.llama import load_model
+    from z2all.train.dpo import PairBatches, dpo_loss, policy_logps, reference_logps
+
+    def measure():
+        model = load_model(init)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-7)
+        batches = PairBatches(PrefData(prefs_dir, "train"), "train", batch_size=batch_size)
+        it = iter(range(3))
+
+        def step():
+            batch = batches.get_batch(next(it), 0)
+            rc, rr = reference_logps(model, batch, "cpu")
+            pc, pr = policy_logps(model, batch, "cpu")
+            dpo_loss(pc, pr, rc, rr, 0.1)[0].mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return _timed_steps(step)
+    return _with_threads(threads, measure)
 
 
 def heldout_records(synth_dir: Path, per_task: int) -> list[dict]:
@@ -395,38 +486,112 @@ def chat_answers(ckpt: Path, tok_dir: Path, records: list[dict], max_new_tokens:
     return [(tok.decode(list(o), skip_special_tokens=False), ended) for o, ended in outs]
 
 
-def compare_table(records: list[dict], base: list[tuple[str, bool]], sft: list[tuple[str, bool]]) -> tuple[str, dict]:
-    """Markdown table: rows = tasks (+ all), exact match and <|im_end|> share of base and SFT."""
+def compare_table(records: list[dict], base: list[tuple[str, bool]], sft: list[tuple[str, bool]],
+                  more: dict[str, list[tuple[str, bool]]] | None = None) -> tuple[str, dict]:
+    """Markdown table: rows = tasks (+ all), exact match and <|im_end|> share of base and SFT, then exact
+    match of each further model in `more` ({"dpo": answers, "lora": answers}: columns "DPO exact match"...)."""
     from z2all.data.synthetic import exact_match
     from z2all.utils import markdown_table
 
+    more = more or {}
     tasks = list(dict.fromkeys(r["task"] for r in records))
     rows, summary = [], {}
     for task in [*tasks, "all"]:
         idx = [i for i, r in enumerate(records) if task == "all" or r["task"] == task]
-        em = {k: sum(exact_match(a[i][0], records[i]["answer"]) for i in idx) / len(idx)
-              for k, a in (("base", base), ("sft", sft))}
-        end = {k: sum(a[i][1] for i in idx) / len(idx) for k, a in (("base", base), ("sft", sft))}
-        summary[task] = {"n": len(idx), "base_em": em["base"], "sft_em": em["sft"], "base_end": end["base"],
-                         "sft_end": end["sft"]}
-        rows.append([task, len(idx), f"{em['base']:.1%}", f"{em['sft']:.1%}", f"{end['base']:.0%}",
-                     f"{end['sft']:.0%}"])
+        answers = {"base": base, "sft": sft, **more}
+        em = {k: sum(exact_match(a[i][0], records[i]["answer"]) for i in idx) / len(idx) for k, a in answers.items()}
+        end = {k: sum(a[i][1] for i in idx) / len(idx) for k, a in answers.items()}
+        summary[task] = {"n": len(idx), **{f"{k}_em": v for k, v in em.items()},
+                         **{f"{k}_end": v for k, v in end.items()}}
+        rows.append([task, len(idx), f"{em['base']:.1%}", f"{em['sft']:.1%}", *(f"{em[k]:.1%}" for k in more),
+                     f"{end['base']:.0%}", f"{end['sft']:.0%}"])
+    names = {"dpo": "DPO", "lora": "LoRA-SFT"}
     return markdown_table(["task", "held-out prompts", "base exact match", "SFT exact match",
+                           *(f"{names.get(k, k)} exact match" for k in more),
                            "base ends <|im_end|>", "SFT ends <|im_end|>"], rows), summary
+
+
+def _train_stage(module: str, overrides: dict, run_dir: Path, threads: int) -> tuple[Path, dict]:
+    """Run one fine-tuning command (sft/dpo) in a child process, unless run_dir already holds its final
+    checkpoint and cost record (then both are reused); (final checkpoint, cost) where cost = {"peak_rss",
+    "wall_s", "cpu_s", "steps", "trainable", "ckpt_bytes"} is also kept in run_dir/cost.json (after a resume:
+    the costs of the process that finished the run)."""
+    from z2all.bench.finetune import run_child
+    from z2all.io import atomic_write_json
+    from z2all.model.llama import read_safetensors
+    from z2all.train import checkpoint
+
+    cost_file = run_dir / "cost.json"
+    last = checkpoint.latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    if last is not None and cost_file.is_file():
+        cost = json.loads(cost_file.read_text(encoding="utf-8"))
+        if cost.get("steps") == checkpoint.read_state(last).get("step"):
+            print0(f"{run_dir} finished ({cost['steps']} steps): reused")
+            return last, cost
+    res = run_child(module, overrides, threads)
+    if res["rc"]:
+        raise UserError(f"the {module.rsplit('.', 1)[-1]} run in {run_dir} stopped with status {res['rc']}; rerun "
+                        f"`z2all demo --chat` to resume it")
+    last = checkpoint.latest_checkpoint(run_dir)
+    trainable = sum(t.numel() for t in read_safetensors(last / "model.safetensors").values())
+    size = sum((last / f).stat().st_size for f in ("model.safetensors", "optimizer.pt") if (last / f).is_file())
+    cost = {"peak_rss": res["peak_rss"], "wall_s": res["wall_s"], "cpu_s": res["cpu_s"],
+            "steps": checkpoint.read_state(last).get("step"), "trainable": trainable, "ckpt_bytes": size}
+    atomic_write_json(cost_file, cost)
+    return last, cost
+
+
+def _fit_steps(what: str, budget_s: float, max_steps: int, per_step: float, threads: int) -> int:
+    import torch
+
+    steps = max(10, min(max_steps, int(budget_s / per_step)))
+    print0(f"{what}: {steps} steps ({per_step:.2f} s/step on {threads or torch.get_num_threads()} threads) to fit "
+           f"about {budget_s:g} s")
+    return steps
+
+
+def _resumed_steps(run_dir: Path, overrides: dict) -> bool:
+    """A rerun continues the schedule of the run already in run_dir (its step count and warmup)."""
+    from z2all.train import checkpoint
+
+    if not run_dir.is_dir() or checkpoint.latest_checkpoint(run_dir) is None:
+        return False
+    prev = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["config"]
+    overrides["train.max_steps"] = prev["train"]["max_steps"]
+    overrides["optim.warmup_steps"] = prev["optim"]["warmup_steps"]
+    print0(f"{run_dir} has checkpoints: continuing its run of {prev['train']['max_steps']} steps")
+    return True
+
+
+def _check_chat_options(cfg: Config) -> None:
+    """The --chat options, checked before the first stage (a bad one must not surface after pretraining)."""
+    checks = [("--synth_n", cfg.synth_n, cfg.synth_n >= 1),
+              ("--heldout_per_task", cfg.heldout_per_task, cfg.heldout_per_task >= 1),
+              ("--sft_lr", cfg.sft_lr, cfg.sft_lr > 0), ("--dpo_lr", cfg.dpo_lr, cfg.dpo_lr > 0),
+              ("--dpo_beta", cfg.dpo_beta, cfg.dpo_beta > 0), ("--lora_lr", cfg.lora_lr, cfg.lora_lr > 0),
+              ("--lora_rank", cfg.lora_rank, cfg.lora_rank >= 1 or not cfg.chat_lora)]
+    for name, value, ok in checks:
+        if not (ok and math.isfinite(value)):
+            raise UserError(f"{name}={value}: must be a positive number")
 
 
 def _chat_part(cfg: Config, out: Path, tok_dir: Path, base_ckpt: Path) -> list[tuple[str, Path]]:
     import torch
 
     from z2all.data import chat, synthetic
-    from z2all.train import checkpoint, sft
+    from z2all.io import atomic_write_json
+    from z2all.utils import human_bytes, markdown_table
 
     synth_dir, chat_dir, sft_dir = out / "synth", out / "chat", out / "sft"
-    t0 = _stage(8, "data synth: synthetic zh/en tasks with exact answers")
+    t0 = _stage(8, f"data synth: synthetic zh/en tasks with exact answers (level {cfg.synth_level})")
     if (synth_dir / "synth.json").is_file():
+        level = json.loads((synth_dir / "synth.json").read_text(encoding="utf-8")).get("level", "standard")
+        if level != cfg.synth_level:
+            raise UserError(f"{synth_dir} holds --synth_level {level} tasks, not {cfg.synth_level}: rerun with "
+                            f"--synth_level {level}, or with --fresh to start over")
         print0(f"{synth_dir} exists: reused")
     else:
-        synthetic.run(synthetic.Config(out=str(synth_dir), n=cfg.synth_n, seed=0))
+        synthetic.run(synthetic.Config(out=str(synth_dir), n=cfg.synth_n, seed=0, level=cfg.synth_level))
     _done(t0, f"tasks in {synth_dir}")
 
     t0 = _stage(9, "data chat: render the conversations with the demo tokenizer's chat template")
@@ -434,52 +599,137 @@ def _chat_part(cfg: Config, out: Path, tok_dir: Path, base_ckpt: Path) -> list[t
                          val_fraction=0.02, max_len=256))
     _done(t0, f"chat data in {chat_dir}")
 
-    t0 = _stage(10, "sft: fine-tune the pretrained checkpoint on the chat data (packed rows)")
+    t0 = _stage(10, "sft: fine-tune the pretrained checkpoint on the chat data (packed rows, own process)")
     threads = 1 if cfg.threads == 0 and torch.get_num_threads() > 1 else cfg.threads
-    scfg = sft_config(cfg, base_ckpt, chat_dir, sft_dir, threads)
-    if checkpoint.latest_checkpoint(sft_dir) is not None:
-        prev = json.loads((sft_dir / "config.json").read_text(encoding="utf-8"))["config"]
-        scfg.train.max_steps, scfg.optim.warmup_steps = prev["train"]["max_steps"], prev["optim"]["warmup_steps"]
-        print0(f"{sft_dir} has checkpoints: resuming its run of {scfg.train.max_steps} steps")
-    elif cfg.sft_time_budget_s > 0:
-        per_step = _sft_seconds_per_step(scfg, base_ckpt)
-        steps = max(10, min(cfg.sft_max_steps, int(cfg.sft_time_budget_s / per_step)))
-        print0(f"sft: {steps} steps ({per_step:.2f} s/step on {threads or torch.get_num_threads()} threads) to fit "
-               f"about {cfg.sft_time_budget_s:g} s")
-        scfg.train.max_steps, scfg.train.time_budget_s = steps, 1.5 * cfg.sft_time_budget_s
-        scfg.optim.warmup_steps = min(scfg.optim.warmup_steps, max(1, steps // 10))
-    status = sft.run(scfg)
-    if status:
-        raise UserError(f"the SFT stage stopped with status {status}; rerun `z2all demo --chat` to resume it")
-    sft_ckpt = checkpoint.latest_checkpoint(sft_dir)
+    sft_ov = sft_overrides(cfg, base_ckpt, chat_dir, sft_dir, threads)
+    if not _resumed_steps(sft_dir, sft_ov) and cfg.sft_time_budget_s > 0:
+        per_step = _sft_seconds_per_step(sft_config(cfg, base_ckpt, chat_dir, sft_dir, threads), base_ckpt)
+        steps = _fit_steps("sft", cfg.sft_time_budget_s, cfg.sft_max_steps, per_step, threads)
+        sft_ov.update({"train.max_steps": steps, "train.time_budget_s": 1.5 * cfg.sft_time_budget_s,
+                       "optim.warmup_steps": min(sft_ov["optim.warmup_steps"], max(1, steps // 10))})
+    sft_ckpt, sft_cost = _train_stage("z2all.train.sft", sft_ov, sft_dir, threads)
     _done(t0, f"checkpoint {sft_ckpt}")
 
-    t0 = _stage(11, "compare: base vs SFT model on held-out prompts (greedy)")
     records = heldout_records(synth_dir, cfg.heldout_per_task)
-    old = torch.get_num_threads()
-    if threads > 0:  # the thread count training used: spinning OpenMP threads on a busy machine stall decoding
-        torch.set_num_threads(threads)
-    try:
-        base = chat_answers(base_ckpt, tok_dir, records)
-        tuned = chat_answers(sft_ckpt, tok_dir, records)
-    finally:
-        torch.set_num_threads(old)
-    table, summary = compare_table(records, base, tuned)
+    answers = {}
+
+    def answers_of(name: str, ckpt: Path) -> list[tuple[str, bool]]:
+        # the thread count training used: spinning OpenMP threads on a busy machine stall decoding
+        answers[name] = _with_threads(threads, lambda: chat_answers(ckpt, tok_dir, records))
+        return answers[name]
+
+    t0 = _stage(11, "compare: base vs SFT model on held-out prompts (greedy)")
+    answers_of("base", base_ckpt)
+    answers_of("sft", sft_ckpt)
+    table, summary = compare_table(records, answers["base"], answers["sft"])
     print0(table)
     print0("\nchat samples (SFT model, held-out prompts):")
     shown = {}
-    for rec, (a, ended) in zip(records, tuned):
+    for rec, (a, ended) in zip(records, answers["sft"]):
         key = (rec["task"], rec["lang"])
         if key in shown or len(shown) >= 6:
             continue
         shown[key] = True
         print0(f"  user: {rec['messages'][-2]['content']}\n  assistant: {a}{'' if ended else ' [no <|im_end|>]'}"
                f"   (expected: {rec['answer']})")
-    from z2all.io import atomic_write_json
-
-    atomic_write_json(sft_dir / "compare.json", {"base": str(base_ckpt), "sft": str(sft_ckpt), "tasks": summary})
+    result = {"base": str(base_ckpt), "sft": str(sft_ckpt), "synth_level": cfg.synth_level, "tasks": summary,
+              "sft_cost": sft_cost}
+    atomic_write_json(sft_dir / "compare.json", result)
     allrow = summary["all"]
     print0(f"held-out exact match: base {allrow['base_em']:.1%} -> SFT {allrow['sft_em']:.1%}; answers ending "
            f"with <|im_end|>: {allrow['base_end']:.0%} -> {allrow['sft_end']:.0%}")
     _done(t0, f"comparison in {sft_dir / 'compare.json'}")
-    return [("chat data", chat_dir), ("SFT run", sft_dir), ("SFT checkpoint", sft_ckpt)]
+    rows = [("chat data", chat_dir), ("SFT run", sft_dir), ("SFT checkpoint", sft_ckpt)]
+    n = 11
+
+    if cfg.chat_dpo:
+        dpo_dir = out / "dpo"
+        n += 1
+        t0 = _stage(n, "data prefs: preference pairs from the synthetic set (chosen = the exact answer, rejected "
+                       "= a plausible wrong or over-long one)")
+        prefs_dir, held_dir = _prefs_stage(synth_dir, out, tok_dir, records)
+        _done(t0, f"train pairs in {prefs_dir}, held-out pairs in {held_dir}")
+        n += 1
+        t0 = _stage(n, "dpo: align the SFT checkpoint on the train pairs (live frozen reference, own process)")
+        dpo_ov = dpo_overrides(cfg, sft_ckpt, prefs_dir, dpo_dir, threads)
+        if not _resumed_steps(dpo_dir, dpo_ov) and cfg.dpo_time_budget_s > 0:
+            per_step = _dpo_seconds_per_step(sft_ckpt, prefs_dir, dpo_ov["data.batch_size"], threads)
+            steps = _fit_steps("dpo", cfg.dpo_time_budget_s, cfg.dpo_max_steps, per_step, threads)
+            dpo_ov.update({"train.max_steps": steps, "train.time_budget_s": 1.5 * cfg.dpo_time_budget_s,
+                           "optim.warmup_steps": min(dpo_ov["optim.warmup_steps"], max(1, steps // 10))})
+        dpo_ckpt, dpo_cost = _train_stage("z2all.train.dpo", dpo_ov, dpo_dir, threads)
+        _done(t0, f"checkpoint {dpo_ckpt}")
+        n += 1
+        t0 = _stage(n, "compare: held-out preference accuracy and margin, exact match after DPO")
+        from z2all.bench.finetune import preference_eval
+
+        before = _with_threads(threads, lambda: preference_eval(sft_ckpt, held_dir, split="train"))
+        after = _with_threads(threads, lambda: preference_eval(dpo_ckpt, held_dir, reference=sft_ckpt,
+                                                               split="train", beta=cfg.dpo_beta))
+        answers_of("dpo", dpo_ckpt)
+        print0(markdown_table(
+            ["held-out pairs", "model", "prefers chosen (log-prob)", "mean log-prob margin",
+             f"reward accuracy (beta {cfg.dpo_beta:g})", "mean reward margin"],
+            [[before["pairs"], "SFT (= the reference)", f"{before['logp_acc']:.1%}", f"{before['logp_margin']:.2f}",
+              "- (ties)", "0"],
+             [after["pairs"], "DPO", f"{after['logp_acc']:.1%}", f"{after['logp_margin']:.2f}",
+              f"{after['reward_acc']:.1%}", f"{after['reward_margin']:.2f}"]]))
+        result["dpo"] = {"ckpt": str(dpo_ckpt), "before": before, "after": after, "cost": dpo_cost,
+                         "beta": cfg.dpo_beta}
+        rows += [("preference pairs", prefs_dir), ("DPO checkpoint", dpo_ckpt)]
+        _done(t0, "DPO compared")
+
+    if cfg.chat_lora:
+        lora_dir = out / "sft-lora"
+        n += 1
+        t0 = _stage(n, f"LoRA SFT: rank {cfg.lora_rank} adapters on every projection of the same base, the same "
+                       f"data and steps as the full SFT (own process)")
+        lora_ov = sft_overrides(cfg, base_ckpt, chat_dir, lora_dir, threads)
+        lora_ov.update({"train.max_steps": sft_cost["steps"], "optim.warmup_steps": sft_ov["optim.warmup_steps"],
+                        "optim.lr": cfg.lora_lr, "optim.min_lr": cfg.lora_lr / 10, "lora.rank": cfg.lora_rank,
+                        "lora.alpha": float(cfg.lora_rank), "lora.targets": "all"})
+        lora_ckpt, lora_cost = _train_stage("z2all.train.sft", lora_ov, lora_dir, threads)
+        answers_of("lora", lora_ckpt)
+        result["lora"] = {"ckpt": str(lora_ckpt), "rank": cfg.lora_rank, "lr": cfg.lora_lr, "cost": lora_cost}
+        rows += [("LoRA SFT checkpoint", lora_ckpt)]
+        _done(t0, f"checkpoint {lora_ckpt}")
+
+    if cfg.chat_dpo or cfg.chat_lora:
+        more = {k: answers[k] for k in ("dpo", "lora") if k in answers}
+        table, summary = compare_table(records, answers["base"], answers["sft"], more)
+        result["tasks"] = summary
+        print0("\nheld-out exact match per task, every model (greedy):")
+        print0(table)
+        if cfg.chat_lora:
+            em = {k: summary["all"][f"{k}_em"] for k in ("sft", "lora")}
+            print0("\nfull SFT vs LoRA SFT (same base, data, steps; each in its own process: peak RSS is the "
+                   "child's own VmHWM, time its wall/CPU seconds incl. ~3 s of start-up):")
+            print0(markdown_table(
+                ["run", "held-out exact match", "trainable params", "peak RSS", "wall s", "CPU s",
+                 "checkpoint (weights + optimizer)"],
+                [[name, f"{em[k]:.1%}", f"{c['trainable']:,}", human_bytes(c["peak_rss"]), f"{c['wall_s']:.0f}",
+                  f"{c['cpu_s']:.0f}", human_bytes(c["ckpt_bytes"])]
+                 for name, k, c in (("full SFT", "sft", sft_cost),
+                                    (f"LoRA SFT r{cfg.lora_rank}", "lora", result["lora"]["cost"]))]))
+        atomic_write_json(sft_dir / "compare.json", result)
+        print0(f"results in {sft_dir / 'compare.json'}")
+    return rows
+
+
+def _prefs_stage(synth_dir: Path, out: Path, tok_dir: Path, records: list[dict]) -> tuple[Path, Path]:
+    """Pairs from the synthetic train split -> out/prefs (2% val for the DPO run's own eval) and from the
+    held-out records of the exact-match table -> out/prefs-heldout (all in its "train" split: prompts no
+    training stage saw). Reused when both exist."""
+    from z2all.data import prefs
+    from z2all.io import atomic_write_text
+
+    prefs_dir, held_dir = out / "prefs", out / "prefs-heldout"
+    train = [json.loads(x) for x in (synth_dir / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    for d, recs, val in ((prefs_dir, train, 0.02), (held_dir, records, 0.0)):
+        if (d / "meta.json").is_file():
+            print0(f"{d} exists: reused")
+            continue
+        src = out / f"{d.name}.jsonl"
+        atomic_write_text(src, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in prefs.synthetic_pairs(recs)))
+        prefs.run(prefs.Config(inputs=[str(src)], tokenizer=str(tok_dir), out=str(d), val_fraction=val, max_len=256))
+    return prefs_dir, held_dir

@@ -106,8 +106,9 @@ def test_synth_command_writes_deterministic_files_that_data_chat_reads(tmp_path)
 
 def test_easy_level_answers_ranges_and_split():
     """--level easy: the same tasks with answers still right, inside its ranges (one-digit operands, numerals
-    below 100, 2-4 of the first 8 words, 2-6 spaced characters, one-sentence documents), deterministic, and
-    its held-out prompts never in train; the standard level is unchanged by the level machinery."""
+    below 100, 2-3 of the first 5 words, 2-4 spaced characters, one-sentence documents with one of 4 x 4
+    titles per language), deterministic, and its held-out prompts never in train; the standard level is
+    unchanged by the level machinery."""
     recs = list(syn.generate(1000, seed=2, level="easy"))
     assert recs == list(syn.generate(1000, seed=2, level="easy"))
     assert {r["task"] for r in recs} == set(syn.TASKS) and {r["lang"] for r in recs} == {"en", "zh"}
@@ -120,11 +121,12 @@ def test_easy_level_answers_ranges_and_split():
             assert len(operands) == 2 and all(x <= 9 for x in operands) and 0 <= int(a) <= 81
         elif r["task"] == "reverse":
             words = a.split("、" if "、" in a else " ")
-            assert 2 <= len(words) <= 4 and set(words) <= set(syn._EN_WORDS[:8]) | set(syn._ZH_WORDS[:8])
+            assert easy.list_len == (2, 3) and 2 <= len(words) <= 3
+            assert set(words) <= set(syn._EN_WORDS[:5]) | set(syn._ZH_WORDS[:5])
         elif r["task"] == "count":
             s = re.findall(r'"([^"]+)"', p)[1] if r["lang"] == "en" else re.findall(r"“([^”]+)”", p)[0]
             chars = s.split(" ")
-            assert 2 <= len(chars) <= 6 and all(len(c) == 1 for c in chars)
+            assert 2 <= len(chars) <= 4 and all(len(c) == 1 for c in chars)
             assert "".join(chars) and set("".join(chars)) <= set("".join(easy.count_en + easy.count_zh))
         elif r["task"] == "numeral":
             n = int(a) if a.isdigit() else syn.from_chinese(a)
@@ -132,6 +134,9 @@ def test_easy_level_answers_ranges_and_split():
         else:
             body = p.split("\n\n")[2]
             assert body.count(".") + body.count("。") == 1
+            first, rest = (a[:-len(a.split(" ")[-1])].split(" ")[1], a.split(" ")[-1]) if a.startswith("The ") \
+                else (a[:3], a[3:])
+            assert first in syn._EN_ADJ[:4] + syn._ZH_ADJ[:4] and rest in syn._EN_NOUN[:4] + syn._ZH_NOUN[:4]
     parts = syn.split(syn.generate(4000, seed=0, level="easy"), seed=0, fraction=0.1)
     train = {syn.prompt_of(r) for r in parts["train"]}
     held = {syn.prompt_of(r) for r in parts["heldout"]}

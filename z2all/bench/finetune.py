@@ -17,6 +17,8 @@ Also the functions the demo's chat part prints with (from checkpoints, no traini
   answer the higher log-prob (and the mean log-prob margin); with a reference, DPO's reward accuracy and
   margin beta * (policy - reference) too.
 - `exact_match_eval(ckpt, records)`: greedy answers to held-out synthetic prompts, exact match per task.
+- `run_child(module, overrides)`: one training command in a fresh process, with its own peak RSS, wall and
+  CPU time (the demo runs full SFT, LoRA SFT and DPO through it so their costs compare).
 """
 
 from __future__ import annotations
@@ -126,6 +128,48 @@ def _child() -> None:
     rc = __import__(module, fromlist=["run"]).run(cfg)
     print(json.dumps({"peak_rss": peak_rss_bytes()}))
     sys.exit(rc)
+
+
+def _child_config() -> None:
+    """python -c 'from z2all.bench.finetune import _child_config; _child_config()' MODULE OVERRIDES_JSON RESULT:
+    module.run(load_config(module.Config, None, overrides)), then {"rc", "peak_rss"} into RESULT."""
+    from z2all.config import load_config
+    from z2all.io import atomic_write_json
+    from z2all.utils import peak_rss_bytes
+
+    module, overrides, result = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+    mod = __import__(module, fromlist=["run", "Config"])
+    try:
+        rc = mod.run(load_config(mod.Config, None, overrides))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        rc = 2
+    atomic_write_json(result, {"rc": rc, "peak_rss": peak_rss_bytes()})
+    sys.exit(rc)
+
+
+def run_child(module: str, overrides: dict, threads: int = 0) -> dict:
+    """Run `module.run(Config from overrides)` (e.g. "z2all.train.sft") in a fresh Python process whose output
+    goes to ours. Returns {"rc", "peak_rss": the child's own peak RSS (VmHWM, bytes), "wall_s": wall time
+    incl. its ~2-5 s of start-up and imports, "cpu_s": its user + system CPU seconds}. threads > 0 pins the
+    child's OpenMP/MKL pools too (torch.set_num_threads alone leaves the inter-op pool at the default)."""
+    import resource
+
+    env = {**os.environ, "Z2ALL_NO_PROGRESS": "1"}
+    if threads > 0:
+        env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    with tempfile.TemporaryDirectory(prefix="z2all-child-") as tmp:
+        result = Path(tmp) / "result.json"
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.perf_counter()
+        sys.stdout.flush()
+        proc = subprocess.run([sys.executable, "-c", "from z2all.bench.finetune import _child_config; _child_config()",
+                               module, json.dumps(overrides), str(result)], env=env)
+        wall = time.perf_counter() - t0
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        res = json.loads(result.read_text()) if result.is_file() else {"rc": proc.returncode, "peak_rss": 0}
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"rc": proc.returncode or res["rc"], "peak_rss": res["peak_rss"], "wall_s": wall, "cpu_s": cpu}
 
 
 def _prepare(cfg: Config, work: Path) -> dict[str, Path]:

@@ -11,8 +11,8 @@ Tasks (`TASKS`), each with English and Chinese prompts (ranges of `--level stand
     numeral      Arabic <-> Chinese numerals, 0..99,999 (1005 <-> 一千零五, 10 <-> 十, 20000 <-> 二万)
     title        the title of a short generated document (first line, "Title: ...", "# ...", 《...》)
 `--level easy` (`LEVELS`) keeps the tasks and narrows the ranges to what a ~5M-parameter model learns in a few
-CPU minutes (`z2all demo --chat` uses it): operands 0..9 (× 2..5), numerals 0..99, 2-4 of 8 words, 2-6
-space-separated characters to count in, one-sentence documents.
+CPU minutes (`z2all demo --chat` uses it): operands 0..9 (× 2..5), numerals 0..99, 2-3 of 5 words, 2-4
+space-separated characters to count in, one-sentence documents titled by one of 4 adjectives x 4 nouns.
 
 Every record: {"id", "task", "lang", "messages": [(system,) user, assistant], "answer"}; the assistant's content
 is the answer. Example i is a pure function of (seed, i) (its own `random.Random`), and tasks take turns
@@ -140,16 +140,20 @@ class Level:
     count_sep: str = ""                        # count: between the characters of the string
     numeral_digits: int = 5                    # numeral: 0 .. 10**numeral_digits - 1
     sentences: tuple[int, int] = (2, 3)        # title: body sentences
+    title_words: int = 12                      # title: the first `title_words` adjectives and nouns
 
 
 LEVELS = {
     "standard": Level(),
-    # what a ~5M-parameter model learns in a few CPU minutes: one-digit operands, numerals below 100, 2-4
-    # words from 8, short spaced strings (a byte-level BPE of a small corpus merges "abcab" into "abc" +
-    # "ab", which hides the letters to count), one-sentence documents
-    "easy": Level(add_max=9, mul_max=5, words=8, list_len=(2, 4), count_en=("ab", "xyz"), count_zh=("天地", "山水花"),
-                  count_len=(2, 6), count_sep=" ", numeral_digits=2, sentences=(1, 1)),
+    # what a ~5M-parameter model learns in a few CPU minutes (docs/performance.md, "SFT on the synthetic
+    # tasks"): one-digit operands, numerals below 100, 2-3 words from 5, 2-4 spaced characters (a byte-level
+    # BPE of a small corpus merges "abcab" into "abc" + "ab", which hides the letters to count), one-sentence
+    # documents whose title is one of 4 x 4 per language (with 12 x 12 the model guesses a title of the right
+    # shape instead of copying it)
+    "easy": Level(add_max=9, mul_max=5, words=5, list_len=(2, 3), count_en=("ab", "xyz"), count_zh=("天地", "山水花"),
+                  count_len=(2, 4), count_sep=" ", numeral_digits=2, sentences=(1, 1), title_words=4),
 }
+
 
 def _arithmetic(rng: random.Random, lang: str, lv: Level) -> tuple[str, str]:
     op = rng.choice("+-×")
@@ -206,11 +210,11 @@ def _numeral(rng: random.Random, lang: str, lv: Level) -> tuple[str, str]:
 
 def _title(rng: random.Random, lang: str, lv: Level) -> tuple[str, str]:
     if rng.random() < 0.5:
-        title = f"The {rng.choice(_EN_ADJ)} {rng.choice(_EN_NOUN)}"
+        title = f"The {rng.choice(_EN_ADJ[:lv.title_words])} {rng.choice(_EN_NOUN[:lv.title_words])}"
         body = " ".join(rng.sample(_EN_SENT, rng.randint(*lv.sentences)))
         head = rng.choice(("{t}", "Title: {t}", "# {t}")).format(t=title)
     else:
-        title = rng.choice(_ZH_ADJ) + rng.choice(_ZH_NOUN)
+        title = rng.choice(_ZH_ADJ[:lv.title_words]) + rng.choice(_ZH_NOUN[:lv.title_words])
         body = "".join(rng.sample(_ZH_SENT, rng.randint(*lv.sentences)))
         head = rng.choice(("《{t}》", "标题：{t}", "# {t}")).format(t=title)
     doc = f"{head}\n\n{body}"
@@ -315,8 +319,9 @@ class Config:
     heldout_fraction: float = opt(0.05, "share of prompts that go to heldout.jsonl")
     tasks: list[str] = opt(None, "tasks to include (default all: " + ", ".join(TASKS) + ")", factory=list)
     level: str = opt("standard", "difficulty: standard (two-digit + and -, numerals to 99,999, 3-6 words...) or "
-                     "easy (one-digit operands, numerals 0..99, 2-4 of 8 words, short strings, one-sentence "
-                     "documents: what a few-million-parameter model learns in minutes)", choices=tuple(LEVELS))
+                     "easy (one-digit operands, numerals 0..99, 2-3 of 5 words, 2-4 characters to count, "
+                     "one-sentence documents: what a few-million-parameter model learns in minutes)",
+                     choices=tuple(LEVELS))
 
 
 def run(cfg: Config) -> int:
