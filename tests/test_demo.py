@@ -30,8 +30,8 @@ def test_demo_end_to_end_ci_sized(tmp_path, capsys):
                       time_budget_s=0, threads=1)
     assert demo.run(cfg) == 0  # 0 also means transformers' greedy tokens matched ours
     text = capsys.readouterr().out
-    for stage in range(1, 8):
-        assert f"=== [{stage}/7]" in text
+    for stage in range(1, 9):
+        assert f"=== [{stage}/8]" in text
     final = checkpoint.latest_checkpoint(out / "train")
     assert final.name == "step-000024"
     assert (final / "tokenizer" / "tokenizer.json").is_file()  # generate/export find the tokenizer
@@ -41,6 +41,15 @@ def test_demo_end_to_end_ci_sized(tmp_path, capsys):
     assert val < baseline, f"val loss {val:.3f} not under the unigram baseline {baseline:.3f}"
     assert "transformers greedy tokens match ours" in text
     assert str(out / "hf") in text and str(final) in text
+    # stage 8: the held-out evaluation table, kept next to the run
+    report = json.loads((out / "eval" / "report.json").read_text())
+    assert report["ckpt"] == str(final) and report["window"] == 128
+    assert set(report["domains"]) == {"wikipedia_zh", "wikipedia_en", "github_python"}
+    for d in report["domains"].values():
+        assert 0 < d["bpb"] < d["unigram_bpb"] + 1 and d["items"] > 0 and d["chance"] == 0.25
+        assert 0 <= d["acc"] <= 1 and 0 <= d["acc_mi"] <= 1
+    assert "| domain" in (out / "eval" / "report.md").read_text() and "acc_mi" in text
+    assert "held-out 'which continuation?' acc_mi" in text
 
 
 def test_demo_trains_with_the_settings_of_configs_demo_cpu(tmp_path):
@@ -120,8 +129,8 @@ def test_demo_chat_part_ci_sized(tmp_path, capsys):
                       heldout_per_task=2, dpo_max_steps=5, dpo_time_budget_s=0)
     assert demo.run(cfg) == 0
     text = capsys.readouterr().out
-    for stage in range(1, 16):
-        assert f"=== [{stage}/15]" in text
+    for stage in range(1, 17):
+        assert f"=== [{stage}/16]" in text
     assert "SFT exact match" in text and "chat samples" in text
     assert "DPO exact match" in text and "LoRA-SFT exact match" in text and "reward accuracy" in text
     sft_ckpt = checkpoint.latest_checkpoint(out / "sft")
@@ -148,6 +157,7 @@ def test_demo_chat_part_ci_sized(tmp_path, capsys):
     assert demo.run(cfg) == 0
     text = capsys.readouterr().out
     assert text.count("finished (") == 3 and "starting from scratch" not in text
+    assert f"{out / 'eval'} is of {checkpoint.latest_checkpoint(out / 'train')}: reused" in text
     assert json.loads((out / "sft" / "compare.json").read_text())["tasks"] == summary
 
 

@@ -16,24 +16,27 @@ Stages (each is the real command's `run(Config)`; they meet only through the art
   6. samples          a few generations from the final checkpoint
   7. export           a Hugging Face LlamaForCausalLM directory -> <out>/hf/, loaded back with
                       transformers.AutoModelForCausalLM and generating the same greedy tokens as ours
+  8. eval             `z2all eval`'s held-out scores of the final checkpoint (`eval.run.demo_report`): bits
+                      per byte per domain next to the unigram baseline, and "which continuation?" accuracy
+                      (acc, acc_mi) next to chance (1/4) -> <out>/eval/report.{md,json}
 
 With `--chat` (chat models, parts 1 and 2) it goes on from the pretrained checkpoint:
-  8. data synth       the synthetic zh/en tasks with exact answers, `--synth_level easy` by default ->
+  9. data synth       the synthetic zh/en tasks with exact answers, `--synth_level easy` by default ->
                       <out>/synth/{train,heldout}.jsonl
-  9. data chat        rendered with the demo tokenizer's ChatML template -> <out>/chat/
- 10. sft              `z2all sft` of the final pretraining checkpoint, packed rows, step count fitted to
+ 10. data chat        rendered with the demo tokenizer's ChatML template -> <out>/chat/
+ 11. sft              `z2all sft` of the final pretraining checkpoint, packed rows, step count fitted to
                       --sft_time_budget_s like stage 5, in its own process -> <out>/sft/
- 11. compare          the base and the SFT model answer the same held-out prompts greedily: exact-match
+ 12. compare          the base and the SFT model answer the same held-out prompts greedily: exact-match
                       accuracy per task and the share of answers that end with <|im_end|>, then a few chat
                       samples of the SFT model -> <out>/sft/compare.json
- 12. data prefs       (--chat_dpo) preference pairs from the synthetic train split (chosen = the exact answer,
+ 13. data prefs       (--chat_dpo) preference pairs from the synthetic train split (chosen = the exact answer,
                       rejected = a plausible wrong or over-long one) -> <out>/prefs/, and from the held-out
-                      records of stage 11 -> <out>/prefs-heldout/
- 13. dpo              `z2all dpo` of the SFT checkpoint, live frozen reference, fitted to --dpo_time_budget_s
+                      records of stage 12 -> <out>/prefs-heldout/
+ 14. dpo              `z2all dpo` of the SFT checkpoint, live frozen reference, fitted to --dpo_time_budget_s
                       -> <out>/dpo/
- 14. compare          held-out preference accuracy and margin before (SFT) and after DPO, exact match after DPO
- 15. LoRA SFT         (--chat_lora) `z2all sft --lora.rank` of the same base with the same data and steps as
-                      stage 10 -> <out>/sft-lora/; then one table of exact match per task for base, SFT, DPO
+ 15. compare          held-out preference accuracy and margin before (SFT) and after DPO, exact match after DPO
+ 16. LoRA SFT         (--chat_lora) `z2all sft --lora.rank` of the same base with the same data and steps as
+                      stage 11 -> <out>/sft-lora/; then one table of exact match per task for base, SFT, DPO
                       and LoRA SFT, and full vs LoRA SFT: trainable parameters, peak RSS (each run is a child
                       process: its own VmHWM), wall and CPU seconds, checkpoint size; all in compare.json
 
@@ -61,8 +64,8 @@ from z2all.utils import UserError, print0
 
 DEMO_DIR = Path(__file__).resolve().parent / "data" / "demo"
 DEMO_INPUTS = ("wikipedia_zh=zh_wiki.jsonl.gz", "wikipedia_en=en_wiki.parquet", "github_python=code_python.jsonl.gz")
-STAGE_DIRS = ("converted", "tokenizer", "tokens", "train", "hf", "synth", "chat", "sft", "prefs", "prefs-heldout",
-              "prefs.jsonl", "prefs-heldout.jsonl", "dpo", "sft-lora")
+STAGE_DIRS = ("converted", "tokenizer", "tokens", "train", "hf", "eval", "synth", "chat", "sft", "prefs",
+              "prefs-heldout", "prefs.jsonl", "prefs-heldout.jsonl", "dpo", "sft-lora")
 PROMPTS = ("The LORD said unto", "def __init__(self", "中国的")
 
 
@@ -102,7 +105,7 @@ class Config:
     lora_lr: float = opt(1e-2, "--chat: peak learning rate of the LoRA SFT (cosine to a tenth)")
 
 
-_TOTAL = [7]
+_TOTAL = [8]
 
 
 def _stage(n: int, title: str) -> float:
@@ -162,7 +165,7 @@ def run(cfg: Config) -> int:
     from z2all.train import checkpoint, pretrain
 
     t_all = time.perf_counter()
-    _TOTAL[0] = 11 + 3 * cfg.chat_dpo + cfg.chat_lora if cfg.chat else 7
+    _TOTAL[0] = 12 + 3 * cfg.chat_dpo + cfg.chat_lora if cfg.chat else 8
     if cfg.chat:
         _check_chat_options(cfg)
     # an older demo dir (before owner files) is recognised by its stage directories
@@ -232,6 +235,10 @@ def run(cfg: Config) -> int:
     match = _hf_roundtrip(hf_dir, ours)
     _done(t0, f"exported to {hf_dir}")
 
+    t0 = _stage(8, "eval: bits per byte per domain and 'which continuation?' accuracy on held-out documents")
+    report = _eval_stage(final, tokens, out / "eval", cfg.threads)
+    _done(t0, f"report in {out / 'eval'}")
+
     chat_rows = _chat_part(cfg, out, tok_dir, final) if cfg.chat else []
 
     print0(f"\n=== z2all demo finished in {time.perf_counter() - t_all:.0f} s")
@@ -240,13 +247,39 @@ def run(cfg: Config) -> int:
         print0(f"val loss {val:.3f} vs unigram baseline {baseline:.3f} nats/token: {verdict} the baseline "
                f"({baseline - val:+.3f})")
     print0(f"transformers greedy tokens {'match' if match else 'DO NOT match'} ours")
+    above = report["above_chance"]["acc_mi"]
+    print0("held-out 'which continuation?' acc_mi " + ("above chance in every domain" if above else
+           "NOT above chance in every domain (a longer --time_budget_s trains further)") + "; bits/byte "
+           + ", ".join(f"{dom} {d['bpb']:.3f} (unigram {d['unigram_bpb']:.3f})" if d["unigram_bpb"] is not None
+                       else f"{dom} {d['bpb']:.3f}" for dom, d in report["domains"].items()))
     rows = [("converted shards", converted), ("tokenizer", tok_dir), ("token files", tokens),
             ("training run (metrics.jsonl, checkpoints/)", run_dir), ("final checkpoint", final),
-            ("Hugging Face model", hf_dir), *chat_rows]
+            ("Hugging Face model", hf_dir), ("held-out evaluation", out / "eval" / "report.md"), *chat_rows]
     for what, where in rows:
         print0(f"  {what:<44} {where}")
     print0(f"next: z2all plot {run_dir}  ·  z2all generate --ckpt {final} --prompt 'The '")
     return 0 if match else 1
+
+
+def _eval_stage(final: Path, tokens: Path, eval_dir: Path, threads: int) -> dict:
+    """Stage 8: `demo_report` of the final checkpoint on the held-out documents of the token directory, printed
+    and kept in eval_dir/report.{md,json} (reused when it was made for this same checkpoint)."""
+    from z2all.eval.run import demo_report
+    from z2all.io import atomic_write_json, atomic_write_text
+
+    res_file = eval_dir / "report.json"
+    if res_file.is_file() and (eval_dir / "report.md").is_file():
+        res = json.loads(res_file.read_text(encoding="utf-8"))
+        if res.get("ckpt") == str(final):
+            print0((eval_dir / "report.md").read_text(encoding="utf-8") + f"{eval_dir} is of {final}: reused")
+            return res
+    text, res = demo_report(final, tokens, threads=threads)
+    res = {"ckpt": str(final), **res}
+    print0(text)
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(eval_dir / "report.md", text)
+    atomic_write_json(res_file, res)
+    return res
 
 
 def _seconds_per_step(tcfg, vocab: int, threads: int, give_up_after: float = float("inf")) -> float:
@@ -583,7 +616,7 @@ def _chat_part(cfg: Config, out: Path, tok_dir: Path, base_ckpt: Path) -> list[t
     from z2all.utils import human_bytes, markdown_table
 
     synth_dir, chat_dir, sft_dir = out / "synth", out / "chat", out / "sft"
-    t0 = _stage(8, f"data synth: synthetic zh/en tasks with exact answers (level {cfg.synth_level})")
+    t0 = _stage(9, f"data synth: synthetic zh/en tasks with exact answers (level {cfg.synth_level})")
     if (synth_dir / "synth.json").is_file():
         level = json.loads((synth_dir / "synth.json").read_text(encoding="utf-8")).get("level", "standard")
         if level != cfg.synth_level:
@@ -594,12 +627,12 @@ def _chat_part(cfg: Config, out: Path, tok_dir: Path, base_ckpt: Path) -> list[t
         synthetic.run(synthetic.Config(out=str(synth_dir), n=cfg.synth_n, seed=0, level=cfg.synth_level))
     _done(t0, f"tasks in {synth_dir}")
 
-    t0 = _stage(9, "data chat: render the conversations with the demo tokenizer's chat template")
+    t0 = _stage(10, "data chat: render the conversations with the demo tokenizer's chat template")
     chat.run(chat.Config(inputs=[str(synth_dir / "train.jsonl")], tokenizer=str(tok_dir), out=str(chat_dir),
                          val_fraction=0.02, max_len=256))
     _done(t0, f"chat data in {chat_dir}")
 
-    t0 = _stage(10, "sft: fine-tune the pretrained checkpoint on the chat data (packed rows, own process)")
+    t0 = _stage(11, "sft: fine-tune the pretrained checkpoint on the chat data (packed rows, own process)")
     threads = 1 if cfg.threads == 0 and torch.get_num_threads() > 1 else cfg.threads
     sft_ov = sft_overrides(cfg, base_ckpt, chat_dir, sft_dir, threads)
     if not _resumed_steps(sft_dir, sft_ov) and cfg.sft_time_budget_s > 0:
@@ -618,7 +651,7 @@ def _chat_part(cfg: Config, out: Path, tok_dir: Path, base_ckpt: Path) -> list[t
         answers[name] = _with_threads(threads, lambda: chat_answers(ckpt, tok_dir, records))
         return answers[name]
 
-    t0 = _stage(11, "compare: base vs SFT model on held-out prompts (greedy)")
+    t0 = _stage(12, "compare: base vs SFT model on held-out prompts (greedy)")
     answers_of("base", base_ckpt)
     answers_of("sft", sft_ckpt)
     table, summary = compare_table(records, answers["base"], answers["sft"])
@@ -640,7 +673,7 @@ def _chat_part(cfg: Config, out: Path, tok_dir: Path, base_ckpt: Path) -> list[t
            f"with <|im_end|>: {allrow['base_end']:.0%} -> {allrow['sft_end']:.0%}")
     _done(t0, f"comparison in {sft_dir / 'compare.json'}")
     rows = [("chat data", chat_dir), ("SFT run", sft_dir), ("SFT checkpoint", sft_ckpt)]
-    n = 11
+    n = 12
 
     if cfg.chat_dpo:
         dpo_dir = out / "dpo"
