@@ -1,6 +1,6 @@
 """`z2all bench serve` end to end on a tiny checkpoint (slow: two server processes): the table has a row per
-(mode, clients), the single-stream pair (one request, generate()) and the ratio lines; every request got its
-tokens."""
+(mode, clients), the single-stream rows (one request; generate() with ids only, and streaming its text as
+the command does) and the ratio lines; every request got its tokens."""
 
 from __future__ import annotations
 
@@ -31,6 +31,10 @@ def test_bench_serve_small(tmp_path):
     for row in rows:
         cells = [c.strip() for c in row.split("|")[1:-1]]
         assert int(cells[3]) == int(cells[2]) * 6  # every request streamed exactly max_tokens tokens
-    assert "`z2all generate` path" in r.stdout and "3 concurrent streams: continuous batching" in r.stdout
-    assert "single stream through the server (batched)" in r.stdout
+    assert "generate(), in-process, token ids only" in r.stdout
+    assert "3 concurrent streams: continuous batching" in r.stdout
+    assert "`z2all generate` command's path, in-process, streaming its text" in r.stdout
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("- single stream through the server (batched)"))
+    assert "x the tokens/s of the `z2all generate` command's path" in line
+    assert "x generate() returning token ids" in line
     assert "peak RSS" in r.stdout
