@@ -8,7 +8,14 @@ import torch
 from model_helpers import make_tokenizer_dir, small_config
 
 from z2all.cli import main
-from z2all.model.generate import apply_repetition_penalty, cut_at_stop, filter_logits, generate, sample_next
+from z2all.model.generate import (
+    IncrementalText,
+    apply_repetition_penalty,
+    cut_at_stop,
+    filter_logits,
+    generate,
+    sample_next,
+)
 from z2all.model.llama import Z2all, save_model
 
 
@@ -84,6 +91,26 @@ def test_generate_command_streams_the_greedy_continuation(ckpt, capsys):
     assert main(["generate", "--ckpt", str(path), "--prompt", prompt, "--max-new-tokens", "12",
                  "--temperature", "0", "--stop", stop, "--device", "cpu"]) == 0
     assert capsys.readouterr().out == prompt + cut_at_stop(want, [stop]) + "\n"
+
+
+def test_incremental_text_equals_decoding_everything_and_holds_half_characters(ckpt):
+    """Token by token, the text IncrementalText builds is the decode of all ids so far, minus at most a
+    trailing half character (a byte-level BPE splits 世/界/😀 into byte tokens); final flushes it; the
+    window it decodes stays short (two reads of context at most)."""
+    _, tok, _ = ckpt
+    text = "你好，世界 😀 def f(x): return x  # 注释\n"
+    ids = tok(text)["input_ids"]
+    inc, windows = IncrementalText(tok), []
+    assert any("\ufffd" in tok.decode(ids[:i]) for i in range(1, len(ids)))  # the case is exercised
+    for i, t in enumerate(ids, 1):
+        inc.ids.append(t)
+        windows.append(len(inc.ids) - inc.prefix)
+        inc.update()
+        whole = tok.decode(ids[:i])
+        assert "\ufffd" not in inc.text and whole.startswith(inc.text)
+        assert whole == inc.text or whole.endswith("\ufffd")
+    inc.update(final=True)
+    assert inc.text == text and max(windows) < 10
 
 
 def test_generate_command_batch_from_prompt_file(ckpt, capsys, tmp_path):

@@ -479,17 +479,56 @@ def plan_memory(model, batch: int, prompt_len: int, max_new_tokens: int, device:
              f"never trained on and usually degrade")
 
 
+class IncrementalText:
+    """The text of a growing list of token ids (`ids`; append to it, then call `update`), decoding only a
+    short window per call: the ids since the previous read as context, then the new ones
+    (text-generation-inference's scheme), not the whole continuation every token. `text` holds whole
+    characters only: ids that end in half a character (U+FFFD; a byte-level token can be part of a UTF-8
+    sequence) wait for the next id, unless `final`. `lock` (optional) is held around the tokenizer calls:
+    a Rust tokenizer borrowed by two threads at once can fail ("Already borrowed"). Shared by the CLI's
+    streamer and the serving engine."""
+
+    def __init__(self, tokenizer, lock=None):
+        self.tok, self.lock = tokenizer, lock
+        self.ids: list[int] = []
+        self.text = ""
+        self.prefix = 0  # ids[prefix:read] were the new ids of the previous read: the next read's context
+        self.read = 0
+
+    def update(self, final: bool = False) -> str:
+        """Decode what `ids` gained since the last read; append its text to `text` and return it ("" while
+        it ends in half a character, unless final)."""
+        if self.lock is not None:
+            with self.lock:
+                prefix, full = self._decode()
+        else:
+            prefix, full = self._decode()
+        if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
+            delta = full[len(prefix):]
+            self.text += delta
+            self.prefix, self.read = self.read, len(self.ids)
+            return delta
+        return ""
+
+    def _decode(self) -> tuple[str, str]:
+        return (self.tok.decode(self.ids[self.prefix:self.read], skip_special_tokens=True),
+                self.tok.decode(self.ids[self.prefix:], skip_special_tokens=True))
+
+
 class _Streamer:
-    """Prints one row's text as it grows. Decodes the whole continuation each time and prints the new
-    part, holding back while the text ends in an incomplete UTF-8 sequence (U+FFFD, a byte-level token can
-    be half a character) and the last len(longest stop) - 1 characters, which may be the start of a stop
-    string that must not be shown."""
+    """Prints one row's text as it grows (IncrementalText), holding back the last len(longest stop) - 1
+    characters, which may be the start of a stop string that must not be shown."""
 
     def __init__(self, tokenizer, stops: list[str], stream=None):
-        self.tok, self.stops, self.stream = tokenizer, stops, stream or sys.stdout
+        self.stops, self.stream = stops, stream or sys.stdout
         self.hold = max((len(s) for s in stops), default=1) - 1
-        self.ids: list[int] = []
+        self.inc = IncrementalText(tokenizer)
+        self.ids = self.inc.ids
         self.printed = 0
+
+    @property
+    def text(self) -> str:
+        return self.inc.text
 
     def _emit(self, upto: int) -> None:
         if upto > self.printed:
@@ -499,14 +538,14 @@ class _Streamer:
 
     def __call__(self, row: int, token: int) -> None:
         self.ids.append(token)
-        self.text = self.tok.decode(self.ids, skip_special_tokens=True)
-        if self.text.endswith("\ufffd"):
+        if not self.inc.update():
             return
         cut = len(cut_at_stop(self.text, self.stops))
         self._emit(cut if cut < len(self.text) else len(self.text) - self.hold)
 
     def finish(self) -> None:
         if self.ids:
+            self.inc.update(final=True)
             self._emit(len(cut_at_stop(self.text, self.stops)))
         self.stream.write("\n")
         self.stream.flush()

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from z2all.model.generate import filter_logits, num_threads
+from z2all.model.generate import IncrementalText, filter_logits, num_threads
 from z2all.utils import UserError
 
 
@@ -84,28 +84,35 @@ _ids = itertools.count(1)
 
 
 class Request:
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[Event], None]):
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[Event], None],
+                 detok: IncrementalText):
         self.id = next(_ids)
         self.prompt = list(prompt_ids)
         self.params = params
         self.emit = emit
-        self.out: list[int] = []
         self.slot = -1
         self.filled = 0  # prompt tokens already in the cache
         self.pos = 0     # cache position of the next token to write (decode)
         self.last = None  # the last sampled token, not yet in the cache
         self.cancelled = False
         self.done = False
-        self.text = ""   # the decoded completion so far (incremental, see Engine._detok)
-        self.sent = 0    # characters of text already emitted
-        self.prefix = 0  # incremental detokenization: tokens [prefix:read] were decoded last time as context
-        self.read = 0
+        self.detok = detok  # the completion's token ids and its text so far (whole characters)
+        self.sent = 0    # characters of the text already emitted
         self.generator = None
         if params.temperature > 0:
             self.generator = torch.Generator()
             # no seed: a fresh one from the OS (torch.seed() would reseed the global generator)
             seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
             self.generator.manual_seed(seed)
+
+    @property
+    def out(self) -> list[int]:
+        """The completion's token ids."""
+        return self.detok.ids
+
+    @property
+    def text(self) -> str:
+        return self.detok.text
 
 
 class _SlotView:
@@ -236,7 +243,7 @@ class Engine:
             raise ValueError("empty prompt")
         if len(prompt_ids) + params.max_tokens > self.slot_len:
             raise ValueError("prompt + max_tokens exceed the slot")
-        req = Request(prompt_ids, params, emit)
+        req = Request(prompt_ids, params, emit, IncrementalText(self.tok, self.tok_lock))
         with self.cond:
             if len(self.waiting) - len(self.free) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting (--max-queue {self.max_queue})")
@@ -275,7 +282,7 @@ class Engine:
             self.free.sort()  # lowest first keeps the active slots packed (a slice, not a gather)
             req.slot = -1
         if reason in ("stop", "length"):
-            self._detok(req, final=True)
+            req.detok.update(final=True)
             tail = _cut(req.text, req.params.stop)[req.sent:]
             if tail:
                 req.emit(Event(text=tail))
@@ -384,7 +391,7 @@ class Engine:
         req.out.append(token)
         req.last = token
         stops = req.params.stop
-        delta = self._detok(req)
+        delta = req.detok.update()
         text = req.text
         if stops and delta:
             window = text[-(len(delta) + max(len(s) for s in stops)):]
@@ -399,21 +406,6 @@ class Engine:
         if upto > req.sent:
             req.emit(Event(text=text[req.sent:upto]))
             req.sent = upto
-
-    def _detok(self, req: Request, final: bool = False) -> str:
-        """Append the text of the new tokens to req.text and return it, decoding only a short window (the
-        tokens since the previous read as context, then the new ones), not the whole completion every step
-        (text-generation-inference's scheme). A token that ends in half a character (U+FFFD) waits for the
-        next one, unless final."""
-        with self.tok_lock:
-            prefix = self.tok.decode(req.out[req.prefix:req.read], skip_special_tokens=True)
-            full = self.tok.decode(req.out[req.prefix:], skip_special_tokens=True)
-        if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
-            delta = full[len(prefix):]
-            req.text += delta
-            req.prefix, req.read = req.read, len(req.out)
-            return delta
-        return ""
 
 
 def _cut(text: str, stops: list[str]) -> str:
