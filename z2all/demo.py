@@ -287,13 +287,11 @@ def _seconds_per_step(tcfg, vocab: int, threads: int, give_up_after: float = flo
     torch's default): the mean of 2 steps after a warm-up one; inf as soon as a step exceeds give_up_after."""
     import torch
 
+    from z2all.model.generate import num_threads
     from z2all.model.llama import Z2all
     from z2all.train.pretrain import resolve_model_config
 
-    old = torch.get_num_threads()
-    if threads > 0:
-        torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         torch.manual_seed(0)
         model = Z2all(resolve_model_config(tcfg.model, vocab, tcfg.data.seq_len), tcfg.model.ops)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -307,8 +305,6 @@ def _seconds_per_step(tcfg, vocab: int, threads: int, give_up_after: float = flo
             times.append(time.perf_counter() - t0)
             if times[-1] > give_up_after:
                 return float("inf")
-    finally:
-        torch.set_num_threads(old)
     return sum(times[1:]) / 2
 
 
@@ -425,22 +421,11 @@ def _timed_steps(step, n: int = 3) -> float:
     return sum(times[1:]) / (n - 1)
 
 
-def _with_threads(threads: int, fn):
-    import torch
-
-    old = torch.get_num_threads()
-    if threads > 0:
-        torch.set_num_threads(threads)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(old)
-
-
 def _sft_seconds_per_step(scfg, init: Path) -> float:
     """Seconds per SFT step (random packed rows, the real model) with scfg.threads threads."""
     import torch
 
+    from z2all.model.generate import num_threads
     from z2all.model.llama import load_model
 
     def measure():
@@ -457,7 +442,8 @@ def _sft_seconds_per_step(scfg, init: Path) -> float:
             opt.step()
             opt.zero_grad(set_to_none=True)
         return _timed_steps(step)
-    return _with_threads(scfg.threads, measure)
+    with num_threads(scfg.threads):
+        return measure()
 
 
 def _dpo_seconds_per_step(init: Path, prefs_dir: Path, batch_size: int, threads: int) -> float:
@@ -466,6 +452,7 @@ def _dpo_seconds_per_step(init: Path, prefs_dir: Path, batch_size: int, threads:
     import torch
 
     from z2all.data.prefs import PrefData
+    from z2all.model.generate import num_threads
     from z2all.model.llama import load_model
     from z2all.train.dpo import PairBatches, dpo_loss, policy_logps, reference_logps
 
@@ -483,7 +470,8 @@ def _dpo_seconds_per_step(init: Path, prefs_dir: Path, batch_size: int, threads:
             opt.step()
             opt.zero_grad(set_to_none=True)
         return _timed_steps(step)
-    return _with_threads(threads, measure)
+    with num_threads(threads):
+        return measure()
 
 
 def heldout_records(synth_dir: Path, per_task: int) -> list[dict]:
@@ -549,9 +537,8 @@ def _train_stage(module: str, overrides: dict, run_dir: Path, threads: int) -> t
     checkpoint and cost record (then both are reused); (final checkpoint, cost) where cost = {"peak_rss",
     "wall_s", "cpu_s", "steps", "trainable", "ckpt_bytes"} is also kept in run_dir/cost.json (after a resume:
     the costs of the process that finished the run)."""
-    from z2all.bench.finetune import run_child
+    from z2all.bench.finetune import checkpoint_cost, run_child
     from z2all.io import atomic_write_json
-    from z2all.model.llama import read_safetensors
     from z2all.train import checkpoint
 
     cost_file = run_dir / "cost.json"
@@ -566,10 +553,8 @@ def _train_stage(module: str, overrides: dict, run_dir: Path, threads: int) -> t
         raise UserError(f"the {module.rsplit('.', 1)[-1]} run in {run_dir} stopped with status {res['rc']}; rerun "
                         f"`z2all demo --chat` to resume it")
     last = checkpoint.latest_checkpoint(run_dir)
-    trainable = sum(t.numel() for t in read_safetensors(last / "model.safetensors").values())
-    size = sum((last / f).stat().st_size for f in ("model.safetensors", "optimizer.pt") if (last / f).is_file())
     cost = {"peak_rss": res["peak_rss"], "wall_s": res["wall_s"], "cpu_s": res["cpu_s"],
-            "steps": checkpoint.read_state(last).get("step"), "trainable": trainable, "ckpt_bytes": size}
+            "steps": checkpoint.read_state(last).get("step"), **checkpoint_cost(last)}
     atomic_write_json(cost_file, cost)
     return last, cost
 
@@ -613,6 +598,7 @@ def _chat_part(cfg: Config, out: Path, tok_dir: Path, base_ckpt: Path) -> list[t
 
     from z2all.data import chat, synthetic
     from z2all.io import atomic_write_json
+    from z2all.model.generate import num_threads
     from z2all.utils import human_bytes, markdown_table
 
     synth_dir, chat_dir, sft_dir = out / "synth", out / "chat", out / "sft"
@@ -648,7 +634,8 @@ def _chat_part(cfg: Config, out: Path, tok_dir: Path, base_ckpt: Path) -> list[t
 
     def answers_of(name: str, ckpt: Path) -> list[tuple[str, bool]]:
         # the thread count training used: spinning OpenMP threads on a busy machine stall decoding
-        answers[name] = _with_threads(threads, lambda: chat_answers(ckpt, tok_dir, records))
+        with num_threads(threads):
+            answers[name] = chat_answers(ckpt, tok_dir, records)
         return answers[name]
 
     t0 = _stage(12, "compare: base vs SFT model on held-out prompts (greedy)")
@@ -696,9 +683,9 @@ def _chat_part(cfg: Config, out: Path, tok_dir: Path, base_ckpt: Path) -> list[t
         t0 = _stage(n, "compare: held-out preference accuracy and margin, exact match after DPO")
         from z2all.bench.finetune import preference_eval
 
-        before = _with_threads(threads, lambda: preference_eval(sft_ckpt, held_dir, split="train"))
-        after = _with_threads(threads, lambda: preference_eval(dpo_ckpt, held_dir, reference=sft_ckpt,
-                                                               split="train", beta=cfg.dpo_beta))
+        with num_threads(threads):
+            before = preference_eval(sft_ckpt, held_dir, split="train")
+            after = preference_eval(dpo_ckpt, held_dir, reference=sft_ckpt, split="train", beta=cfg.dpo_beta)
         answers_of("dpo", dpo_ckpt)
         print0(markdown_table(
             ["held-out pairs", "model", "prefers chosen (log-prob)", "mean log-prob margin",

@@ -174,3 +174,21 @@ def test_check_sampling_names_each_option():
                     ({"max_new_tokens": 0}, "--max-new-tokens")]:
         with pytest.raises(UserError, match=opt):
             check_sampling(**kw)
+
+
+def test_num_threads_sets_and_restores_and_zero_leaves_it():
+    from z2all.model.generate import num_threads
+
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with num_threads(1):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with num_threads(0):  # 0 = as it is (the demo's and demo_report's "threads" default)
+            assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), num_threads(1):
+            raise RuntimeError("restored on the way out too")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(old)

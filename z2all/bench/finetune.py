@@ -18,7 +18,7 @@ Also the functions the demo's chat part prints with (from checkpoints, no traini
   margin beta * (policy - reference) too.
 - `exact_match_eval(ckpt, records)`: greedy answers to held-out synthetic prompts, exact match per task.
 - `run_child(module, overrides)`: one training command in a fresh process, with its own peak RSS, wall and
-  CPU time (the demo runs full SFT, LoRA SFT and DPO through it so their costs compare).
+  CPU time, and `checkpoint_cost(ckpt)` (the bench's rows and the demo's full SFT, LoRA SFT and DPO runs).
 """
 
 from __future__ import annotations
@@ -117,21 +117,7 @@ def exact_match_eval(ckpt: str | os.PathLike, records: list[dict], tokenizer=Non
 # ---------------------------------------------------------------- the benchmark
 
 def _child() -> None:
-    """python -c 'from z2all.bench.finetune import _child; _child()' MODULE ARGS...: run one command, then
-    print its peak RSS as the last line."""
-    from z2all.cli import Command, parse_config
-    from z2all.utils import peak_rss_bytes
-
-    module, args = sys.argv[1], sys.argv[2:]
-    cmd = Command("bench child", module)
-    cfg = parse_config(module, cmd, args)
-    rc = __import__(module, fromlist=["run"]).run(cfg)
-    print(json.dumps({"peak_rss": peak_rss_bytes()}))
-    sys.exit(rc)
-
-
-def _child_config() -> None:
-    """python -c 'from z2all.bench.finetune import _child_config; _child_config()' MODULE OVERRIDES_JSON RESULT:
+    """python -c 'from z2all.bench.finetune import _child; _child()' MODULE OVERRIDES_JSON RESULT:
     module.run(load_config(module.Config, None, overrides)), then {"rc", "peak_rss"} into RESULT."""
     from z2all.config import load_config
     from z2all.io import atomic_write_json
@@ -148,11 +134,13 @@ def _child_config() -> None:
     sys.exit(rc)
 
 
-def run_child(module: str, overrides: dict, threads: int = 0) -> dict:
-    """Run `module.run(Config from overrides)` (e.g. "z2all.train.sft") in a fresh Python process whose output
-    goes to ours. Returns {"rc", "peak_rss": the child's own peak RSS (VmHWM, bytes), "wall_s": wall time
-    incl. its ~2-5 s of start-up and imports, "cpu_s": its user + system CPU seconds}. threads > 0 pins the
-    child's OpenMP/MKL pools too (torch.set_num_threads alone leaves the inter-op pool at the default)."""
+def run_child(module: str, overrides: dict | list[str], threads: int = 0, quiet: bool = False) -> dict:
+    """Run `module.run(Config from overrides)` (e.g. "z2all.train.sft"; overrides as load_config takes them: a
+    dict or "--section.key=value" strings) in a fresh Python process. Its output goes to ours, or with quiet
+    is captured and only its stderr's tail returned ("stderr"). Returns {"rc", "peak_rss": the child's own
+    peak RSS (VmHWM, bytes), "wall_s": wall time incl. its ~2-5 s of start-up and imports, "cpu_s": its user
+    + system CPU seconds}. threads > 0 pins the child's OpenMP/MKL pools too (torch.set_num_threads alone
+    leaves the inter-op pool at the default)."""
     import resource
 
     env = {**os.environ, "Z2ALL_NO_PROGRESS": "1"}
@@ -163,13 +151,24 @@ def run_child(module: str, overrides: dict, threads: int = 0) -> dict:
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         sys.stdout.flush()
-        proc = subprocess.run([sys.executable, "-c", "from z2all.bench.finetune import _child_config; _child_config()",
-                               module, json.dumps(overrides), str(result)], env=env)
+        proc = subprocess.run([sys.executable, "-c", "from z2all.bench.finetune import _child; _child()",
+                               module, json.dumps(overrides), str(result)], env=env, capture_output=quiet, text=True)
         wall = time.perf_counter() - t0
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         res = json.loads(result.read_text()) if result.is_file() else {"rc": proc.returncode, "peak_rss": 0}
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"rc": proc.returncode or res["rc"], "peak_rss": res["peak_rss"], "wall_s": wall, "cpu_s": cpu}
+    return {"rc": proc.returncode or res["rc"], "peak_rss": res["peak_rss"], "wall_s": wall, "cpu_s": cpu,
+            "stderr": (proc.stderr or "").strip()[-500:]}
+
+
+def checkpoint_cost(ckpt: Path) -> dict:
+    """{"trainable": parameters the checkpoint stores (a LoRA checkpoint stores only its adapters),
+    "ckpt_bytes": its weights + optimizer state on disk}."""
+    from z2all.model.llama import read_safetensors
+
+    trainable = sum(t.numel() for t in read_safetensors(ckpt / "model.safetensors").values())
+    size = sum((ckpt / f).stat().st_size for f in ("model.safetensors", "optimizer.pt") if (ckpt / f).is_file())
+    return {"trainable": trainable, "ckpt_bytes": size}
 
 
 def _prepare(cfg: Config, work: Path) -> dict[str, Path]:
@@ -219,24 +218,17 @@ def _run_row(cfg: Config, p: dict[str, Path], module: str, extra: list[str], out
             f"--data.batch_size={cfg.batch_size}", "--train.log_every=1", "--eval.every=0", "--eval.max_batches=1",
             "--metrics.tensorboard=false", f"--device={cfg.device}", f"--threads={cfg.threads}", "--ckpt.keep_last=1",
             *(["--data.seq_len=" + str(cfg.seq_len), "--eval.samples=0"] if module.endswith("sft") else []), *extra]
-    t0 = time.perf_counter()
-    res = subprocess.run([sys.executable, "-c", "from z2all.bench.finetune import _child; _child()", module, *args],
-                         capture_output=True, text=True, env={**os.environ, "Z2ALL_NO_PROGRESS": "1"})
-    wall = time.perf_counter() - t0
-    if res.returncode != 0:
-        raise UserError(f"bench finetune: {module} {' '.join(extra)} failed: {res.stderr.strip()[-500:]}")
-    peak = json.loads(res.stdout.strip().splitlines()[-1])["peak_rss"]
+    res = run_child(module, args, quiet=True)
+    if res["rc"] != 0:
+        raise UserError(f"bench finetune: {module} {' '.join(extra)} failed: {res['stderr']}")
+    peak, wall = res["peak_rss"], res["wall_s"]
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in recs if r["kind"] == "train"]
     tps = statistics.median(r["tokens_per_s"] for r in train[1:]) if len(train) > 1 else train[0]["tokens_per_s"]
-    last = ckpt_mod.latest_checkpoint(out)
-    size = sum((last / f).stat().st_size for f in ("model.safetensors", "optimizer.pt"))
-    from z2all.model.llama import read_safetensors
-
-    trainable = sum(t.numel() for t in read_safetensors(last / "model.safetensors").values())
+    cost = checkpoint_cost(ckpt_mod.latest_checkpoint(out))
     if cfg.device.startswith("cuda"):
         peak = max(r.get("peak_mem_bytes", 0) for r in train)
-    return {"tokens_per_s": tps, "peak_mem": peak, "ckpt_bytes": size, "trainable": trainable, "wall_s": wall,
+    return {"tokens_per_s": tps, "peak_mem": peak, **cost, "wall_s": wall,
             "loss_first": train[0]["loss"], "loss_last": train[-1]["loss"]}
 
 

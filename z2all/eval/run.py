@@ -439,12 +439,10 @@ def demo_report(ckpt_dir: str | Path, tokens_dir: str | Path, max_docs: int = 10
     import torch
 
     from z2all.eval import score
+    from z2all.model.generate import num_threads
 
     t0 = time.perf_counter()
-    old_threads = torch.get_num_threads()
-    if threads > 0:
-        torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         lm = score.load_lm(ckpt_dir, None, "cpu", torch.float32)
         lm.context = min(trained_seq_len(ckpt_dir) or lm.window, int(lm.model.cfg.max_seq_len))
         cfg = Config(ckpt=[str(ckpt_dir)], heldout=str(tokens_dir), max_docs=max_docs, max_tokens=max_tokens,
@@ -455,8 +453,6 @@ def demo_report(ckpt_dir: str | Path, tokens_dir: str | Path, max_docs: int = 10
             bpb = score.bpb_per_domain(lm.model, lm.tok, domains, max_tokens, cfg.batch_size, unigram,
                                        window=lm.context)
             tasks_ = {t.name.split("/", 1)[1]: evaluate_task(lm, t, cfg) for t in _continuation_tasks(domains, cfg)}
-    finally:
-        torch.set_num_threads(old_threads)
     chance = 1.0 / cfg.n_choices
     doms: dict = {}
     for dom in sorted(bpb):

@@ -269,12 +269,12 @@ def decode_threads(model, threads: int = 0) -> int:
 
 
 class num_threads:
-    """`with num_threads(n):` torch's intra-op thread count set to n inside, restored after (process-wide:
-    the caller is the only thread computing)."""
+    """`with num_threads(n):` torch's intra-op thread count set to n inside (n <= 0: left as it is),
+    restored after (process-wide: the caller is the only thread computing)."""
 
     def __init__(self, n: int):
-        self.n = n
         self.old = torch.get_num_threads()
+        self.n = n if n > 0 else self.old
 
     def __enter__(self):
         if self.n != self.old:
