@@ -168,3 +168,76 @@ def test_demo_chat_options_are_checked_before_any_stage(tmp_path):
         with pytest.raises(UserError, match="must be a positive number"):
             demo.run(demo.Config(out_dir=str(tmp_path / "d"), chat=True, **bad))
         assert not (tmp_path / "d").exists()
+
+
+def test_a_rerun_refuses_synthetic_tasks_of_other_settings(tmp_path):
+    """Stage 9 reuses the synthetic tasks only when they were made with this run's --synth_level and
+    --synth_n; other ones are a one-line error naming both (the SFT/DPO stages after it would mix runs); a
+    missing or unreadable synth.json (an interrupted stage) means: make them."""
+    from z2all.utils import UserError
+
+    synth = tmp_path / "synth"
+    cfg = demo.Config(out_dir=str(tmp_path), chat=True, synth_n=300)
+    assert demo._reusable_synth(synth, cfg) is False
+    synth.mkdir()
+    (synth / "synth.json").write_text("{not json")
+    assert demo._reusable_synth(synth, cfg) is False
+    (synth / "synth.json").write_text(json.dumps({"level": "easy", "n": 300}))
+    assert demo._reusable_synth(synth, cfg) is True
+    for other in (demo.Config(chat=True, synth_n=300, synth_level="standard"), demo.Config(chat=True, synth_n=8000)):
+        with pytest.raises(UserError, match="--synth_level .* --synth_n .*--fresh"):
+            demo._reusable_synth(synth, other)
+
+
+def test_eval_stage_reuses_only_a_report_of_the_same_checkpoint(tmp_path, monkeypatch, capsys):
+    """Stage 8 keeps report.{md,json}; a rerun on the same checkpoint prints the kept table without scoring
+    again; another checkpoint, or a report.json that is unreadable, is scored anew (never a crash)."""
+    from z2all.eval import run as eval_run
+
+    calls = []
+
+    def fake_report(ckpt, tokens, threads=0):
+        calls.append(str(ckpt))
+        return f"| domain | {ckpt} |\n", {"above_chance": {"acc": False, "acc_mi": True}, "domains": {}}
+
+    monkeypatch.setattr(eval_run, "demo_report", fake_report)
+    ev = tmp_path / "eval"
+    res = demo._eval_stage(tmp_path / "step-1", tmp_path / "tokens", ev, 1)
+    assert calls == [str(tmp_path / "step-1")] and res["ckpt"] == str(tmp_path / "step-1")
+    assert json.loads((ev / "report.json").read_text())["ckpt"] == str(tmp_path / "step-1")
+    assert demo._eval_stage(tmp_path / "step-1", tmp_path / "tokens", ev, 1)["ckpt"] == str(tmp_path / "step-1")
+    assert len(calls) == 1 and "reused" in capsys.readouterr().out
+    demo._eval_stage(tmp_path / "step-2", tmp_path / "tokens", ev, 1)
+    assert calls[-1] == str(tmp_path / "step-2") and "step-2" in (ev / "report.md").read_text()
+    (ev / "report.json").write_text("{trunc")
+    demo._eval_stage(tmp_path / "step-2", tmp_path / "tokens", ev, 1)
+    assert len(calls) == 3 and json.loads((ev / "report.json").read_text())["ckpt"] == str(tmp_path / "step-2")
+
+
+def test_eval_stage_disk_full_keeps_the_previous_report(tmp_path, monkeypatch):
+    """A full disk while stage 8 writes (os.fsync fails with ENOSPC): the OSError reaches cli.main (one
+    "disk full" line), the report of the earlier checkpoint is intact and no temp file is left behind."""
+    import errno
+    import os
+
+    from z2all import io as zio
+    from z2all.eval import run as eval_run
+
+    monkeypatch.setattr(eval_run, "demo_report", lambda ckpt, tokens, threads=0: (
+        f"table of {ckpt}\n", {"above_chance": {"acc": False, "acc_mi": True}, "domains": {}}))
+    ev = tmp_path / "eval"
+    demo._eval_stage(tmp_path / "step-1", tmp_path / "tokens", ev, 1)
+    before = {p.name: p.read_bytes() for p in ev.iterdir()}
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(zio.os, "fsync", full)
+    with pytest.raises(OSError) as e:
+        demo._eval_stage(tmp_path / "step-2", tmp_path / "tokens", ev, 1)
+    assert e.value.errno == errno.ENOSPC
+    assert {p.name: p.read_bytes() for p in ev.iterdir()} == before
+    monkeypatch.setattr(zio.os, "fsync", os.fsync)
+    from z2all.cli import _os_error_line
+
+    assert "disk full" in _os_error_line(e.value)

@@ -261,6 +261,31 @@ def run(cfg: Config) -> int:
     return 0 if match else 1
 
 
+def _read_json(path: Path) -> dict | None:
+    """A stage's JSON record, or None when it is missing or unreadable (an interrupted or edited stage is
+    redone, not a crash)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _reusable_synth(synth_dir: Path, cfg: Config) -> bool:
+    """True when synth_dir holds the tasks this run asks for (reuse them); False when it holds none (make
+    them); a UserError when it holds other ones (--synth_level or --synth_n changed since: the SFT and DPO
+    stages after it would mix runs)."""
+    meta = _read_json(synth_dir / "synth.json")
+    if meta is None:
+        return False
+    have = (meta.get("level", "standard"), meta.get("n"))
+    if have != (cfg.synth_level, cfg.synth_n):
+        raise UserError(f"{synth_dir} holds --synth_level {have[0]} --synth_n {have[1]} tasks, not "
+                        f"--synth_level {cfg.synth_level} --synth_n {cfg.synth_n}: rerun with those, or with "
+                        f"--fresh to start over")
+    return True
+
+
 def _eval_stage(final: Path, tokens: Path, eval_dir: Path, threads: int) -> dict:
     """Stage 8: `demo_report` of the final checkpoint on the held-out documents of the token directory, printed
     and kept in eval_dir/report.{md,json} (reused when it was made for this same checkpoint)."""
@@ -268,8 +293,8 @@ def _eval_stage(final: Path, tokens: Path, eval_dir: Path, threads: int) -> dict
     from z2all.io import atomic_write_json, atomic_write_text
 
     res_file = eval_dir / "report.json"
-    if res_file.is_file() and (eval_dir / "report.md").is_file():
-        res = json.loads(res_file.read_text(encoding="utf-8"))
+    res = _read_json(res_file)
+    if res is not None and (eval_dir / "report.md").is_file():
         if res.get("ckpt") == str(final):
             print0((eval_dir / "report.md").read_text(encoding="utf-8") + f"{eval_dir} is of {final}: reused")
             return res
@@ -543,8 +568,8 @@ def _train_stage(module: str, overrides: dict, run_dir: Path, threads: int) -> t
 
     cost_file = run_dir / "cost.json"
     last = checkpoint.latest_checkpoint(run_dir) if run_dir.is_dir() else None
-    if last is not None and cost_file.is_file():
-        cost = json.loads(cost_file.read_text(encoding="utf-8"))
+    cost = _read_json(cost_file)
+    if last is not None and cost is not None:
         if cost.get("steps") == checkpoint.read_state(last).get("step"):
             print0(f"{run_dir} finished ({cost['steps']} steps): reused")
             return last, cost
@@ -603,11 +628,7 @@ def _chat_part(cfg: Config, out: Path, tok_dir: Path, base_ckpt: Path) -> list[t
 
     synth_dir, chat_dir, sft_dir = out / "synth", out / "chat", out / "sft"
     t0 = _stage(9, f"data synth: synthetic zh/en tasks with exact answers (level {cfg.synth_level})")
-    if (synth_dir / "synth.json").is_file():
-        level = json.loads((synth_dir / "synth.json").read_text(encoding="utf-8")).get("level", "standard")
-        if level != cfg.synth_level:
-            raise UserError(f"{synth_dir} holds --synth_level {level} tasks, not {cfg.synth_level}: rerun with "
-                            f"--synth_level {level}, or with --fresh to start over")
+    if _reusable_synth(synth_dir, cfg):
         print0(f"{synth_dir} exists: reused")
     else:
         synthetic.run(synthetic.Config(out=str(synth_dir), n=cfg.synth_n, seed=0, level=cfg.synth_level))
