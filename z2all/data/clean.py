@@ -1,7 +1,6 @@
 """Text normalisation, document filters and the content hash that exact dedup keys on.
 
-Prose cleaning (`Cleaner.clean_prose`), in order; every step is a precompiled regex or a C string method,
-never a per-character Python loop:
+Prose cleaning (`Cleaner.clean_prose`), in order:
   1. CR/CRLF, NEL, U+2028/2029 -> "\\n"; tabs and exotic spaces (NBSP, U+3000, U+2000-200A ...) -> " ".
   2. drop control (Cc, except "\\n"), format (Cf, except ZWNJ/ZWJ which shape scripts and emoji),
      private-use (Co), surrogate (Cs) and unassigned (Cn) code points. Newlines stay: paragraphs matter.
@@ -13,6 +12,16 @@ never a per-character Python loop:
      `max_punct_run`; markup characters (= - * # _) are left alone, they draw reST/Markdown headings.
   7. optional NFKC (off by default: it turns Chinese full-width punctuation "，" into ",").
 Code (`kind="code"`) is never cleaned: a single changed byte can change what a program means.
+
+Two implementations of steps 1-6 and the final strip, chosen by `--clean.impl` (auto: C when built):
+  - `Cleaner.clean_prose_py`, the reference: guarded `str` methods and precompiled regexes, each step a pass
+    that most documents skip after a C-speed test (`in`, isascii, isprintable); never a per-character loop.
+  - the C extension `z2all.data._cleanc` (_cleanc.c, built by `pip install -e .` through setup.py; optional:
+    without a C compiler the install goes on and auto means python): all steps in one scan per document,
+    ~4-9x the Python code's speed. It takes its character classes (_SPACE_LIKE, _NEWLINE_LIKE, _KEEP_FORMAT,
+    _PUNCT, _CJK_RANGES) from this module, and hands back to the Python code (returns None) a document that
+    holds a format or unassigned character, whose fate `regex`'s \\p{C} decides. NFKC, when on, runs in
+    Python on its output. tests/data/test_clean_c.py holds the two to the same output.
 
 Filters: min/max length in characters, and the share of junk block characters (U+2580-259F, "▅█▂").
 
@@ -32,6 +41,15 @@ import regex
 
 from z2all.config import opt
 
+try:  # built by `pip install -e .` (setup.py); optional: without a C compiler the Python code does the work
+    from z2all.data import _cleanc
+except ImportError:
+    _cleanc = None
+
+IMPLS = ("auto", "c", "python")
+C_MISSING = ("clean.impl=c: the C cleaner z2all.data._cleanc is not built; build it with `pip install -e .` "
+             "(or `python setup.py build_ext --inplace`; needs a C compiler), or pass --clean.impl auto")
+
 
 @dataclass
 class CleanConfig:
@@ -45,10 +63,17 @@ class CleanConfig:
     near_dedup: bool = opt(False, "also drop near duplicates (MinHash + LSH; several times slower)")
     minhash_perms: int = opt(128, "MinHash permutations (a multiple of minhash_bands)")
     minhash_bands: int = opt(16, "LSH bands: more bands catch less similar pairs")
+    impl: str = opt("auto", "prose cleaner: c (one compiled scan, z2all/data/_cleanc.c), python (the reference, "
+                            "~4x slower), auto (c when built, else python); both give the same text",
+                    choices=IMPLS)
 
     def validate(self) -> None:
         from z2all.utils import UserError
 
+        if self.impl not in IMPLS:
+            raise UserError(f"clean.impl must be one of {', '.join(IMPLS)} (got {self.impl!r})")
+        if self.impl == "c" and _cleanc is None:
+            raise UserError(C_MISSING)
         if self.min_chars < 0 or self.max_chars < self.min_chars:
             raise UserError(f"need 0 <= min_chars <= max_chars (got {self.min_chars}, {self.max_chars})")
         if self.near_dedup and (self.minhash_perms % self.minhash_bands or self.minhash_bands < 1):
@@ -64,11 +89,13 @@ class CleanConfig:
 # class spelled as code-point ranges for `re` is ~0.5 MB/s.
 # Each step is guarded by a C-speed test (`in`, isascii, isprintable) so most documents skip most steps.
 
-_CJK = ("\u2e80-\u2fdf\u3001-\u303f\u3040-\u30ff\u3100-\u312f\u31a0-\u31ff\u3400-\u4dbf"
-        "\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef\U00020000-\U0003134f")
+_CJK_RANGES = ((0x2E80, 0x2FDF), (0x3001, 0x303F), (0x3040, 0x30FF), (0x3100, 0x312F), (0x31A0, 0x31FF),
+               (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0xFF00, 0xFFEF), (0x20000, 0x3134F))
+_CJK = "".join(f"{chr(lo)}-{chr(hi)}" for lo, hi in _CJK_RANGES)  # a regex character class body
 _NEWLINE_LIKE = "\x85\u2028\u2029"
 _SPACE_LIKE = "\t\x0b\x0c\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u202f\u205f\u3000"
-_DROP = regex.compile(r"[^\P{C}\n\u200c\u200d]+")  # control, format, private, surrogate, unassigned
+_KEEP_FORMAT = "\u200c\u200d"  # ZWNJ, ZWJ: format characters that shape scripts and emoji
+_DROP = regex.compile(r"[^\P{C}\n" + _KEEP_FORMAT + "]+")  # control, format, private, surrogate, unassigned
 _INNER_SPACES = re.compile(r"  (?<=\S  ) *")  # 2+ spaces after a non-space: indentation is left alone
 _CJK_SPACE = re.compile(f" (?<=[{_CJK}] ) *(?=[{_CJK}])")
 _NEWLINES = re.compile("\n\n\n+")
@@ -76,6 +103,8 @@ _JUNK = re.compile("[\u2580-\u259f]+")
 _ASCII_CONTROLS = bytes([*range(10), *range(11, 32), 127])
 _PUNCT = "!?.,~。！？，、；…～"
 _PUNCT_ASCII = "!?.,~"
+if _cleanc is not None:  # the C scan takes its character classes from here
+    _cleanc.init(_SPACE_LIKE, _NEWLINE_LIKE, _KEEP_FORMAT, _PUNCT, _CJK_RANGES)
 
 
 class Cleaner:
@@ -87,12 +116,28 @@ class Cleaner:
     def __init__(self, cfg: CleanConfig):
         self.cfg = cfg
         n = cfg.max_punct_run
+        if cfg.impl == "c" and _cleanc is None:
+            from z2all.utils import UserError
+
+            raise UserError(C_MISSING)
+        self.c_clean = _cleanc.clean_prose if _cleanc is not None and cfg.impl != "python" else None
+        self.c_run = min(max(n, 0), 2**31 - 1)  # the C int; a run can never be longer than 2**31 anyway
         self.punct = re.compile(f"([{re.escape(_PUNCT)}])\\1{{{n},}}") if cfg.clean and n > 0 else None
         self.punct_repl = "\\1" * n
         self.runs = [(c, c * (n + 1)) for c in _PUNCT]
         self.runs_ascii = [(c, c * (n + 1)) for c in _PUNCT_ASCII]
 
     def clean_prose(self, s: str) -> str:
+        """Steps 1-7 of the module docstring: the C scan when built and chosen, else (and for the rare
+        document it leaves to Python: a format or unassigned character) `clean_prose_py`."""
+        if self.c_clean is not None:
+            out = self.c_clean(s, self.c_run)
+            if out is not None:  # NFKC leaves " " and "\n" alone: normalising the stripped text is the same
+                return unicodedata.normalize("NFKC", out).strip() if self.cfg.nfkc else out
+        return self.clean_prose_py(s)
+
+    def clean_prose_py(self, s: str) -> str:
+        """The reference: the same steps as guarded `str` methods and precompiled regexes."""
         if not s:
             return s
         if "\r" in s:
