@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from z2all.bench import data as bench
-from z2all.data import convert
+from z2all.data import clean, convert
 
 
 def test_build_input_and_bare_loop(shared_corpora, tmp_path, capsys):
@@ -44,5 +44,7 @@ def test_bench_runs_end_to_end(shared_corpora, tmp_path, capsys):
                 "tokens/s", "data tokenize --workers", "tokenizers encode", "tiktoken encode", "cores", "CPU s",
                 "CPU vs stdlib", "--workers 2 vs --workers 1", "pure-Python loop"):
         assert row in out
+    assert "cleaner (--clean.impl auto)" in out
+    assert ("(python cleaner)" in out) == (clean._cleanc is not None)  # both cleaners side by side when built
     table = [line.split("|") for line in out.splitlines() if line.startswith("| ours: convert, clean+dedup, 1 worker")]
     assert table and float(table[0][4]) > 0  # the CPU column holds this run's seconds

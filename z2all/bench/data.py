@@ -21,10 +21,12 @@ throughput ratio to the peer by wall time, "CPU vs stdlib" the same by CPU time:
     llm-zero2all scripts and most first scripts do), json.loads -> unified record ->
     json.dumps(ensure_ascii=False) -> write, no cleaning, no dedup;
   - bare: orjson.loads + orjson.dumps + write of every line: the floor any converter pays;
-  - ours: `z2all data convert` on the same file, cleaning and dedup on, --workers 1 (so MB/s is per core);
-    the same with --clean.clean false (dedup and filters still on) to split the cost between cleaning and
-    the rest; at a quarter of the size (peak RSS must not grow with the input); and with --workers N
-    (scaling: its wall-time ratio to --workers 1 is printed under the table);
+  - ours: `z2all data convert` on the same file, cleaning and dedup on, --workers 1 (so MB/s is per core;
+    --clean.impl auto: the compiled cleaner when it is built); the same with --clean.impl python (the
+    reference cleaner, a row only when the C one is built) and with --clean.clean false (dedup and filters
+    still on) to split the cost between cleaning and the rest; at a quarter of the size (peak RSS must
+    not grow with the input); and with --workers N (scaling: its wall-time ratio to --workers 1 is printed
+    under the table);
   - near-dedup (optional, --near-dedup): the same quarter-size run with MinHash on, to put a number on it;
   - tokenize: a --tokenize-mb conversion encoded with a BPE trained here by `z2all tokenizer train`
     (--vocab-size): `z2all data tokenize --workers N` end to end, and the peers on the same texts in one
@@ -46,7 +48,7 @@ import orjson
 
 from z2all.bench import machine_name, markdown_table, run_isolated
 from z2all.config import opt
-from z2all.data import convert, tokenize  # imported here, outside the timed calls of the child processes
+from z2all.data import clean, convert, tokenize  # imported here, outside the timed calls of the child processes
 from z2all.io import claim_output_dir
 from z2all.utils import UserError, print0
 
@@ -139,10 +141,12 @@ def seed_convert(src: str, dst: str) -> int:
     return n
 
 
-def ours(src: str, out: str, near_dedup: bool = False, clean: bool = True, workers: int = 1) -> int:
+def ours(src: str, out: str, near_dedup: bool = False, clean: bool = True, workers: int = 1,
+         impl: str = "auto") -> int:
     cfg = convert.Config(inputs=[f"wikipedia_zh={src}"], out=out, workers=workers)
     cfg.clean.near_dedup = near_dedup
     cfg.clean.clean = clean
+    cfg.clean.impl = impl
     convert.run(cfg)
     return sum(s["documents"] for s in _state(out)["sources"].values())
 
@@ -257,6 +261,7 @@ def run(cfg: Config) -> int:
         mb_big, mb_small = big.stat().st_size / 2**20, small.stat().st_size / 2**20
         print0(f"bench data: inputs {mb_big:.0f} MB and {mb_small:.0f} MB from {len(docs)} real "
                f"{'Chinese ' if cfg.zh else ''}documents, best of {cfg.repeats}")
+        c_built = clean._cleanc is not None
         rows_spec = [  # (label, input, MB, fn, args)
             ("stdlib converter (json, no cleaning)", big, mb_big, seed_convert,
              (str(big), str(work / "seed.jsonl"))),
@@ -264,6 +269,8 @@ def run(cfg: Config) -> int:
             ("ours: convert, cleaning off (dedup on), 1 worker", big, mb_big, ours,
              (str(big), str(work / "out-noclean"), False, False)),
             ("ours: convert, clean+dedup, 1 worker", big, mb_big, ours, (str(big), str(work / "out-big"))),
+            *([("ours: convert, clean+dedup (python cleaner), 1 worker", big, mb_big, ours,  # the two cleaners
+                (str(big), str(work / "out-py"), False, True, 1, "python"))] if c_built else []),
             ("ours: same, 1/4 input", small, mb_small, ours, (str(small), str(work / "out-small"))),
         ]
         if cfg.workers > 1:
@@ -297,6 +304,9 @@ def run(cfg: Config) -> int:
                        f"machine right now runs {cfg.workers} copies of a pure-Python loop {ceiling:.2f}x as fast as "
                        f"one after another: the ceiling for any --workers {cfg.workers}")
         shutil.rmtree(work / "out-big", ignore_errors=True)
+        shutil.rmtree(work / "out-py", ignore_errors=True)
+        cleaner = ("cleaner (--clean.impl auto): C, z2all.data._cleanc" if c_built else
+                   "cleaner (--clean.impl auto): python (the C extension z2all.data._cleanc is not built)")
 
         tok_in = work / "tok.jsonl"
         build_input(docs, tok_in, int(cfg.tokenize_mb * 2**20))
@@ -327,7 +337,7 @@ def run(cfg: Config) -> int:
         tok_table = markdown_table([f"tokenize {text_mb:.1f} MB, BPE {cfg.vocab_size} (z2all tokenizer train)",
                                     "tokens", "wall s", "tokens/s", "MB/s", "peak RSS MB"], tok_rows)
         note = f"\ntiktoken: not used, the tokenizer does not convert exactly ({why})" if why else ""
-        print0(f"\nmachine: {machine_name()}\n\n{table}{scaling}\n\n{tok_table}{note}")
+        print0(f"\nmachine: {machine_name()}\n{cleaner}\n\n{table}{scaling}\n\n{tok_table}{note}")
     finally:
         if not cfg.work_dir:
             shutil.rmtree(work, ignore_errors=True)
