@@ -18,10 +18,11 @@ Two implementations of steps 1-6 and the final strip, chosen by `--clean.impl` (
     that most documents skip after a C-speed test (`in`, isascii, isprintable); never a per-character loop.
   - the C extension `z2all.data._cleanc` (_cleanc.c, built by `pip install -e .` through setup.py; optional:
     without a C compiler the install goes on and auto means python): all steps in one scan per document,
-    ~4-9x the Python code's speed. It takes its character classes (_SPACE_LIKE, _NEWLINE_LIKE, _KEEP_FORMAT,
-    _PUNCT, _CJK_RANGES) from this module, and hands back to the Python code (returns None) a document that
-    holds a format or unassigned character, whose fate `regex`'s \\p{C} decides. NFKC, when on, runs in
-    Python on its output. tests/data/test_clean_c.py holds the two to the same output.
+    4.6x the Python code's speed on mixed prose, 7.8x on Chinese (docs/performance.md). It takes its
+    character classes (_SPACE_LIKE, _NEWLINE_LIKE, _KEEP_FORMAT, _PUNCT, _CJK_RANGES) from this module, and
+    hands back to the Python code (returns None) a document that holds a format or unassigned character,
+    whose fate `regex`'s \\p{C} decides. NFKC, when on, runs in Python on its output.
+    tests/data/test_clean_c.py holds the two to the same output.
 
 Filters: min/max length in characters, and the share of junk block characters (U+2580-259F, "▅█▂").
 
@@ -64,7 +65,7 @@ class CleanConfig:
     minhash_perms: int = opt(128, "MinHash permutations (a multiple of minhash_bands)")
     minhash_bands: int = opt(16, "LSH bands: more bands catch less similar pairs")
     impl: str = opt("auto", "prose cleaner: c (one compiled scan, z2all/data/_cleanc.c), python (the reference, "
-                            "~4x slower), auto (c when built, else python); both give the same text",
+                            "5-8x slower), auto (c when built, else python); both give the same text",
                     choices=IMPLS)
 
     def validate(self) -> None:
@@ -110,8 +111,9 @@ if _cleanc is not None:  # the C scan takes its character classes from here
 class Cleaner:
     """Applies CleanConfig to one record at a time: (cleaned record, content hash) or a skip reason.
 
-    Every document pays a few C-speed guards; only documents that need a step pay for its rewrite. Where
-    the time goes, per step: docs/performance.md ("Cleaning")."""
+    Prose goes through the C scan when it is built and --clean.impl allows it, else through
+    `clean_prose_py`, where every document pays a few C-speed guards and only documents that need a step
+    pay for its rewrite. Where the time goes: docs/performance.md ("Cleaning")."""
 
     def __init__(self, cfg: CleanConfig):
         self.cfg = cfg
