@@ -10,11 +10,11 @@ clients (bare asyncio connections, streaming /v1/completions, greedy, ignore_eos
 exactly --max-tokens tokens) each send --requests requests one after another, each with its own prompt
 of about --prompt-tokens tokens from the demo corpus. Reported per (mode, N):
 aggregate generated tokens/s (all tokens / wall time of the level), time to first token p50/p99, the gap
-between streamed chunks (inter-token latency) p50/p99; per mode the server's peak RSS (VmHWM) and KV
-cache. The last two rows are the single-stream comparison, measured right after the N=1 rows: one request
-to the server (batched mode) and `z2all generate`'s path (model/generate.py, decode="fast" as the CLI, in
-this process, batch 1, the same prompt and token count) twice: returning token ids only, and streaming its
-text as the command does for one prompt (to /dev/null); alternating three times, best of each.
+between streamed chunks (inter-token latency) p50/p99; per mode the server's peak RSS (VmHWM summed over its
+processes) and KV cache. The last rows are the single-stream comparison, measured right after the N=1 rows:
+one request to the server (batched mode) and `z2all generate`'s path (model/generate.py, decode="fast" as
+the CLI, in this process, batch 1, the same prompt and token count) twice: returning token ids only, and
+streaming its text as the command does for one prompt (to /dev/null); alternating three times, best of each.
 
 Without --ckpt the model is the `tiny` preset (the demo's model, ~5M parameters at vocab 4096) with random
 weights and a BPE trained on the embedded demo corpus in a second: throughput does not depend on the
@@ -59,6 +59,9 @@ class Config:
     threads: int = opt(2, "torch threads of the server and of the generate() reference")
     stream_interval: float = opt(0.0, "the servers' --stream-interval (seconds between streamed chunks; 0 = every "
                                  "token)")
+    engine: str = opt("process", "the servers' --engine: process (the model in a process of its own) or thread",
+                      choices=("process", "thread"))
+    decode_threads: int = opt(0, "the servers' --decode-threads (0 = auto: 1 for a small model on the CPU)")
     timeout: float = opt(600.0, "seconds any one level may take before the benchmark gives up")
 
 
@@ -149,11 +152,21 @@ class _Server:
                 time.sleep(0.2)
 
     def peak_rss(self) -> int:
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        return 0
+        """The sum of each server process's peak RSS (VmHWM): the HTTP process, its engine process
+        (--engine process) and multiprocessing's resource tracker. Peaks of different processes need not
+        coincide, so this is an upper bound of the tree's peak."""
+        total, todo = 0, [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    total += next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), 0)
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    with open(f"/proc/{pid}/task/{tid}/children") as f:
+                        todo += [int(c) for c in f.read().split()]
+            except OSError:  # a process that has just exited
+                continue
+        return total
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -285,7 +298,8 @@ def run(cfg: Config) -> int:
             # levels alternate between them, so each pair of rows saw the same load on a shared machine
             for mode in cfg.modes:
                 args = ["--sequential"] if mode == "sequential" else ["--max-batch", str(max(clients))]
-                args += ["--stream-interval", str(cfg.stream_interval)]
+                args += ["--stream-interval", str(cfg.stream_interval), "--engine", cfg.engine,
+                         "--decode-threads", str(cfg.decode_threads)]
                 servers[mode] = _Server(ckpt, cfg.threads, *args)
                 asyncio.run(_level(servers[mode].port, servers[mode].health["model"], prompts[:1], 1, 1, 8,
                                    cfg.timeout))  # warm-up
@@ -305,7 +319,7 @@ def run(cfg: Config) -> int:
                     mode = "batched" if "batched" in servers else cfg.modes[0]
                     ref = (mode, *_single_stream(servers[mode], ckpt, prompts[0], cfg.max_tokens, cfg.threads))
             for mode, srv in servers.items():
-                notes.append(f"{mode}: server peak RSS {srv.peak_rss() / 2**20:.0f} MB")
+                notes.append(f"{mode}: server peak RSS {srv.peak_rss() / 2**20:.0f} MB (sum over its processes)")
         finally:
             for srv in servers.values():
                 srv.stop()

@@ -48,6 +48,7 @@ from pathlib import Path
 
 from z2all.config import opt
 from z2all.serve.engine import BASE_CHAT_STOPS, Engine, Event, QueueFull, SamplingParams, render_chat
+from z2all.serve.worker import EngineGone
 from z2all.utils import UserError, human_bytes
 
 STATIC = Path(__file__).parent / "static"
@@ -60,7 +61,8 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type_ or {401: "authentication_error", 404: "invalid_request_error",
-                              429: "rate_limit_error", 500: "server_error"}.get(status, "invalid_request_error")
+                              429: "rate_limit_error", 500: "server_error", 503: "server_error"}.get(
+                                  status, "invalid_request_error")
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -269,6 +271,9 @@ def create_app(svc: Service):
 
     @app.get("/health")
     async def health():
+        gone = getattr(svc.engine, "gone", None)  # worker.EngineProcess whose child has exited
+        if gone:
+            return JSONResponse({"status": "error", "model": svc.name, "error": gone}, status_code=503)
         return {"status": "ok", "model": svc.name, **svc.engine.stats()}
 
     @app.get("/")
@@ -301,6 +306,8 @@ def create_app(svc: Service):
             req = svc.engine.submit(ids, params, queue.put)
         except QueueFull as e:
             raise ApiError(429, f"the server is busy: {e}; retry later", code="queue_full") from None
+        except EngineGone as e:
+            raise ApiError(503, str(e), code="engine_unavailable") from None
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         if stream:
@@ -358,13 +365,14 @@ class _Inbox:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, interval: float):
         self.loop, self.interval = loop, interval
+        self.loop_thread = threading.get_ident()  # made by the handler, on the loop's thread
         self.items: collections.deque[Event] = collections.deque()
         self.lock = threading.Lock()
         self.ready = asyncio.Event()
         self.last = -math.inf
 
     def put(self, ev: Event) -> None:
-        """The engine thread's callback."""
+        """The engine's callback: from the engine thread (Engine) or on the loop (worker.EngineProcess)."""
         with self.lock:
             self.items.append(ev)
             now = time.monotonic()
@@ -372,7 +380,10 @@ class _Inbox:
             if wake:
                 self.last = now
         if wake:
-            self.loop.call_soon_threadsafe(self.ready.set)
+            if threading.get_ident() == self.loop_thread:  # worker.EngineProcess delivers on the loop itself
+                self.ready.set()
+            else:
+                self.loop.call_soon_threadsafe(self.ready.set)
 
     def empty(self) -> bool:
         return not self.items
@@ -473,21 +484,21 @@ class Config:
                                  "often (fewer thread hand-offs per token); 0 = every token as it comes")
     decode_threads: int = opt(0, "CPU threads for prefill and decode steps; 0 = auto: 1 for a model under 64 MB of "
                               "weights (per-op threading costs more than it saves there), --threads otherwise")
+    engine: str = opt("process", "where the model runs: process (a process of its own, so decoding and the HTTP side "
+                      "run on two cores) or thread (a thread of the server process; they share one GIL)",
+                      choices=("process", "thread"))
+    pin_cpus: bool = opt(True, "with --engine process: the engine on CPUs of its own (its decode threads' worth), the "
+                         "HTTP side on the others, when there are more CPUs than decode threads")
 
 
 def build(cfg: Config) -> tuple[Service, object]:
     """The engine and the app for a config (the command, the benchmark and tests use it)."""
-    import torch
-
-    from z2all.model.generate import _available_memory
-    from z2all.serve.engine import load
-
     if cfg.threads < 0:
         raise UserError(f"--threads must be >= 0, got {cfg.threads}")
     if not 0 <= cfg.stream_interval <= 1:
         raise UserError(f"--stream-interval must be in 0..1 seconds, got {cfg.stream_interval}")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    if cfg.engine not in ("process", "thread"):
+        raise UserError(f"--engine must be process or thread, got {cfg.engine!r}")
     if not 0 <= cfg.port <= 65535:
         raise UserError(f"--port must be in 0..65535, got {cfg.port}")
     if cfg.max_body < 1024:
@@ -498,23 +509,42 @@ def build(cfg: Config) -> tuple[Service, object]:
             raise UserError(f"{name} must be >= {lo}, got {value}")
     if cfg.context < 0 or cfg.max_tokens_in_cache < 0:
         raise UserError("--context and --max-tokens-in-cache must be >= 0 (0 = from the model)")
-    loaded = load(cfg.ckpt, cfg.tokenizer, cfg.device, cfg.dtype)
-    model = loaded.model
     max_batch = 1 if cfg.sequential else cfg.max_batch
-    ctx = cfg.context or model.cfg.max_seq_len
-    if cfg.max_tokens_in_cache:
-        ctx = min(ctx, cfg.max_tokens_in_cache // max(1, max_batch))
-    need = model.kv_cache_bytes(max(1, max_batch), max(1, ctx))
-    free = _available_memory(model.tok_embeddings.weight.device)
-    if free is not None and need > 0.9 * free:
-        raise UserError(f"--max-batch {max_batch} x {ctx} positions need a {human_bytes(need)} KV cache and "
-                        f"{human_bytes(free)} is free; lower --max-batch, --context or --max-tokens-in-cache")
-    engine = Engine(model, loaded.tok, max_batch=max_batch, max_tokens_in_cache=cfg.max_tokens_in_cache,
-                    context=cfg.context, prefill_chunk=cfg.prefill_chunk, max_queue=cfg.max_queue,
-                    eos_ids=loaded.eos_ids, vocab_limit=loaded.vocab_limit, decode=cfg.decode,
-                    decode_threads=cfg.decode_threads)
-    svc = Service(engine, loaded.tok, cfg.model_name or loaded.name, loaded.chatml, cfg.api_key, cfg.max_body,
-                  cfg.stream_interval)
+    engine_kw = dict(max_batch=max_batch, max_tokens_in_cache=cfg.max_tokens_in_cache, context=cfg.context,
+                     prefill_chunk=cfg.prefill_chunk, decode=cfg.decode, decode_threads=cfg.decode_threads)
+    if cfg.engine == "process":
+        from z2all.serve.engine import load_meta
+        from z2all.serve.worker import EngineProcess, EngineSpec
+
+        meta = load_meta(cfg.ckpt, cfg.tokenizer)
+        if meta.note:
+            print(meta.note, file=sys.stderr, flush=True)
+        spec = EngineSpec(str(meta.path), meta.kind, str(meta.tok_dir), cfg.device, cfg.dtype, cfg.threads,
+                          cfg.pin_cpus, engine_kw)
+        engine = EngineProcess(spec, max_queue=cfg.max_queue)
+        tok, name, chatml = meta.tok, meta.name, meta.chatml
+    else:
+        import torch
+
+        from z2all.model.generate import _available_memory
+        from z2all.serve.engine import load
+
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        loaded = load(cfg.ckpt, cfg.tokenizer, cfg.device, cfg.dtype)
+        model = loaded.model
+        ctx = cfg.context or model.cfg.max_seq_len
+        if cfg.max_tokens_in_cache:
+            ctx = min(ctx, cfg.max_tokens_in_cache // max(1, max_batch))
+        need = model.kv_cache_bytes(max(1, max_batch), max(1, ctx))
+        free = _available_memory(model.tok_embeddings.weight.device)
+        if free is not None and need > 0.9 * free:
+            raise UserError(f"--max-batch {max_batch} x {ctx} positions need a {human_bytes(need)} KV cache and "
+                            f"{human_bytes(free)} is free; lower --max-batch, --context or --max-tokens-in-cache")
+        engine = Engine(model, loaded.tok, max_queue=cfg.max_queue, eos_ids=loaded.eos_ids,
+                        vocab_limit=loaded.vocab_limit, **engine_kw)
+        tok, name, chatml = loaded.tok, loaded.name, loaded.chatml
+    svc = Service(engine, tok, cfg.model_name or name, chatml, cfg.api_key, cfg.max_body, cfg.stream_interval)
     return svc, create_app(svc)
 
 
@@ -543,6 +573,17 @@ def _check_bind(host: str, port: int) -> None:
             raise UserError(f"--host {host} --port {port}: {host}:{port} {why}") from None
 
 
+def _where(eng) -> str:
+    """Where the model runs, for the start-up line."""
+    cpus = getattr(eng, "cpus", None)
+    if not hasattr(eng, "proc"):
+        return "model in a thread of this process"
+    if cpus is None:
+        return f"model in process {eng.proc.pid}"
+    on = ",".join(map(str, cpus[1]))
+    return f"model in process {eng.proc.pid} on CPU {on}, HTTP on CPU {','.join(map(str, cpus[0]))}"
+
+
 def run(cfg: Config) -> int:
     try:
         import fastapi  # noqa: F401
@@ -554,9 +595,9 @@ def run(cfg: Config) -> int:
     where = f"http://{cfg.host}:{cfg.port}"
     eng = svc.engine
     print(f"serving '{svc.name}' on {where}  (chat page: {where}/, OpenAI API: {where}/v1)\n"
-          f"  {eng.max_batch} slot(s) x {eng.slot_len} positions, KV cache {human_bytes(eng.pool.nbytes)}, "
+          f"  {eng.max_batch} slot(s) x {eng.slot_len} positions, KV cache {human_bytes(eng.cache_bytes)}, "
           f"{'one request at a time' if eng.max_batch == 1 else 'continuous batching'}, "
-          f"{'chat (ChatML)' if svc.chatml else 'base model (chat as a plain transcript)'}",
+          f"{'chat (ChatML)' if svc.chatml else 'base model (chat as a plain transcript)'}, {_where(eng)}",
           file=sys.stderr, flush=True)
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
         print(f"note: --host {cfg.host} makes the server reachable from other machines, without an API key; "

@@ -184,7 +184,7 @@ class Engine:
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_tokens_in_cache: int = 0,
                  context: int = 0, prefill_chunk: int = 128, max_queue: int = 64,
                  eos_ids: list[int] | None = None, vocab_limit: int | None = None, decode: str = "fast",
-                 decode_threads: int = 0):
+                 decode_threads: int = 0, on_step: Callable[[], None] | None = None):
         if max_batch < 1:
             raise UserError(f"--max-batch must be >= 1, got {max_batch}")
         if prefill_chunk < 1:
@@ -221,6 +221,7 @@ class Engine:
         self.vocab_limit = vocab_limit
         self.device = model.tok_embeddings.weight.device
         self.pool = _Pool(model, max_batch, ctx)
+        self.cache_bytes = self.pool.nbytes
         self.free = list(range(max_batch))
         self.waiting: collections.deque[Request] = collections.deque()
         self.active: list[Request] = []
@@ -229,6 +230,9 @@ class Engine:
         # decodes, and a Rust tokenizer borrowed by two threads at once can fail ("Already borrowed")
         self.tok_lock = threading.Lock()
         self.stopping = False
+        # called on the scheduler thread after each loop iteration, outside the lock: every event of the
+        # iteration has been emitted by then (worker.py sends them to the HTTP process in one message)
+        self.on_step = on_step
         self.steps = 0  # decode steps run (for tests and the benchmark)
         self.max_rows = 0  # the most rows one decode step has carried
         self.thread = threading.Thread(target=self._loop, name="z2all-engine", daemon=True)
@@ -298,7 +302,7 @@ class Engine:
                     for r in list(self.active) + list(self.waiting):
                         self._finish(r, "cancelled")
                     self.waiting.clear()
-                    return
+                    break
                 for r in [r for r in self.waiting if r.cancelled]:
                     self.waiting.remove(r)
                     self._finish(r, "cancelled")
@@ -322,6 +326,10 @@ class Engine:
                 with self.cond:
                     for r in ([prefilling] if prefilling else []) + decoding:
                         self._finish(r, "error", error=f"{type(e).__name__}: {e}")
+            if self.on_step is not None:
+                self.on_step()
+        if self.on_step is not None:
+            self.on_step()
 
     def _prefill_chunk(self, req: Request) -> None:
         a = req.filled
@@ -419,44 +427,75 @@ IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
 
 @dataclass
+class Meta:
+    """What the HTTP side needs of a checkpoint without its weights (serve's parent process): the tokenizer,
+    the model's name, whether it speaks ChatML, its end-of-turn ids, and where the weights are."""
+    tok: object
+    tok_dir: object  # Path
+    path: object  # Path: the resolved checkpoint directory (a run directory's latest checkpoint)
+    kind: str     # "z2all" | "hf"
+    note: str | None
+    name: str
+    chatml: bool  # the tokenizer has <|im_start|>/<|im_end|>: a chat model's ChatML; else a base model
+    eos_ids: list[int]
+
+
+@dataclass
 class Loaded:
     model: object
     tok: object
     name: str
     vocab_limit: int | None
-    chatml: bool  # the tokenizer has <|im_start|>/<|im_end|>: a chat model's ChatML; else a base model
+    chatml: bool
     eos_ids: list[int]
 
 
-def load(ckpt: str, tokenizer: str = "", device: str = "auto", dtype: str = "auto", option: str = "--ckpt") -> Loaded:
-    """Model + tokenizer for chat and serve, every problem a UserError naming the option: --ckpt may be a
-    checkpoint, a run directory or a Hugging Face Llama directory (hf_compat.load_checkpoint)."""
-    import sys
+def load_meta(ckpt: str, tokenizer: str = "", option: str = "--ckpt") -> Meta:
+    """The checkpoint resolved and its tokenizer loaded, every problem a UserError naming the option: --ckpt
+    may be a checkpoint, a run directory or a Hugging Face Llama directory (llama.resolve_checkpoint)."""
     from pathlib import Path
 
-    from z2all.model.generate import check_vocab_fits, load_tokenizer
-    from z2all.model.hf_compat import default_tokenizer_dir, load_checkpoint
+    from z2all.model.generate import load_tokenizer
+    from z2all.model.hf_compat import default_tokenizer_dir
     from z2all.model.llama import resolve_checkpoint
-    from z2all.utils import pick_device, pick_dtype
 
-    path, kind, _ = resolve_checkpoint(ckpt, option)
+    path, kind, note = resolve_checkpoint(ckpt, option)
     tok_dir = Path(tokenizer) if tokenizer else default_tokenizer_dir(path, kind)
     if not tokenizer and not tok_dir.is_dir():
         raise UserError(f"{option} {path} has no tokenizer/ next to its weights; pass --tokenizer DIR (the "
                         f"tokenizer the model was trained with)")
     tok = load_tokenizer(tok_dir)
-    dev = pick_device(device)
-    model, path, kind, note = load_checkpoint(ckpt, map_location=dev)
-    if note:
-        print(note, file=sys.stderr, flush=True)
-    model = model.to(pick_dtype(dtype, dev)).eval()
-    vocab_limit = check_vocab_fits(tok, model.cfg.vocab_size, tok_dir, path)
     vocab = tok.get_vocab()
     chatml = IM_START in vocab and IM_END in vocab
     eos = [i for i in (tok.eos_token_id, vocab.get(IM_END) if chatml else None) if i is not None]
     # runs/<run>/checkpoints/step-N -> "<run>-step-N"; anything else: its directory name
     name = f"{path.parent.parent.name}-{path.name}" if path.parent.name == "checkpoints" else path.name
-    return Loaded(model, tok, name or "z2all", vocab_limit, chatml, eos)
+    return Meta(tok, tok_dir, path, kind, note, name or "z2all", chatml, eos)
+
+
+def load_model(meta: Meta, device: str = "auto", dtype: str = "auto"):
+    """(model in eval mode on its device and dtype, vocab_limit) for a load_meta result."""
+    from z2all.model.generate import check_vocab_fits
+    from z2all.model.hf_compat import load_hf_dir
+    from z2all.model.llama import load_model as load_z2all
+    from z2all.utils import pick_device, pick_dtype
+
+    dev = pick_device(device)
+    model = load_z2all(meta.path, dev) if meta.kind == "z2all" else load_hf_dir(meta.path, dev)
+    model = model.to(pick_dtype(dtype, dev)).eval()
+    return model, check_vocab_fits(meta.tok, model.cfg.vocab_size, meta.tok_dir, meta.path)
+
+
+def load(ckpt: str, tokenizer: str = "", device: str = "auto", dtype: str = "auto", option: str = "--ckpt") -> Loaded:
+    """Model + tokenizer for chat and serve (load_meta, then load_model); the note of a run directory's
+    latest checkpoint goes to stderr."""
+    import sys
+
+    meta = load_meta(ckpt, tokenizer, option)
+    if meta.note:
+        print(meta.note, file=sys.stderr, flush=True)
+    model, vocab_limit = load_model(meta, device, dtype)
+    return Loaded(model, meta.tok, meta.name, vocab_limit, meta.chatml, meta.eos_ids)
 
 
 def encode_text(tok, text: str) -> list[int]:

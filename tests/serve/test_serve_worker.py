@@ -1,0 +1,145 @@
+"""`z2all serve --engine process` (serve/worker.py, the default): the model in a process of its own. The two
+engines (process and thread) give the same greedy answers; a dead engine process ends the open streams with
+an error, /health and new requests answer 503, and the server stays up; Ctrl-C stops the server and its
+engine process; the engine and the HTTP side run on separate CPUs when there are enough; an error while the
+engine process starts is one line and exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from serve_helpers import REPO, Server, cli_argv, make_ckpt
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from z2all.serve import worker  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_ckpt(tmp_path_factory.mktemp("worker"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\nState:\tZ" not in f.read()  # a zombie has exited
+    except OSError:
+        return False
+
+
+def _cpus(pid: int) -> str:
+    with open(f"/proc/{pid}/status") as f:
+        return next(line.split()[1] for line in f if line.startswith("Cpus_allowed_list:"))
+
+
+def test_process_and_thread_engines_agree(ckpt):
+    reqs = [("chat", dict(messages=[{"role": "user", "content": "word " * n}], max_tokens=m, stop=s))
+            for n, m, s in [(1, 12, None), (30, 24, None), (60, 16, ["e"]), (3, 20, [" ", "a"])]]
+    reqs += [("completion", dict(prompt="def main():", max_tokens=20)),
+             ("completion", dict(prompt="中文的", max_tokens=15, stop=["的"]))]
+    answers = {}
+    for engine in ("process", "thread"):
+        s = Server(ckpt, "--engine", engine, "--max-batch", "4")
+        try:
+            c = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=60)
+            mid = c.models.list().data[0].id
+            out = []
+            for kind, kw in reqs:
+                if kind == "chat":
+                    r = c.chat.completions.create(model=mid, temperature=0, **kw)
+                    out.append((r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens))
+                else:
+                    pieces = [ch.choices[0].text for ch in c.completions.create(model=mid, temperature=0, stream=True,
+                                                                                **kw) if ch.choices]
+                    out.append("".join(pieces))
+            answers[engine] = out
+            assert ("engine_pid" in s.stats()) == (engine == "process")
+        finally:
+            s.stop()
+    assert answers["process"] == answers["thread"]
+    assert any(a[0] for a in answers["process"][:4])  # real text, not all empty
+
+
+def test_dead_engine_means_error_and_503_not_a_dead_server(ckpt):
+    s = Server(ckpt, "--max-batch", "2")
+    try:
+        pid = s.stats()["engine_pid"]
+        assert _alive(pid) and pid != s.proc.pid
+        body = json.dumps({"prompt": "hello", "max_tokens": 200, "stream": True, "ignore_eos": True}).encode()
+        req = urllib.request.Request(s.url + "/v1/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert r.readline().startswith(b"data: {")  # streaming has begun
+            os.kill(pid, signal.SIGKILL)
+            rest = r.read().decode()
+        events = [line[6:] for line in rest.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        assert "engine process exited" in json.loads(events[-2])["error"]["message"]
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(s.url + "/health", timeout=10)
+        assert e.value.code == 503
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(urllib.request.Request(s.url + "/v1/completions", json.dumps(
+                {"prompt": "hi", "max_tokens": 2}).encode(), {"Content-Type": "application/json"}), timeout=10)
+        assert e.value.code == 503 and json.loads(e.value.read())["error"]["code"] == "engine_unavailable"
+        assert s.proc.poll() is None  # the server itself is still up, and says what happened
+        assert "engine process exited" in s.output()
+    finally:
+        s.stop()
+
+
+def test_ctrl_c_stops_server_and_engine(ckpt):
+    s = Server(ckpt)
+    try:
+        pid = s.stats()["engine_pid"]
+        os.killpg(s.proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole process group
+        assert s.proc.wait(timeout=20) == 0
+        end = time.monotonic() + 10
+        while _alive(pid) and time.monotonic() < end:
+            time.sleep(0.05)
+        assert not _alive(pid)
+    finally:
+        s.stop()
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to split between engine and HTTP")
+def test_engine_and_http_on_their_own_cpus(ckpt):
+    cpus = sorted(os.sched_getaffinity(0))
+    s = Server(ckpt)
+    try:
+        pid = s.stats()["engine_pid"]
+        assert _cpus(pid) == str(cpus[-1])  # a small model decodes on one thread: one CPU
+        assert str(cpus[-1]) not in _cpus(s.proc.pid).replace("-", ",").split(",") or len(cpus) > 2
+    finally:
+        s.stop()
+    s = Server(ckpt, "--pin-cpus", "false")
+    try:
+        assert _cpus(s.stats()["engine_pid"]) == _cpus(s.proc.pid)
+    finally:
+        s.stop()
+
+
+def test_split_cpus(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert worker.split_cpus(1) == ([0, 1, 2], [3])
+    assert worker.split_cpus(3) == ([0], [1, 2, 3])
+    assert worker.split_cpus(4) is None and worker.split_cpus(8) is None
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {5})
+    assert worker.split_cpus(1) is None
+
+
+def test_engine_start_error_is_one_line(ckpt):
+    p = subprocess.run(cli_argv("serve", "--ckpt", str(ckpt), "--port", "0", "--max-batch", "4",
+                                "--max-tokens-in-cache", "5"), capture_output=True, text=True, cwd=REPO,
+                       timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 2, p.stderr
+    assert "--max-tokens-in-cache 5" in p.stderr and "Traceback" not in p.stderr
