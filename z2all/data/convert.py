@@ -16,13 +16,13 @@ Several sources go into one output in one run: inputs are grouped by source (fir
 order kept within a source) and numbered in that order, so `gid` is unique over the whole output,
 contiguous, and the same on every run and for any `--workers`.
 
-How it runs (pipeline.ordered_map): the parent reads inputs and hands ~4 MB batches to `--workers`
-processes (convert_worker.py) that parse, map, clean, filter, hash and serialise. A batch of a plain
-(uncompressed) jsonl file is a byte range aligned to line starts (readers.LineRange) that the worker reads
-itself; of a compressed one, its raw lines; of arrays/parquet/txt, the decoded items. Results come back in
-order (at most 2 x workers + 1 batches in flight: bounded memory) and the parent alone deduplicates, numbers
-and writes, so the output does not depend on timing. With `--workers 1` everything
-runs in-process.
+How it runs (pipeline.ordered_map, helps=True): the parent reads inputs and cuts ~4 MB batches that
+convert_worker.py parses, maps, cleans, filters, hashes and serialises: `--workers N` is N processes doing
+that, the parent included (it spawns N-1 and runs a batch itself whenever the oldest result is not back
+yet; with `--workers 1` everything runs in-process). A batch of a plain (uncompressed) jsonl file is a byte
+range aligned to line starts (readers.LineRange) that the worker reads itself; of a compressed one, its raw
+lines; of arrays/parquet/txt, the decoded items. Results are applied in order (a bounded number of batches
+in flight) and the parent alone deduplicates, numbers and writes, so the output does not depend on timing.
 
 Resume: the parent commits `OUT/.convert_state.json` (input position, next gid, shard lists, skip counts,
 and each input's fingerprint: size, mtime, head/tail hash) each time a shard is finished, atomically. A
@@ -106,7 +106,8 @@ class Config:
     kind: str = opt("", "generic source: prose (cleaned) or code (kept byte for byte)", choices=("",) + KINDS)
     txt_mode: str = opt("paragraph", "txt inputs: one document per blank-line block, line, or file",
                         choices=TXT_MODES)
-    workers: int = opt(1, "worker processes for parsing and cleaning (1 = all in this process)")
+    workers: int = opt(1, "processes parsing and cleaning, this one included: N spawns N-1 helpers (1 = all in "
+                       "this process)")
     shard_mb: float = opt(200.0, "roll shards at this many MB of jsonl")
     compress: str = opt("none", "shard compression", choices=("none", "zstd"))
     txt: bool = opt(False, "also write tokenizer-training text files (<out>/<source>/part-*.txt)")
@@ -529,7 +530,8 @@ class Converter:
         # a batch travels as its payload with a small tag; markers ("end", "repaired", ...) are their own tag
         jobs = (((t[0], t[1]), t) if t[0] == "batch" else (t, None) for t in self._tasks())
         error: UserError | None = None
-        results = ordered_map(convert_worker.work, jobs, workers=cfg.workers, initializer=convert_worker.init,
+        results = ordered_map(convert_worker.work, jobs, workers=cfg.workers, helps=True,
+                              initializer=convert_worker.init,
                               initargs=(sources, cfg.clean, cfg.txt, cfg.max_examples), submitted=submitted)
         try:
             with contextlib.closing(results):

@@ -4,14 +4,26 @@ versioned state file a resumable run commits.
     for tag, result in ordered_map(work, jobs, workers=4, initializer=init, initargs=(...)):
         apply(tag, result)      # in job order, whatever order the workers finish in
 
-`jobs` yields `(tag, payload)`. A payload goes to `work` in a spawned worker process (or in-process with
-workers=1, after `initializer(*initargs)` ran here); `payload=None` marks a job that needs no work (an
-end-of-file marker, a count the parent made): it comes out as `(tag, None)` in its place. At most
-2 x workers + 1 jobs are in flight, so the parent never holds more than that many payloads and results.
-The parent alone applies results and commits state, so the output never depends on timing.
+`jobs` yields `(tag, payload)`. workers=1 runs every job here (after `initializer(*initargs)`). workers=N:
+- helps=False (data tokenize): N spawned processes run the jobs; this one only collects and applies.
+- helps=True (data convert): this process is one of the N. It spawns N-1 and, whenever the oldest job's
+  result is not ready yet, takes the next job and runs it itself instead of waiting (at most HELP_AHEAD
+  such results ahead of the queue). Why: converting, the parent's own share (reading, deduplicating,
+  numbering, writing) leaves it idle most of the time, and every spawned process costs an interpreter
+  start and a pickle round trip per batch; on 2 cores the parent's help is the second worker (measured in
+  docs/performance.md, "Conversion with several workers").
+A spawned process leaves each result in a file of a private spool directory (/dev/shm when present) and
+sends back only its path: the pool's result thread would otherwise read megabytes in pipe-sized pieces,
+taking the GIL for each, while this process holds it running jobs itself. `payload=None` marks a job that
+needs no work (an end-of-file marker, a count the parent made): it comes out as `(tag, None)` in its place.
+At most 2 x spawned + 1 jobs are queued to the spawned processes (plus HELP_AHEAD results made here), so
+memory stays bounded. The parent alone applies results and commits state, so the output never depends on
+timing.
 
 If the job iterator raises (a truncated archive, an unreadable file), every job submitted before it is
-still yielded, then the exception propagates: a caller can commit what is complete before reporting it.
+still yielded, then the exception propagates: a caller can commit what is complete before reporting it. A
+job that fails raises at its turn, whichever process ran it. The spool directory is removed however the map
+ends.
 
 State: `read_state(path)` / `write_state(path, state)` read and atomically replace a JSON state file; the
 caller keeps a "version" (or a signature) in it and starts fresh when it does not match.
@@ -19,7 +31,11 @@ caller keeps a "version" (or a signature) in it and starts fresh when it does no
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
+import shutil
+import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -30,51 +46,133 @@ from z2all.utils import UserError
 
 
 class Ready:
-    """An already computed result with AsyncResult's get(): inline work (workers=1) and markers travel
-    through the same in-order queue as pool results."""
+    """An already computed result (or the exception computing it raised) with AsyncResult's get() and
+    ready(): work done here travels through the same in-order queue as pool results."""
 
-    def __init__(self, value):
-        self.value = value
+    def __init__(self, value=None, error: BaseException | None = None):
+        self.value, self.error = value, error
+
+    @classmethod
+    def run(cls, fn: Callable, payload) -> Ready:
+        try:
+            return cls(fn(payload))
+        except Exception as e:  # raised by get(), at the job's turn
+            return cls(error=e)
+
+    def ready(self) -> bool:
+        return True
 
     def get(self):
+        if self.error is not None:
+            raise self.error
         return self.value
 
 
-def ordered_map(fn: Callable, jobs: Iterable[tuple[Any, Any]], *, workers: int = 1,
+def _to_file(fn: Callable, payload, directory: str, name: str) -> str:
+    """Run fn in a spawned process and leave its pickled result in a file: the pipe back to the parent then
+    carries a path, not megabytes (see _FileResult)."""
+    import pickle
+
+    path = os.path.join(directory, name)
+    with open(path, "wb") as f:
+        pickle.dump(fn(payload), f, protocol=pickle.HIGHEST_PROTOCOL)
+    return path
+
+
+class _FileResult:
+    """A spawned process's result, read from the file _to_file wrote (then deleted). Why not the pipe: the
+    pool's result thread reads a message in pipe-sized chunks, re-taking the GIL for each, and while this
+    process runs jobs itself (it holds the GIL for milliseconds at a time) a 4 MB result took up to a few
+    hundred ms to cross, with the spawned process blocked on its write meanwhile."""
+
+    def __init__(self, res):
+        self.res = res
+
+    def ready(self) -> bool:
+        return self.res.ready()
+
+    def get(self):
+        import pickle
+
+        path = self.res.get()
+        try:
+            with open(path, "rb") as f:
+                return pickle.load(f)
+        finally:
+            os.unlink(path)
+
+
+# results this process may hold beyond the spawned processes' queue (done here while it waits)
+HELP_AHEAD = 4
+
+
+def ordered_map(fn: Callable, jobs: Iterable[tuple[Any, Any]], *, workers: int = 1, helps: bool = False,
                 initializer: Callable | None = None, initargs: tuple = (),
                 submitted: Callable[[Any], None] | None = None) -> Iterator[tuple[Any, Any]]:
     """Yield (tag, fn(payload)) for every (tag, payload) of `jobs`, in order; see the module docstring.
-    `submitted(tag)` runs after each job is queued (progress bars)."""
+    helps: this process counts as one of `workers` and runs jobs while it waits (else all `workers` are
+    spawned and it only collects). `submitted(tag)` runs after each job is queued or run here (progress)."""
     pool = None
+    spawned = workers - 1 if helps else workers
+    if initializer is not None and (workers == 1 or helps):
+        initializer(*initargs)  # this process runs jobs too
     if workers > 1:
         import multiprocessing as mp
 
-        pool = mp.get_context("spawn").Pool(workers, initializer, initargs)
-    elif initializer is not None:
-        initializer(*initargs)
-    limit = 2 * workers + 1
+        pool = mp.get_context("spawn").Pool(spawned, initializer, initargs)
+        # results come back through files here (_FileResult): /dev/shm when there is one (memory, never disk)
+        spool = tempfile.mkdtemp(prefix="z2all-results-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        names = itertools.count()
+    # jobs queued to the spawned processes (all jobs in flight with workers=1)
+    limit = 2 * spawned + 1 if pool is not None else 1
     inflight: deque = deque()
+    queued = 0  # pool jobs in `inflight`
     it = iter(jobs)
     error: BaseException | None = None
+
+    def take():
+        """The next job, or None at the end (or once the iterator raised: `error`)."""
+        nonlocal error
+        if error is not None:
+            return None
+        try:
+            return next(it)
+        except StopIteration:
+            return None
+        except Exception as e:  # reported after the jobs before it
+            error = e
+            return None
+
+    def add(job, here: bool) -> None:
+        nonlocal queued
+        tag, payload = job
+        if payload is None:
+            res = None
+        elif here:
+            res = Ready.run(fn, payload)
+        else:
+            res = _FileResult(pool.apply_async(_to_file, (fn, payload, spool, f"{next(names)}.pkl")))
+            queued += 1
+        inflight.append((tag, res))
+        if submitted is not None:
+            submitted(tag)
+
     try:
         while True:
-            while error is None and len(inflight) < limit:
-                try:
-                    tag, payload = next(it)
-                except StopIteration:
-                    break
-                except Exception as e:  # reported after the jobs before it
-                    error = e
-                    break
-                if payload is None:
-                    inflight.append((tag, None))
-                else:
-                    inflight.append((tag, pool.apply_async(fn, (payload,)) if pool else Ready(fn(payload))))
-                if submitted is not None:
-                    submitted(tag)
+            cap = limit + (HELP_AHEAD if helps else 0)
+            while queued < limit and len(inflight) < cap and (job := take()) is not None:
+                add(job, pool is None)
             if not inflight:
                 break
+            head = inflight[0][1]
+            # help instead of waiting: the oldest result is still being computed by a spawned process
+            if (helps and head is not None and not head.ready() and len(inflight) < limit + HELP_AHEAD
+                    and (job := take()) is not None):
+                add(job, True)
+                continue
             tag, res = inflight.popleft()
+            if isinstance(res, _FileResult):
+                queued -= 1
             yield tag, (None if res is None else res.get())
         if error is not None:
             raise error
@@ -82,6 +180,7 @@ def ordered_map(fn: Callable, jobs: Iterable[tuple[Any, Any]], *, workers: int =
         if pool is not None:
             pool.terminate()
             pool.join()
+            shutil.rmtree(spool, ignore_errors=True)  # our own temp directory: results never collected
 
 
 def read_state(path: str | Path, *, corrupt_ok: bool = False) -> dict | None:

@@ -1,0 +1,78 @@
+"""pipeline.ordered_map, the engine under `data convert` and `data tokenize`: results in job order whoever
+computed them (this process helping with helps=True, or only spawned processes), markers in place, a
+failing job raising at its turn after every earlier result, a failing job iterator likewise, and the
+spool directory of result files removed however the map ends."""
+
+from __future__ import annotations
+
+import glob
+import os
+import time
+
+import pytest
+
+from z2all.data.pipeline import ordered_map
+
+
+def _slow_square(x: int) -> tuple[int, int]:
+    """Jobs of uneven length, so the spawned process and the parent interleave."""
+    time.sleep(0.002 * (x % 5))
+    if x == 13:
+        raise ValueError("job 13 fails")
+    return x * x, os.getpid()
+
+
+def _jobs(n: int, marker_every: int = 7):
+    for i in range(n):
+        yield (i, None) if i % marker_every == 3 else (i, i)
+
+
+def _spools() -> set[str]:
+    return set(glob.glob("/dev/shm/z2all-results-*")) | set(glob.glob("/tmp/z2all-results-*"))
+
+
+@pytest.mark.parametrize("workers,helps", [(1, False), (2, True), (2, False), (3, True)])
+def test_in_order_whoever_computes(workers, helps):
+    before = _spools()
+    jobs = [j for j in _jobs(40) if j[0] != 13]
+    out = list(ordered_map(_slow_square, iter(jobs), workers=workers, helps=helps))
+    assert [t for t, _ in out] == [t for t, _ in jobs]
+    for (_tag, res), (_, payload) in zip(out, jobs):
+        assert res is None if payload is None else res[0] == payload * payload
+    pids = {r[1] for _, r in out if r is not None}
+    if workers == 1:
+        assert pids == {os.getpid()}
+    else:
+        assert pids - {os.getpid()}, "a spawned process computed some jobs"
+        if not helps:
+            assert os.getpid() not in pids
+    assert _spools() == before
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_failing_job_raises_at_its_turn(workers):
+    before = _spools()
+    got = []
+    with pytest.raises(ValueError, match="job 13 fails"):
+        for tag, _ in ordered_map(_slow_square, _jobs(30), workers=workers, helps=True):
+            got.append(tag)
+    assert got == list(range(13))
+    assert _spools() == before
+
+
+def test_failing_iterator_and_early_close():
+    before = _spools()
+
+    def jobs():
+        yield from ((i, i) for i in range(10))
+        raise OSError("truncated input")
+
+    got = []
+    with pytest.raises(OSError, match="truncated"):
+        for tag, _ in ordered_map(_slow_square, jobs(), workers=2, helps=True):
+            got.append(tag)
+    assert got == list(range(10))
+    it = ordered_map(_slow_square, ((i, i) for i in range(100)), workers=2, helps=True)
+    assert next(it)[0] == 0
+    it.close()  # a caller that stops early (an error in applying a result)
+    assert _spools() == before
