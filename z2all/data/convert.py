@@ -166,10 +166,20 @@ def plan(cfg: Config) -> list[Unit]:
 # ---------------------------------------------------------------- parent side
 
 def _settings(cfg: Config) -> dict:
-    """Everything besides the inputs that changes what is written: a resume must not mix two of them."""
+    """Everything besides the inputs that changes what is written: a resume must not mix two of them.
+    (clean.impl is not among them: the C and Python cleaners write the same bytes.)"""
     keys = ("shard_mb", "compress", "txt", "txt_mode", "batch_mb", "text_field", "title_field", "desc_field",
             "category_field", "category", "kind")
-    return {**{k: getattr(cfg, k) for k in keys}, "clean": to_dict(cfg.clean)}
+    clean = {k: v for k, v in to_dict(cfg.clean).items() if k != "impl"}
+    return {**{k: getattr(cfg, k) for k in keys}, "clean": clean}
+
+
+def _settings_diff(old: dict, new: dict) -> str:
+    """The settings that differ, as `--key OLD -> NEW` (dotted for cleaning), for the refusal message."""
+    flat = lambda d: {**{k: v for k, v in d.items() if k != "clean"},  # noqa: E731
+                      **{f"clean.{k}": v for k, v in (d.get("clean") or {}).items()}}
+    a, b = flat(old or {}), flat(new)
+    return ", ".join(f"--{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
 
 
 def _fresh_state(units: list[Unit], cfg: Config) -> dict:
@@ -278,7 +288,8 @@ class Converter:
                                 f"original back to continue, or rerun with --overwrite to convert again")
         elif not self.cfg.overwrite:
             what = ("an older version of this converter" if state.get("version") != STATE_VERSION else
-                    "other settings (cleaning, shard size, ...)" if same_inputs else "other inputs")
+                    f"other settings (that run / this one: {_settings_diff(state.get('settings'), _settings(self.cfg))}"
+                    f"; give that run's values to continue it)" if same_inputs else "other inputs")
             hint = (" (to add new sources to it, give only their inputs, with the same settings)"
                     if what == "other inputs" else "")
             raise UserError(f"{self.out} holds a conversion of {what} ({path}){hint}; use another --out, or "
