@@ -1,6 +1,6 @@
 """`z2all bench serve` end to end on a tiny checkpoint (slow: two server processes): the table has a row per
 (mode, clients), the single-stream rows (one request; generate() with ids only, and streaming its text as
-the command does) and the ratio lines; every request got its tokens."""
+the command does), the engine-alone rows (no HTTP) and the ratio lines; every request got its tokens."""
 
 from __future__ import annotations
 
@@ -38,3 +38,7 @@ def test_bench_serve_small(tmp_path):
     assert "x the tokens/s of the `z2all generate` command's path" in line
     assert "x generate() returning token ids" in line
     assert "peak RSS" in r.stdout
+    alone = [ln for ln in r.stdout.splitlines() if ln.startswith("| engine alone, in this process")]
+    assert [int(ln.split("|")[2]) for ln in alone] == [1, 3] and all(float(ln.split("|")[6].replace(",", "")) > 0
+                                                                  for ln in alone)
+    assert "- the engine alone (no HTTP): 3 streams " in r.stdout

@@ -265,6 +265,49 @@ def _single_stream(srv: _Server, ckpt: Path, prompt: str, max_tokens: int, threa
         torch.set_num_threads(old)
 
 
+def _engine_alone(ckpt: Path, prompts: list[str], clients: list[int], max_tokens: int, threads: int,
+                  rounds: int = 3) -> dict[int, float]:
+    """The ceiling of continuous batching on this machine: the serving engine in this process, without HTTP,
+    SSE or clients (the servers are stopped by then). For each n in `clients`, n requests (the levels'
+    prompts, greedy, ignore_eos, max_tokens each) submitted at once; aggregate tokens/s from the first submit
+    to the last final event; the levels alternate `rounds` times, best of each."""
+    import threading
+
+    from z2all.model.generate import num_threads
+    from z2all.serve.engine import Engine, SamplingParams, load
+
+    L = load(str(ckpt), device="cpu")
+    ids = [L.tok(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    with num_threads(threads):
+        eng = Engine(L.model, L.tok, max_batch=max(clients), eos_ids=L.eos_ids, vocab_limit=L.vocab_limit)
+        try:
+            def level(n: int) -> float:
+                done, left, lock = threading.Event(), [n], threading.Lock()
+
+                def emit(ev):
+                    if ev.final:
+                        with lock:
+                            left[0] -= 1
+                            if not left[0]:
+                                done.set()
+
+                params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+                t = time.perf_counter()
+                for i in range(n):
+                    eng.submit(ids[i % len(ids)], params, emit)
+                done.wait()
+                return n * max_tokens / (time.perf_counter() - t)
+
+            level(max(clients))  # warm-up
+            best: dict[int, float] = {}
+            for _ in range(rounds):
+                for n in clients:
+                    best[n] = max(best.get(n, 0.0), level(n))
+            return best
+        finally:
+            eng.close()
+
+
 def run(cfg: Config) -> int:
     try:
         import fastapi  # noqa: F401
@@ -323,6 +366,7 @@ def run(cfg: Config) -> int:
         finally:
             for srv in servers.values():
                 srv.stop()
+        alone = _engine_alone(ckpt, prompts, clients, cfg.max_tokens, cfg.threads)
         rows.sort(key=lambda r: (cfg.modes.index(r[0]), r[1]))
         rows.append([f"{ref[0]}, one request (best of 3, alternating with the next row)", 1, 3,
                      3 * cfg.max_tokens, "", f"{ref[1]:,.0f}", "", "", "", ""])
@@ -330,6 +374,9 @@ def run(cfg: Config) -> int:
                      f"{ref[2]:,.0f}", "", "", "", ""])
         rows.append(["`z2all generate` command's path, in-process, streaming its text (best of 3)", 1, 3,
                      3 * cfg.max_tokens, "", f"{ref[3]:,.0f}", "", "", "", ""])
+        for n, rate in alone.items():
+            rows.append(["engine alone, in this process: no HTTP, no clients (best of 3)", n, n, n * cfg.max_tokens,
+                         "", f"{rate:,.0f}", "", "", "", ""])
     finally:
         tmp.cleanup()
     print(f"\n### z2all bench serve ({machine_name()}, server --threads {cfg.threads})\n")
@@ -345,6 +392,10 @@ def run(cfg: Config) -> int:
         if ("batched", n) in results and ("sequential", n) in results:
             ratio = results[("batched", n)] / results[("sequential", n)]
             print(f"- {n} concurrent streams: continuous batching {ratio:.2f}x the tokens/s of one at a time")
+    top = max(clients)
+    if top > 1 and 1 in alone:
+        print(f"- the engine alone (no HTTP): {top} streams {alone[top] / alone[1]:.2f}x the tokens/s of one: what "
+              f"continuous batching can gain on this machine before any HTTP, SSE or client cost")
     print(f"- single stream through the server ({ref[0]}): {ref[1] / ref[3]:.2f}x the tokens/s of the `z2all generate` "
           f"command's path (it streams its text too), {ref[1] / ref[2]:.2f}x generate() returning token ids only "
           f"(best of 3 requests vs best of 3 in-process calls, alternating; the server's include HTTP, SSE and "
