@@ -111,6 +111,36 @@ def test_ctrl_c_stops_server_and_engine(ckpt):
         s.stop()
 
 
+def test_ctrl_c_while_the_engine_loads_is_one_line(ckpt):
+    """Ctrl-C reaches the whole process group; an engine process still importing torch must not print a
+    KeyboardInterrupt traceback: it starts with SIGINT ignored, and the server says one line, exit 130."""
+    p = subprocess.Popen(cli_argv("serve", "--ckpt", str(ckpt), "--port", "0"), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, cwd=REPO, start_new_session=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        end = time.monotonic() + 60
+        kids: list[str] = []
+        while not kids and time.monotonic() < end and p.poll() is None:
+            try:
+                with open(f"/proc/{p.pid}/task/{p.pid}/children") as f:
+                    kids = [k for k in f.read().split()
+                            if "spawn_main" in open(f"/proc/{k}/cmdline").read()]
+            except OSError:
+                pass
+            time.sleep(0.02)
+        assert kids, "the engine process never started"
+        time.sleep(0.3)  # inside its imports
+        os.killpg(p.pid, signal.SIGINT)
+        out, _ = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert p.returncode == 130 and "interrupted" in out and "Traceback" not in out, out[-2000:]
+    time.sleep(0.5)
+    assert not any(_alive(int(k)) for k in kids)
+
+
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to split between engine and HTTP")
 def test_engine_and_http_on_their_own_cpus(ckpt):
     cpus = sorted(os.sched_getaffinity(0))

@@ -67,7 +67,7 @@ class EngineSpec:
 
 def _child(conn, spec: EngineSpec) -> None:
     """The engine process: load, report ready (or one error line), then serve the pipe until it closes."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # (already ignored from its start: EngineProcess)
     try:
         import torch
 
@@ -173,7 +173,16 @@ class EngineProcess:
         ctx = mp.get_context("spawn")  # fork is unsafe once torch has started threads in this process
         self.conn, child = ctx.Pipe(duplex=True)
         self.proc = ctx.Process(target=_child, args=(child, spec), name="z2all-engine", daemon=True)
-        self.proc.start()
+        # the child starts with SIGINT ignored (an ignored disposition survives exec): Ctrl-C reaches the whole
+        # process group, and a child still importing would print a KeyboardInterrupt traceback; this process
+        # stops it (close, or the pipe's end) instead
+        main = threading.current_thread() is threading.main_thread()
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        try:
+            self.proc.start()
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, old)
         child.close()
         end = time.monotonic() + start_timeout
         while not self.conn.poll(0.2):
