@@ -1,5 +1,5 @@
-"""Ground-floor helpers used by every stage: user errors, rank-aware printing and logging, seeding,
-device and dtype choice, run directories, and progress bars that stay quiet in CI logs.
+"""Ground-floor helpers used by every stage: user errors, rank-aware printing, seeding, device and dtype
+choice, child processes that leave Ctrl-C to their parent, and progress bars that stay quiet in CI logs.
 
 Imports nothing from the rest of the package; torch is imported lazily so data/tokenizer stages that
 never touch a model do not pay for it.
@@ -7,13 +7,10 @@ never touch a model do not pay for it.
 
 from __future__ import annotations
 
-import logging
 import os
 import random
 import sys
-import time
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 
@@ -48,19 +45,6 @@ def print0(*args: Any, **kwargs: Any) -> None:
     if force or is_main():
         kwargs.setdefault("flush", True)
         print(*args, **kwargs)
-
-
-def get_logger(name: str = "z2all") -> logging.Logger:
-    """A logger that writes on rank 0 (warnings and up on other ranks), with the rank in each line."""
-    log = logging.getLogger(name)
-    if not log.handlers:
-        h = logging.StreamHandler(sys.stderr)
-        tag = f"[rank {rank()}] " if world_size() > 1 else ""
-        h.setFormatter(logging.Formatter(f"%(asctime)s {tag}%(levelname)s %(message)s", "%H:%M:%S"))
-        log.addHandler(h)
-        log.setLevel(logging.INFO if is_main() else logging.WARNING)
-        log.propagate = False
-    return log
 
 
 # ---------------------------------------------------------------- seeding, devices, dtypes
@@ -108,13 +92,28 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:  # noqa: F821
     return table[name]
 
 
-# ---------------------------------------------------------------- run directories
+class children_ignore_sigint:
+    """`with children_ignore_sigint(): start processes`: processes started inside begin with SIGINT ignored
+    (an ignored disposition survives exec, and Python then installs no handler). Ctrl-C reaches the whole
+    process group; this process gets it and stops its children itself (a pool's terminate, a closed pipe),
+    where a child would otherwise print a KeyboardInterrupt traceback of its own. Main thread only (a no-op
+    elsewhere, where signal handlers cannot be set)."""
 
-def make_run_dir(base: str | os.PathLike, name: str | None = None) -> Path:
-    """`base/name`, or `base/<YYYYmmdd-HHMMSS>` when no name is given; created if missing."""
-    path = Path(base) / (name or time.strftime("%Y%m%d-%H%M%S"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.old = None
+        if threading.current_thread() is threading.main_thread():
+            self.old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
+        return False
 
 
 def human_bytes(n: float) -> str:

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import glob
 import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -76,3 +80,39 @@ def test_failing_iterator_and_early_close():
     assert next(it)[0] == 0
     it.close()  # a caller that stops early (an error in applying a result)
     assert _spools() == before
+
+
+CTRL_C_SCRIPT = """
+import sys, time
+from z2all.data.pipeline import ordered_map
+def slow(x):
+    time.sleep(0.2)
+    return x
+if __name__ == "__main__":
+    try:
+        for tag, _ in ordered_map(slow, ((i, i) for i in range(1000)), workers=2, helps=True):
+            print(tag, flush=True)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        sys.exit(130)
+"""
+
+
+def test_ctrl_c_reaches_the_group_but_only_the_parent_speaks(tmp_path):
+    """Ctrl-C goes to every process of the group; the spawned ones start with SIGINT ignored, so only the
+    parent reacts (one line) and its `finally` stops them: no KeyboardInterrupt traceback from a child."""
+    script = tmp_path / "ctrl_c.py"
+    script.write_text(CTRL_C_SCRIPT)
+    repo = Path(__file__).resolve().parents[2]
+    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)}, start_new_session=True)
+    try:
+        assert p.stdout.readline().strip() == "0"  # running, the spawned process included
+        time.sleep(0.5)
+        os.killpg(p.pid, signal.SIGINT)
+        out = p.communicate(timeout=30)[0]
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert p.returncode == 130 and "interrupted" in out and "Traceback" not in out, out[-2000:]

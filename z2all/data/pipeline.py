@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from z2all.io import atomic_write_text
-from z2all.utils import UserError
+from z2all.utils import UserError, children_ignore_sigint
 
 
 class Ready:
@@ -119,7 +119,8 @@ def ordered_map(fn: Callable, jobs: Iterable[tuple[Any, Any]], *, workers: int =
     if workers > 1:
         import multiprocessing as mp
 
-        pool = mp.get_context("spawn").Pool(spawned, initializer, initargs)
+        with children_ignore_sigint():  # Ctrl-C stops this process, whose `finally` terminates the pool
+            pool = mp.get_context("spawn").Pool(spawned, initializer, initargs)
         # results come back through files here (_FileResult): /dev/shm when there is one (memory, never disk)
         spool = tempfile.mkdtemp(prefix="z2all-results-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
         names = itertools.count()

@@ -45,7 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from z2all.serve.engine import Event, QueueFull, SamplingParams
-from z2all.utils import UserError
+from z2all.utils import UserError, children_ignore_sigint
 
 
 class EngineGone(Exception):
@@ -67,7 +67,7 @@ class EngineSpec:
 
 def _child(conn, spec: EngineSpec) -> None:
     """The engine process: load, report ready (or one error line), then serve the pipe until it closes."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # (already ignored from its start: EngineProcess)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # (already ignored from its start: children_ignore_sigint)
     try:
         import torch
 
@@ -173,16 +173,8 @@ class EngineProcess:
         ctx = mp.get_context("spawn")  # fork is unsafe once torch has started threads in this process
         self.conn, child = ctx.Pipe(duplex=True)
         self.proc = ctx.Process(target=_child, args=(child, spec), name="z2all-engine", daemon=True)
-        # the child starts with SIGINT ignored (an ignored disposition survives exec): Ctrl-C reaches the whole
-        # process group, and a child still importing would print a KeyboardInterrupt traceback; this process
-        # stops it (close, or the pipe's end) instead
-        main = threading.current_thread() is threading.main_thread()
-        old = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
-        try:
+        with children_ignore_sigint():  # this process stops it on Ctrl-C (close, or the pipe's end)
             self.proc.start()
-        finally:
-            if main:
-                signal.signal(signal.SIGINT, old)
         child.close()
         end = time.monotonic() + start_timeout
         while not self.conn.poll(0.2):
