@@ -34,7 +34,9 @@ Greedy results do not depend on the company a request keeps: its prefill runs al
 and a decode row's masked extra keys add exact zeros. The batched matrix multiplies can round differently
 from a batch of one, so equality is up to fp32 reduction order (the tests check token equality).
 
-`max_batch=1` is the one-request-at-a-time reference (`z2all serve --sequential`).
+`max_batch=1` is the one-request-at-a-time reference (`z2all serve --sequential`). `z2all serve` runs the
+engine in a process of its own by default (worker.py: `on_step` sends each iteration's events to the HTTP
+process in one message); `z2all chat`, the tests and the benchmarks use it in-process.
 """
 
 from __future__ import annotations

@@ -3,12 +3,12 @@ server's process): the decode loop and the HTTP side no longer share one GIL.
 
 Why: in one process, every token's HTTP work (waking the event loop, formatting the SSE chunk, Starlette's
 send, the socket write) runs Python on the loop thread while the engine thread needs the same GIL between
-its ~80 tensor ops per step; the two take turns instead of running on two cores. Measured with the demo-
-sized model on 2 cores (docs/performance.md, "Serving"): one stream through the server reached ~0.55-0.65x
-of the same engine's in-process rate. Split, the engine's process computes while the server's formats
-and writes.
+its ~80 tensor ops per step; the two take turns instead of running on two cores. Split, the engine's
+process computes while the server's formats and writes: with the demo-sized model on 2 cores, 8 streams
++12% and 16 streams +22% tokens/s against `--engine thread`, for ~270 MB more RSS (docs/performance.md,
+"Serving").
 
-    engine = EngineProcess(EngineSpec(ckpt_dir, ...), meta)    # spawns the child, waits until it is ready
+    engine = EngineProcess(EngineSpec(path, kind, tok_dir, ...))  # spawns the child, waits until it is ready
     req = engine.submit(ids, params, emit)                     # on the event loop; emit(Event) on the loop
     engine.cancel(req); engine.stats(); engine.close()
 
@@ -23,6 +23,9 @@ One message per step, not per token: at 8 streams that is one wake-up of the eve
 Admission control stays exact without asking the child: the parent counts its requests that have not
 received their final event; `outstanding - max_batch >= max_queue` is the child's own `waiting - free >=
 max_queue` (the child may have freed a slot a moment earlier, so the parent errs toward 429).
+
+CPUs: with more CPUs than the engine's decode threads, the engine takes the last ones and the HTTP side the
+rest (split_cpus, `--pin-cpus`; why: split_cpus).
 
 Lifetime: the child ignores SIGINT (Ctrl-C stops the server, which closes the child); it exits when the
 pipe closes, so a killed server never leaves it behind (it is also a daemon process). If the child dies
