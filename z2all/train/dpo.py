@@ -57,9 +57,10 @@ from z2all.model.lora import LoraConfig, LoraHooks, adapters_disabled, trainable
 from z2all.ops import OpsConfig
 from z2all.train import distributed as dist_mod
 from z2all.train.distributed import DistConfig
-from z2all.train.loop import Objective, train_loop
-from z2all.train.optim import OptimConfig, validate_optim
+from z2all.train.loop import Objective
+from z2all.train.optim import OptimConfig
 from z2all.train.pretrain import CkptSection, MetricsSection
+from z2all.train.sft import SFTTrain, run_objective, validate_finetune
 from z2all.utils import UserError, print0
 
 COMMAND = "dpo"
@@ -95,14 +96,8 @@ class DPOOptim(OptimConfig):
 
 
 @dataclass
-class DPOTrain:
+class DPOTrain(SFTTrain):
     epochs: float = opt(1.0, "passes over the training pairs (used when max_steps is 0)")
-    max_steps: int = opt(0, "optimizer steps; 0 = as many as --train.epochs take")
-    time_budget_s: float = opt(0.0, "stop after this many seconds of training (saving a checkpoint); 0 = none")
-    compile: bool = opt(False, "torch.compile every block")
-    activation_checkpointing: bool = opt(False, "recompute block activations in backward (less memory)")
-    log_every: int = opt(10, "print and record train metrics every this many steps")
-    max_bad_steps: int = opt(5, "stop after this many NaN/inf steps in a row (each one is skipped)")
 
 
 @dataclass
@@ -137,29 +132,13 @@ class Config:
         if not self.init:
             raise UserError("give --init: the checkpoint to align (runs/<run>/checkpoints/step-N, a run directory or "
                             "a Hugging Face Llama directory)")
-        for key in ("data.batch_size", "data.grad_accum", "train.log_every", "train.max_bad_steps", "ckpt.keep_last",
-                    "eval.max_batches"):
-            sect, name = key.split(".")
-            if getattr(getattr(self, sect), name) <= 0:
-                raise UserError(f"--{key}={getattr(getattr(self, sect), name)}: must be positive")
-        for key in ("train.max_steps", "eval.every", "ckpt.every"):
-            sect, name = key.split(".")
-            if getattr(getattr(self, sect), name) < 0:
-                raise UserError(f"--{key}={getattr(getattr(self, sect), name)}: must be >= 0")
+        validate_finetune(self)
         if not (math.isfinite(self.dpo.beta) and self.dpo.beta > 0):
             raise UserError(f"--dpo.beta={self.dpo.beta}: must be a finite number > 0")
         if not 0.0 <= self.dpo.label_smoothing < 0.5:
             raise UserError(f"--dpo.label_smoothing={self.dpo.label_smoothing}: must be in [0, 0.5)")
         if self.dpo.label_smoothing and self.dpo.loss != "sigmoid":
             raise UserError("--dpo.label_smoothing applies to --dpo.loss=sigmoid only")
-        if not (math.isfinite(self.train.epochs) and self.train.epochs > 0):
-            raise UserError(f"--train.epochs={self.train.epochs}: must be a number > 0")
-        if not (math.isfinite(self.train.time_budget_s) and self.train.time_budget_s >= 0):
-            raise UserError(f"--train.time_budget_s={self.train.time_budget_s}: must be a finite number >= 0")
-        if not self.out_dir:
-            raise UserError("--out_dir is empty; give the run directory")
-        self.lora.validate()
-        validate_optim(self.optim)
 
     @property
     def reference(self) -> str:
@@ -169,16 +148,7 @@ class Config:
 
 
 def run(cfg: Config) -> int:
-    cfg.validate()
-    old_threads = torch.get_num_threads()
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    info = dist_mod.init_distributed(cfg.device, cfg.dist.timeout_s)
-    try:
-        return train_loop(cfg, info, DPO(cfg, info))
-    finally:
-        dist_mod.cleanup()
-        torch.set_num_threads(old_threads)
+    return run_objective(cfg, DPO)
 
 
 # ---------------------------------------------------------------- the math

@@ -81,6 +81,7 @@ class SFTOptim(OptimConfig):
 
 @dataclass
 class SFTTrain:
+    """Length, compile and logging of a fine-tuning run; DPOTrain (dpo.py) is this with its own epochs."""
     epochs: float = opt(3.0, "passes over the training conversations (used when max_steps is 0)")
     max_steps: int = opt(0, "optimizer steps; 0 = as many as --train.epochs take")
     time_budget_s: float = opt(0.0, "stop after this many seconds of training (saving a checkpoint); 0 = none")
@@ -123,36 +124,48 @@ class Config:
         if not self.init:
             raise UserError("give --init: the pretrained checkpoint to fine-tune (runs/<run>/checkpoints/step-N, a "
                             "run directory or a Hugging Face Llama directory)")
-        for key in ("data.batch_size", "data.seq_len", "data.grad_accum", "train.log_every", "train.max_bad_steps",
-                    "ckpt.keep_last", "eval.max_batches"):
-            sect, name = key.split(".")
-            if getattr(getattr(self, sect), name) <= 0:
-                raise UserError(f"--{key}={getattr(getattr(self, sect), name)}: must be positive")
-        for key in ("train.max_steps", "eval.every", "ckpt.every", "eval.samples", "eval.sample_tokens"):
-            sect, name = key.split(".")
-            if getattr(getattr(self, sect), name) < 0:
-                raise UserError(f"--{key}={getattr(getattr(self, sect), name)}: must be >= 0")
-        if not (math.isfinite(self.train.epochs) and self.train.epochs > 0):
-            raise UserError(f"--train.epochs={self.train.epochs}: must be a number > 0")
-        if not (math.isfinite(self.train.time_budget_s) and self.train.time_budget_s >= 0):
-            raise UserError(f"--train.time_budget_s={self.train.time_budget_s}: must be a finite number >= 0")
-        if not self.out_dir:
-            raise UserError("--out_dir is empty; give the run directory")
-        self.lora.validate()
-        validate_optim(self.optim)
+        validate_finetune(self, positive=("data.seq_len",), nonneg=("eval.samples", "eval.sample_tokens"))
 
 
-def run(cfg: Config) -> int:
+def validate_finetune(cfg, positive: tuple[str, ...] = (), nonneg: tuple[str, ...] = ()) -> None:
+    """The checks SFT and DPO configs share (each adds its own keys and rules): counts that must be positive
+    or >= 0, the length, the run directory, LoRA and the optimizer; a UserError naming the option."""
+    for key in ("data.batch_size", "data.grad_accum", "train.log_every", "train.max_bad_steps", "ckpt.keep_last",
+                "eval.max_batches", *positive):
+        sect, name = key.split(".")
+        if getattr(getattr(cfg, sect), name) <= 0:
+            raise UserError(f"--{key}={getattr(getattr(cfg, sect), name)}: must be positive")
+    for key in ("train.max_steps", "eval.every", "ckpt.every", *nonneg):
+        sect, name = key.split(".")
+        if getattr(getattr(cfg, sect), name) < 0:
+            raise UserError(f"--{key}={getattr(getattr(cfg, sect), name)}: must be >= 0")
+    if not (math.isfinite(cfg.train.epochs) and cfg.train.epochs > 0):
+        raise UserError(f"--train.epochs={cfg.train.epochs}: must be a number > 0")
+    if not (math.isfinite(cfg.train.time_budget_s) and cfg.train.time_budget_s >= 0):
+        raise UserError(f"--train.time_budget_s={cfg.train.time_budget_s}: must be a finite number >= 0")
+    if not cfg.out_dir:
+        raise UserError("--out_dir is empty; give the run directory")
+    cfg.lora.validate()
+    validate_optim(cfg.optim)
+
+
+def run_objective(cfg, objective) -> int:
+    """Validate `cfg`, then the shared loop with `objective(cfg, info)` (SFT or DPO) under its thread count
+    and process group, both restored after."""
     cfg.validate()
     old_threads = torch.get_num_threads()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     info = dist_mod.init_distributed(cfg.device, cfg.dist.timeout_s)
     try:
-        return train_loop(cfg, info, SFT(cfg, info))
+        return train_loop(cfg, info, objective(cfg, info))
     finally:
         dist_mod.cleanup()
         torch.set_num_threads(old_threads)
+
+
+def run(cfg: Config) -> int:
+    return run_objective(cfg, SFT)
 
 
 def load_init(init: str, ops=None):
