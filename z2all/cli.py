@@ -221,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("Z2ALL_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
+    if debug:  # processes the command starts (serve's engine process) show their tracebacks too
+        os.environ["Z2ALL_DEBUG"] = "1"
     prog = "z2all"
     try:
         prog, cmd, rest = resolve(argv)

@@ -173,3 +173,47 @@ def test_engine_start_error_is_one_line(ckpt):
                        timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 2, p.stderr
     assert "--max-tokens-in-cache 5" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_engine_process_survives_a_request_it_refuses(ckpt):
+    """A submit the engine refuses (here an empty prompt, which the server never sends) ends that request with
+    an error event; the engine process keeps serving the next one."""
+    import asyncio
+
+    from z2all.serve.engine import SamplingParams, load_meta
+
+    meta = load_meta(str(ckpt))
+    ep = worker.EngineProcess(worker.EngineSpec(str(meta.path), meta.kind, str(meta.tok_dir), "cpu", "auto", 1,
+                                                False, dict(max_batch=2)))
+    try:
+        async def main():
+            loop = asyncio.get_running_loop()
+            got: dict[int, list] = {}
+
+            def waiter(rid):
+                fut = loop.create_future()
+                got[rid] = []
+
+                def emit(ev):
+                    got[rid].append(ev)
+                    if ev.final and not fut.done():
+                        fut.set_result(ev)
+                return fut, emit
+
+            fut_ok, emit_ok = waiter(1)
+            ep.submit(meta.tok("hello")["input_ids"], SamplingParams(max_tokens=3, temperature=0), emit_ok)
+            assert (await asyncio.wait_for(fut_ok, 60)).finish_reason in ("stop", "length")
+            fut_bad, emit_bad = waiter(999)
+            ep.handles[999] = worker.Handle(999, emit_bad)
+            ep.conn.send(("submit", 999, [], SamplingParams(max_tokens=3)))  # bypasses the server's checks
+            bad = await asyncio.wait_for(fut_bad, 60)
+            assert bad.finish_reason == "error" and "empty prompt" in bad.error
+            fut_again, emit_again = waiter(2)
+            ep.submit(meta.tok("again")["input_ids"], SamplingParams(max_tokens=3, temperature=0), emit_again)
+            again = await asyncio.wait_for(fut_again, 60)
+            assert again.finish_reason in ("stop", "length") and ep.proc.is_alive()
+
+        asyncio.run(main())
+    finally:
+        ep.close()
+    assert not ep.proc.is_alive()

@@ -99,22 +99,24 @@ def _child(conn, spec: EngineSpec) -> None:
 
             raise UserError(f"--max-batch {max_batch} x {ctx} positions need a {human_bytes(need)} KV cache and "
                             f"{human_bytes(free)} is free; lower --max-batch, --context or --max-tokens-in-cache")
-        send_lock = threading.Lock()
+        send_lock, out_lock = threading.Lock(), threading.Lock()
         outbox: list[tuple] = []
         reqs: dict[int, object] = {}
         engine = None
 
         def emit(rid: int, ev: Event) -> None:  # the engine thread, inside an iteration
-            outbox.append((rid, ev.text, ev.final, ev.finish_reason, ev.prompt_tokens, ev.completion_tokens,
-                           ev.error))
+            with out_lock:
+                outbox.append((rid, ev.text, ev.final, ev.finish_reason, ev.prompt_tokens, ev.completion_tokens,
+                               ev.error))
             if ev.final:
                 reqs.pop(rid, None)
 
-        def flush() -> None:  # the engine thread, after each iteration
-            if not outbox:
-                return
-            batch = outbox[:]
-            del outbox[:]
+        def flush() -> None:  # the engine thread after each iteration (the main thread for a refused submit)
+            with out_lock:
+                if not outbox:
+                    return
+                batch = outbox[:]
+                del outbox[:]
             data = pickle.dumps((batch, engine.stats()), protocol=pickle.HIGHEST_PROTOCOL)
             try:
                 with send_lock:
@@ -131,12 +133,14 @@ def _child(conn, spec: EngineSpec) -> None:
             conn.send(("ready", {"slot_len": engine.slot_len, "max_batch": engine.max_batch,
                                  "cache_bytes": engine.cache_bytes, "decode_threads": engine.decode_threads,
                                  "vocab_limit": vocab_limit, "stats": engine.stats(), "cpus": cpus}))
-    except UserError as e:
-        conn.send(("error", str(e)))
-        return
-    except Exception as e:  # noqa: BLE001 - one line for the user; the traceback for --debug readers
-        traceback.print_exc()
-        conn.send(("error", f"the engine process failed to start: {type(e).__name__}: {e}"))
+    except Exception as e:  # noqa: BLE001 - one line for the user (the server raises it); the traceback with --debug
+        if not isinstance(e, UserError) and os.environ.get("Z2ALL_DEBUG", "") not in ("", "0"):
+            traceback.print_exc()
+        why = str(e) if isinstance(e, UserError) else f"the engine process failed to start: {type(e).__name__}: {e}"
+        try:
+            conn.send(("error", why))
+        except OSError:  # the server is gone already
+            pass
         return
     try:
         while True:
@@ -146,7 +150,12 @@ def _child(conn, spec: EngineSpec) -> None:
                 break
             if msg[0] == "submit":
                 _, rid, ids, params = msg
-                req = engine.submit(ids, params, lambda ev, rid=rid: emit(rid, ev))
+                try:
+                    req = engine.submit(ids, params, lambda ev, rid=rid: emit(rid, ev))
+                except ValueError as e:  # the server checks these first; never a dead engine for one request
+                    emit(rid, Event(final=True, finish_reason="error", error=str(e)))
+                    flush()
+                    continue
                 if not req.done:  # (a request can finish before this line: then emit has dropped it)
                     reqs[rid] = req
             elif msg[0] == "cancel":
