@@ -221,8 +221,21 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("Z2ALL_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
-    if debug:  # processes the command starts (serve's engine process) show their tracebacks too
+    # processes the command starts (serve's engine process) show their tracebacks too; restored after, for
+    # a caller that runs several commands in one process (the tests)
+    env_before = os.environ.get("Z2ALL_DEBUG")
+    if debug:
         os.environ["Z2ALL_DEBUG"] = "1"
+    try:
+        return _main(argv, debug)
+    finally:
+        if env_before is None:
+            os.environ.pop("Z2ALL_DEBUG", None)
+        else:
+            os.environ["Z2ALL_DEBUG"] = env_before
+
+
+def _main(argv: list[str], debug: bool) -> int:
     prog = "z2all"
     try:
         prog, cmd, rest = resolve(argv)
