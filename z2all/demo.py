@@ -510,28 +510,6 @@ def heldout_records(synth_dir: Path, per_task: int) -> list[dict]:
     return out
 
 
-def chat_answers(ckpt: Path, tok_dir: Path, records: list[dict], max_new_tokens: int = 48) -> list[tuple[str, bool]]:
-    """(greedy answer text, ended with <|im_end|>) of the model in `ckpt` for each record's conversation up
-    to its answer, rendered by the tokenizer's chat template exactly as `z2all data chat` renders training."""
-    import torch
-    from tokenizers import Tokenizer
-
-    from z2all.data.chat import Renderer
-    from z2all.model.llama import load_model
-    from z2all.train.sft import answer
-
-    renderer = Renderer(tok_dir)
-    tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
-    prompts = []
-    for rec in records:
-        ids, mask = renderer.render([rec["messages"]])[0]
-        prompts.append(ids[:mask.index(1)])
-    model = load_model(ckpt).eval()
-    with torch.no_grad():
-        outs = answer(model, prompts, tok.token_to_id("<|im_end|>"), max_new_tokens)
-    return [(tok.decode(list(o), skip_special_tokens=False), ended) for o, ended in outs]
-
-
 def compare_table(records: list[dict], base: list[tuple[str, bool]], sft: list[tuple[str, bool]],
                   more: dict[str, list[tuple[str, bool]]] | None = None) -> tuple[str, dict]:
     """Markdown table: rows = tasks (+ all), exact match and <|im_end|> share of base and SFT, then exact
@@ -624,6 +602,7 @@ def _chat_part(cfg: Config, out: Path, tok_dir: Path, base_ckpt: Path) -> list[t
     from z2all.data import chat, synthetic
     from z2all.io import atomic_write_json
     from z2all.model.generate import num_threads
+    from z2all.train.sft import answer_records
     from z2all.utils import human_bytes, markdown_table
 
     synth_dir, chat_dir, sft_dir = out / "synth", out / "chat", out / "sft"
@@ -656,7 +635,7 @@ def _chat_part(cfg: Config, out: Path, tok_dir: Path, base_ckpt: Path) -> list[t
     def answers_of(name: str, ckpt: Path) -> list[tuple[str, bool]]:
         # the thread count training used: spinning OpenMP threads on a busy machine stall decoding
         with num_threads(threads):
-            answers[name] = chat_answers(ckpt, tok_dir, records)
+            answers[name] = answer_records(ckpt, records, tok_dir)
         return answers[name]
 
     t0 = _stage(12, "compare: base vs SFT model on held-out prompts (greedy)")

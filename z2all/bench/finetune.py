@@ -95,22 +95,12 @@ def preference_eval(policy: str | os.PathLike, prefs_dir: str | os.PathLike, ref
 
 
 def exact_match_eval(ckpt: str | os.PathLike, records: list[dict], tokenizer=None, max_new_tokens: int = 32) -> dict:
-    """Greedy answers to the records' prompts (their messages up to the assistant turn): {"all": acc,
-    task: acc, ...} with synthetic.exact_match."""
+    """Greedy answers to the records' prompts (sft.answer_records): {"all": acc, task: acc, ...} with
+    synthetic.exact_match."""
     from z2all.data import synthetic
-    from z2all.data.chat import Renderer
-    from z2all.model.hf_compat import default_tokenizer_dir, load_checkpoint
-    from z2all.train.sft import answer
+    from z2all.train.sft import answer_records
 
-    model, path, kind, _ = load_checkpoint(ckpt, option="--ckpt")
-    model = model.float().eval()
-    r = Renderer(tokenizer or default_tokenizer_dir(path, kind))
-    prompts = []
-    for rec in records:
-        ids, mask = r.render([rec["messages"]])[0]
-        prompts.append(ids[:mask.index(1)])  # up to and with the assistant header
-    outs = answer(model, prompts, r.specials.get("<|im_end|>"), max_new_tokens)
-    preds = [r.tok.decode(list(o), skip_special_tokens=True) for o, _ in outs]
+    preds = [text for text, _ in answer_records(ckpt, records, tokenizer, max_new_tokens)]
     return {task: s["accuracy"] for task, s in synthetic.score(records, preds).items()}
 
 

@@ -348,6 +348,27 @@ def heldout_prompts(val, n: int) -> tuple[list[list[int]], list[list[int]]]:
 
 
 @torch.no_grad()
+def answer_records(ckpt, records: list[dict], tokenizer=None, max_new_tokens: int = 48) -> list[tuple[str, bool]]:
+    """(greedy answer text, ended with <|im_end|>) of the model in `ckpt` (ours, a run directory or a Hugging
+    Face Llama directory) for each record's conversation up to its answer, rendered by the tokenizer's chat
+    template exactly as `z2all data chat` renders training; `tokenizer` defaults to the checkpoint's. Special
+    tokens an answer contains stay in its text (an answer holding <|im_start|> is not an exact match). Used
+    by `z2all demo --chat` and `z2all bench finetune`."""
+    from z2all.data.chat import Renderer
+    from z2all.model.hf_compat import default_tokenizer_dir, load_checkpoint
+
+    model, path, kind, _ = load_checkpoint(ckpt, option="--ckpt")
+    model = model.float().eval()
+    r = Renderer(tokenizer or default_tokenizer_dir(path, kind))
+    prompts = []
+    for rec in records:
+        ids, mask = r.render([rec["messages"]])[0]
+        prompts.append(ids[:mask.index(1)])  # up to and with the assistant header
+    with torch.no_grad():
+        outs = answer(model, prompts, r.specials.get("<|im_end|>"), max_new_tokens)
+    return [(r.tok.decode(list(o), skip_special_tokens=False), ended) for o, ended in outs]
+
+
 def answer(model, prompts: list[list[int]], eos_id: int | None, max_new_tokens: int, batch: int = 16):
     """Greedy answers: [(new ids without the EOS, ended at eos_id)] per prompt."""
     from z2all.model.generate import generate
