@@ -5,6 +5,7 @@ spool directory of result files removed however the map ends."""
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import signal
@@ -24,6 +25,12 @@ def _slow_square(x: int) -> tuple[int, int]:
     if x == 13:
         raise ValueError("job 13 fails")
     return x * x, os.getpid()
+
+
+def _disk_full(x: int) -> int:
+    if x == 2:
+        raise OSError(errno.ENOSPC, "No space left on device", "/dev/shm/x")
+    return x
 
 
 def _jobs(n: int, marker_every: int = 7):
@@ -61,6 +68,19 @@ def test_failing_job_raises_at_its_turn(workers):
         for tag, _ in ordered_map(_slow_square, _jobs(30), workers=workers, helps=True):
             got.append(tag)
     assert got == list(range(13))
+    assert _spools() == before
+
+
+@pytest.mark.parametrize("helps", [True, False])
+def test_disk_full_in_a_spawned_process_raises_at_its_turn(helps):
+    """A job that hits a full disk in a spawned process (its spool file, its own writes) surfaces as that
+    OSError at its turn, errno kept for the CLI's "disk full" line; the spool is removed."""
+    before = _spools()
+    got = []
+    with pytest.raises(OSError) as e:
+        for tag, _ in ordered_map(_disk_full, ((i, i) for i in range(6)), workers=2, helps=helps):
+            got.append(tag)
+    assert e.value.errno == errno.ENOSPC and got == [0, 1]
     assert _spools() == before
 
 

@@ -167,6 +167,16 @@ def test_split_cpus(monkeypatch):
     assert worker.split_cpus(1) is None
 
 
+@pytest.mark.parametrize("engine", ["process", "thread"])
+def test_kv_cache_beyond_free_memory_is_refused(ckpt, engine):
+    """Engine refuses a slot cache over 90% of free memory before allocating it, in either engine."""
+    p = subprocess.run(cli_argv("serve", "--ckpt", str(ckpt), "--port", "0", "--engine", engine,
+                                "--max-batch", "10000000"), capture_output=True, text=True, cwd=REPO,
+                       timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 2, p.stderr
+    assert "--max-batch 10000000" in p.stderr and "KV cache" in p.stderr and "Traceback" not in p.stderr
+
+
 def test_engine_start_error_is_one_line(ckpt):
     p = subprocess.run(cli_argv("serve", "--ckpt", str(ckpt), "--port", "0", "--max-batch", "4",
                                 "--max-tokens-in-cache", "5"), capture_output=True, text=True, cwd=REPO,

@@ -176,8 +176,10 @@ def _settings(cfg: Config) -> dict:
 
 def _settings_diff(old: dict, new: dict) -> str:
     """The settings that differ, as `--key OLD -> NEW` (dotted for cleaning), for the refusal message."""
-    flat = lambda d: {**{k: v for k, v in d.items() if k != "clean"},  # noqa: E731
-                      **{f"clean.{k}": v for k, v in (d.get("clean") or {}).items()}}
+    def flat(d: dict) -> dict:
+        return {**{k: v for k, v in d.items() if k != "clean"},
+                **{f"clean.{k}": v for k, v in (d.get("clean") or {}).items()}}
+
     a, b = flat(old or {}), flat(new)
     return ", ".join(f"--{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
 

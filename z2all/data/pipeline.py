@@ -119,13 +119,14 @@ def ordered_map(fn: Callable, jobs: Iterable[tuple[Any, Any]], *, workers: int =
     if workers > 1:
         import multiprocessing as mp
 
-        with children_ignore_sigint():  # Ctrl-C stops this process, whose `finally` terminates the pool
-            pool = mp.get_context("spawn").Pool(spawned, initializer, initargs)
         # results come back through files here (_FileResult): /dev/shm when there is one (memory, never disk)
         spool = tempfile.mkdtemp(prefix="z2all-results-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
         names = itertools.count()
-    # jobs queued to the spawned processes (all jobs in flight with workers=1)
+        with children_ignore_sigint():  # Ctrl-C stops this process, whose `finally` terminates the pool
+            pool = mp.get_context("spawn").Pool(spawned, initializer, initargs)
+    # jobs queued to the spawned processes (all jobs in flight with workers=1), and all jobs in flight
     limit = 2 * spawned + 1 if pool is not None else 1
+    cap = limit + (HELP_AHEAD if helps else 0)
     inflight: deque = deque()
     queued = 0  # pool jobs in `inflight`
     it = iter(jobs)
@@ -160,15 +161,13 @@ def ordered_map(fn: Callable, jobs: Iterable[tuple[Any, Any]], *, workers: int =
 
     try:
         while True:
-            cap = limit + (HELP_AHEAD if helps else 0)
             while queued < limit and len(inflight) < cap and (job := take()) is not None:
                 add(job, pool is None)
             if not inflight:
                 break
             head = inflight[0][1]
             # help instead of waiting: the oldest result is still being computed by a spawned process
-            if (helps and head is not None and not head.ready() and len(inflight) < limit + HELP_AHEAD
-                    and (job := take()) is not None):
+            if helps and head is not None and not head.ready() and len(inflight) < cap and (job := take()) is not None:
                 add(job, True)
                 continue
             tag, res = inflight.popleft()

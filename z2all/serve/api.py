@@ -526,22 +526,12 @@ def build(cfg: Config) -> tuple[Service, object]:
     else:
         import torch
 
-        from z2all.model.generate import _available_memory
         from z2all.serve.engine import load
 
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         loaded = load(cfg.ckpt, cfg.tokenizer, cfg.device, cfg.dtype)
-        model = loaded.model
-        ctx = cfg.context or model.cfg.max_seq_len
-        if cfg.max_tokens_in_cache:
-            ctx = min(ctx, cfg.max_tokens_in_cache // max(1, max_batch))
-        need = model.kv_cache_bytes(max(1, max_batch), max(1, ctx))
-        free = _available_memory(model.tok_embeddings.weight.device)
-        if free is not None and need > 0.9 * free:
-            raise UserError(f"--max-batch {max_batch} x {ctx} positions need a {human_bytes(need)} KV cache and "
-                            f"{human_bytes(free)} is free; lower --max-batch, --context or --max-tokens-in-cache")
-        engine = Engine(model, loaded.tok, max_queue=cfg.max_queue, eos_ids=loaded.eos_ids,
+        engine = Engine(loaded.model, loaded.tok, max_queue=cfg.max_queue, eos_ids=loaded.eos_ids,
                         vocab_limit=loaded.vocab_limit, **engine_kw)
         tok, name, chatml = loaded.tok, loaded.name, loaded.chatml
     svc = Service(engine, tok, cfg.model_name or name, chatml, cfg.api_key, cfg.max_body, cfg.stream_interval)

@@ -222,6 +222,14 @@ class Engine:
         self.eos = set(eos_ids or [])
         self.vocab_limit = vocab_limit
         self.device = model.tok_embeddings.weight.device
+        from z2all.model.generate import _available_memory
+        from z2all.utils import human_bytes
+
+        need = model.kv_cache_bytes(max_batch, ctx)  # refused before it is allocated, in one line
+        free = _available_memory(self.device)
+        if free is not None and need > 0.9 * free:
+            raise UserError(f"--max-batch {max_batch} x {ctx} positions need a {human_bytes(need)} KV cache and "
+                            f"{human_bytes(free)} is free; lower --max-batch, --context or --max-tokens-in-cache")
         self.pool = _Pool(model, max_batch, ctx)
         self.cache_bytes = self.pool.nbytes
         self.free = list(range(max_batch))

@@ -74,31 +74,19 @@ def _child(conn, spec: EngineSpec) -> None:
     try:
         import torch
 
-        from z2all.model.generate import _available_memory
+        from z2all.model.generate import decode_threads
         from z2all.serve.engine import Engine, load_meta, load_model
 
         if spec.threads:
             torch.set_num_threads(spec.threads)
         meta = load_meta(spec.path, spec.tokenizer)
         model, vocab_limit = load_model(meta, spec.device, spec.dtype)
-        from z2all.model.generate import decode_threads
-
         kw = dict(spec.engine)
         cpus = None
         if spec.pin_cpus:
             cpus = split_cpus(decode_threads(model, kw.get("decode_threads", 0)))
             if cpus is not None:
                 pin_process(cpus[1])  # before Engine starts its thread, which inherits it
-        max_batch, ctx = kw["max_batch"], kw.get("context") or model.cfg.max_seq_len
-        if kw.get("max_tokens_in_cache"):
-            ctx = min(ctx, kw["max_tokens_in_cache"] // max(1, max_batch))
-        need = model.kv_cache_bytes(max(1, max_batch), max(1, ctx))
-        free = _available_memory(model.tok_embeddings.weight.device)
-        if free is not None and need > 0.9 * free:
-            from z2all.utils import human_bytes
-
-            raise UserError(f"--max-batch {max_batch} x {ctx} positions need a {human_bytes(need)} KV cache and "
-                            f"{human_bytes(free)} is free; lower --max-batch, --context or --max-tokens-in-cache")
         send_lock, out_lock = threading.Lock(), threading.Lock()
         outbox: list[tuple] = []
         reqs: dict[int, object] = {}
