@@ -12,7 +12,7 @@ import pytest
 import torch
 from model_helpers import small_config
 
-from z2all.model.generate import FastDecode, generate
+from z2all.model.generate import FastDecode, generate, onednn_linear_ok
 from z2all.model.llama import Z2all
 from z2all.utils import UserError
 
@@ -122,3 +122,60 @@ def test_decode_threads_rule_and_restore():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("mm", ["blas", pytest.param("onednn", marks=pytest.mark.skipif(
+    not onednn_linear_ok(), reason="torch's oneDNN linear ops need an x86 CPU build"))])
+def test_prefill_equals_the_forward(mm):
+    """FastDecode.prefill (generate()'s and the engine's prompt fill where oneDNN packs the weights) gives the
+    forward's last logits and writes the same keys/values: a whole prompt, a second chunk at start > 0 (its
+    causal mask offset by start), and two rows."""
+    m = model()
+    fd = FastDecode(m, mm)
+    with torch.inference_mode():
+        for B, T, start in ((1, 9, 0), (1, 6, 7), (2, 11, 0), (2, 1, 4)):
+            torch.manual_seed(T)
+            pre, idx = torch.randint(0, 97, (B, start)), torch.randint(0, 97, (B, T))
+            ref, got = m.new_kv_cache(B, 32), m.new_kv_cache(B, 32)
+            if start:
+                m(pre, kv_cache=ref, start_pos=0)
+                m(pre, kv_cache=got, start_pos=0)
+            want, _ = m(idx, kv_cache=ref, start_pos=start, logits_to_keep=1)
+            torch.testing.assert_close(fd.prefill(idx, start, got), want[:, -1], rtol=1e-5, atol=1e-5)
+            for a, b in zip(ref.k + ref.v, got.k + got.v):
+                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+                assert b[:, :, start + T:].abs().sum() == 0  # nothing written past the prompt
+
+
+@pytest.mark.skipif(not onednn_linear_ok(), reason="torch's oneDNN linear ops need an x86 CPU build")
+def test_batched_matmul_onednn_equals_blas():
+    """The switch: batched rows through oneDNN's packed weights == through torch.mm (MKL), in logits
+    (step_rows) and in greedy tokens (generate() of three equal-length prompts, both == the forward); a
+    row's matmul bits do not depend on how many rows share the oneDNN call; a bad value is one clear error."""
+    m = model()
+    c = m.cfg
+    one, blas = FastDecode(m, "onednn"), FastDecode(m, "blas")
+    assert FastDecode(m).batched_matmul == "onednn"  # auto on an x86 CPU in fp32
+    L = 16
+    torch.manual_seed(1)
+    kp = [torch.randn(4, c.n_kv_heads, L, c.head_dim) for _ in range(c.n_layers)]
+    vp = [torch.randn(4, c.n_kv_heads, L, c.head_dim) for _ in range(c.n_layers)]
+    with torch.inference_mode():
+        def run(fd, rows, pos):
+            pos = torch.tensor(pos)
+            mask = torch.arange(12)[None, :] <= pos[:, None]
+            return fd.step_rows(torch.tensor([5 + r for r in rows]), pos, [k.clone() for k in kp],
+                                [v.clone() for v in vp], torch.tensor(rows), None, mask)
+        a, b = run(one, [0, 1, 2], [11, 6, 9]), run(blas, [0, 1, 2], [11, 6, 9])
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        # a row's matmul bits do not depend on the row count (MKL's can, from 4 rows on)
+        layers, mm, _, _ = one._ops(2)
+        x = torch.randn(5, c.dim)
+        for w in layers[0][1:3]:
+            assert torch.equal(mm(x[:2].contiguous(), w), mm(x, w)[:2])
+    prompts = [[3, 14, 15, 92], [35, 89, 79, 32], [2, 71, 82, 81]]
+    ref = generate(m, prompts, 30, decode="plain")
+    assert generate(m, prompts, 30, decode="fast", batched_matmul="onednn") == ref
+    assert generate(m, prompts, 30, decode="fast", batched_matmul="blas") == ref
+    with pytest.raises(UserError, match="--batched-matmul"):
+        FastDecode(m, "mkl")

@@ -62,6 +62,8 @@ class Config:
     engine: str = opt("process", "the servers' --engine: process (the model in a process of its own) or thread",
                       choices=("process", "thread"))
     decode_threads: int = opt(0, "the servers' --decode-threads (0 = auto: 1 for a small model on the CPU)")
+    batched_matmul: str = opt("auto", "the servers' and the engine-alone rows' --batched-matmul (auto, onednn, "
+                              "blas)", choices=("auto", "onednn", "blas"))
     timeout: float = opt(600.0, "seconds any one level may take before the benchmark gives up")
 
 
@@ -227,7 +229,8 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
-def _single_stream(srv: _Server, ckpt: Path, prompt: str, max_tokens: int, threads: int, rounds: int = 3):
+def _single_stream(srv: _Server, ckpt: Path, prompt: str, max_tokens: int, threads: int, batched_matmul: str = "auto",
+                   rounds: int = 3):
     """The single-stream comparison: one streaming request to the server, then `z2all generate`'s path
     (model/generate.py generate(), decode="fast" as the CLI, in this process, batch 1) on the same prompt and
     token count twice: returning token ids only, and as the `z2all generate` command runs it for one prompt
@@ -245,7 +248,7 @@ def _single_stream(srv: _Server, ckpt: Path, prompt: str, max_tokens: int, threa
     try:
         L = load(str(ckpt), device="cpu")
         ids = L.tok(prompt, add_special_tokens=True)["input_ids"]
-        generate(L.model, [ids], 8, decode="fast")  # warm-up
+        generate(L.model, [ids], 8, decode="fast", batched_matmul=batched_matmul)  # warm-up
         best_srv = best_gen = best_cli = 0.0
         with open(os.devnull, "w", encoding="utf-8") as sink:
             for _ in range(rounds):
@@ -253,11 +256,13 @@ def _single_stream(srv: _Server, ckpt: Path, prompt: str, max_tokens: int, threa
                 r = asyncio.run(_one(srv.port, srv.health["model"], prompt, max_tokens))
                 best_srv = max(best_srv, r["tokens"] / (time.perf_counter() - t))
                 t = time.perf_counter()
-                out = generate(L.model, [ids], max_tokens, eos_id=None, decode="fast")
+                out = generate(L.model, [ids], max_tokens, eos_id=None, decode="fast",
+                               batched_matmul=batched_matmul)
                 best_gen = max(best_gen, len(out[0]) / (time.perf_counter() - t))
                 t = time.perf_counter()
                 streamer = _Streamer(L.tok, [], stream=sink)
-                out = generate(L.model, [ids], max_tokens, eos_id=None, decode="fast", on_token=streamer)
+                out = generate(L.model, [ids], max_tokens, eos_id=None, decode="fast", on_token=streamer,
+                               batched_matmul=batched_matmul)
                 streamer.finish()
                 best_cli = max(best_cli, len(out[0]) / (time.perf_counter() - t))
         return best_srv, best_gen, best_cli
@@ -266,7 +271,7 @@ def _single_stream(srv: _Server, ckpt: Path, prompt: str, max_tokens: int, threa
 
 
 def _engine_alone(ckpt: Path, prompts: list[str], clients: list[int], max_tokens: int, threads: int,
-                  rounds: int = 3) -> dict[int, float]:
+                  batched_matmul: str = "auto", rounds: int = 3) -> dict[int, float]:
     """The ceiling of continuous batching on this machine: the serving engine in this process, without HTTP,
     SSE or clients (the servers are stopped by then). For each n in `clients`, n requests (the levels'
     prompts, greedy, ignore_eos, max_tokens each) submitted at once; aggregate tokens/s from the first submit
@@ -279,7 +284,8 @@ def _engine_alone(ckpt: Path, prompts: list[str], clients: list[int], max_tokens
     L = load(str(ckpt), device="cpu")
     ids = [L.tok(p, add_special_tokens=True)["input_ids"] for p in prompts]
     with num_threads(threads):
-        eng = Engine(L.model, L.tok, max_batch=max(clients), eos_ids=L.eos_ids, vocab_limit=L.vocab_limit)
+        eng = Engine(L.model, L.tok, max_batch=max(clients), eos_ids=L.eos_ids, vocab_limit=L.vocab_limit,
+                     batched_matmul=batched_matmul)
         try:
             def level(n: int) -> float:
                 done, left, lock = threading.Event(), [n], threading.Lock()
@@ -342,7 +348,7 @@ def run(cfg: Config) -> int:
             for mode in cfg.modes:
                 args = ["--sequential"] if mode == "sequential" else ["--max-batch", str(max(clients))]
                 args += ["--stream-interval", str(cfg.stream_interval), "--engine", cfg.engine,
-                         "--decode-threads", str(cfg.decode_threads)]
+                         "--decode-threads", str(cfg.decode_threads), "--batched-matmul", cfg.batched_matmul]
                 servers[mode] = _Server(ckpt, cfg.threads, *args)
                 asyncio.run(_level(servers[mode].port, servers[mode].health["model"], prompts[:1], 1, 1, 8,
                                    cfg.timeout))  # warm-up
@@ -360,13 +366,14 @@ def run(cfg: Config) -> int:
                     print(f"  {mode:<10} N={n:<3} {toks / wall:8.0f} tokens/s", file=sys.stderr, flush=True)
                 if ref is None:  # next to the single-stream rows
                     mode = "batched" if "batched" in servers else cfg.modes[0]
-                    ref = (mode, *_single_stream(servers[mode], ckpt, prompts[0], cfg.max_tokens, cfg.threads))
+                    ref = (mode, *_single_stream(servers[mode], ckpt, prompts[0], cfg.max_tokens, cfg.threads,
+                                                   cfg.batched_matmul))
             for mode, srv in servers.items():
                 notes.append(f"{mode}: server peak RSS {srv.peak_rss() / 2**20:.0f} MB (sum over its processes)")
         finally:
             for srv in servers.values():
                 srv.stop()
-        alone = _engine_alone(ckpt, prompts, clients, cfg.max_tokens, cfg.threads)
+        alone = _engine_alone(ckpt, prompts, clients, cfg.max_tokens, cfg.threads, cfg.batched_matmul)
         rows.sort(key=lambda r: (cfg.modes.index(r[0]), r[1]))
         rows.append([f"{ref[0]}, one request (best of 3, alternating with the next row)", 1, 3,
                      3 * cfg.max_tokens, "", f"{ref[1]:,.0f}", "", "", "", ""])
@@ -379,7 +386,8 @@ def run(cfg: Config) -> int:
                          "", f"{rate:,.0f}", "", "", "", ""])
     finally:
         tmp.cleanup()
-    print(f"\n### z2all bench serve ({machine_name()}, server --threads {cfg.threads})\n")
+    print(f"\n### z2all bench serve ({machine_name()}, server --threads {cfg.threads}, --batched-matmul "
+          f"{cfg.batched_matmul})\n")
     print(f"model: {ckpt if cfg.ckpt else 'tiny preset, random weights, demo BPE (vocab 4096)'}; "
           f"{cfg.requests} request(s) per client, ~{cfg.prompt_tokens} prompt tokens, {cfg.max_tokens} generated "
           f"tokens each (greedy, ignore_eos), streaming over loopback\n")

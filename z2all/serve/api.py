@@ -484,6 +484,9 @@ class Config:
                                  "often (fewer thread hand-offs per token); 0 = every token as it comes")
     decode_threads: int = opt(0, "CPU threads for prefill and decode steps; 0 = auto: 1 for a model under 64 MB of "
                               "weights (per-op threading costs more than it saves there), --threads otherwise")
+    batched_matmul: str = opt("auto", "matrix multiplies of batched decode steps and prompt prefills: onednn "
+                              "(packed weights, AVX-512 on any x86 CPU), blas (torch.mm: MKL), auto = onednn on an "
+                              "x86 CPU in fp32, else blas", choices=("auto", "onednn", "blas"))
     engine: str = opt("process", "where the model runs: process (a process of its own, so decoding and the HTTP side "
                       "run on two cores) or thread (a thread of the server process; they share one GIL)",
                       choices=("process", "thread"))
@@ -511,7 +514,8 @@ def build(cfg: Config) -> tuple[Service, object]:
         raise UserError("--context and --max-tokens-in-cache must be >= 0 (0 = from the model)")
     max_batch = 1 if cfg.sequential else cfg.max_batch
     engine_kw = dict(max_batch=max_batch, max_tokens_in_cache=cfg.max_tokens_in_cache, context=cfg.context,
-                     prefill_chunk=cfg.prefill_chunk, decode=cfg.decode, decode_threads=cfg.decode_threads)
+                     prefill_chunk=cfg.prefill_chunk, decode=cfg.decode, decode_threads=cfg.decode_threads,
+                     batched_matmul=cfg.batched_matmul)
     if cfg.engine == "process":
         from z2all.serve.engine import load_meta
         from z2all.serve.worker import EngineProcess, EngineSpec

@@ -1,0 +1,66 @@
+"""The serving engine in-process (serve/engine.py), with each `batched_matmul` (oneDNN's packed weights vs
+torch.mm, the reference): concurrent greedy requests of mixed prompt lengths, lengths and stop strings that
+share decode steps and chunked prefills each return what they return alone, and the same with either
+backend, equal to generate()'s plain forward."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from serve_helpers import make_ckpt
+
+from z2all.model.generate import generate, onednn_linear_ok
+from z2all.serve.engine import Engine, SamplingParams, load
+from z2all.utils import UserError
+
+MATMULS = ["blas", pytest.param("onednn", marks=pytest.mark.skipif(
+    not onednn_linear_ok(), reason="torch's oneDNN linear ops need an x86 CPU build"))]
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    return load(str(make_ckpt(tmp_path_factory.mktemp("engine"))), device="cpu")
+
+
+def run_all(engine: Engine, jobs: list[tuple[list[int], SamplingParams]]) -> list[tuple[list[int], str]]:
+    """Submit every job at once; (tokens, finish_reason) of each, in order."""
+    done = [threading.Event() for _ in jobs]
+    out: list = [None] * len(jobs)
+    reqs = []
+    for i, (ids, params) in enumerate(jobs):
+        def emit(ev, i=i):
+            if ev.final:
+                out[i] = ev.finish_reason
+                done[i].set()
+        reqs.append(engine.submit(ids, params, emit))
+    for d in done:
+        assert d.wait(60)
+    return [(list(r.out), reason) for r, reason in zip(reqs, out)]
+
+
+@pytest.mark.parametrize("mm", MATMULS)
+def test_engine_greedy_together_equals_alone(loaded, mm):
+    tok = loaded.tok
+    texts = ["def f(x):\n    return", "中文的句子" * 6, "a", "word " * 40, "print(", "数据" * 20]
+    jobs = [(tok(t)["input_ids"], SamplingParams(max_tokens=n, temperature=0, stop=s or []))
+            for t, n, s in zip(texts, (20, 12, 30, 7, 25, 16), (None, None, [" "], None, None, ["\n"]))]
+    eng = Engine(loaded.model, tok, max_batch=4, prefill_chunk=16, eos_ids=loaded.eos_ids,
+                 vocab_limit=loaded.vocab_limit, batched_matmul=mm)
+    try:
+        alone = [run_all(eng, [j])[0] for j in jobs]
+        steps = eng.steps
+        together = run_all(eng, jobs)
+        assert eng.max_rows > 1 and eng.steps - steps < sum(len(a[0]) for a in alone)  # steps were shared
+    finally:
+        eng.close()
+    assert together == alone
+    assert eng.fast.batched_matmul == mm
+    for (ids, p), (out, _) in zip(jobs, alone):  # == the forward's tokens (a stop string may end it early)
+        ref = generate(loaded.model, [ids], p.max_tokens, eos_id=loaded.eos_ids, decode="plain")[0]
+        assert ref[:len(out)] == out
+
+
+def test_engine_refuses_a_bad_batched_matmul(loaded):
+    with pytest.raises(UserError, match="--batched-matmul"):
+        Engine(loaded.model, loaded.tok, batched_matmul="mkl")
