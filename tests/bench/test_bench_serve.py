@@ -1,9 +1,11 @@
 """`z2all bench serve` end to end on a tiny checkpoint (slow: two server processes): the table has a row per
 (mode, clients), the single-stream rows (one request; generate() with ids only, and streaming its text as
-the command does), the engine-alone rows (no HTTP) and the ratio lines; every request got its tokens."""
+the command does), the engine-alone rows (no HTTP) and the ratio lines; every request got its tokens; the
+clients ran off the engines' CPUs."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,3 +44,5 @@ def test_bench_serve_small(tmp_path):
     assert [int(ln.split("|")[2]) for ln in alone] == [1, 3] and all(float(ln.split("|")[6].replace(",", "")) > 0
                                                                   for ln in alone)
     assert "- the engine alone (no HTTP): 3 streams " in r.stdout
+    if len(os.sched_getaffinity(0)) > 1:  # the servers pin their engines; the clients keep off those CPUs
+        assert "- clients on CPU " in r.stdout and "the servers' engines on CPU " in r.stdout

@@ -148,12 +148,14 @@ def test_engine_and_http_on_their_own_cpus(ckpt):
     try:
         pid = s.stats()["engine_pid"]
         assert _cpus(pid) == str(cpus[-1])  # a small model decodes on one thread: one CPU
+        assert s.stats()["engine_cpus"] == [cpus[-1]]  # /health says so (bench serve keeps its clients off it)
         assert str(cpus[-1]) not in _cpus(s.proc.pid).replace("-", ",").split(",") or len(cpus) > 2
     finally:
         s.stop()
     s = Server(ckpt, "--pin-cpus", "false")
     try:
         assert _cpus(s.stats()["engine_pid"]) == _cpus(s.proc.pid)
+        assert s.stats()["engine_cpus"] is None
     finally:
         s.stop()
 

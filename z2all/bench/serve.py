@@ -19,7 +19,9 @@ streaming its text as the command does for one prompt (to /dev/null); alternatin
 Without --ckpt the model is the `tiny` preset (the demo's model, ~5M parameters at vocab 4096) with random
 weights and a BPE trained on the embedded demo corpus in a second: throughput does not depend on the
 weights. The clients run in this process and share the machine's cores with the server, as real clients
-on the same host would.
+on the same host would, but not the engine's: where a server pins its engine process to CPUs of its own
+(`serve --pin-cpus`), the clients (and the single-stream generate() rows) run on the other CPUs, as the
+server's HTTP side does, so the load generator does not preempt the engine it measures.
 """
 
 from __future__ import annotations
@@ -352,6 +354,14 @@ def run(cfg: Config) -> int:
                 servers[mode] = _Server(ckpt, cfg.threads, *args)
                 asyncio.run(_level(servers[mode].port, servers[mode].health["model"], prompts[:1], 1, 1, 8,
                                    cfg.timeout))  # warm-up
+            engine_cpus = {c for srv in servers.values() for c in srv.health.get("engine_cpus") or []}
+            own_cpus = os.sched_getaffinity(0)
+            if engine_cpus and own_cpus - engine_cpus:
+                from z2all.serve.worker import pin_process
+
+                pin_process(sorted(own_cpus - engine_cpus))
+                notes.append(f"clients on CPU {','.join(map(str, sorted(own_cpus - engine_cpus)))}, the servers' "
+                             f"engines on CPU {','.join(map(str, sorted(engine_cpus)))}")
             for n in clients:
                 for mode, srv in servers.items():
                     res, wall = asyncio.run(_level(srv.port, srv.health["model"], prompts, n, cfg.requests,
@@ -368,6 +378,8 @@ def run(cfg: Config) -> int:
                     mode = "batched" if "batched" in servers else cfg.modes[0]
                     ref = (mode, *_single_stream(servers[mode], ckpt, prompts[0], cfg.max_tokens, cfg.threads,
                                                    cfg.batched_matmul))
+            if engine_cpus and own_cpus - engine_cpus:
+                pin_process(sorted(own_cpus))  # the engine-alone rows may use every CPU
             for mode, srv in servers.items():
                 notes.append(f"{mode}: server peak RSS {srv.peak_rss() / 2**20:.0f} MB (sum over its processes)")
         finally:

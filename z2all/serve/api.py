@@ -274,7 +274,8 @@ def create_app(svc: Service):
         gone = getattr(svc.engine, "gone", None)  # worker.EngineProcess whose child has exited
         if gone:
             return JSONResponse({"status": "error", "model": svc.name, "error": gone}, status_code=503)
-        return {"status": "ok", "model": svc.name, **svc.engine.stats()}
+        cpus = getattr(svc.engine, "cpus", None)  # the engine process's CPUs when pinned (split_cpus)
+        return {"status": "ok", "model": svc.name, "engine_cpus": cpus[1] if cpus else None, **svc.engine.stats()}
 
     @app.get("/")
     async def page():
