@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 
 .PHONY: demo test lint test-slow gpu-check clean-venv
 
-$(VENV)/.installed: pyproject.toml setup.py z2all/data/_cleanc.c
+$(VENV)/.installed: pyproject.toml setup.py z2all/data/_cleanc.c z2all/model/_decodec.c
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[test]"

@@ -28,9 +28,9 @@ RUNS = (0, 1, 2, 3, 5)
 
 
 def test_c_cleaner_is_built_where_required():
-    """CI (.ci/run) has a C compiler and sets Z2ALL_REQUIRE_CLEANC=1: there the C tests must run, not skip."""
-    if os.environ.get("Z2ALL_REQUIRE_CLEANC") and clean._cleanc is None:
-        pytest.fail("Z2ALL_REQUIRE_CLEANC is set but z2all.data._cleanc is not built (pip install -e . builds it)")
+    """CI (.ci/run) has a C compiler and sets Z2ALL_REQUIRE_C=1: there the C tests must run, not skip."""
+    if os.environ.get("Z2ALL_REQUIRE_C") and clean._cleanc is None:
+        pytest.fail("Z2ALL_REQUIRE_C is set but z2all.data._cleanc is not built (pip install -e . builds it)")
 
 
 def corpus_texts() -> list[str]:

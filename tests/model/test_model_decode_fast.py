@@ -8,11 +8,13 @@ the tokens do not depend on it."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from model_helpers import small_config
 
-from z2all.model.generate import FastDecode, generate, onednn_linear_ok
+from z2all.model.generate import FastDecode, _decodec, generate, onednn_linear_ok
 from z2all.model.llama import Z2all
 from z2all.utils import UserError
 
@@ -179,3 +181,56 @@ def test_batched_matmul_onednn_equals_blas():
     assert generate(m, prompts, 30, decode="fast", batched_matmul="blas") == ref
     with pytest.raises(UserError, match="--batched-matmul"):
         FastDecode(m, "mkl")
+
+
+needs_c = pytest.mark.skipif(_decodec is None and not os.environ.get("Z2ALL_REQUIRE_C"),
+                             reason="z2all.model._decodec is not built (pip install -e . builds it with a C compiler)")
+
+
+@needs_c
+@pytest.mark.parametrize("dim,heads,kv", [(48, 6, 2), (36, 6, 3), (256, 4, 2), (512, 4, 2)])
+def test_c_attention_equals_torch(dim, heads, kv):
+    """The compiled attention (RoPE, cache write, causal attention in one call per layer; its register path
+    for head_dim 64 and 128, the generic loop for 8 and 6) == the torch ops: step() and step_rows() logits
+    and cache contents, and generate()'s greedy tokens == the forward's. A position outside the cache is a
+    ValueError before anything is written."""
+    assert _decodec is not None, "Z2ALL_REQUIRE_C is set but z2all.model._decodec is not built"
+    m = model(dim=dim, n_heads=heads, n_kv_heads=kv, ffn_dim=2 * dim)
+    c = m.cfg
+    fc, ft = FastDecode(m, attention="c"), FastDecode(m, attention="torch")
+    assert FastDecode(m).attention == "c"  # auto: fp32 on the CPU with the extension built
+    L = 24
+    torch.manual_seed(2)
+    kp = [torch.randn(4, c.n_kv_heads, L, c.head_dim) for _ in range(c.n_layers)]
+    vp = [torch.randn(4, c.n_kv_heads, L, c.head_dim) for _ in range(c.n_layers)]
+    # tolerance relative to each tensor's scale: fp32 rounding (C contracts RoPE's x*c + y*s to one FMA and
+    # sums in another order) on keys and logits up to ~20 with these weights
+    with torch.inference_mode():
+        caches = {}
+        for name, fd in (("c", fc), ("torch", ft)):
+            cache = m.new_kv_cache(2, L)
+            m(torch.tensor([[5, 6, 7, 8, 9, 10, 11]] * 2), kv_cache=cache)
+            caches[name] = (fd.step(torch.tensor([3, 4]), 7, cache), cache)
+        close = lambda a, b: torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))  # noqa: E731
+        close(caches["c"][0], caches["torch"][0])
+        for a, b in zip(caches["c"][1].k + caches["c"][1].v, caches["torch"][1].k + caches["torch"][1].v):
+            close(a, b)
+        rows, pos = torch.tensor([3, 0, 1]), torch.tensor([23, 0, 9])
+        mask = torch.arange(24)[None, :] <= pos[:, None]
+        got = {}
+        for name, fd in (("c", fc), ("torch", ft)):
+            k, v = [x.clone() for x in kp], [x.clone() for x in vp]
+            got[name] = (fd.step_rows(torch.tensor([1, 2, 3]), pos, k, v, rows, None, mask), k, v)
+        close(got["c"][0], got["torch"][0])
+        for a, b in zip(got["c"][1] + got["c"][2], got["torch"][1] + got["torch"][2]):
+            close(a, b)
+        qkv = torch.randn(1, (c.n_heads + 2 * c.n_kv_heads) * c.head_dim)
+        before = kp[0].clone()
+        with pytest.raises(ValueError, match="outside the cache"):
+            fc._attend_c(qkv, kp[0], vp[0], torch.tensor([0]), torch.tensor([L]), 0,
+                         fc._rope(torch.device("cpu"), L + 1))
+        assert torch.equal(kp[0], before)
+    prompts = [[3, 14, 15, 92], [35, 89, 79, 32]]
+    assert generate(m, prompts, 30, decode="fast") == generate(m, prompts, 30, decode="plain")
+    with pytest.raises(UserError, match="--decode-attention"):
+        FastDecode(m, attention="asm")

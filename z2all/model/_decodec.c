@@ -1,0 +1,225 @@
+/* z2all.model._decodec: the attention of one decode step in one call per layer, for FastDecode
+ * (model/generate.py, `attention="c"`; the reference is its torch path: RoPE as three ops, two index_puts
+ * into the cache, scaled_dot_product_attention with a key mask).
+ *
+ * attend(qkv, k_pool, v_pool, slots, pos, pos0, cos, sin, out, B, H, K, D, L, n_slots, n_pos)
+ *   Every argument is a Python int: the first nine are the data pointers of float32 / int64 CPU tensors
+ *   that the caller (FastDecode._attend_c) has checked to be contiguous, the rest are sizes.
+ *   qkv     [B, (H + 2K) * D]   the step's q | k | v projections, one new token per row
+ *   k_pool  [n_slots, K, L, D]  keys of every slot (the engine's pool, or a KVCache with n_slots = B)
+ *   v_pool  [n_slots, K, L, D]
+ *   slots   [B] int64           row b's slot; 0 (a null pointer) = slot b
+ *   pos     [B] int64           row b's position; 0 (a null pointer) = every row at pos0
+ *   cos/sin [n_pos, D]          FastDecode's RoPE tables: cat(cos, cos) and cat(-sin, sin)
+ *   out     [B, H * D]          the attention output (heads side by side, the layout wo reads)
+ * For each row b at position p in slot s: RoPE on q and k (rotate-half), k and v written at (s, p), then
+ * each query head h (kv head h / (H / K)) attends causally to keys 0..p of slot s: softmax(q.k / sqrt(D)).
+ * Positions and slots are checked before any write; a bad one raises ValueError. The GIL is released while
+ * it computes.
+ *
+ * Why: in the torch path these are ~8 ops per layer whose dispatch costs more than their arithmetic at
+ * decode sizes (8 rows x 4 heads x ~100 keys x 64 is ~0.4 MFLOP). The inner loops are written so GCC
+ * vectorizes them (`omp simd`, -fopenmp-simd) and cloned for AVX-512 / AVX2 / baseline x86-64, picked at
+ * load time (target_clones), since the extension is built without -march. */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define CLONES
+#endif
+
+/* dst[i] = x[i] * c[i] + x[(i + D/2) % D] * s[i]: rotate-half RoPE with the sign folded into s */
+static inline void rope(float *restrict dst, const float *restrict x, const float *restrict c,
+                        const float *restrict s, int64_t D) {
+    int64_t h = D / 2;
+#pragma omp simd
+    for (int64_t i = 0; i < h; i++) dst[i] = x[i] * c[i] + x[i + h] * s[i];
+#pragma omp simd
+    for (int64_t i = h; i < D; i++) dst[i] = x[i] * c[i] + x[i - h] * s[i];
+}
+
+static inline float dot(const float *restrict a, const float *restrict b, int64_t n) {
+    float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = 0; i < n; i++) acc += a[i] * b[i];
+    return acc;
+}
+
+/* y += w * x */
+static inline void axpy(float *restrict y, float w, const float *restrict x, int64_t n) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) y[i] += w * x[i];
+}
+
+/* w[t] = exp(w[t] - m) for t < n, returning their sum. exp by range reduction (x = k ln2 + r, |r| <= ln2/2),
+ * a degree-7 polynomial for exp(r) (Cephes' expf coefficients) and 2^k built in the exponent bits: ~1 ulp
+ * for the x <= 0 seen here, and a loop GCC vectorizes (libm's expf is a call per element: 2,560 of them per
+ * layer for 8 rows of ~80 keys took most of this file's time). */
+static inline float exp_sum(float *restrict w, int64_t n, float m) {
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t t = 0; t < n; t++) {
+        float x = w[t] - m;
+        x = x < -87.f ? -87.f : x;  /* exp(-87) ~ 1.6e-38: still a normal float; 2^k below stays in range */
+        float k = floorf(x * 1.44269504f + 0.5f);
+        float r = x - k * 0.693359375f + k * 2.12194440e-4f;  /* x - k ln2, ln2 split in two for accuracy */
+        float p = 1.9875691500e-4f;
+        p = p * r + 1.3981999507e-3f;
+        p = p * r + 8.3334519073e-3f;
+        p = p * r + 4.1665795894e-2f;
+        p = p * r + 1.6666665459e-1f;
+        p = p * r + 5.0000001201e-1f;
+        p = p * r * r + r + 1.f;
+        union { int32_t i; float f; } two_k = {.i = ((int32_t)k + 127) << 23};
+        w[t] = p * two_k.f;
+        sum += w[t];
+    }
+    return sum;
+}
+
+/* one query head of one row: out = softmax(q . keys[0..n) * scale) @ values[0..n); w: n floats of scratch.
+ * Any even D; head_fixed below is the same for D = 16 * NV in registers. */
+static inline void head(float *restrict out, const float *restrict q, const float *restrict keys,
+                        const float *restrict values, int64_t n, int64_t D, float scale, float *restrict w) {
+    float m = -INFINITY;
+    for (int64_t t = 0; t < n; t++) {
+        w[t] = dot(q, keys + t * D, D) * scale;
+        m = w[t] > m ? w[t] : m;
+    }
+    float inv = 1.f / exp_sum(w, n, m);
+    memset(out, 0, (size_t)D * sizeof(float));
+    for (int64_t t = 0; t < n; t++) axpy(out, w[t], values + t * D, D);
+#pragma omp simd
+    for (int64_t i = 0; i < D; i++) out[i] *= inv;
+}
+
+/* 16 floats as one GCC vector: one zmm register in the AVX-512 clone, two ymm / four xmm in the others.
+ * Why not plain loops for the common head sizes: GCC kept `out` in memory across the keys (a store and a
+ * reload per key) and summed each dot product's 16 lanes one scalar add at a time; perf showed those two
+ * at ~60% of the kernel. Here q and the output stay in registers and a lane sum is four shuffle-adds. */
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t i16 __attribute__((vector_size(64)));
+
+static inline __attribute__((always_inline)) v16 load16(const float *p) {
+    v16 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline __attribute__((always_inline)) float lanes_sum(v16 v) {
+    v += __builtin_shuffle(v, (i16){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+    v += __builtin_shuffle(v, (i16){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+    v += __builtin_shuffle(v, (i16){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+    v += __builtin_shuffle(v, (i16){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+    return v[0];
+}
+
+#define HEAD_FIXED(NV)                                                                                        \
+    static inline __attribute__((always_inline)) void head_##NV(float *restrict out, const float *restrict q,   \
+                                 const float *restrict keys, const float *restrict values, int64_t n,     \
+                                 float scale, float *restrict w) {                                        \
+        v16 qv[NV], acc[NV];                                                                                 \
+        for (int i = 0; i < NV; i++) qv[i] = load16(q + 16 * i);                                             \
+        float m = -INFINITY;                                                                                 \
+        for (int64_t t = 0; t < n; t++) {                                                                    \
+            const float *k = keys + t * 16 * NV;                                                             \
+            v16 s = qv[0] * load16(k);                                                                       \
+            for (int i = 1; i < NV; i++) s += qv[i] * load16(k + 16 * i);                                    \
+            w[t] = lanes_sum(s) * scale;                                                                     \
+            m = w[t] > m ? w[t] : m;                                                                         \
+        }                                                                                                    \
+        float inv = 1.f / exp_sum(w, n, m);                                                                  \
+        for (int i = 0; i < NV; i++) acc[i] = (v16){0};                                                      \
+        for (int64_t t = 0; t < n; t++) {                                                                    \
+            const float *v = values + t * 16 * NV;                                                           \
+            for (int i = 0; i < NV; i++) acc[i] += w[t] * load16(v + 16 * i);                                \
+        }                                                                                                    \
+        for (int i = 0; i < NV; i++) {                                                                       \
+            acc[i] *= inv;                                                                                   \
+            memcpy(out + 16 * i, &acc[i], sizeof acc[i]);                                                    \
+        }                                                                                                    \
+    }
+HEAD_FIXED(4)  /* D = 64: the tiny and 125m presets */
+HEAD_FIXED(8)  /* D = 128: Llama-2 7B's */
+
+/* row b: RoPE, the cache write at (s, p), every query head's attention; out: its H * D outputs. The unit
+ * compiled per instruction set (the helpers above inline into each clone). */
+CLONES static void one_row(float *restrict out, const float *restrict row, float *kp, float *vp,
+                           const float *restrict c, const float *restrict sn, int64_t p, int64_t s, int64_t H,
+                           int64_t K, int64_t D, int64_t L, float *restrict scratch, float *restrict q) {
+    float scale = 1.f / sqrtf((float)D);
+    int64_t G = H / K;
+    for (int64_t j = 0; j < K; j++) {
+        int64_t at = ((s * K + j) * L + p) * D;
+        rope(kp + at, row + (H + j) * D, c, sn, D);
+        memcpy(vp + at, row + (H + K + j) * D, (size_t)D * sizeof(float));
+    }
+    for (int64_t h = 0; h < H; h++) {
+        int64_t base = (s * K + h / G) * L * D;
+        rope(q, row + h * D, c, sn, D);
+        if (D == 64)
+            head_4(out + h * D, q, kp + base, vp + base, p + 1, scale, scratch);
+        else if (D == 128)
+            head_8(out + h * D, q, kp + base, vp + base, p + 1, scale, scratch);
+        else
+            head(out + h * D, q, kp + base, vp + base, p + 1, D, scale, scratch);
+    }
+}
+
+static PyObject *attend(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long pqkv, pk, pv, pslots, ppos, pcos, psin, pout;
+    Py_ssize_t pos0, B, H, K, D, L, n_slots, n_pos;
+    if (!PyArg_ParseTuple(args, "KKKKKnKKKnnnnnnn", &pqkv, &pk, &pv, &pslots, &ppos, &pos0, &pcos, &psin, &pout,
+                          &B, &H, &K, &D, &L, &n_slots, &n_pos))
+        return NULL;
+    if (!pqkv || !pk || !pv || !pcos || !psin || !pout || B < 1 || H < 1 || K < 1 || H % K || D < 2 || D % 2 ||
+        L < 1 || n_slots < 1 || n_pos < 1) {
+        PyErr_SetString(PyExc_ValueError, "attend: bad pointer or size");
+        return NULL;
+    }
+    const int64_t *slots = (const int64_t *)(uintptr_t)pslots, *pos = (const int64_t *)(uintptr_t)ppos;
+    int64_t most = 0;
+    for (Py_ssize_t b = 0; b < B; b++) {
+        int64_t p = pos ? pos[b] : pos0, s = slots ? slots[b] : b;
+        if (p < 0 || p >= L || p >= n_pos || s < 0 || s >= n_slots) {
+            PyErr_Format(PyExc_ValueError, "attend: row %zd at position %lld of slot %lld is outside the cache "
+                         "(%zd slots of %zd positions, RoPE table of %zd)", b, (long long)p, (long long)s,
+                         n_slots, L, n_pos);
+            return NULL;
+        }
+        if (p + 1 > most) most = p + 1;
+    }
+    float *scratch = malloc((size_t)(most + D) * sizeof(float));
+    if (!scratch) return PyErr_NoMemory();
+    const float *qkv = (const float *)(uintptr_t)pqkv, *cos = (const float *)(uintptr_t)pcos,
+                *sin = (const float *)(uintptr_t)psin;
+    float *kp = (float *)(uintptr_t)pk, *vp = (float *)(uintptr_t)pv, *out = (float *)(uintptr_t)pout;
+    float *q = scratch + most;
+    Py_BEGIN_ALLOW_THREADS
+    for (int64_t b = 0; b < B; b++) {
+        int64_t p = pos ? pos[b] : pos0, s = slots ? slots[b] : b;
+        one_row(out + b * H * D, qkv + b * (H + 2 * K) * D, kp, vp, cos + p * D, sin + p * D, p, s, H, K, D, L,
+                scratch, q);
+    }
+    Py_END_ALLOW_THREADS
+    free(scratch);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"attend", attend, METH_VARARGS, "RoPE, cache write and causal attention of one decode step (see the file)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_decodec", "FastDecode's C attention step.", -1,
+                                    methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__decodec(void) { return PyModule_Create(&module); }
