@@ -64,3 +64,21 @@ def test_engine_greedy_together_equals_alone(loaded, mm):
 def test_engine_refuses_a_bad_batched_matmul(loaded):
     with pytest.raises(UserError, match="--batched-matmul"):
         Engine(loaded.model, loaded.tok, batched_matmul="mkl")
+
+
+@pytest.mark.parametrize("length,steps,rows", [(5, 1, 3), (10, 3, 1)])
+def test_short_prompts_share_an_iterations_prefill_budget(loaded, length, steps, rows):
+    """Three requests arriving together, 2 tokens each, --prefill-chunk 16: three 5-token prompts (15 <= 16)
+    are all filled in the first iteration and decode their second token in one 3-row step; three 10-token
+    prompts are filled one per iteration (a second one would pass the budget), so three 1-row steps."""
+    eng = Engine(loaded.model, loaded.tok, max_batch=4, prefill_chunk=16, eos_ids=[], vocab_limit=loaded.vocab_limit)
+    try:
+        done = [threading.Event() for _ in range(3)]
+        with eng.cond:  # hold the scheduler until all three are queued (the lock is reentrant for submit)
+            for i in range(3):
+                eng.submit(list(range(10 + 7 * i, 10 + 7 * i + length)), SamplingParams(max_tokens=2, temperature=0),
+                           lambda ev, i=i: ev.final and done[i].set())
+        assert all(d.wait(60) for d in done)
+        assert (eng.steps, eng.max_rows) == (steps, rows)
+    finally:
+        eng.close()

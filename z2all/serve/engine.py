@@ -20,8 +20,14 @@ The scheduler, one loop iteration:
   1. drop cancelled requests (their slot is free for the next admission);
   2. admit waiting requests (FIFO) into free slots; beyond the slots they wait in the queue, beyond
      `max_queue` waiting the server answers 429;
-  3. prefill ONE chunk of at most `prefill_chunk` tokens of the oldest admitted request still in prefill
-     (chunked prefill: a long prompt costs the decoding requests at most one chunk's forward per step);
+  3. prefill chunks of the admitted requests still in prefill, oldest first, within a budget of
+     `prefill_chunk` tokens per iteration (chunked prefill: a long prompt costs the decoding requests at
+     most one chunk's forward per step). A request's chunks always start at multiples of prefill_chunk
+     of its own prompt, whoever else is waiting; a chunk that does not fit in what is left of the budget
+     waits for the next iteration with every request behind it (first come, first filled), except the
+     first chunk, which always runs. So several short prompts arriving
+     together (a burst of clients) are filled in one iteration instead of one per iteration: with 8
+     clients of ~33-token prompts, 3 per iteration;
   4. one batched decode step for every request past its prefill: each row at its own position (a key
      padding mask over the slot rows and per-row RoPE positions), sampled with its own settings; finished
      rows (EOS, a stop string, max_tokens) leave at once. The step is model/generate.py's
@@ -331,19 +337,26 @@ class Engine:
                     r = self.waiting.popleft()
                     r.slot = self.free.pop(0)
                     self.active.append(r)
-                prefilling = next((r for r in self.active if r.filled < len(r.prompt)), None)
+                prefilling, budget = [], self.prefill_chunk
+                for r in self.active:
+                    if r.filled < len(r.prompt):
+                        n = min(len(r.prompt), r.filled + self.prefill_chunk) - r.filled
+                        if prefilling and n > budget:
+                            break
+                        prefilling.append(r)
+                        budget -= n
                 decoding = sorted((r for r in self.active if r.filled == len(r.prompt) and r.last is not None),
                                   key=lambda r: r.slot)
             try:
                 with torch.inference_mode(), num_threads(self.decode_threads):
-                    if prefilling is not None:
-                        self._prefill_chunk(prefilling)
+                    for r in prefilling:
+                        self._prefill_chunk(r)
                     if decoding:
                         self._decode(decoding)
             except Exception as e:  # a bug or an out-of-memory: fail these requests, keep serving
                 traceback.print_exc()
                 with self.cond:
-                    for r in ([prefilling] if prefilling else []) + decoding:
+                    for r in prefilling + decoding:
                         self._finish(r, "error", error=f"{type(e).__name__}: {e}")
             if self.on_step is not None:
                 self.on_step()
