@@ -111,6 +111,11 @@ def test_incremental_text_equals_decoding_everything_and_holds_half_characters(c
         assert whole == inc.text or whole.endswith("\ufffd")
     inc.update(final=True)
     assert inc.text == text and max(windows) < 10
+    assert inc.backend  # our tokenizer's decode is the Rust backend's: called directly
+    slow = IncrementalText(tok)
+    slow.backend = False  # through transformers' decode: the same text
+    slow.ids += ids
+    assert slow.update(final=True) == text
 
 
 def test_generate_command_batch_from_prompt_file(ckpt, capsys, tmp_path):

@@ -641,6 +641,15 @@ class IncrementalText:
 
     def __init__(self, tokenizer, lock=None):
         self.tok, self.lock = tokenizer, lock
+        # transformers' fast-tokenizer decode is its Rust backend's decode plus an optional clean-up; where
+        # neither the class nor the clean-up changes that, the backend is called directly: 0.5 vs 2.1 us a
+        # call, two calls per token of every stream (a serving step of 8 rows makes 16)
+        from transformers import PreTrainedTokenizerFast
+
+        cls, base = type(tokenizer), PreTrainedTokenizerFast
+        self.backend = (isinstance(tokenizer, base) and cls.decode is base.decode and cls._decode is base._decode
+                        and not getattr(tokenizer, "clean_up_tokenization_spaces", True)
+                        and getattr(tokenizer, "_tokenizer", None) is not None)
         self.ids: list[int] = []
         self.text = ""
         self.prefix = 0  # ids[prefix:read] were the new ids of the previous read: the next read's context
@@ -662,8 +671,9 @@ class IncrementalText:
         return ""
 
     def _decode(self) -> tuple[str, str]:
-        return (self.tok.decode(self.ids[self.prefix:self.read], skip_special_tokens=True),
-                self.tok.decode(self.ids[self.prefix:], skip_special_tokens=True))
+        dec = self.tok._tokenizer.decode if self.backend else self.tok.decode
+        return (dec(self.ids[self.prefix:self.read], skip_special_tokens=True),
+                dec(self.ids[self.prefix:], skip_special_tokens=True))
 
 
 class _Streamer:
