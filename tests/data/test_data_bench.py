@@ -48,3 +48,8 @@ def test_bench_runs_end_to_end(shared_corpora, tmp_path, capsys):
     assert ("(python cleaner)" in out) == (clean._cleanc is not None)  # both cleaners side by side when built
     table = [line.split("|") for line in out.splitlines() if line.startswith("| ours: convert, clean+dedup, 1 worker")]
     assert table and float(table[0][4]) > 0  # the CPU column holds this run's seconds
+    # the same --work-dir again (it says "new, empty or an earlier `bench data` one"): every input is rewritten
+    # and every output redone; an earlier conversion of the rewritten tokenize input used to be refused
+    cfg.near_dedup = False
+    assert bench.run(cfg) == 0
+    assert "tiktoken encode" in capsys.readouterr().out

@@ -1,7 +1,8 @@
 """pipeline.ordered_map, the engine under `data convert` and `data tokenize`: results in job order whoever
-computed them (this process helping with helps=True, or only spawned processes), markers in place, a
-failing job raising at its turn after every earlier result, a failing job iterator likewise, and the
-spool directory of result files removed however the map ends."""
+computed them (this process helping with helps=True, or only spawned processes; workers spawned or forked),
+markers in place, a failing job raising at its turn after every earlier result, a failing job iterator
+likewise, the spool directory of result files removed however the map ends, and fork chosen only where
+fork_is_safe says so."""
 
 from __future__ import annotations
 
@@ -42,11 +43,12 @@ def _spools() -> set[str]:
     return set(glob.glob("/dev/shm/z2all-results-*")) | set(glob.glob("/tmp/z2all-results-*"))
 
 
+@pytest.mark.parametrize("start", ["spawn", "fork"])
 @pytest.mark.parametrize("workers,helps", [(1, False), (2, True), (2, False), (3, True)])
-def test_in_order_whoever_computes(workers, helps):
+def test_in_order_whoever_computes(workers, helps, start):
     before = _spools()
     jobs = [j for j in _jobs(40) if j[0] != 13]
-    out = list(ordered_map(_slow_square, iter(jobs), workers=workers, helps=helps))
+    out = list(ordered_map(_slow_square, iter(jobs), workers=workers, helps=helps, start=start))
     assert [t for t, _ in out] == [t for t, _ in jobs]
     for (_tag, res), (_, payload) in zip(out, jobs):
         assert res is None if payload is None else res[0] == payload * payload
@@ -60,12 +62,12 @@ def test_in_order_whoever_computes(workers, helps):
     assert _spools() == before
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_failing_job_raises_at_its_turn(workers):
+@pytest.mark.parametrize("workers,start", [(1, "spawn"), (2, "spawn"), (2, "fork")])
+def test_failing_job_raises_at_its_turn(workers, start):
     before = _spools()
     got = []
     with pytest.raises(ValueError, match="job 13 fails"):
-        for tag, _ in ordered_map(_slow_square, _jobs(30), workers=workers, helps=True):
+        for tag, _ in ordered_map(_slow_square, _jobs(30), workers=workers, helps=True, start=start):
             got.append(tag)
     assert got == list(range(13))
     assert _spools() == before
@@ -110,7 +112,7 @@ def slow(x):
     return x
 if __name__ == "__main__":
     try:
-        for tag, _ in ordered_map(slow, ((i, i) for i in range(1000)), workers=2, helps=True):
+        for tag, _ in ordered_map(slow, ((i, i) for i in range(1000)), workers=2, helps=True, start=sys.argv[1]):
             print(tag, flush=True)
     except KeyboardInterrupt:
         print("interrupted", flush=True)
@@ -118,14 +120,15 @@ if __name__ == "__main__":
 """
 
 
-def test_ctrl_c_reaches_the_group_but_only_the_parent_speaks(tmp_path):
+@pytest.mark.parametrize("start", ["spawn", "fork"])
+def test_ctrl_c_reaches_the_group_but_only_the_parent_speaks(tmp_path, start):
     """Ctrl-C goes to every process of the group; the spawned ones start with SIGINT ignored, so only the
     parent reacts (one line) and its `finally` stops them: no KeyboardInterrupt traceback from a child."""
     script = tmp_path / "ctrl_c.py"
     script.write_text(CTRL_C_SCRIPT)
     repo = Path(__file__).resolve().parents[2]
-    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)}, start_new_session=True)
+    p = subprocess.Popen([sys.executable, str(script), start], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)}, start_new_session=True)
     try:
         assert p.stdout.readline().strip() == "0"  # running, the spawned process included
         time.sleep(0.5)
@@ -136,3 +139,17 @@ def test_ctrl_c_reaches_the_group_but_only_the_parent_speaks(tmp_path):
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
     assert p.returncode == 130 and "interrupted" in out and "Traceback" not in out, out[-2000:]
+
+
+def test_fork_only_where_safe(monkeypatch):
+    """data convert forks its workers on Linux while no torch is loaded here, and spawns them otherwise."""
+    from z2all.data import pipeline
+
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    assert pipeline.fork_is_safe()
+    monkeypatch.setitem(sys.modules, "torch", object())
+    assert not pipeline.fork_is_safe()
+    monkeypatch.delitem(sys.modules, "torch")
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert not pipeline.fork_is_safe()

@@ -311,6 +311,7 @@ def run(cfg: Config) -> int:
         tok_in = work / "tok.jsonl"
         build_input(docs, tok_in, int(cfg.tokenize_mb * 2**20))
         shards = work / "out-tok"
+        shutil.rmtree(shards, ignore_errors=True)  # an earlier run's (its tok.jsonl was just rewritten)
         ours(str(tok_in), str(shards))
         tok = train_bpe(shards, work / "tok", cfg.vocab_size)
         from z2all.tokenizer.tiktoken_compat import to_tiktoken

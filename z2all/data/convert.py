@@ -63,7 +63,7 @@ from z2all.config import opt, save_config, section, to_dict
 from z2all.data import convert_worker
 from z2all.data.clean import CleanConfig
 from z2all.data.dedup import HashSet64
-from z2all.data.pipeline import ordered_map, read_state, write_state
+from z2all.data.pipeline import fork_is_safe, ordered_map, read_state, write_state
 from z2all.data.readers import (
     FORMATS,
     TXT_MODES,
@@ -545,7 +545,8 @@ class Converter:
         error: UserError | None = None
         results = ordered_map(convert_worker.work, jobs, workers=cfg.workers, helps=True,
                               initializer=convert_worker.init,
-                              initargs=(sources, cfg.clean, cfg.txt, cfg.max_examples), submitted=submitted)
+                              initargs=(sources, cfg.clean, cfg.txt, cfg.max_examples), submitted=submitted,
+                              start="fork" if fork_is_safe() else "spawn")
         try:
             with contextlib.closing(results):
                 for tag, result in results:
