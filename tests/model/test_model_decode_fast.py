@@ -189,16 +189,20 @@ needs_c = pytest.mark.skipif(_decodec is None and not os.environ.get("Z2ALL_REQU
 
 @needs_c
 @pytest.mark.parametrize("dim,heads,kv", [(48, 6, 2), (36, 6, 3), (256, 4, 2), (512, 4, 2)])
-def test_c_attention_equals_torch(dim, heads, kv):
-    """The compiled attention (RoPE, cache write, causal attention in one call per layer; its register path
-    for head_dim 64 and 128, the generic loop for 8 and 6) == the torch ops: step() and step_rows() logits
-    and cache contents, and generate()'s greedy tokens == the forward's. A position outside the cache is a
-    ValueError before anything is written."""
+def test_c_kernels_equal_torch(dim, heads, kv):
+    """The compiled kernels == the torch ops: RMSNorm on 1, 8 and 33 rows; the attention (RoPE, cache write,
+    causal attention in one call per layer; its register path for head_dim 64 and 128, the generic loop for
+    8 and 6) in step() and step_rows() logits and cache contents; generate()'s greedy tokens == the
+    forward's. A position outside the cache is a ValueError before anything is written."""
     assert _decodec is not None, "Z2ALL_REQUIRE_C is set but z2all.model._decodec is not built"
     m = model(dim=dim, n_heads=heads, n_kv_heads=kv, ffn_dim=2 * dim)
     c = m.cfg
-    fc, ft = FastDecode(m, attention="c"), FastDecode(m, attention="torch")
-    assert FastDecode(m).attention == "c"  # auto: fp32 on the CPU with the extension built
+    fc, ft = FastDecode(m, kernels="c"), FastDecode(m, kernels="torch")
+    assert FastDecode(m).kernels == "c"  # auto: fp32 on the CPU with the extension built
+    w = m.layers[0].attention_norm.weight.detach() + torch.randn(dim)
+    for rows in (1, 8, 33):
+        x = torch.randn(rows, dim) * 3
+        torch.testing.assert_close(fc._rms(x, w), torch.rms_norm(x, (dim,), w, c.norm_eps), rtol=1e-5, atol=1e-5)
     L = 24
     torch.manual_seed(2)
     kp = [torch.randn(4, c.n_kv_heads, L, c.head_dim) for _ in range(c.n_layers)]
@@ -232,5 +236,5 @@ def test_c_attention_equals_torch(dim, heads, kv):
         assert torch.equal(kp[0], before)
     prompts = [[3, 14, 15, 92], [35, 89, 79, 32]]
     assert generate(m, prompts, 30, decode="fast") == generate(m, prompts, 30, decode="plain")
-    with pytest.raises(UserError, match="--decode-attention"):
-        FastDecode(m, attention="asm")
+    with pytest.raises(UserError, match="--decode-kernels"):
+        FastDecode(m, kernels="asm")

@@ -18,7 +18,7 @@ memory first (`plan_memory`); these are shared with any later command that sampl
 
 Decoding: `--decode fast` (default) runs each new token through FastDecode (fused, transposed weights, on an
 x86 CPU oneDNN for several rows and for the prompt, `--batched-matmul`, and a compiled attention,
-`--decode-attention`; see the class), `--decode plain` through the model's forward (the reference; both give
+`--decode-kernels`; see the class), `--decode plain` through the model's forward (the reference; both give
 the same tokens). The
 prefill and decode steps of a model under 64 MB run on one CPU thread (`decode_threads`; `--decode-threads N`
 sets it), where torch's per-op threading costs more than it saves.
@@ -92,7 +92,7 @@ def check_sampling(*, temperature: float = 0.0, top_k: int = 0, top_p: float = 1
 
 
 BATCHED_MATMULS = ("auto", "onednn", "blas")
-ATTENTIONS = ("auto", "c", "torch")
+KERNELS = ("auto", "c", "torch")
 
 try:  # the compiled decode attention (model/_decodec.c, built by `pip install -e .`; optional)
     from z2all.model import _decodec
@@ -140,10 +140,11 @@ class FastDecode:
     fused into it (_linear_pointwise.binary). A single row stays on MKL, faster there (34 vs 45 us).
 
     Each layer's RoPE, cache write and attention (~8 torch ops, ~57 us for 8 rows of ~80 keys, 8 of the
-    masked-SDPA path) is one call into the compiled model/_decodec.c where `attention` resolves to "c"
+    masked-SDPA path) is one call into the compiled model/_decodec.c where `kernels` resolves to "c"
     ("auto": fp32 on the CPU with the extension built; "torch" keeps the ops, the reference): 12.8 us for
     those 8 rows, 4.4 us for one. The tiny preset's 8-row step went 1,223 -> 925 us, its 1-row step 471 ->
-    382 us. The mask is implied there (row b sees keys 0..pos[b] of its slot).
+    382 us. The mask is implied there (row b sees keys 0..pos[b] of its slot). With "c" each RMSNorm is one
+    call too (1.0-1.2 us against torch.rms_norm's 7-14, nine a step).
 
     No [B, T] bookkeeping, no mask, no op switch. It reads and writes the same KVCache as the forward (the
     prompt is prefilled by the forward, or by prefill() where oneDNN packs the weights), and plain PyTorch
@@ -157,11 +158,11 @@ class FastDecode:
 
     PACK_ROWS = 16  # oneDNN's packing hint: measured flat cost for 1-4 rows and 1.6x a row's for 16
 
-    def __init__(self, model, batched_matmul: str = "auto", attention: str = "auto"):
+    def __init__(self, model, batched_matmul: str = "auto", kernels: str = "auto"):
         if batched_matmul not in BATCHED_MATMULS:
             raise UserError(f"--batched-matmul must be one of {', '.join(BATCHED_MATMULS)}, got {batched_matmul!r}")
-        if attention not in ATTENTIONS:
-            raise UserError(f"--decode-attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
+        if kernels not in KERNELS:
+            raise UserError(f"--decode-kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
         self.model = model
         c = model.cfg
         self.H, self.K, self.D, self.C = c.n_heads, c.n_kv_heads, c.head_dim, c.dim
@@ -192,10 +193,10 @@ class FastDecode:
             self.batched_matmul = "onednn" if self.fp32 and w.device.type == "cpu" and onednn_linear_ok() else "blas"
         self.packed = None  # (layers, head) in oneDNN's layout, built by _batched() on first use
         cpu32 = self.fp32 and w.device.type == "cpu"
-        if attention == "c" and not (cpu32 and _decodec is not None):
-            raise UserError("--decode-attention c needs an fp32 model on the CPU and the compiled z2all.model._decodec "
+        if kernels == "c" and not (cpu32 and _decodec is not None):
+            raise UserError("--decode-kernels c needs an fp32 model on the CPU and the compiled z2all.model._decodec "
                             "(`pip install -e .` builds it where a C compiler is installed); use auto or torch")
-        self.attention = attention if attention != "auto" else ("c" if cpu32 and _decodec is not None else "torch")
+        self.kernels = kernels if kernels != "auto" else ("c" if cpu32 and _decodec is not None else "torch")
 
     def _batched(self):
         """The oneDNN-packed weights (same tuple layout as self.layers), packed on first use."""
@@ -236,15 +237,15 @@ class FastDecode:
         return type(model.output) is nn.Linear and type(model.tok_embeddings) is nn.Embedding
 
     @classmethod
-    def for_model(cls, model, batched_matmul: str = "auto", attention: str = "auto") -> FastDecode | None:
+    def for_model(cls, model, batched_matmul: str = "auto", kernels: str = "auto") -> FastDecode | None:
         """The model's FastDecode (built once per weights, batched_matmul and attention), or None when it
         does not support the model."""
         if not cls.supports(model):
             return None
         fd = model.__dict__.get("_z2all_fast_decode")
         if (fd is None or fd.key != cls._key(model) or batched_matmul not in ("auto", fd.batched_matmul)
-                or attention not in ("auto", fd.attention)):
-            fd = cls(model, batched_matmul, attention)
+                or kernels not in ("auto", fd.kernels)):
+            fd = cls(model, batched_matmul, kernels)
             model.__dict__["_z2all_fast_decode"] = fd
         return fd
 
@@ -258,6 +259,10 @@ class FastDecode:
         return t
 
     def _rms(self, x, w):
+        if self.kernels == "c" and x.is_contiguous():  # 1.0-1.2 us a call against torch.rms_norm's 7-14
+            out = torch.empty_like(x)
+            _decodec.rms(x.data_ptr(), w.data_ptr(), out.data_ptr(), x.numel() // self.C, self.C, self.eps)
+            return out
         if self.fp32:
             return torch.rms_norm(x, (self.C,), w, self.eps)
         xf = x.float()
@@ -281,7 +286,7 @@ class FastDecode:
         for i, (wn1, wqkv, wo, wn2, w13, w2) in enumerate(layers):
             qkv = mm(self._rms(x, wn1), wqkv)  # [B, (H + 2K) * D]
             kc, vc = cache.k[i], cache.v[i]
-            if self.attention == "c":
+            if self.kernels == "c":
                 y = self._attend_c(qkv, kc, vc, None, None, pos, tables)
             else:
                 qk = qkv[:, :nqk].view(B, H + K, D)
@@ -303,9 +308,9 @@ class FastDecode:
         cos, sin = tables
         for t in (qkv, kc, vc, rows, pos):
             if t is not None and not t.is_contiguous():
-                raise ValueError("FastDecode attention='c' needs contiguous qkv, cache, rows and positions")
+                raise ValueError("FastDecode kernels='c' needs contiguous qkv, cache, rows and positions")
         if (rows is not None and rows.dtype != torch.int64) or (pos is not None and pos.dtype != torch.int64):
-            raise ValueError("FastDecode attention='c' needs int64 rows and positions")
+            raise ValueError("FastDecode kernels='c' needs int64 rows and positions")
         out = torch.empty(B, self.H * self.D)
         _decodec.attend(qkv.data_ptr(), kc.data_ptr(), vc.data_ptr(), 0 if rows is None else rows.data_ptr(),
                         0 if pos is None else pos.data_ptr(), pos0, cos.data_ptr(), sin.data_ptr(), out.data_ptr(),
@@ -364,7 +369,7 @@ class FastDecode:
         H, K, D = self.H, self.K, self.D
         B, S = mask.shape
         tables = self._rope(tokens.device, S)
-        c_attention = self.attention == "c"
+        c_attention = self.kernels == "c"
         if not c_attention:
             cos, sin = tables[0][pos][:, None], tables[1][pos][:, None]  # [B, 1, D]
             attn_mask = mask[:, None, None, :]
@@ -440,7 +445,7 @@ def generate(model, input_ids: list[list[int]], max_new_tokens: int = 64, *, tem
              eos_id: int | list[int] | None = None, should_stop: Callable[[int, list[int]], bool] | None = None,
              on_token: Callable[[int, int], None] | None = None, generator: torch.Generator | None = None,
              pad_id: int = 0, vocab_limit: int | None = None, decode: str = "plain",
-             threads: int = 0, batched_matmul: str = "auto", attention: str = "auto") -> list[list[int]]:
+             threads: int = 0, batched_matmul: str = "auto", kernels: str = "auto") -> list[list[int]]:
     """Continue each prompt in one batch; returns the new tokens of each row (without the EOS that ended
     it). A row finishes at eos_id, when should_stop(row, new_tokens) is true (stop strings), or after
     max_new_tokens; generation ends when every row has finished. on_token(row, token) is called for each
@@ -449,7 +454,7 @@ def generate(model, input_ids: list[list[int]], max_new_tokens: int = 64, *, tem
     generating it by itself (up to floating-point reduction order). vocab_limit: ids from there on are never
     sampled (a model whose vocabulary is padded past its tokenizer's). decode: "plain" runs every step through
     the model's forward (the reference); "fast" through FastDecode (same tokens, fewer ops per step) when
-    no row is padded (its prefill too, where FastDecode.prefills; batched_matmul, attention: see FastDecode). threads:
+    no row is padded (its prefill too, where FastDecode.prefills; batched_matmul, kernels: see FastDecode). threads:
     intra-op threads for the prefill and the decode steps (decode_threads; 0 =
     auto: one for a small model on the CPU), torch's count restored after."""
     if not input_ids or any(len(p) == 0 for p in input_ids):
@@ -487,7 +492,7 @@ def generate(model, input_ids: list[list[int]], max_new_tokens: int = 64, *, tem
 
     if decode not in ("plain", "fast"):
         raise UserError(f"--decode must be plain or fast, got {decode!r}")
-    fast = FastDecode.for_model(model, batched_matmul, attention) if decode == "fast" and mask is None else None
+    fast = FastDecode.for_model(model, batched_matmul, kernels) if decode == "fast" and mask is None else None
     cache = model.new_kv_cache(B, P + max_new_tokens)
     out: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
@@ -759,9 +764,10 @@ class Config:
     batched_matmul: str = opt("auto", "matrix multiplies of the prompt prefill and of decode steps with several "
                               "rows: onednn (packed weights, AVX-512 on any x86 CPU), blas (torch.mm: MKL), auto = "
                               "onednn on an x86 CPU in fp32, else blas", choices=BATCHED_MATMULS)
-    decode_attention: str = opt("auto", "a decode step's RoPE, cache write and attention: c (one call per layer into "
-                                "the compiled z2all.model._decodec), torch (the reference ops), auto = c for an fp32 "
-                                "model on the CPU when it is built, else torch", choices=ATTENTIONS)
+    decode_kernels: str = opt("auto", "a decode step's RMSNorm and its RoPE, cache write and attention: c (the "
+                              "compiled z2all.model._decodec, one call per norm and per layer's attention), torch "
+                              "(the reference ops), auto = c for an fp32 model on the CPU when it is built",
+                              choices=KERNELS)
 
 
 def _prompts(cfg: Config) -> list[str]:
@@ -826,7 +832,7 @@ def run(cfg: Config) -> int:
                    should_stop=_stop_checker(tok, cfg.stop) if cfg.stop else None, on_token=streamer,
                    generator=gen, pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
                    vocab_limit=vocab_limit, decode=cfg.decode,
-                   threads=cfg.decode_threads, batched_matmul=cfg.batched_matmul, attention=cfg.decode_attention)
+                   threads=cfg.decode_threads, batched_matmul=cfg.batched_matmul, kernels=cfg.decode_kernels)
     if streamer is not None:
         streamer.finish()
         return 0

@@ -488,9 +488,9 @@ class Config:
     batched_matmul: str = opt("auto", "matrix multiplies of batched decode steps and prompt prefills: onednn "
                               "(packed weights, AVX-512 on any x86 CPU), blas (torch.mm: MKL), auto = onednn on an "
                               "x86 CPU in fp32, else blas", choices=("auto", "onednn", "blas"))
-    decode_attention: str = opt("auto", "a decode step's RoPE, cache write and attention: c (one call per layer into "
-                                "the compiled z2all.model._decodec), torch (the reference ops), auto = c for an fp32 "
-                                "model on the CPU when it is built, else torch", choices=("auto", "c", "torch"))
+    decode_kernels: str = opt("auto", "a decode step's RMSNorm and its RoPE, cache write and attention: c (the "
+                              "compiled z2all.model._decodec), torch (the reference ops), auto = c for an fp32 model "
+                              "on the CPU when it is built", choices=("auto", "c", "torch"))
     engine: str = opt("process", "where the model runs: process (a process of its own, so decoding and the HTTP side "
                       "run on two cores) or thread (a thread of the server process; they share one GIL)",
                       choices=("process", "thread"))
@@ -519,7 +519,7 @@ def build(cfg: Config) -> tuple[Service, object]:
     max_batch = 1 if cfg.sequential else cfg.max_batch
     engine_kw = dict(max_batch=max_batch, max_tokens_in_cache=cfg.max_tokens_in_cache, context=cfg.context,
                      prefill_chunk=cfg.prefill_chunk, decode=cfg.decode, decode_threads=cfg.decode_threads,
-                     batched_matmul=cfg.batched_matmul, attention=cfg.decode_attention)
+                     batched_matmul=cfg.batched_matmul, kernels=cfg.decode_kernels)
     if cfg.engine == "process":
         from z2all.serve.engine import load_meta
         from z2all.serve.worker import EngineProcess, EngineSpec

@@ -32,8 +32,8 @@ The scheduler, one loop iteration:
      padding mask over the slot rows and per-row RoPE positions), sampled with its own settings; finished
      rows (EOS, a stop string, max_tokens) leave at once. The step is model/generate.py's
      FastDecode.step_rows (fused projections; a lone row takes FastDecode.step on its slot, as generate()
-     does; batched rows and prefill chunks go through oneDNN on x86 CPUs, `batched_matmul`, and each layer's
-     RoPE, cache write and attention is one call into model/_decodec.c, `attention`) or, with
+     does; batched rows and prefill chunks go through oneDNN on x86 CPUs, `batched_matmul`, and each norm and
+     each layer's RoPE, cache write and attention is one call into model/_decodec.c, `kernels`) or, with
      decode="plain", the model's forward (the reference; Z2all.rope_for derives the
      positions from the mask). Prefill chunks and decode steps run on generate.decode_threads' count
      (one thread for a small model on the CPU).
@@ -194,7 +194,7 @@ class Engine:
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_tokens_in_cache: int = 0,
                  context: int = 0, prefill_chunk: int = 128, max_queue: int = 64,
                  eos_ids: list[int] | None = None, vocab_limit: int | None = None, decode: str = "fast",
-                 decode_threads: int = 0, batched_matmul: str = "auto", attention: str = "auto",
+                 decode_threads: int = 0, batched_matmul: str = "auto", kernels: str = "auto",
                  on_step: Callable[[], None] | None = None):
         if max_batch < 1:
             raise UserError(f"--max-batch must be >= 1, got {max_batch}")
@@ -206,12 +206,12 @@ class Engine:
             raise UserError(f"--decode must be fast or plain, got {decode!r}")
         if decode_threads < 0:
             raise UserError(f"--decode-threads must be >= 0 (0 = auto), got {decode_threads}")
-        from z2all.model.generate import ATTENTIONS, BATCHED_MATMULS
+        from z2all.model.generate import BATCHED_MATMULS, KERNELS
 
         if batched_matmul not in BATCHED_MATMULS:
             raise UserError(f"--batched-matmul must be one of {', '.join(BATCHED_MATMULS)}, got {batched_matmul!r}")
-        if attention not in ATTENTIONS:
-            raise UserError(f"--decode-attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
+        if kernels not in KERNELS:
+            raise UserError(f"--decode-kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
         from z2all.model.generate import decode_threads as pick_threads
 
         self.decode = decode
@@ -222,7 +222,7 @@ class Engine:
         from z2all.model.generate import FastDecode
 
         # built once: a server's weights do not change (FastDecode.for_model's per-call key check is ~40 us)
-        self.fast = FastDecode.for_model(self.model, batched_matmul, attention) if decode == "fast" else None
+        self.fast = FastDecode.for_model(self.model, batched_matmul, kernels) if decode == "fast" else None
         self.tok = tokenizer
         ctx = context or model.cfg.max_seq_len
         if max_tokens_in_cache:
