@@ -238,3 +238,38 @@ def test_c_kernels_equal_torch(dim, heads, kv):
     assert generate(m, prompts, 30, decode="fast") == generate(m, prompts, 30, decode="plain")
     with pytest.raises(UserError, match="--decode-kernels"):
         FastDecode(m, kernels="asm")
+
+
+@pytest.mark.skipif(not onednn_linear_ok(), reason="torch's oneDNN linear ops need an x86 CPU build")
+def test_prefill_many_chunks_do_not_depend_on_their_company():
+    """prefill_many (the engine's prompt chunks of one iteration in one pass): three chunks of different
+    lengths, one a second chunk (start 7), give each the same logits and cache bits as that chunk alone,
+    and the forward's to fp32 rounding."""
+    from z2all.model.generate import _CacheRow
+
+    m = model()
+    fd = FastDecode(m)
+    torch.manual_seed(4)
+    prompts = [torch.randint(0, 97, (n,)) for n in (9, 13, 5)]
+    starts = [0, 0, 7]
+
+    def caches():
+        out = []
+        for st in starts:
+            c = m.new_kv_cache(1, 32)
+            if st:
+                m(torch.randint(0, 97, (1, st), generator=torch.Generator().manual_seed(st)), kv_cache=c)
+            out.append(c)
+        return out
+
+    with torch.inference_mode():
+        together_caches = caches()
+        together = fd.prefill_many([(p, st, _CacheRow(c.k, c.v)) for p, st, c in zip(prompts, starts, together_caches)])
+        for j, (p, st) in enumerate(zip(prompts, starts)):
+            c = caches()[j]
+            alone = fd.prefill_many([(p, st, _CacheRow(c.k, c.v))])
+            assert torch.equal(alone[0], together[j])
+            assert all(torch.equal(a, b) for a, b in zip(c.k + c.v, together_caches[j].k + together_caches[j].v))
+            ref = caches()[j]
+            want, _ = m(p[None], kv_cache=ref, start_pos=st, logits_to_keep=1)
+            torch.testing.assert_close(together[j], want[0, -1], rtol=1e-5, atol=1e-5)

@@ -26,6 +26,7 @@ sets it), where torch's per-op threading costs more than it saves.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import sys
@@ -111,6 +112,13 @@ def onednn_linear_ok() -> bool:
         return bool(torch.ops.mkldnn._linear_pointwise.binary and torch.ops.mkldnn._reorder_linear_weight)
     except (AttributeError, RuntimeError):
         return False
+
+
+class _CacheRow:
+    """One sequence's rows of a KVCache (k[layer], v[layer]: [1, K, len, D] views), as prefill_many takes."""
+
+    def __init__(self, k: list, v: list):
+        self.k, self.v = k, v
 
 
 class FastDecode:
@@ -211,8 +219,9 @@ class FastDecode:
 
     def _ops(self, B: int):
         """(layers, mm, addmm, head) for a B-row step: mm(x, w) = x @ W^T, addmm(r, x, w) = r + x @ W^T,
-        head(h) = logits."""
-        if B >= 2 and self.batched_matmul == "onednn":
+        head(h) = logits. B = 0: the batched ops whatever the row count (prefill_many: a chunk's numbers must
+        not depend on how many rows share its pass)."""
+        if B != 1 and self.batched_matmul == "onednn":
             layers, head = self._batched()
             lin = torch.ops.mkldnn._linear_pointwise
             return (layers, lambda x, w: lin(x, w, None, "none", [], ""),
@@ -326,38 +335,57 @@ class FastDecode:
 
     def prefill(self, tokens: torch.Tensor, start: int, cache) -> torch.Tensor:
         """tokens [B, T] at positions start..start+T-1 of every row (no padding) -> the last position's
-        logits [B, V]; writes their keys/values into cache (k[layer], v[layer]: [B, K, len, D]) and
-        attends to the cache's positions 0..start+T-1 causally. The forward's math with the decode step's
-        ops: for a whole or chunked prompt (generate(), the serving engine's chunks)."""
+        logits [B, V]; writes their keys/values into cache (k[layer], v[layer]: [B, K, len, D]). generate()'s
+        prompt: prefill_many with one part per row."""
+        rows = [_CacheRow([k[b:b + 1] for k in cache.k], [v[b:b + 1] for v in cache.v]) for b in range(len(tokens))]
+        return self.prefill_many([(tokens[b], start, rows[b]) for b in range(len(tokens))])
+
+    def prefill_many(self, parts: list) -> torch.Tensor:
+        """Prompt chunks of several sequences in one pass: parts = [(ids [T_j], start_j, cache_j)], each
+        cache_j one sequence's KVCache rows (k[layer], v[layer]: [1, K, len, D]). Writes each chunk's
+        keys/values at start_j..start_j+T_j-1 of its cache; chunk j attends causally to its own cache's
+        positions 0..start_j+T_j-1 only. Returns the logits of each chunk's last position [n_parts, V]. The
+        forward's math with the decode step's ops: the matrix multiplies run once over all chunks' rows
+        (oneDNN's packed matmul gives a row the same bits whatever rows share the call, so a chunk's numbers
+        do not depend on its company), RoPE per row at its own position, attention per chunk. For the
+        engine's prompt chunks of one iteration (3 prompts of ~33 tokens: one call instead of three) and
+        generate()'s prompt."""
         H, K, D = self.H, self.K, self.D
-        B, T = tokens.shape
-        end = start + T
-        cos, sin = self._rope(tokens.device, end)
-        cos, sin = cos[start:end, None], sin[start:end, None]  # [T, 1, D]
-        x = self.model.tok_embeddings.weight.index_select(0, tokens.reshape(-1))  # [B*T, C]
-        layers, mm, addmm, head = self._ops(B * T)
+        dev = parts[0][0].device
+        lens = [len(ids) for ids, _, _ in parts]
+        N = sum(lens)
+        tokens = torch.cat([ids for ids, _, _ in parts]) if len(parts) > 1 else parts[0][0]
+        pos = torch.cat([torch.arange(st, st + n, device=dev) for (_, st, _), n in zip(parts, lens)])
+        cos, sin = self._rope(dev, max(st + n for (_, st, _), n in zip(parts, lens)))
+        cos, sin = cos[pos][:, None], sin[pos][:, None]  # [N, 1, D]
+        x = self.model.tok_embeddings.weight.index_select(0, tokens)  # [N, C]
+        layers, mm, addmm, head = self._ops(0)
         nqk = (H + K) * D
-        # causal over the whole cache: query i (position start + i) sees keys 0..start + i; None = SDPA's own
-        # causal mask, which is aligned to the top left and so only right when start == 0
-        mask = None
-        if start:
-            dev = tokens.device
-            mask = torch.arange(end, device=dev)[None, :] <= torch.arange(start, end, device=dev)[:, None]
+        # chunk j's query i (position start + i) sees keys 0..start + i; None = SDPA's own causal mask, which
+        # is aligned to the top left and so only right when start == 0
+        masks = [None if st == 0 else
+                 torch.arange(st + n, device=dev)[None, :] <= torch.arange(st, st + n, device=dev)[:, None]
+                 for (_, st, _), n in zip(parts, lens)]
         sdpa = torch.nn.functional.scaled_dot_product_attention
         for i, (wn1, wqkv, wo, wn2, w13, w2) in enumerate(layers):
-            qkv = mm(self._rms(x, wn1), wqkv).view(B, T, -1)
-            qk = qkv[..., :nqk].view(B, T, H + K, D)
+            qkv = mm(self._rms(x, wn1), wqkv)  # [N, (H + 2K) * D]
+            qk = qkv[:, :nqk].view(N, H + K, D)
             qk = torch.addcmul(qk * cos, qk.roll(D // 2, -1), sin)
-            kc, vc = cache.k[i], cache.v[i]
-            kc[:, :, start:end] = qk[:, :, H:].transpose(1, 2)
-            vc[:, :, start:end] = qkv[..., nqk:].view(B, T, K, D).transpose(1, 2)
-            y = sdpa(qk[:, :, :H].transpose(1, 2), kc[:, :, :end], vc[:, :, :end], attn_mask=mask,
-                     is_causal=mask is None and T > 1, enable_gqa=K != H)  # [B, H, T, D]
-            x = addmm(x, y.transpose(1, 2).reshape(B * T, H * D), wo)
+            v = qkv[:, nqk:].view(N, K, D)
+            ys, off = [], 0
+            for (_, st, cache), n, mask in zip(parts, lens, masks):
+                kc, vc = cache.k[i], cache.v[i]
+                kc[0, :, st:st + n] = qk[off:off + n, H:].transpose(0, 1)
+                vc[0, :, st:st + n] = v[off:off + n].transpose(0, 1)
+                y = sdpa(qk[off:off + n, :H].transpose(0, 1)[None], kc[:, :, :st + n], vc[:, :, :st + n],
+                         attn_mask=mask, is_causal=mask is None and n > 1, enable_gqa=K != H)  # [1, H, n, D]
+                ys.append(y[0].transpose(0, 1).reshape(n, H * D))
+                off += n
+            x = addmm(x, torch.cat(ys) if len(ys) > 1 else ys[0], wo)
             h = mm(self._rms(x, wn2), w13)
             x = addmm(x, torch.nn.functional.silu(h[:, :self.F]).mul_(h[:, self.F:]), w2)
-        last = x.view(B, T, -1)[:, -1]
-        return head(self._rms(last.contiguous() if B > 1 else last, self.model.norm.weight))
+        last = x.index_select(0, torch.tensor(list(itertools.accumulate(lens)), device=dev) - 1)
+        return head(self._rms(last, self.model.norm.weight))
 
     def step_rows(self, tokens: torch.Tensor, pos: torch.Tensor, k_pool: list, v_pool: list, rows: torch.Tensor,
                   row_range: tuple[int, int] | None, mask: torch.Tensor) -> torch.Tensor:

@@ -25,9 +25,10 @@ The scheduler, one loop iteration:
      most one chunk's forward per step). A request's chunks always start at multiples of prefill_chunk
      of its own prompt, whoever else is waiting; a chunk that does not fit in what is left of the budget
      waits for the next iteration with every request behind it (first come, first filled), except the
-     first chunk, which always runs. So several short prompts arriving
-     together (a burst of clients) are filled in one iteration instead of one per iteration: with 8
-     clients of ~33-token prompts, 3 per iteration;
+     first chunk, which always runs. So several short prompts arriving together (a burst of clients) are
+     filled in one iteration instead of one per iteration (with 8 clients of ~33-token prompts, 3 per
+     iteration), and with FastDecode in one prefill_many pass whose matrix multiplies take all their rows
+     at once (a chunk's numbers do not depend on the others in the pass);
   4. one batched decode step for every request past its prefill: each row at its own position (a key
      padding mask over the slot rows and per-row RoPE positions), sampled with its own settings; finished
      rows (EOS, a stop string, max_tokens) leave at once. The step is model/generate.py's
@@ -349,8 +350,8 @@ class Engine:
                                   key=lambda r: r.slot)
             try:
                 with torch.inference_mode(), num_threads(self.decode_threads):
-                    for r in prefilling:
-                        self._prefill_chunk(r)
+                    if prefilling:
+                        self._prefill(prefilling)
                     if decoding:
                         self._decode(decoding)
             except Exception as e:  # a bug or an out-of-memory: fail these requests, keep serving
@@ -363,20 +364,26 @@ class Engine:
         if self.on_step is not None:
             self.on_step()
 
-    def _prefill_chunk(self, req: Request) -> None:
-        a = req.filled
-        b = min(len(req.prompt), a + self.prefill_chunk)
-        idx = torch.tensor([req.prompt[a:b]], dtype=torch.long, device=self.device)
+    def _prefill(self, reqs: list[Request]) -> None:
+        """One chunk of each request in `reqs` (the iteration's budget): one FastDecode.prefill_many pass
+        where it prefills, else the forward per request; a request whose prompt is now complete samples its
+        first token."""
+        chunks = [(r, r.filled, min(len(r.prompt), r.filled + self.prefill_chunk)) for r in reqs]
         if self.fast is not None and self.fast.prefills:
-            logits = self.fast.prefill(idx, a, self.pool.row(req.slot))[:, None]
+            parts = [(torch.tensor(r.prompt[a:b], dtype=torch.long, device=self.device), a, self.pool.row(r.slot))
+                     for r, a, b in chunks]
+            logits = self.fast.prefill_many(parts)  # [n, V]: each chunk's last position
         else:
-            logits, _ = self.model(idx, kv_cache=_SlotView(self.pool, req.slot), start_pos=a, logits_to_keep=1)
-        req.filled = b
-        if b == len(req.prompt):
-            req.pos = b
-            with self.cond:
-                if not req.done:
-                    self._accept(req, self._sample(logits[:, -1], [req])[0])
+            logits = torch.cat([self.model(torch.tensor([r.prompt[a:b]], dtype=torch.long, device=self.device),
+                                           kv_cache=_SlotView(self.pool, r.slot), start_pos=a,
+                                           logits_to_keep=1)[0][:, -1] for r, a, b in chunks])
+        for j, (r, _, b) in enumerate(chunks):
+            r.filled = b
+            if b == len(r.prompt):
+                r.pos = b
+                with self.cond:
+                    if not r.done:
+                        self._accept(r, self._sample(logits[j:j + 1], [r])[0])
 
     def _decode(self, rows: list[Request]) -> None:
         fast = self.fast
