@@ -155,8 +155,8 @@ class FastDecode:
     call too (1.0-1.2 us against torch.rms_norm's 7-14, nine a step).
 
     No [B, T] bookkeeping, no mask, no op switch. It reads and writes the same KVCache as the forward (the
-    prompt is prefilled by the forward, or by prefill() where oneDNN packs the weights), and plain PyTorch
-    (and the C call) only: the model's op switch (Triton kernels) applies to the forward, not to these
+    prompt is prefilled by the forward, or by prefill()/prefill_many() where oneDNN packs the weights), and
+    plain PyTorch (and the C calls) only: the model's op switch (Triton kernels) applies to the forward, not to these
     steps. Rows of step() share one position (generate() falls back to the forward for left-padded
     batches); step_rows() gives each row its own (the serving engine).
 
@@ -328,9 +328,9 @@ class FastDecode:
 
     @property
     def prefills(self) -> bool:
-        """Whether prefill() is the faster way to fill a prompt: only with oneDNN's packed weights (a
-        33-token prompt of the tiny preset: 1.9 vs 4.3 ms through the forward's MKL matmuls); elsewhere
-        (GPUs, other CPUs) the forward, with the op switch's kernels, is as fast or faster."""
+        """Whether prefill()/prefill_many() are the faster way to fill a prompt: only with oneDNN's packed
+        weights (a 33-token prompt of the tiny preset: 1.5 vs 3.2 ms through the forward's MKL matmuls);
+        elsewhere (GPUs, other CPUs) the forward, with the op switch's kernels, is as fast or faster."""
         return self.batched_matmul == "onednn"
 
     def prefill(self, tokens: torch.Tensor, start: int, cache) -> torch.Tensor:
