@@ -245,7 +245,7 @@ def test_prefill_many_chunks_do_not_depend_on_their_company():
     """prefill_many (the engine's prompt chunks of one iteration in one pass): three chunks of different
     lengths, one a second chunk (start 7), give each the same logits and cache bits as that chunk alone,
     and the forward's to fp32 rounding."""
-    from z2all.model.generate import _CacheRow
+    from z2all.model.generate import CacheRows
 
     m = model()
     fd = FastDecode(m)
@@ -264,10 +264,10 @@ def test_prefill_many_chunks_do_not_depend_on_their_company():
 
     with torch.inference_mode():
         together_caches = caches()
-        together = fd.prefill_many([(p, st, _CacheRow(c.k, c.v)) for p, st, c in zip(prompts, starts, together_caches)])
+        together = fd.prefill_many([(p, st, CacheRows(c.k, c.v)) for p, st, c in zip(prompts, starts, together_caches)])
         for j, (p, st) in enumerate(zip(prompts, starts)):
             c = caches()[j]
-            alone = fd.prefill_many([(p, st, _CacheRow(c.k, c.v))])
+            alone = fd.prefill_many([(p, st, CacheRows(c.k, c.v))])
             assert torch.equal(alone[0], together[j])
             assert all(torch.equal(a, b) for a, b in zip(c.k + c.v, together_caches[j].k + together_caches[j].v))
             ref = caches()[j]

@@ -114,8 +114,9 @@ def onednn_linear_ok() -> bool:
         return False
 
 
-class _CacheRow:
-    """One sequence's rows of a KVCache (k[layer], v[layer]: [1, K, len, D] views), as prefill_many takes."""
+class CacheRows:
+    """Some rows of a KVCache as a KVCache of their own (k[layer], v[layer]: views [rows, K, len, D]): one
+    sequence's rows for prefill_many, one serving slot for FastDecode.step (serve/engine.py)."""
 
     def __init__(self, k: list, v: list):
         self.k, self.v = k, v
@@ -337,7 +338,7 @@ class FastDecode:
         """tokens [B, T] at positions start..start+T-1 of every row (no padding) -> the last position's
         logits [B, V]; writes their keys/values into cache (k[layer], v[layer]: [B, K, len, D]). generate()'s
         prompt: prefill_many with one part per row."""
-        rows = [_CacheRow([k[b:b + 1] for k in cache.k], [v[b:b + 1] for v in cache.v]) for b in range(len(tokens))]
+        rows = [CacheRows([k[b:b + 1] for k in cache.k], [v[b:b + 1] for v in cache.v]) for b in range(len(tokens))]
         return self.prefill_many([(tokens[b], start, rows[b]) for b in range(len(tokens))])
 
     def prefill_many(self, parts: list) -> torch.Tensor:

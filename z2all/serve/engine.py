@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from z2all.model.generate import IncrementalText, filter_logits, num_threads
+from z2all.model.generate import CacheRows, IncrementalText, filter_logits, num_threads
 from z2all.utils import UserError
 
 
@@ -172,21 +172,14 @@ class _Pool:
         self.k = [torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in range(c.n_layers)]
         self.v = [torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in range(c.n_layers)]
         self.nbytes = 2 * c.n_layers * torch.Size(shape).numel() * p.element_size()
-        self._rows: dict[int, _Row] = {}
+        self._rows: dict[int, CacheRows] = {}
 
-    def row(self, slot: int) -> _Row:
+    def row(self, slot: int) -> CacheRows:
         """Slot `slot` as a one-row KVCache (views [1, K, slot_len, D] per layer, made once per slot)."""
         r = self._rows.get(slot)
         if r is None:
-            r = self._rows[slot] = _Row([k[slot:slot + 1] for k in self.k], [v[slot:slot + 1] for v in self.v])
+            r = self._rows[slot] = CacheRows([k[slot:slot + 1] for k in self.k], [v[slot:slot + 1] for v in self.v])
         return r
-
-
-class _Row:
-    """One slot's rows of the pool in the KVCache layout FastDecode.step reads (k[layer], v[layer])."""
-
-    def __init__(self, k: list, v: list):
-        self.k, self.v = k, v
 
 
 class Engine:
