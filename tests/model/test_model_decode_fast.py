@@ -183,6 +183,21 @@ def test_batched_matmul_onednn_equals_blas():
         FastDecode(m, "mkl")
 
 
+@pytest.mark.skipif(not onednn_linear_ok(), reason="torch's oneDNN linear ops need an x86 CPU build")
+def test_auto_skips_the_packed_copy_when_memory_is_short(monkeypatch):
+    """auto takes oneDNN's packed copy of the weights only where it leaves half of the free memory; an
+    explicit onednn is the user's choice."""
+    from z2all.model import generate as g
+
+    m = model()
+    weights = sum(p.numel() * 4 for p in m.parameters())
+    monkeypatch.setattr(g, "_available_memory", lambda device: weights)  # less than twice the copy
+    assert FastDecode(m).batched_matmul == "blas"
+    assert FastDecode(m, "onednn").batched_matmul == "onednn"
+    monkeypatch.setattr(g, "_available_memory", lambda device: 100 * weights)
+    assert FastDecode(m).batched_matmul == "onednn"
+
+
 needs_c = pytest.mark.skipif(_decodec is None and not os.environ.get("Z2ALL_REQUIRE_C"),
                              reason="z2all.model._decodec is not built (pip install -e . builds it with a C compiler)")
 

@@ -146,7 +146,8 @@ class FastDecode:
     whole 8-row step 1.42 vs 2.40 ms. Its weights are packed once, on the first batched step, for up to
     PACK_ROWS rows (a third copy of the weights, only in a process that batches); a packed matmul gives each
     row the same bits whatever the row count (MKL's can change from 4 rows on), and the residual add is
-    fused into it (_linear_pointwise.binary). A single row stays on MKL, faster there (34 vs 45 us).
+    fused into it (_linear_pointwise.binary). A single row stays on MKL, faster there (34 vs 45 us). "auto"
+    keeps MKL when the packed copy would take more than half of the free memory.
 
     Each layer's RoPE, cache write and attention (~8 torch ops, ~57 us for 8 rows of ~80 keys, 8 of the
     masked-SDPA path) is one call into the compiled model/_decodec.c where `kernels` resolves to "c"
@@ -200,6 +201,12 @@ class FastDecode:
         self.batched_matmul = batched_matmul
         if batched_matmul == "auto":
             self.batched_matmul = "onednn" if self.fp32 and w.device.type == "cpu" and onednn_linear_ok() else "blas"
+            # the packed copy is one more copy of the weights (made on the first batched step or prefill):
+            # auto takes it only where it leaves half of the free memory (a 1B fp32 model: 4 GB more)
+            free = _available_memory(w.device) if self.batched_matmul == "onednn" else None
+            packed = sum(t.numel() for layer in self.layers for t in layer) * 4 + self.head.numel() * 4
+            if free is not None and packed > free // 2:
+                self.batched_matmul = "blas"
         self.packed = None  # (layers, head) in oneDNN's layout, built by _batched() on first use
         cpu32 = self.fp32 and w.device.type == "cpu"
         if kernels == "c" and not (cpu32 and _decodec is not None):
