@@ -16,10 +16,9 @@ from rel_helpers import Result, assert_clean_failure, snapshot
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "serve"))
-from serve_helpers import cli_argv, make_ckpt  # noqa: E402
+from serve_helpers import cli_argv, make_ckpt, need_serve_deps  # noqa: E402
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
+need_serve_deps(client=False)
 
 
 def run(*args: str, timeout: float = 300) -> Result:

@@ -20,6 +20,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "z2all" / "data" / "demo"
 
+def need_serve_deps(client: bool = True):
+    """Skip the calling test module unless the serve extra is installed (fastapi, uvicorn) and, with
+    client, the official `openai` client; returns the openai module (or None)."""
+    import pytest
+
+    openai = pytest.importorskip("openai") if client else None
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    return openai
+
+
 def cli_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "z2all", *args]
 

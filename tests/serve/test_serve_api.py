@@ -13,11 +13,9 @@ import json
 import time
 
 import pytest
-from serve_helpers import Server, make_ckpt
+from serve_helpers import Server, make_ckpt, need_serve_deps
 
-openai = pytest.importorskip("openai")
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
+openai = need_serve_deps()
 
 
 @pytest.fixture(scope="module")

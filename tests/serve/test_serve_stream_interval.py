@@ -9,11 +9,9 @@ import asyncio
 import threading
 
 import pytest
-from serve_helpers import Server, make_ckpt
+from serve_helpers import Server, make_ckpt, need_serve_deps
 
-openai = pytest.importorskip("openai")
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
+openai = need_serve_deps()
 
 from z2all.serve.api import Config, _Inbox, build  # noqa: E402
 from z2all.serve.engine import Event  # noqa: E402

@@ -15,11 +15,9 @@ import urllib.error
 import urllib.request
 
 import pytest
-from serve_helpers import REPO, Server, cli_argv, make_ckpt
+from serve_helpers import REPO, Server, cli_argv, make_ckpt, need_serve_deps
 
-openai = pytest.importorskip("openai")
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
+openai = need_serve_deps()
 
 from z2all.serve import worker  # noqa: E402
 
