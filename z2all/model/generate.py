@@ -285,6 +285,13 @@ class FastDecode:
         xf = x.float()
         return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
+    def _out_ffn(self, x, y, wo, wn2, w13, w2, mm, addmm):
+        """The rest of a block after attention: x + y @ Wo, then x + SwiGLU(RMSNorm(x)) with gate | up in one
+        matmul ([rows, 2F]); mm/addmm from _ops."""
+        x = addmm(x, y, wo)
+        h = mm(self._rms(x, wn2), w13)
+        return addmm(x, torch.nn.functional.silu(h[:, :self.F]).mul_(h[:, self.F:]), w2)
+
     def _head(self, h):
         if self.head_packed is not None:
             return torch.ops.mkl._mkl_linear(h, self.head_packed, self.head, None, h.shape[0])
@@ -295,7 +302,8 @@ class FastDecode:
         H, K, D = self.H, self.K, self.D
         B = tokens.shape[0]
         tables = self._rope(tokens.device, pos + 1)
-        cos, sin = tables[0][pos], tables[1][pos]
+        if self.kernels != "c":
+            cos, sin = tables[0][pos], tables[1][pos]
         x = self.model.tok_embeddings.weight.index_select(0, tokens)  # [B, C]
         nqk = (H + K) * D
         sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -311,9 +319,7 @@ class FastDecode:
                 kc.select(2, pos).copy_(qk[:, H:])
                 vc.select(2, pos).copy_(qkv[:, nqk:].view(B, K, D))
                 y = sdpa(qk[:, :H, None], kc.narrow(2, 0, pos + 1), vc.narrow(2, 0, pos + 1), enable_gqa=K != H)
-            x = addmm(x, y.reshape(B, H * D), wo)
-            h = mm(self._rms(x, wn2), w13)  # [B, 2F]: gate | up
-            x = addmm(x, torch.nn.functional.silu(h[:, :self.F]).mul_(h[:, self.F:]), w2)
+            x = self._out_ffn(x, y.reshape(B, H * D), wo, wn2, w13, w2, mm, addmm)
         return head(self._rms(x, self.model.norm.weight))
 
     def _attend_c(self, qkv, kc, vc, rows, pos, pos0: int, tables) -> torch.Tensor:
@@ -389,9 +395,7 @@ class FastDecode:
                          attn_mask=mask, is_causal=mask is None and n > 1, enable_gqa=K != H)  # [1, H, n, D]
                 ys.append(y[0].transpose(0, 1).reshape(n, H * D))
                 off += n
-            x = addmm(x, torch.cat(ys) if len(ys) > 1 else ys[0], wo)
-            h = mm(self._rms(x, wn2), w13)
-            x = addmm(x, torch.nn.functional.silu(h[:, :self.F]).mul_(h[:, self.F:]), w2)
+            x = self._out_ffn(x, torch.cat(ys) if len(ys) > 1 else ys[0], wo, wn2, w13, w2, mm, addmm)
         last = x.index_select(0, torch.tensor(list(itertools.accumulate(lens)), device=dev) - 1)
         return head(self._rms(last, self.model.norm.weight))
 
@@ -428,9 +432,7 @@ class FastDecode:
                 else:
                     keys, values = kc[rows, :, :S], vc[rows, :, :S]
                 y = sdpa(qk[:, :H, None], keys, values, attn_mask=attn_mask, enable_gqa=K != H)
-            x = addmm(x, y.reshape(B, H * D), wo)
-            h = mm(self._rms(x, wn2), w13)
-            x = addmm(x, torch.nn.functional.silu(h[:, :self.F]).mul_(h[:, self.F:]), w2)
+            x = self._out_ffn(x, y.reshape(B, H * D), wo, wn2, w13, w2, mm, addmm)
         return head(self._rms(x, self.model.norm.weight))
 
 
