@@ -73,14 +73,14 @@ def test_failing_job_raises_at_its_turn(workers, start):
     assert _spools() == before
 
 
-@pytest.mark.parametrize("helps", [True, False])
-def test_disk_full_in_a_spawned_process_raises_at_its_turn(helps):
+@pytest.mark.parametrize("helps,start", [(True, "spawn"), (False, "spawn"), (True, "fork")])
+def test_disk_full_in_a_spawned_process_raises_at_its_turn(helps, start):
     """A job that hits a full disk in a spawned process (its spool file, its own writes) surfaces as that
     OSError at its turn, errno kept for the CLI's "disk full" line; the spool is removed."""
     before = _spools()
     got = []
     with pytest.raises(OSError) as e:
-        for tag, _ in ordered_map(_disk_full, ((i, i) for i in range(6)), workers=2, helps=helps):
+        for tag, _ in ordered_map(_disk_full, ((i, i) for i in range(6)), workers=2, helps=helps, start=start):
             got.append(tag)
     assert e.value.errno == errno.ENOSPC and got == [0, 1]
     assert _spools() == before

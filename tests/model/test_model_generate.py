@@ -130,8 +130,12 @@ def test_generate_command_batch_from_prompt_file(ckpt, capsys, tmp_path):
         assert f"--- [{i}] ---\n{p}{alone}\n" in out
 
 
-def test_generate_command_errors(ckpt, tmp_path):
+def test_generate_command_errors(ckpt, tmp_path, capsys):
     path, _, _ = ckpt
+    for opt, bad in (("--batched-matmul", "mkl"), ("--decode-kernels", "asm")):  # one line naming the option
+        assert main(["generate", "--ckpt", str(path), "--prompt", "x", opt, bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and opt[2:].replace("-", "_") in err and "Traceback" not in err
     assert main(["generate", "--ckpt", str(path)]) == 2  # no prompt
     assert main(["generate", "--ckpt", str(tmp_path), "--prompt", "x"]) == 2  # no checkpoint there
     assert main(["generate", "--ckpt", str(path), "--prompt", "x", "--tokenizer", str(tmp_path / "no")]) == 2

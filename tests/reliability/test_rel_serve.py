@@ -72,6 +72,9 @@ def test_bad_options(ckpt, inproc):
         (["chat", "--temperature", "-1"], "--temperature"),
         (["chat", "--max-new-tokens", "64"], "--max-new-tokens"),
         (["bench", "serve", "--clients", "0"], "--clients"),
+        (["serve", "--decode-kernels", "asm"], "decode_kernels"),
+        (["serve", "--batched-matmul", "mkl"], "batched_matmul"),
+        (["bench", "serve", "--batched-matmul", "mkl"], "batched_matmul"),
     ]
     assert_clean_failure(run("serve", "--ckpt", ckpt, "--max-batch", "0"), "--max-batch")
     for args, pat in cases:
