@@ -14,7 +14,7 @@ import pytest
 import torch
 from model_helpers import small_config
 
-from z2all.model.generate import FastDecode, _decodec, generate, onednn_linear_ok
+from z2all.model.generate import FastDecode, Panels, _decodec, generate, num_threads, onednn_linear_ok
 from z2all.model.llama import Z2all
 from z2all.utils import UserError
 
@@ -126,15 +126,23 @@ def test_decode_threads_rule_and_restore():
         torch.set_num_threads(old)
 
 
-@pytest.mark.parametrize("mm", ["blas", pytest.param("onednn", marks=pytest.mark.skipif(
-    not onednn_linear_ok(), reason="torch's oneDNN linear ops need an x86 CPU build"))])
-def test_prefill_equals_the_forward(mm):
-    """FastDecode.prefill (generate()'s and the engine's prompt fill where oneDNN packs the weights) gives the
-    forward's last logits and writes the same keys/values: a whole prompt, a second chunk at start > 0 (its
-    causal mask offset by start), and two rows."""
+needs_c = pytest.mark.skipif(_decodec is None and not os.environ.get("Z2ALL_REQUIRE_C"),
+                             reason="z2all.model._decodec is not built (pip install -e . builds it with a C compiler)")
+needs_onednn = pytest.mark.skipif(not onednn_linear_ok(), reason="torch's oneDNN linear ops need an x86 CPU build")
+# (batched_matmul, kernels): torch's libraries, and the C kernels (matmuls included, on one thread)
+BACKENDS = [pytest.param(("blas", "torch"), id="blas"), pytest.param(("onednn", "torch"), id="onednn", marks=needs_onednn),
+            pytest.param(("auto", "c"), id="c", marks=needs_c)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prefill_equals_the_forward(backend):
+    """FastDecode.prefill (generate()'s and the engine's prompt fill where oneDNN packs the weights or the C
+    kernels run) gives the forward's last logits and writes the same keys/values: a whole prompt, a second
+    chunk at start > 0 (its causal mask offset by start), and two rows."""
     m = model()
-    fd = FastDecode(m, mm)
-    with torch.inference_mode():
+    fd = FastDecode(m, *backend)
+    with torch.inference_mode(), num_threads(1):
+        assert fd.c_matmuls() == (backend[1] == "c")
         for B, T, start in ((1, 9, 0), (1, 6, 7), (2, 11, 0), (2, 1, 4)):
             torch.manual_seed(T)
             pre, idx = torch.randint(0, 97, (B, start)), torch.randint(0, 97, (B, T))
@@ -156,7 +164,7 @@ def test_batched_matmul_onednn_equals_blas():
     row's matmul bits do not depend on how many rows share the oneDNN call; a bad value is one clear error."""
     m = model()
     c = m.cfg
-    one, blas = FastDecode(m, "onednn"), FastDecode(m, "blas")
+    one, blas = FastDecode(m, "onednn", "torch"), FastDecode(m, "blas", "torch")
     assert FastDecode(m).batched_matmul == "onednn"  # auto on an x86 CPU in fp32
     L = 16
     torch.manual_seed(1)
@@ -171,14 +179,14 @@ def test_batched_matmul_onednn_equals_blas():
         a, b = run(one, [0, 1, 2], [11, 6, 9]), run(blas, [0, 1, 2], [11, 6, 9])
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         # a row's matmul bits do not depend on the row count (MKL's can, from 4 rows on)
-        layers, mm, _, _ = one._ops(2)
+        layers, mm, *_ = one._ops(2)
         x = torch.randn(5, c.dim)
         for w in layers[0][1:3]:
             assert torch.equal(mm(x[:2].contiguous(), w), mm(x, w)[:2])
     prompts = [[3, 14, 15, 92], [35, 89, 79, 32], [2, 71, 82, 81]]
     ref = generate(m, prompts, 30, decode="plain")
-    assert generate(m, prompts, 30, decode="fast", batched_matmul="onednn") == ref
-    assert generate(m, prompts, 30, decode="fast", batched_matmul="blas") == ref
+    assert generate(m, prompts, 30, decode="fast", batched_matmul="onednn", kernels="torch") == ref
+    assert generate(m, prompts, 30, decode="fast", batched_matmul="blas", kernels="torch") == ref
     with pytest.raises(UserError, match="--batched-matmul"):
         FastDecode(m, "mkl")
 
@@ -198,17 +206,14 @@ def test_auto_skips_the_packed_copy_when_memory_is_short(monkeypatch):
     assert FastDecode(m).batched_matmul == "onednn"
 
 
-needs_c = pytest.mark.skipif(_decodec is None and not os.environ.get("Z2ALL_REQUIRE_C"),
-                             reason="z2all.model._decodec is not built (pip install -e . builds it with a C compiler)")
-
-
 @needs_c
 @pytest.mark.parametrize("dim,heads,kv", [(48, 6, 2), (36, 6, 3), (256, 4, 2), (512, 4, 2)])
 def test_c_kernels_equal_torch(dim, heads, kv):
     """The compiled kernels == the torch ops: RMSNorm on 1, 8 and 33 rows; the attention (RoPE, cache write,
     causal attention in one call per layer; its register path for head_dim 64 and 128, the generic loop for
-    8 and 6) in step() and step_rows() logits and cache contents; generate()'s greedy tokens == the
-    forward's. A position outside the cache is a ValueError before anything is written."""
+    8 and 6) and the matmuls (on one thread) in step() and step_rows() logits and cache contents;
+    generate()'s greedy tokens == the forward's. A position outside the cache is a ValueError before
+    anything is written."""
     assert _decodec is not None, "Z2ALL_REQUIRE_C is set but z2all.model._decodec is not built"
     m = model(dim=dim, n_heads=heads, n_kv_heads=kv, ffn_dim=2 * dim)
     c = m.cfg
@@ -224,7 +229,8 @@ def test_c_kernels_equal_torch(dim, heads, kv):
     vp = [torch.randn(4, c.n_kv_heads, L, c.head_dim) for _ in range(c.n_layers)]
     # tolerance relative to each tensor's scale: fp32 rounding (C contracts RoPE's x*c + y*s to one FMA and
     # sums in another order) on keys and logits up to ~20 with these weights
-    with torch.inference_mode():
+    with torch.inference_mode(), num_threads(1):
+        assert fc.c_matmuls() and not ft.c_matmuls()
         caches = {}
         for name, fd in (("c", fc), ("torch", ft)):
             cache = m.new_kv_cache(2, L)
@@ -255,15 +261,15 @@ def test_c_kernels_equal_torch(dim, heads, kv):
         FastDecode(m, kernels="asm")
 
 
-@pytest.mark.skipif(not onednn_linear_ok(), reason="torch's oneDNN linear ops need an x86 CPU build")
-def test_prefill_many_chunks_do_not_depend_on_their_company():
+@pytest.mark.parametrize("backend", BACKENDS[1:])
+def test_prefill_many_chunks_do_not_depend_on_their_company(backend):
     """prefill_many (the engine's prompt chunks of one iteration in one pass): three chunks of different
     lengths, one a second chunk (start 7), give each the same logits and cache bits as that chunk alone,
-    and the forward's to fp32 rounding."""
+    and the forward's to fp32 rounding; with oneDNN's packed matmuls and with the C kernels."""
     from z2all.model.generate import CacheRows
 
     m = model()
-    fd = FastDecode(m)
+    fd = FastDecode(m, *backend)
     torch.manual_seed(4)
     prompts = [torch.randint(0, 97, (n,)) for n in (9, 13, 5)]
     starts = [0, 0, 7]
@@ -277,7 +283,7 @@ def test_prefill_many_chunks_do_not_depend_on_their_company():
             out.append(c)
         return out
 
-    with torch.inference_mode():
+    with torch.inference_mode(), num_threads(1):
         together_caches = caches()
         together = fd.prefill_many([(p, st, CacheRows(c.k, c.v)) for p, st, c in zip(prompts, starts, together_caches)])
         for j, (p, st) in enumerate(zip(prompts, starts)):
@@ -288,3 +294,60 @@ def test_prefill_many_chunks_do_not_depend_on_their_company():
             ref = caches()[j]
             want, _ = m(p[None], kv_cache=ref, start_pos=st, logits_to_keep=1)
             torch.testing.assert_close(together[j], want[0, -1], rtol=1e-5, atol=1e-5)
+
+
+@needs_c
+def test_c_linear_equals_torch_and_rows_keep_their_bits():
+    """_decodec.linear through Panels: x @ W, the fused residual add and the fused SwiGLU == torch in float64
+    to fp32 rounding, for 1-9, 16 and 33 rows and widths that are not multiples of the 16/32-column
+    panels; a row's output bits do not depend on how many rows share the call (the kernel's 8-row tiles
+    and every remainder); bad shapes are a ValueError, not a crash."""
+    torch.manual_seed(3)
+    for K, N in ((256, 512), (70, 50), (33, 17), (704, 256)):
+        w = torch.randn(N, K)
+        p = Panels.pack(w)
+        x, r = torch.randn(33, K), torch.randn(33, N)
+        want = (x.double() @ w.double().T)
+        got = Panels.mm(x, p)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4 * K ** 0.5)
+        torch.testing.assert_close(Panels.addmm(r, x, p).double(), want + r.double(), rtol=1e-5, atol=1e-4 * K ** 0.5)
+        for M in (*range(1, 10), 16):
+            assert torch.equal(Panels.mm(x[:M], p), got[:M])
+            assert torch.equal(Panels.mm(x[M:M + 1], p)[0], got[M])  # a row alone == in company
+    for K, F in ((64, 40), (256, 704)):
+        w1, w3, x = torch.randn(F, K) / K ** 0.5, torch.randn(F, K), torch.randn(11, K)
+        got = Panels.mm(x, Panels.pack_swiglu(w1, w3))
+        want = torch.nn.functional.silu(x.double() @ w1.double().T) * (x.double() @ w3.double().T)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4 * float(want.abs().max()))
+        assert torch.equal(Panels.mm(x[3:4], Panels.pack_swiglu(w1, w3))[0], got[3])
+    with pytest.raises(ValueError):
+        Panels.mm(torch.randn(2, 71), Panels.pack(torch.randn(8, 70)))
+    with pytest.raises(ValueError):
+        Panels.mm(torch.randn(2, 70, dtype=torch.float64), Panels.pack(torch.randn(8, 70)))
+
+
+@needs_c
+def test_c_step_rows_gives_each_row_its_bits_alone():
+    """With the C kernels on one thread every op of the step is row-independent, so a row of a batched
+    step_rows gets exactly (bitwise) the logits step() gives it alone: continuous batching's greedy
+    results equal one-at-a-time's by construction, not only to rounding."""
+    m = model()
+    c = m.cfg
+    fd = FastDecode(m, kernels="c")
+    prompts = [[3, 14, 15], [35, 89, 79, 32, 38, 4, 7], [2, 71, 82, 81, 8]]
+    L = 16
+    k_pool = [torch.zeros(3, c.n_kv_heads, L, c.head_dim) for _ in range(c.n_layers)]
+    v_pool = [torch.zeros(3, c.n_kv_heads, L, c.head_dim) for _ in range(c.n_layers)]
+    with torch.inference_mode(), num_threads(1):
+        want = []
+        for slot, p in enumerate(prompts):
+            cache = m.new_kv_cache(1, L)
+            fd.prefill(torch.tensor([p]), 0, cache)
+            for i in range(c.n_layers):
+                k_pool[i][slot], v_pool[i][slot] = cache.k[i][0], cache.v[i][0]
+            want.append(fd.step(torch.tensor([9 + slot]), len(p), cache)[0])
+        pos = torch.tensor([len(p) for p in prompts])
+        mask = torch.arange(int(pos.max()) + 1)[None, :] <= pos[:, None]
+        got = fd.step_rows(torch.tensor([9, 10, 11]), pos, k_pool, v_pool, torch.arange(3), (0, 3), mask)
+        for b in range(3):
+            assert torch.equal(got[b], want[b])

@@ -114,6 +114,53 @@ def onednn_linear_ok() -> bool:
         return False
 
 
+class Panels:
+    """A weight packed for _decodec.linear (model/_decodec.c): W = weight^T [K, N] cut into panels of 16
+    columns, each [K, 16] contiguous (data [P, K, 16], zero past column N, P even), so the kernel streams
+    one panel pair per tile. pack_swiglu interleaves the FFN's gate and up projections panel by panel
+    (gate columns 16q.. in panel 2q, the same up columns in 2q + 1) and its mm returns silu(gate) * up.
+    The ops take contiguous fp32 rows x [M, K] and return [M, N]."""
+    __slots__ = ("data", "k", "p", "n", "mode")
+
+    def __init__(self, data: torch.Tensor, n: int, mode: int):
+        self.data, self.p, self.k = data, data.shape[0], data.shape[1]
+        self.n, self.mode = n, mode  # mode 0: x @ W; 2: SwiGLU (1, the residual add, is addmm's)
+
+    @classmethod
+    def pack(cls, weight: torch.Tensor) -> Panels:
+        """weight [N, K] (nn.Linear's layout)."""
+        N, K = weight.shape
+        Np = -(-N // 32) * 32
+        w = torch.zeros(Np, K, dtype=torch.float32)
+        w[:N] = weight.detach()
+        return cls(w.view(Np // 16, 16, K).transpose(1, 2).contiguous(), N, 0)
+
+    @classmethod
+    def pack_swiglu(cls, w1: torch.Tensor, w3: torch.Tensor) -> Panels:
+        """w1 (gate) and w3 (up), each [F, K]."""
+        F, K = w1.shape
+        Fp = -(-F // 16) * 16
+        w = torch.zeros(2, Fp, K, dtype=torch.float32)
+        w[0, :F], w[1, :F] = w1.detach(), w3.detach()
+        return cls(w.view(2, Fp // 16, 16, K).permute(1, 0, 3, 2).reshape(2 * Fp // 16, K, 16).contiguous(), F, 2)
+
+    @staticmethod
+    def mm(x: torch.Tensor, w: Panels, res: torch.Tensor | None = None) -> torch.Tensor:
+        if not x.is_contiguous():  # a view's strides are not what the C code indexes
+            x = x.contiguous()
+        if x.dtype != torch.float32 or x.shape[-1] != w.k or (res is not None and not res.is_contiguous()):
+            raise ValueError(f"Panels.mm needs contiguous fp32 rows of {w.k} (and a contiguous residual)")
+        out = torch.empty(x.shape[0], w.n)
+        _decodec.linear(out.data_ptr(), x.data_ptr(), w.data.data_ptr(), 0 if res is None else res.data_ptr(),
+                        x.shape[0], w.k, w.p, w.n, 1 if res is not None else w.mode)
+        return out
+
+    @staticmethod
+    def addmm(res: torch.Tensor, x: torch.Tensor, w: Panels) -> torch.Tensor:
+        """res + x @ W (torch.addmm's argument order), the add fused into the kernel's store."""
+        return Panels.mm(x, w, res)
+
+
 class CacheRows:
     """Some rows of a KVCache as a KVCache of their own (k[layer], v[layer]: views [rows, K, len, D]): one
     sequence's rows for prefill_many, one serving slot for FastDecode.step (serve/engine.py)."""
@@ -180,22 +227,10 @@ class FastDecode:
         self.eps = c.norm_eps
         w = model.tok_embeddings.weight
         self.fp32 = w.dtype == torch.float32
-        with torch.no_grad():
-            self.layers = []
-            for b in model.layers:
-                a, f = b.attention, b.feed_forward
-                self.layers.append((b.attention_norm.weight.detach(),
-                                    torch.cat([a.wq.weight, a.wk.weight, a.wv.weight]).t().contiguous(),
-                                    a.wo.weight.detach().t().contiguous(), b.ffn_norm.weight.detach(),
-                                    torch.cat([f.w1.weight, f.w3.weight]).t().contiguous(),
-                                    f.w2.weight.detach().t().contiguous()))
-            self.head = model.output.weight.detach()
-            self.head_packed = None
-            if self.fp32 and w.device.type == "cpu" and torch._C.has_mkl:
-                try:
-                    self.head_packed = torch.ops.mkl._mkl_reorder_linear_weight(self.head, 1)
-                except (RuntimeError, AttributeError):  # a build without the op: F.linear
-                    self.head_packed = None
+        self.head = model.output.weight.detach()
+        self._mkl_layers = None  # (norm, Wqkv^T, Wo^T, norm, W13^T, W2^T) per layer for torch.mm: _torch_layers()
+        self.head_packed = None
+        self.panels = None  # the same weights packed for _decodec.linear: _c_layers()
         self.key = self._key(model)
         self.tables: dict = {}
         self.batched_matmul = batched_matmul
@@ -204,7 +239,7 @@ class FastDecode:
             # the packed copy is one more copy of the weights (made on the first batched step or prefill):
             # auto takes it only where it leaves half of the free memory (a 1B fp32 model: 4 GB more)
             free = _available_memory(w.device) if self.batched_matmul == "onednn" else None
-            packed = sum(t.numel() for layer in self.layers for t in layer) * 4 + self.head.numel() * 4
+            packed = sum(p.numel() for p in model.layers.parameters()) * 4 + self.head.numel() * 4
             if free is not None and packed > free // 2:
                 self.batched_matmul = "blas"
         self.packed = None  # (layers, head) in oneDNN's layout, built by _batched() on first use
@@ -214,27 +249,81 @@ class FastDecode:
                             "(`pip install -e .` builds it where a C compiler is installed); use auto or torch")
         self.kernels = kernels if kernels != "auto" else ("c" if cpu32 and _decodec is not None else "torch")
 
+    def _torch_layers(self) -> list:
+        """Per layer (norm, Wqkv^T, Wo^T, norm, W13^T, W2^T): the weights transposed to [in, out] for
+        torch.mm, and the LM head packed for MKL where it can be; built on first use."""
+        if self._mkl_layers is None:
+            with torch.no_grad():
+                self._mkl_layers = []
+                for b in self.model.layers:
+                    a, f = b.attention, b.feed_forward
+                    self._mkl_layers.append((
+                        b.attention_norm.weight.detach(),
+                        torch.cat([a.wq.weight, a.wk.weight, a.wv.weight]).t().contiguous(),
+                        a.wo.weight.detach().t().contiguous(), b.ffn_norm.weight.detach(),
+                        torch.cat([f.w1.weight, f.w3.weight]).t().contiguous(), f.w2.weight.detach().t().contiguous()))
+                if self.fp32 and self.head.device.type == "cpu" and torch._C.has_mkl:
+                    try:
+                        self.head_packed = torch.ops.mkl._mkl_reorder_linear_weight(self.head, 1)
+                    except (RuntimeError, AttributeError):  # a build without the op: F.linear
+                        self.head_packed = None
+        return self._mkl_layers
+
     def _batched(self):
-        """The oneDNN-packed weights (same tuple layout as self.layers), packed on first use."""
+        """The oneDNN-packed weights (the _torch_layers tuple layout), packed on first use."""
         if self.packed is None:
             pack = torch.ops.mkldnn._reorder_linear_weight
             with torch.no_grad():
                 layers = [(wn1, pack(wqkv.t().contiguous(), self.PACK_ROWS), pack(wo.t().contiguous(), self.PACK_ROWS),
                            wn2, pack(w13.t().contiguous(), self.PACK_ROWS), pack(w2.t().contiguous(), self.PACK_ROWS))
-                          for wn1, wqkv, wo, wn2, w13, w2 in self.layers]
+                          for wn1, wqkv, wo, wn2, w13, w2 in self._torch_layers()]
                 self.packed = (layers, pack(self.head, self.PACK_ROWS))
         return self.packed
 
+    def _c_layers(self):
+        """(layers, head) packed for _decodec.linear (Panels; the gate and up projections interleaved for
+        its fused SwiGLU), built on first use."""
+        if self.panels is None:
+            with torch.no_grad():
+                layers = []
+                for b in self.model.layers:
+                    a, f = b.attention, b.feed_forward
+                    layers.append((b.attention_norm.weight.detach(),
+                                   Panels.pack(torch.cat([a.wq.weight, a.wk.weight, a.wv.weight])),
+                                   Panels.pack(a.wo.weight), b.ffn_norm.weight.detach(),
+                                   Panels.pack_swiglu(f.w1.weight, f.w3.weight), Panels.pack(f.w2.weight)))
+                self.panels = (layers, Panels.pack(self.head))
+        return self.panels
+
+    def c_matmuls(self) -> bool:
+        """Whether this step's matrix multiplies are _decodec.linear's: kernels "c" on one intra-op thread (it
+        computes on the calling thread only; a step on more threads, a large model's, takes torch's)."""
+        return self.kernels == "c" and torch.get_num_threads() == 1
+
     def _ops(self, B: int):
-        """(layers, mm, addmm, head) for a B-row step: mm(x, w) = x @ W^T, addmm(r, x, w) = r + x @ W^T,
-        head(h) = logits. B = 0: the batched ops whatever the row count (prefill_many: a chunk's numbers must
-        not depend on how many rows share its pass)."""
+        """(layers, mm, addmm, glu, head) for a B-row step: mm(x, w) = x @ W^T, addmm(r, x, w) = r + x @ W^T,
+        glu(x, w13) = silu(x @ W1^T) * (x @ W3^T), head(h) = logits. B = 0: ops whose rows do not depend on
+        how many rows share the call (prefill_many: a chunk's numbers must not depend on its company);
+        _decodec.linear's (c_matmuls) have that property for any B."""
+        if self.c_matmuls():
+            layers, head = self._c_layers()
+            return layers, Panels.mm, Panels.addmm, Panels.mm, lambda h: Panels.mm(h, head)
+        F = self.F
+
+        def glu(x, w13, mm):
+            h = mm(x, w13)
+            return torch.nn.functional.silu(h[:, :F]).mul_(h[:, F:])
+
         if B != 1 and self.batched_matmul == "onednn":
             layers, head = self._batched()
             lin = torch.ops.mkldnn._linear_pointwise
-            return (layers, lambda x, w: lin(x, w, None, "none", [], ""),
-                    lambda r, x, w: lin.binary(x, r, w, None, "add"), lambda h: lin(h, head, None, "none", [], ""))
-        return self.layers, torch.mm, torch.addmm, self._head
+
+            def mm(x, w):
+                return lin(x, w, None, "none", [], "")
+
+            return (layers, mm, lambda r, x, w: lin.binary(x, r, w, None, "add"), lambda x, w: glu(x, w, mm),
+                    lambda h: lin(h, head, None, "none", [], ""))
+        return self._torch_layers(), torch.mm, torch.addmm, lambda x, w: glu(x, w, torch.mm), self._head
 
     @staticmethod
     def _key(model) -> tuple:
@@ -285,12 +374,11 @@ class FastDecode:
         xf = x.float()
         return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
-    def _out_ffn(self, x, y, wo, wn2, w13, w2, mm, addmm):
-        """The rest of a block after attention: x + y @ Wo, then x + SwiGLU(RMSNorm(x)) with gate | up in one
-        matmul ([rows, 2F]); mm/addmm from _ops."""
+    def _out_ffn(self, x, y, wo, wn2, w13, w2, addmm, glu):
+        """The rest of a block after attention: x + y @ Wo, then x + SwiGLU(RMSNorm(x)) with gate and up in
+        one matmul; addmm/glu from _ops."""
         x = addmm(x, y, wo)
-        h = mm(self._rms(x, wn2), w13)
-        return addmm(x, torch.nn.functional.silu(h[:, :self.F]).mul_(h[:, self.F:]), w2)
+        return addmm(x, glu(self._rms(x, wn2), w13), w2)
 
     def _head(self, h):
         if self.head_packed is not None:
@@ -307,7 +395,7 @@ class FastDecode:
         x = self.model.tok_embeddings.weight.index_select(0, tokens)  # [B, C]
         nqk = (H + K) * D
         sdpa = torch.nn.functional.scaled_dot_product_attention
-        layers, mm, addmm, head = self._ops(B)
+        layers, mm, addmm, glu, head = self._ops(B)
         for i, (wn1, wqkv, wo, wn2, w13, w2) in enumerate(layers):
             qkv = mm(self._rms(x, wn1), wqkv)  # [B, (H + 2K) * D]
             kc, vc = cache.k[i], cache.v[i]
@@ -319,7 +407,7 @@ class FastDecode:
                 kc.select(2, pos).copy_(qk[:, H:])
                 vc.select(2, pos).copy_(qkv[:, nqk:].view(B, K, D))
                 y = sdpa(qk[:, :H, None], kc.narrow(2, 0, pos + 1), vc.narrow(2, 0, pos + 1), enable_gqa=K != H)
-            x = self._out_ffn(x, y.reshape(B, H * D), wo, wn2, w13, w2, mm, addmm)
+            x = self._out_ffn(x, y.reshape(B, H * D), wo, wn2, w13, w2, addmm, glu)
         return head(self._rms(x, self.model.norm.weight))
 
     def _attend_c(self, qkv, kc, vc, rows, pos, pos0: int, tables) -> torch.Tensor:
@@ -342,10 +430,12 @@ class FastDecode:
 
     @property
     def prefills(self) -> bool:
-        """Whether prefill()/prefill_many() are the faster way to fill a prompt: only with oneDNN's packed
-        weights (a 33-token prompt of the tiny preset: 1.5 vs 3.2 ms through the forward's MKL matmuls);
-        elsewhere (GPUs, other CPUs) the forward, with the op switch's kernels, is as fast or faster."""
-        return self.batched_matmul == "onednn"
+        """Whether prefill()/prefill_many() are the faster way to fill a prompt (asked on the thread count
+        that will run it): with _decodec.linear (c_matmuls) or oneDNN's packed weights (a 33-token prompt of
+        the tiny preset: XXX ms with the C kernels, 1.5 ms with oneDNN, 3.2 ms through the forward's MKL
+        matmuls); elsewhere (GPUs, other CPUs) the forward, with the op switch's kernels, is as fast or
+        faster."""
+        return self.c_matmuls() or self.batched_matmul == "onednn"
 
     def prefill(self, tokens: torch.Tensor, start: int, cache) -> torch.Tensor:
         """tokens [B, T] at positions start..start+T-1 of every row (no padding) -> the last position's
@@ -369,20 +459,34 @@ class FastDecode:
         lens = [len(ids) for ids, _, _ in parts]
         N = sum(lens)
         tokens = torch.cat([ids for ids, _, _ in parts]) if len(parts) > 1 else parts[0][0]
-        pos = torch.cat([torch.arange(st, st + n, device=dev) for (_, st, _), n in zip(parts, lens)])
-        cos, sin = self._rope(dev, max(st + n for (_, st, _), n in zip(parts, lens)))
-        cos, sin = cos[pos][:, None], sin[pos][:, None]  # [N, 1, D]
+        tables = self._rope(dev, max(st + n for (_, st, _), n in zip(parts, lens)))
         x = self.model.tok_embeddings.weight.index_select(0, tokens)  # [N, C]
-        layers, mm, addmm, head = self._ops(0)
+        layers, mm, addmm, glu, head = self._ops(0)
         nqk = (H + K) * D
-        # chunk j's query i (position start + i) sees keys 0..start + i; None = SDPA's own causal mask, which
-        # is aligned to the top left and so only right when start == 0
-        masks = [None if st == 0 else
-                 torch.arange(st + n, device=dev)[None, :] <= torch.arange(st, st + n, device=dev)[:, None]
-                 for (_, st, _), n in zip(parts, lens)]
+        c_attention = self.kernels == "c"
+        if c_attention:  # each chunk's rows are one-token steps of its slot at start..start+T-1, in order
+            zeros = torch.zeros(max(lens), dtype=torch.long, device=dev)
+            chunk_pos = [torch.arange(st, st + n, device=dev) for (_, st, _), n in zip(parts, lens)]
+        else:
+            pos = torch.cat([torch.arange(st, st + n, device=dev) for (_, st, _), n in zip(parts, lens)])
+            cos, sin = tables[0][pos][:, None], tables[1][pos][:, None]  # [N, 1, D]
+            # chunk j's query i (position start + i) sees keys 0..start + i; None = SDPA's own causal mask,
+            # which is aligned to the top left and so only right when start == 0
+            masks = [None if st == 0 else
+                     torch.arange(st + n, device=dev)[None, :] <= torch.arange(st, st + n, device=dev)[:, None]
+                     for (_, st, _), n in zip(parts, lens)]
         sdpa = torch.nn.functional.scaled_dot_product_attention
         for i, (wn1, wqkv, wo, wn2, w13, w2) in enumerate(layers):
             qkv = mm(self._rms(x, wn1), wqkv)  # [N, (H + 2K) * D]
+            if c_attention:
+                # row r of a chunk writes its key at start + r, then attends to keys 0..start + r: the C code
+                # takes the rows in order, so the chunk's causal mask is implied
+                ys, off = [], 0
+                for (_, st, cache), n, p in zip(parts, lens, chunk_pos):
+                    ys.append(self._attend_c(qkv[off:off + n], cache.k[i], cache.v[i], zeros[:n], p, 0, tables))
+                    off += n
+                x = self._out_ffn(x, torch.cat(ys) if len(ys) > 1 else ys[0], wo, wn2, w13, w2, addmm, glu)
+                continue
             qk = qkv[:, :nqk].view(N, H + K, D)
             qk = torch.addcmul(qk * cos, qk.roll(D // 2, -1), sin)
             v = qkv[:, nqk:].view(N, K, D)
@@ -395,7 +499,7 @@ class FastDecode:
                          attn_mask=mask, is_causal=mask is None and n > 1, enable_gqa=K != H)  # [1, H, n, D]
                 ys.append(y[0].transpose(0, 1).reshape(n, H * D))
                 off += n
-            x = self._out_ffn(x, torch.cat(ys) if len(ys) > 1 else ys[0], wo, wn2, w13, w2, mm, addmm)
+            x = self._out_ffn(x, torch.cat(ys) if len(ys) > 1 else ys[0], wo, wn2, w13, w2, addmm, glu)
         last = x.index_select(0, torch.tensor(list(itertools.accumulate(lens)), device=dev) - 1)
         return head(self._rms(last, self.model.norm.weight))
 
@@ -416,7 +520,7 @@ class FastDecode:
         x = self.model.tok_embeddings.weight.index_select(0, tokens)
         nqk = (H + K) * D
         sdpa = torch.nn.functional.scaled_dot_product_attention
-        layers, mm, addmm, head = self._ops(B)
+        layers, mm, addmm, glu, head = self._ops(B)
         for i, (wn1, wqkv, wo, wn2, w13, w2) in enumerate(layers):
             qkv = mm(self._rms(x, wn1), wqkv)
             kc, vc = k_pool[i], v_pool[i]
@@ -432,7 +536,7 @@ class FastDecode:
                 else:
                     keys, values = kc[rows, :, :S], vc[rows, :, :S]
                 y = sdpa(qk[:, :H, None], keys, values, attn_mask=attn_mask, enable_gqa=K != H)
-            x = self._out_ffn(x, y.reshape(B, H * D), wo, wn2, w13, w2, mm, addmm)
+            x = self._out_ffn(x, y.reshape(B, H * D), wo, wn2, w13, w2, addmm, glu)
         return head(self._rms(x, self.model.norm.weight))
 
 
