@@ -1,21 +1,27 @@
-"""The serving engine in-process (serve/engine.py), with each `batched_matmul` (oneDNN's packed weights vs
-torch.mm, the reference): concurrent greedy requests of mixed prompt lengths, lengths and stop strings that
-share decode steps and chunked prefills each return what they return alone, and the same with either
-backend, equal to generate()'s plain forward."""
+"""The serving engine in-process (serve/engine.py), with each backend (torch's ops with oneDNN's packed
+weights or torch.mm, the reference; the C kernels, matmuls included): concurrent greedy requests of mixed
+prompt lengths, lengths and stop strings that share decode steps and chunked prefills each return what they
+return alone, and the same with every backend, equal to generate()'s plain forward."""
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
 from serve_helpers import make_ckpt
 
-from z2all.model.generate import generate, onednn_linear_ok
+from z2all.model.generate import _decodec, generate, onednn_linear_ok
 from z2all.serve.engine import Engine, SamplingParams, load
 from z2all.utils import UserError
 
-MATMULS = ["blas", pytest.param("onednn", marks=pytest.mark.skipif(
-    not onednn_linear_ok(), reason="torch's oneDNN linear ops need an x86 CPU build"))]
+# (batched_matmul, kernels)
+BACKENDS = [pytest.param(("blas", "torch"), id="blas"),
+            pytest.param(("onednn", "torch"), id="onednn", marks=pytest.mark.skipif(
+                not onednn_linear_ok(), reason="torch's oneDNN linear ops need an x86 CPU build")),
+            pytest.param(("auto", "c"), id="c", marks=pytest.mark.skipif(
+                _decodec is None and not os.environ.get("Z2ALL_REQUIRE_C"),
+                reason="z2all.model._decodec is not built (pip install -e . builds it with a C compiler)"))]
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +45,14 @@ def run_all(engine: Engine, jobs: list[tuple[list[int], SamplingParams]]) -> lis
     return [(list(r.out), reason) for r, reason in zip(reqs, out)]
 
 
-@pytest.mark.parametrize("mm", MATMULS)
-def test_engine_greedy_together_equals_alone(loaded, mm):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_engine_greedy_together_equals_alone(loaded, backend):
     tok = loaded.tok
     texts = ["def f(x):\n    return", "中文的句子" * 6, "a", "word " * 40, "print(", "数据" * 20]
     jobs = [(tok(t)["input_ids"], SamplingParams(max_tokens=n, temperature=0, stop=s or []))
             for t, n, s in zip(texts, (20, 12, 30, 7, 25, 16), (None, None, [" "], None, None, ["\n"]))]
     eng = Engine(loaded.model, tok, max_batch=4, prefill_chunk=16, eos_ids=loaded.eos_ids,
-                 vocab_limit=loaded.vocab_limit, batched_matmul=mm)
+                 vocab_limit=loaded.vocab_limit, batched_matmul=backend[0], kernels=backend[1])
     try:
         alone = [run_all(eng, [j])[0] for j in jobs]
         steps = eng.steps
@@ -55,7 +61,7 @@ def test_engine_greedy_together_equals_alone(loaded, mm):
     finally:
         eng.close()
     assert together == alone
-    assert eng.fast.batched_matmul == mm
+    assert eng.fast.kernels == backend[1] and backend[0] in ("auto", eng.fast.batched_matmul)
     for (ids, p), (out, _) in zip(jobs, alone):  # == the forward's tokens (a stop string may end it early)
         ref = generate(loaded.model, [ids], p.max_tokens, eos_id=loaded.eos_ids, decode="plain")[0]
         assert ref[:len(out)] == out

@@ -16,9 +16,9 @@ transformers.AutoTokenizer. --ckpt may also be a run directory (its latest check
 bigger than the model's vocabulary is refused (`check_vocab_fits`), and the KV cache is sized against free
 memory first (`plan_memory`); these are shared with any later command that samples.
 
-Decoding: `--decode fast` (default) runs each new token through FastDecode (fused, transposed weights, on an
-x86 CPU oneDNN for several rows and for the prompt, `--batched-matmul`, and a compiled attention,
-`--decode-kernels`; see the class), `--decode plain` through the model's forward (the reference; both give
+Decoding: `--decode fast` (default) runs each new token through FastDecode (fused weights; compiled
+RMSNorm, attention and, on one thread, matrix multiplies, `--decode-kernels`; else torch's ops with oneDNN
+for several rows and for the prompt on an x86 CPU, `--batched-matmul`; see the class), `--decode plain` through the model's forward (the reference; both give
 the same tokens). The
 prefill and decode steps of a model under 64 MB run on one CPU thread (`decode_threads`; `--decode-threads N`
 sets it), where torch's per-op threading costs more than it saves.
@@ -186,32 +186,38 @@ class FastDecode:
     - on CPU in fp32 with MKL, the LM head (the largest matrix: V x C) goes through MKL's packed sgemm
       (weights reordered once; 47.7 vs 73.5 us for 4096x256).
 
-    Rows of a batch (B >= 2) take oneDNN instead of MKL where `batched_matmul` resolves to "onednn" ("auto":
-    an x86 CPU in fp32 with torch's oneDNN ops; "blas" keeps torch.mm/addmm, the reference). Why: on AMD
-    Zen 5 MKL's sgemm runs its AVX2 path (~108 GFLOP/s at best on one core) while oneDNN runs AVX-512
-    (~250); for 8 rows through the tiny preset's matrices oneDNN takes 68.6 vs 166 us (256x2816) and the
-    whole 8-row step 1.42 vs 2.40 ms. Its weights are packed once, on the first batched step, for up to
-    PACK_ROWS rows (a third copy of the weights, only in a process that batches); a packed matmul gives each
-    row the same bits whatever the row count (MKL's can change from 4 rows on), and the residual add is
-    fused into it (_linear_pointwise.binary). A single row stays on MKL, faster there (34 vs 45 us). "auto"
+    `kernels` "c" ("auto": fp32 on the CPU with the compiled model/_decodec.c built; "torch" keeps the ops
+    above, the reference) replaces most of that with calls into C: each RMSNorm (1.0-1.2 us against
+    torch.rms_norm's 7-14), each layer's RoPE, cache write and causal attention (12.8 us for 8 rows of ~80
+    keys against ~57 for the torch ops; the mask is implied: row b sees keys 0..pos[b] of its slot), and,
+    when the step runs on one intra-op thread (c_matmuls: a model under 64 MB by default, decode_threads),
+    every matrix multiply: _decodec.linear over weights packed once into 16-column panels (Panels), with the
+    residual add and the SwiGLU fused into its stores. It computes each output with one accumulator over k
+    in order, so a row gets the same bits whatever rows share the call: a batched step gives each row
+    exactly what step() gives it alone, and a prompt chunk in prefill_many what it gets alone. Why ours: at
+    decode sizes torch's oneDNN linear costs ~10 us a call before any arithmetic and MKL's sgemm runs its
+    AVX2 path on AMD Zen 5; the tiny preset's 8-row step went 867 -> 519 us with it, and its 1-row step
+    ~260 -> 245 us (docs/performance.md, "Decode speed").
+
+    With kernels "torch", or a step on several threads (a larger model's: the C kernel uses the calling
+    thread only), rows of a batch (B >= 2) and prompt prefills take oneDNN where `batched_matmul` resolves to
+    "onednn" ("auto": an x86 CPU in fp32; "blas" keeps torch.mm/addmm, the reference): ~250 vs ~108 GFLOP/s
+    for MKL on Zen 5. Its weights are packed once, on first use, for up to PACK_ROWS rows; a packed oneDNN
+    matmul also gives a row the same bits whatever the row count (MKL's can change from 4 rows on), and
+    the residual add is fused into it (_linear_pointwise.binary). A single row stays on MKL there. "auto"
     keeps MKL when the packed copy would take more than half of the free memory.
 
-    Each layer's RoPE, cache write and attention (~8 torch ops, ~57 us for 8 rows of ~80 keys, 8 of the
-    masked-SDPA path) is one call into the compiled model/_decodec.c where `kernels` resolves to "c"
-    ("auto": fp32 on the CPU with the extension built; "torch" keeps the ops, the reference): 12.8 us for
-    those 8 rows, 4.4 us for one. The tiny preset's 8-row step went 1,223 -> 925 us, its 1-row step 471 ->
-    382 us. The mask is implied there (row b sees keys 0..pos[b] of its slot). With "c" each RMSNorm is one
-    call too (1.0-1.2 us against torch.rms_norm's 7-14, nine a step).
-
     No [B, T] bookkeeping, no mask, no op switch. It reads and writes the same KVCache as the forward (the
-    prompt is prefilled by the forward, or by prefill()/prefill_many() where oneDNN packs the weights), and
+    prompt is prefilled by the forward, or by prefill()/prefill_many() where `prefills`), and
     plain PyTorch (and the C calls) only: the model's op switch (Triton kernels) applies to the forward, not to these
     steps. Rows of step() share one position (generate() falls back to the forward for left-padded
     batches); step_rows() gives each row its own (the serving engine).
 
-    The copies are built once and reused while the model's parameters are unchanged (their storage and
-    version counters are the key), so a trainer's sample generations between steps rebuild them. They cost
-    one more copy of the block weights (and of the LM head where packed) in memory."""
+    The copies (transposed, oneDNN-packed, Panels: each built on first use by the path that needs it) are
+    reused while the model's parameters are unchanged (their storage and version counters are the key), so
+    a trainer's sample generations between steps rebuild them. Each costs one more copy of the block
+    weights and the LM head in memory; a small model decoding on one thread with the C kernels builds only
+    the Panels."""
 
     PACK_ROWS = 16  # oneDNN's packing hint: measured flat cost for 1-4 rows and 1.6x a row's for 16
 
@@ -450,8 +456,10 @@ class FastDecode:
         keys/values at start_j..start_j+T_j-1 of its cache; chunk j attends causally to its own cache's
         positions 0..start_j+T_j-1 only. Returns the logits of each chunk's last position [n_parts, V]. The
         forward's math with the decode step's ops: the matrix multiplies run once over all chunks' rows
-        (oneDNN's packed matmul gives a row the same bits whatever rows share the call, so a chunk's numbers
-        do not depend on its company), RoPE per row at its own position, attention per chunk. For the
+        (_decodec.linear's and oneDNN's packed matmul give a row the same bits whatever rows share the call,
+        so a chunk's numbers do not depend on its company), RoPE per row at its own position, attention per
+        chunk (with kernels "c", _decodec.attend over the chunk's rows in order: each writes its key, then
+        attends to keys 0..its position, the causal mask implied). For the
         engine's prompt chunks of one iteration (3 prompts of ~33 tokens: one call instead of three) and
         generate()'s prompt."""
         H, K, D = self.H, self.K, self.D
@@ -903,12 +911,13 @@ class Config:
     decode_threads: int = opt(0, "CPU threads for generating (prefill and decode steps); 0 = auto: 1 for a model "
                               "under 64 MB of weights (per-op threading costs more than it saves there), torch's "
                               "default otherwise")
-    batched_matmul: str = opt("auto", "matrix multiplies of the prompt prefill and of decode steps with several "
-                              "rows: onednn (packed weights, AVX-512 on any x86 CPU), blas (torch.mm: MKL), auto = "
-                              "onednn on an x86 CPU in fp32, else blas", choices=BATCHED_MATMULS)
-    decode_kernels: str = opt("auto", "a decode step's RMSNorm and its RoPE, cache write and attention: c (the "
-                              "compiled z2all.model._decodec, one call per norm and per layer's attention), torch "
-                              "(the reference ops), auto = c for an fp32 model on the CPU when it is built",
+    batched_matmul: str = opt("auto", "with --decode-kernels torch (or a step on several threads): the matrix "
+                              "multiplies of the prompt prefill and of decode steps with several rows: onednn (packed "
+                              "weights, AVX-512 on any x86 CPU), blas (torch.mm: MKL), auto = onednn on an x86 CPU in "
+                              "fp32, else blas", choices=BATCHED_MATMULS)
+    decode_kernels: str = opt("auto", "a decode step's RMSNorm, its RoPE, cache write and attention, and (on one "
+                              "thread) its matrix multiplies: c (the compiled z2all.model._decodec), torch (the "
+                              "reference ops), auto = c for an fp32 model on the CPU when it is built",
                               choices=KERNELS)
 
 
