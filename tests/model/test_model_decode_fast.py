@@ -130,7 +130,8 @@ needs_c = pytest.mark.skipif(_decodec is None and not os.environ.get("Z2ALL_REQU
                              reason="z2all.model._decodec is not built (pip install -e . builds it with a C compiler)")
 needs_onednn = pytest.mark.skipif(not onednn_linear_ok(), reason="torch's oneDNN linear ops need an x86 CPU build")
 # (batched_matmul, kernels): torch's libraries, and the C kernels (matmuls included, on one thread)
-BACKENDS = [pytest.param(("blas", "torch"), id="blas"), pytest.param(("onednn", "torch"), id="onednn", marks=needs_onednn),
+BACKENDS = [pytest.param(("blas", "torch"), id="blas"),
+            pytest.param(("onednn", "torch"), id="onednn", marks=needs_onednn),
             pytest.param(("auto", "c"), id="c", marks=needs_c)]
 
 

@@ -18,10 +18,10 @@ memory first (`plan_memory`); these are shared with any later command that sampl
 
 Decoding: `--decode fast` (default) runs each new token through FastDecode (fused weights; compiled
 RMSNorm, attention and, on one thread, matrix multiplies, `--decode-kernels`; else torch's ops with oneDNN
-for several rows and for the prompt on an x86 CPU, `--batched-matmul`; see the class), `--decode plain` through the model's forward (the reference; both give
-the same tokens). The
-prefill and decode steps of a model under 64 MB run on one CPU thread (`decode_threads`; `--decode-threads N`
-sets it), where torch's per-op threading costs more than it saves.
+for several rows and for the prompt on an x86 CPU, `--batched-matmul`; see the class), `--decode plain`
+through the model's forward (the reference; both give the same tokens). The prefill and decode steps of a
+model under 64 MB run on one CPU thread (`decode_threads`; `--decode-threads N` sets it), where torch's
+per-op threading costs more than it saves.
 """
 
 from __future__ import annotations
@@ -490,7 +490,7 @@ class FastDecode:
                 # row r of a chunk writes its key at start + r, then attends to keys 0..start + r: the C code
                 # takes the rows in order, so the chunk's causal mask is implied
                 ys, off = [], 0
-                for (_, st, cache), n, p in zip(parts, lens, chunk_pos):
+                for (_, _, cache), n, p in zip(parts, lens, chunk_pos):
                     ys.append(self._attend_c(qkv[off:off + n], cache.k[i], cache.v[i], zeros[:n], p, 0, tables))
                     off += n
                 x = self._out_ffn(x, torch.cat(ys) if len(ys) > 1 else ys[0], wo, wn2, w13, w2, addmm, glu)
