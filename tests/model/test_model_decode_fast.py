@@ -143,7 +143,6 @@ def test_prefill_equals_the_forward(backend):
     m = model()
     fd = FastDecode(m, *backend)
     with torch.inference_mode(), num_threads(1):
-        assert fd.c_matmuls() == (backend[1] == "c")
         for B, T, start in ((1, 9, 0), (1, 6, 7), (2, 11, 0), (2, 1, 4)):
             torch.manual_seed(T)
             pre, idx = torch.randint(0, 97, (B, start)), torch.randint(0, 97, (B, T))
@@ -231,7 +230,6 @@ def test_c_kernels_equal_torch(dim, heads, kv):
     # tolerance relative to each tensor's scale: fp32 rounding (C contracts RoPE's x*c + y*s to one FMA and
     # sums in another order) on keys and logits up to ~20 with these weights
     with torch.inference_mode(), num_threads(1):
-        assert fc.c_matmuls() and not ft.c_matmuls()
         caches = {}
         for name, fd in (("c", fc), ("torch", ft)):
             cache = m.new_kv_cache(2, L)
@@ -352,3 +350,50 @@ def test_c_step_rows_gives_each_row_its_bits_alone():
         got = fd.step_rows(torch.tensor([9, 10, 11]), pos, k_pool, v_pool, torch.arange(3), (0, 3), mask)
         for b in range(3):
             assert torch.equal(got[b], want[b])
+
+
+@needs_c
+def test_c_linear_threads_give_the_same_bits_and_survive_fork():
+    """_decodec.linear on 2 and 3 threads (its pool splits the panel pairs) == on 1, bitwise, for every mode;
+    a FastDecode step on 2 threads == on 1, bitwise; after fork() the child (which has no pool threads)
+    starts its own and gets the same result instead of waiting forever."""
+    torch.manual_seed(5)
+    w, r = Panels.pack(torch.randn(1000, 300)), None
+    glu = Panels.pack_swiglu(torch.randn(400, 300) / 20, torch.randn(400, 300))
+    for M in (1, 3, 8, 40):
+        x, r = torch.randn(M, 300), torch.randn(M, 1000)
+        for t in (2, 3):
+            assert torch.equal(Panels.mm(x, w, None, t), Panels.mm(x, w, None, 1))
+            assert torch.equal(Panels.mm(x, w, r, t), Panels.mm(x, w, r, 1))
+            assert torch.equal(Panels.mm(x, glu, None, t), Panels.mm(x, glu, None, 1))
+    m = model(dim=256, n_heads=4, n_kv_heads=2, ffn_dim=512)
+    fd = FastDecode(m, kernels="c")
+    with torch.inference_mode():
+        steps = []
+        for t in (1, 2):
+            cache = m.new_kv_cache(2, 16)
+            with num_threads(t):
+                fd.prefill(torch.tensor([[5, 6, 7, 8]] * 2), 0, cache)
+                steps.append(fd.step(torch.tensor([3, 4]), 4, cache))
+        assert torch.equal(steps[0], steps[1])
+    import ctypes
+    import time
+
+    want, got = Panels.mm(x, w, None, 1), torch.empty(x.shape[0], w.n)
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 when the threaded call returns the same bits (no torch op here: torch's
+        # OpenMP runtime itself is not fork-safe once the parent has used it)
+        _decodec.linear(got.data_ptr(), x.data_ptr(), w.data.data_ptr(), 0, x.shape[0], w.k, w.p, w.n, 0, 2)
+        n = want.numel() * 4
+        os._exit(0 if ctypes.string_at(got.data_ptr(), n) == ctypes.string_at(want.data_ptr(), n) else 1)
+
+    end = time.monotonic() + 30
+    while time.monotonic() < end:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("a forked child hung in a threaded linear call")

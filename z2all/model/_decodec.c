@@ -273,6 +273,9 @@ static PyObject *rms(PyObject *self, PyObject *args) {
  * 19.7 / 37.4 / 23.7 / 85.7; 99 rows within a few % of it (~260 GFLOP/s); one row 3.2 vs 3.4 us (MKL's
  * sgemv) for 256x256. */
 #define MR 8
+#ifndef MIN_PART_FLOP
+#define MIN_PART_FLOP 200000
+#endif
 
 static inline __attribute__((always_inline)) void tile(int mr, const float *restrict x, int64_t K,
                                                        const float *restrict w0, const float *restrict w1,
@@ -302,10 +305,11 @@ static inline void swiglu16(float *restrict o, v16 g, v16 u, int64_t n) {
     memcpy(o, t, (size_t)n * sizeof(float));
 }
 
+/* panel pairs q0..q1-1 (columns 32 q0.. of out; 16 q0.. for SwiGLU) */
 CLONES static void gemm(float *restrict out, const float *restrict x, const float *restrict wp,
-                        const float *restrict res, int64_t M, int64_t K, int64_t P, int64_t N, int mode,
-                        int mr_max) {
-    for (int64_t q = 0; q < P / 2; q++) {
+                        const float *restrict res, int64_t M, int64_t K, int64_t N, int mode, int mr_max,
+                        int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; q++) {
         const float *w0 = wp + 2 * q * K * 16, *w1 = w0 + K * 16;
         for (int64_t m0 = 0; m0 < M; m0 += mr_max) {
             int mr = M - m0 < mr_max ? (int)(M - m0) : mr_max;
@@ -343,16 +347,130 @@ CLONES static void gemm(float *restrict out, const float *restrict x, const floa
     }
 }
 
+/* ------------------------------------------------------------------ threads for linear
+ * A call with threads = T > 1 splits the panel pairs into T contiguous parts: the calling thread computes
+ * part 0 and T - 1 pool threads the others (each output column is computed by one thread, the same way as
+ * on one, so the bits do not depend on T). Pool threads are started on first use and live for the
+ * process; between jobs a thread spins for a while (a decode step is ~17 back-to-back calls, and a wake
+ * through the kernel costs more than a small call's work), then sleeps on a condition variable, so an
+ * idle server costs nothing. One job at a time: a second caller meanwhile computes alone. After fork() the
+ * child has no pool threads; it starts its own when it needs them. */
+typedef struct {
+    float *out;
+    const float *x, *wp, *res;
+    int64_t M, K, N, pairs;
+    int mode, mr_max, parts;
+} job_t;
+
+static void run_part(const job_t *j, int part) {
+    int64_t q0 = j->pairs * part / j->parts, q1 = j->pairs * (part + 1) / j->parts;
+    if (q1 > q0) gemm(j->out, j->x, j->wp, j->res, j->M, j->K, j->N, j->mode, j->mr_max, q0, q1);
+}
+
+#if !defined(_WIN32)
+#include <pthread.h>
+#include <stdatomic.h>
+#define POOL_MAX 63
+#define SPIN 200000  /* polls of the job counter before sleeping: ~1-2 ms */
+
+static job_t pool_job;
+static atomic_uint pool_gen;   /* bumped once per job, under pool_mu */
+static atomic_int pool_left;   /* pool threads that have not finished the current job */
+static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t pool_cv = PTHREAD_COND_INITIALIZER;
+static pthread_mutex_t pool_busy = PTHREAD_MUTEX_INITIALIZER;
+static int pool_n = 0;         /* pool threads started (in this process) */
+static int pool_atfork = 0;
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static void *pool_main(void *arg) {
+    /* arg: the thread's part (1..pool_n) in the low byte, the job counter when it was started above it (a
+     * thread that first runs after the next job was posted must still see that job as new) */
+    int part = (int)((uintptr_t)arg & 0xff);
+    unsigned seen = (unsigned)((uintptr_t)arg >> 8);
+    for (;;) {
+        unsigned g;
+        for (int spin = 0; (g = atomic_load_explicit(&pool_gen, memory_order_acquire)) == seen; spin++) {
+            if (spin < SPIN) {
+                cpu_relax();
+                continue;
+            }
+            pthread_mutex_lock(&pool_mu);
+            while ((g = atomic_load(&pool_gen)) == seen) pthread_cond_wait(&pool_cv, &pool_mu);
+            pthread_mutex_unlock(&pool_mu);
+            break;
+        }
+        seen = g;
+        if (part < pool_job.parts) run_part(&pool_job, part);
+        atomic_fetch_sub_explicit(&pool_left, 1, memory_order_acq_rel);
+    }
+    return NULL;
+}
+
+static void pool_after_fork(void) {  /* the child: no pool threads, fresh locks */
+    pool_n = 0;
+    pthread_mutex_init(&pool_mu, NULL);
+    pthread_cond_init(&pool_cv, NULL);
+    pthread_mutex_init(&pool_busy, NULL);
+}
+
+/* 1 when the pool ran the job, 0 when the caller should compute it alone */
+static int pool_run(const job_t *j) {
+    if (pthread_mutex_trylock(&pool_busy) != 0) return 0;
+    if (!pool_atfork) {
+        pthread_atfork(NULL, NULL, pool_after_fork);
+        pool_atfork = 1;
+    }
+    while (pool_n < j->parts - 1 && pool_n < POOL_MAX) {
+        pthread_t t;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        pthread_attr_setstacksize(&attr, 1 << 20);
+        uintptr_t arg = ((uintptr_t)atomic_load(&pool_gen) << 8) | (uintptr_t)(pool_n + 1);
+        int rc = pthread_create(&t, &attr, pool_main, (void *)arg);
+        pthread_attr_destroy(&attr);
+        if (rc != 0) break;
+        pool_n++;
+    }
+    if (pool_n < j->parts - 1) {
+        pthread_mutex_unlock(&pool_busy);
+        return 0;
+    }
+    pool_job = *j;
+    atomic_store(&pool_left, pool_n);
+    pthread_mutex_lock(&pool_mu);
+    atomic_fetch_add_explicit(&pool_gen, 1, memory_order_release);
+    pthread_cond_broadcast(&pool_cv);
+    pthread_mutex_unlock(&pool_mu);
+    run_part(j, 0);
+    while (atomic_load_explicit(&pool_left, memory_order_acquire) > 0) cpu_relax();
+    pthread_mutex_unlock(&pool_busy);
+    return 1;
+}
+#else
+static int pool_run(const job_t *j) {
+    (void)j;
+    return 0;
+}
+#endif
+
 static PyObject *linear(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long pout, px, pw, pres;
     Py_ssize_t M, K, P, N;
-    int mode;
-    if (!PyArg_ParseTuple(args, "KKKKnnnni", &pout, &px, &pw, &pres, &M, &K, &P, &N, &mode)) return NULL;
+    int mode, threads;
+    if (!PyArg_ParseTuple(args, "KKKKnnnnii", &pout, &px, &pw, &pres, &M, &K, &P, &N, &mode, &threads))
+        return NULL;
     Py_ssize_t cols = mode == 2 ? P / 2 * 16 : P * 16;
     if (!pout || !px || !pw || (mode == 1 && !pres) || mode < 0 || mode > 2 || M < 1 || K < 1 || P < 2 ||
-        P % 2 || N < 1 || N > cols || N <= cols - (mode == 2 ? 16 : 32)) {
-        PyErr_SetString(PyExc_ValueError, "linear: bad pointer, size or mode");
+        P % 2 || N < 1 || N > cols || N <= cols - (mode == 2 ? 16 : 32) || threads < 1) {
+        PyErr_SetString(PyExc_ValueError, "linear: bad pointer, size, mode or thread count");
         return NULL;
     }
     static int mr_max = 0;
@@ -363,9 +481,17 @@ static PyObject *linear(PyObject *self, PyObject *args) {
         mr_max = 4;
 #endif
     }
+    job_t j = {(float *)(uintptr_t)pout, (const float *)(uintptr_t)px, (const float *)(uintptr_t)pw,
+               (const float *)(uintptr_t)pres, M, K, N, P / 2, mode, mr_max, 1};
+    /* a part gets at least MIN_PART_FLOP of work: below that the hand-off costs more than the split saves */
+    int64_t work = 2 * M * K * P * 16 / MIN_PART_FLOP;
+    j.parts = threads < work ? threads : (int)(work > 1 ? work : 1);
+    if (j.parts > j.pairs) j.parts = (int)j.pairs;
     Py_BEGIN_ALLOW_THREADS
-    gemm((float *)(uintptr_t)pout, (const float *)(uintptr_t)px, (const float *)(uintptr_t)pw,
-         (const float *)(uintptr_t)pres, M, K, P, N, mode, mr_max);
+    if (j.parts < 2 || !pool_run(&j)) {
+        j.parts = 1;
+        run_part(&j, 0);
+    }
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }

@@ -17,8 +17,8 @@ bigger than the model's vocabulary is refused (`check_vocab_fits`), and the KV c
 memory first (`plan_memory`); these are shared with any later command that samples.
 
 Decoding: `--decode fast` (default) runs each new token through FastDecode (fused weights; compiled
-RMSNorm, attention and, on one thread, matrix multiplies, `--decode-kernels`; else torch's ops with oneDNN
-for several rows and for the prompt on an x86 CPU, `--batched-matmul`; see the class), `--decode plain`
+RMSNorm, attention and matrix multiplies, `--decode-kernels`; else torch's ops with oneDNN for several
+rows and for the prompt on an x86 CPU, `--batched-matmul`; see the class), `--decode plain`
 through the model's forward (the reference; both give the same tokens). The prefill and decode steps of a
 model under 64 MB run on one CPU thread (`decode_threads`; `--decode-threads N` sets it), where torch's
 per-op threading costs more than it saves.
@@ -145,20 +145,22 @@ class Panels:
         return cls(w.view(2, Fp // 16, 16, K).permute(1, 0, 3, 2).reshape(2 * Fp // 16, K, 16).contiguous(), F, 2)
 
     @staticmethod
-    def mm(x: torch.Tensor, w: Panels, res: torch.Tensor | None = None) -> torch.Tensor:
+    def mm(x: torch.Tensor, w: Panels, res: torch.Tensor | None = None, threads: int = 1) -> torch.Tensor:
+        """x @ W (or silu(gate) * up), plus res when given; on `threads` threads (the caller's and
+        _decodec's own pool; the bits do not depend on the count)."""
         if not x.is_contiguous():  # a view's strides are not what the C code indexes
             x = x.contiguous()
         if x.dtype != torch.float32 or x.shape[-1] != w.k or (res is not None and not res.is_contiguous()):
             raise ValueError(f"Panels.mm needs contiguous fp32 rows of {w.k} (and a contiguous residual)")
         out = torch.empty(x.shape[0], w.n)
         _decodec.linear(out.data_ptr(), x.data_ptr(), w.data.data_ptr(), 0 if res is None else res.data_ptr(),
-                        x.shape[0], w.k, w.p, w.n, 1 if res is not None else w.mode)
+                        x.shape[0], w.k, w.p, w.n, 1 if res is not None else w.mode, threads)
         return out
 
     @staticmethod
-    def addmm(res: torch.Tensor, x: torch.Tensor, w: Panels) -> torch.Tensor:
+    def addmm(res: torch.Tensor, x: torch.Tensor, w: Panels, threads: int = 1) -> torch.Tensor:
         """res + x @ W (torch.addmm's argument order), the add fused into the kernel's store."""
-        return Panels.mm(x, w, res)
+        return Panels.mm(x, w, res, threads)
 
 
 class CacheRows:
@@ -189,19 +191,19 @@ class FastDecode:
     `kernels` "c" ("auto": fp32 on the CPU with the compiled model/_decodec.c built; "torch" keeps the ops
     above, the reference) replaces most of that with calls into C: each RMSNorm (1.0-1.2 us against
     torch.rms_norm's 7-14), each layer's RoPE, cache write and causal attention (12.8 us for 8 rows of ~80
-    keys against ~57 for the torch ops; the mask is implied: row b sees keys 0..pos[b] of its slot), and,
-    when the step runs on one intra-op thread (c_matmuls: a model under 64 MB by default, decode_threads),
+    keys against ~57 for the torch ops; the mask is implied: row b sees keys 0..pos[b] of its slot), and
     every matrix multiply: _decodec.linear over weights packed once into 16-column panels (Panels), with the
-    residual add and the SwiGLU fused into its stores. It computes each output with one accumulator over k
-    in order, so a row gets the same bits whatever rows share the call: a batched step gives each row
-    exactly what step() gives it alone, and a prompt chunk in prefill_many what it gets alone. Why ours: at
-    decode sizes torch's oneDNN linear costs ~10 us a call before any arithmetic and MKL's sgemm runs its
-    AVX2 path on AMD Zen 5; the tiny preset's 8-row step went 867 -> 519 us with it, and its 1-row step
-    ~260 -> 245 us (docs/performance.md, "Decode speed").
+    residual add and the SwiGLU fused into its stores, on the step's intra-op thread count (torch's, which
+    decode_threads sets: the calling thread plus the extension's own pool). It computes each output with
+    one accumulator over k in order, so a row gets the same bits whatever rows share the call and however
+    many threads split it: a batched step gives each row exactly what step() gives it alone, and a prompt
+    chunk in prefill_many what it gets alone. Why ours: at decode sizes torch's oneDNN linear costs ~10 us
+    a call before any arithmetic and MKL's sgemm runs its AVX2 path on AMD Zen 5; the tiny preset's 8-row
+    step went 867 -> 519 us with it, its 1-row step ~260 -> 245 us, and the 125m preset's decode on 2
+    threads 59 -> 181 tokens/s (docs/performance.md, "Decode speed").
 
-    With kernels "torch", or a step on several threads (a larger model's: the C kernel uses the calling
-    thread only), rows of a batch (B >= 2) and prompt prefills take oneDNN where `batched_matmul` resolves to
-    "onednn" ("auto": an x86 CPU in fp32; "blas" keeps torch.mm/addmm, the reference): ~250 vs ~108 GFLOP/s
+    With kernels "torch", rows of a batch (B >= 2) and prompt prefills take oneDNN where `batched_matmul`
+    resolves to "onednn" ("auto": an x86 CPU in fp32; "blas" keeps torch.mm/addmm, the reference): ~250 vs ~108 GFLOP/s
     for MKL on Zen 5. Its weights are packed once, on first use, for up to PACK_ROWS rows; a packed oneDNN
     matmul also gives a row the same bits whatever the row count (MKL's can change from 4 rows on), and
     the residual add is fused into it (_linear_pointwise.binary). A single row stays on MKL there. "auto"
@@ -216,8 +218,7 @@ class FastDecode:
     The copies (transposed, oneDNN-packed, Panels: each built on first use by the path that needs it) are
     reused while the model's parameters are unchanged (their storage and version counters are the key), so
     a trainer's sample generations between steps rebuild them. Each costs one more copy of the block
-    weights and the LM head in memory; a small model decoding on one thread with the C kernels builds only
-    the Panels."""
+    weights and the LM head in memory; with the C kernels only the Panels are built."""
 
     PACK_ROWS = 16  # oneDNN's packing hint: measured flat cost for 1-4 rows and 1.6x a row's for 16
 
@@ -301,19 +302,20 @@ class FastDecode:
                 self.panels = (layers, Panels.pack(self.head))
         return self.panels
 
-    def c_matmuls(self) -> bool:
-        """Whether this step's matrix multiplies are _decodec.linear's: kernels "c" on one intra-op thread (it
-        computes on the calling thread only; a step on more threads, a large model's, takes torch's)."""
-        return self.kernels == "c" and torch.get_num_threads() == 1
 
     def _ops(self, B: int):
         """(layers, mm, addmm, glu, head) for a B-row step: mm(x, w) = x @ W^T, addmm(r, x, w) = r + x @ W^T,
         glu(x, w13) = silu(x @ W1^T) * (x @ W3^T), head(h) = logits. B = 0: ops whose rows do not depend on
         how many rows share the call (prefill_many: a chunk's numbers must not depend on its company);
-        _decodec.linear's (c_matmuls) have that property for any B."""
-        if self.c_matmuls():
+        _decodec.linear's (kernels "c") have that property for any B and thread count."""
+        if self.kernels == "c":
             layers, head = self._c_layers()
-            return layers, Panels.mm, Panels.addmm, Panels.mm, lambda h: Panels.mm(h, head)
+            t = torch.get_num_threads()  # the step's intra-op threads (decode_threads) split each matmul
+
+            def mm(x, w):
+                return Panels.mm(x, w, None, t)
+
+            return layers, mm, lambda r, x, w: Panels.mm(x, w, r, t), mm, lambda h: Panels.mm(h, head, None, t)
         F = self.F
 
         def glu(x, w13, mm):
@@ -436,12 +438,11 @@ class FastDecode:
 
     @property
     def prefills(self) -> bool:
-        """Whether prefill()/prefill_many() are the faster way to fill a prompt (asked on the thread count
-        that will run it): with _decodec.linear (c_matmuls) or oneDNN's packed weights (a 33-token prompt of
-        the tiny preset: XXX ms with the C kernels, 1.5 ms with oneDNN, 3.2 ms through the forward's MKL
-        matmuls); elsewhere (GPUs, other CPUs) the forward, with the op switch's kernels, is as fast or
-        faster."""
-        return self.c_matmuls() or self.batched_matmul == "onednn"
+        """Whether prefill()/prefill_many() are the faster way to fill a prompt: with _decodec.linear (kernels
+        "c") or oneDNN's packed weights (a 33-token prompt of the tiny preset: 1.35-1.5 ms with the C
+        kernels, 1.65-1.7 ms with oneDNN, 3.2 ms through the forward's MKL matmuls); elsewhere (GPUs, other
+        CPUs) the forward, with the op switch's kernels, is as fast or faster."""
+        return self.kernels == "c" or self.batched_matmul == "onednn"
 
     def prefill(self, tokens: torch.Tensor, start: int, cache) -> torch.Tensor:
         """tokens [B, T] at positions start..start+T-1 of every row (no padding) -> the last position's
@@ -911,13 +912,13 @@ class Config:
     decode_threads: int = opt(0, "CPU threads for generating (prefill and decode steps); 0 = auto: 1 for a model "
                               "under 64 MB of weights (per-op threading costs more than it saves there), torch's "
                               "default otherwise")
-    batched_matmul: str = opt("auto", "with --decode-kernels torch (or a step on several threads): the matrix "
+    batched_matmul: str = opt("auto", "with --decode-kernels torch: the matrix "
                               "multiplies of the prompt prefill and of decode steps with several rows: onednn (packed "
                               "weights, AVX-512 on any x86 CPU), blas (torch.mm: MKL), auto = onednn on an x86 CPU in "
                               "fp32, else blas", choices=BATCHED_MATMULS)
-    decode_kernels: str = opt("auto", "a decode step's RMSNorm, its RoPE, cache write and attention, and (on one "
-                              "thread) its matrix multiplies: c (the compiled z2all.model._decodec), torch (the "
-                              "reference ops), auto = c for an fp32 model on the CPU when it is built",
+    decode_kernels: str = opt("auto", "a decode step's RMSNorm, its RoPE, cache write and attention, and its matrix "
+                              "multiplies: c (the compiled z2all.model._decodec), torch (the reference ops), auto "
+                              "= c for an fp32 model on the CPU when it is built",
                               choices=KERNELS)
 
 

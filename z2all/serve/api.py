@@ -485,13 +485,13 @@ class Config:
                                  "often (fewer thread hand-offs per token); 0 = every token as it comes")
     decode_threads: int = opt(0, "CPU threads for prefill and decode steps; 0 = auto: 1 for a model under 64 MB of "
                               "weights (per-op threading costs more than it saves there), --threads otherwise")
-    batched_matmul: str = opt("auto", "with --decode-kernels torch (or steps on several threads): the matrix "
+    batched_matmul: str = opt("auto", "with --decode-kernels torch: the matrix "
                               "multiplies of batched decode steps and prompt prefills: onednn (packed weights, "
                               "AVX-512 on any x86 CPU), blas (torch.mm: MKL), auto = onednn on an x86 CPU in fp32, "
                               "else blas", choices=("auto", "onednn", "blas"))
-    decode_kernels: str = opt("auto", "a decode step's RMSNorm, its RoPE, cache write and attention, and (on one "
-                              "thread) its matrix multiplies: c (the compiled z2all.model._decodec), torch (the "
-                              "reference ops), auto = c for an fp32 model on the CPU when it is built",
+    decode_kernels: str = opt("auto", "a decode step's RMSNorm, its RoPE, cache write and attention, and its matrix "
+                              "multiplies: c (the compiled z2all.model._decodec), torch (the reference ops), auto "
+                              "= c for an fp32 model on the CPU when it is built",
                               choices=("auto", "c", "torch"))
     engine: str = opt("process", "where the model runs: process (a process of its own, so decoding and the HTTP side "
                       "run on two cores) or thread (a thread of the server process; they share one GIL)",

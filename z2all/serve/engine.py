@@ -33,16 +33,16 @@ The scheduler, one loop iteration:
      padding mask over the slot rows and per-row RoPE positions), sampled with its own settings; finished
      rows (EOS, a stop string, max_tokens) leave at once. The step is model/generate.py's
      FastDecode.step_rows (fused projections; a lone row takes FastDecode.step on its slot, as generate()
-     does; with `kernels` "c" each norm, each layer's RoPE, cache write and attention, and on one thread
-     every matrix multiply is a call into model/_decodec.c; otherwise batched rows and prefill chunks go
+     does; with `kernels` "c" each norm, each layer's RoPE, cache write and attention, and every matrix
+     multiply is a call into model/_decodec.c; otherwise batched rows and prefill chunks go
      through oneDNN on x86 CPUs, `batched_matmul`) or, with decode="plain", the model's forward (the
      reference; Z2all.rope_for derives the positions from the mask). Prefill chunks and decode steps run on
      generate.decode_threads' count (one thread for a small model on the CPU).
 
 Greedy results do not depend on the company a request keeps: its prefill chunks get the bits they get
-alone, and a decode row's masked extra keys add exact zeros. With the C kernels on one thread (the default
-for a small model on an x86 CPU) every op of a step is row by row, so a row's logits are bitwise what it
-gets alone; with torch's ops the batched matrix multiplies can round differently from a batch of one, so
+alone, and a decode row's masked extra keys add exact zeros. With the C kernels (the default for an fp32
+model on the CPU where they are built) every op of a step is row by row, so a row's logits are bitwise what
+it gets alone; with torch's ops the batched matrix multiplies can round differently from a batch of one, so
 equality is up to fp32 reduction order (the tests check token equality with each backend).
 
 `max_batch=1` is the one-request-at-a-time reference (`z2all serve --sequential`). `z2all serve` runs the
