@@ -116,14 +116,14 @@ def onednn_linear_ok() -> bool:
 
 class Panels:
     """A weight packed for _decodec.linear (model/_decodec.c): W = weight^T [K, N] cut into panels of 16
-    columns, each [K, 16] contiguous (data [P, K, 16], zero past column N, P even), so the kernel streams
-    one panel pair per tile. pack_swiglu interleaves the FFN's gate and up projections panel by panel
-    (gate columns 16q.. in panel 2q, the same up columns in 2q + 1) and its mm returns silu(gate) * up.
-    The ops take contiguous fp32 rows x [M, K] and return [M, N]."""
+    columns (zero past column N), stored two by two: data [P / 2, K, 32], a pair's two panels side by side
+    in each row, so the kernel's tile (up to 8 rows x one pair) streams one contiguous block. pack_swiglu
+    pairs the FFN's gate and up projections (gate columns 16q.. and the same up columns in pair q) and its
+    mm returns silu(gate) * up. The ops take contiguous fp32 rows x [M, K] and return [M, N]."""
     __slots__ = ("data", "k", "p", "n", "mode")
 
     def __init__(self, data: torch.Tensor, n: int, mode: int):
-        self.data, self.p, self.k = data, data.shape[0], data.shape[1]
+        self.data, self.p, self.k = data, 2 * data.shape[0], data.shape[1]
         self.n, self.mode = n, mode  # mode 0: x @ W; 2: SwiGLU (1, the residual add, is addmm's)
 
     @classmethod
@@ -133,7 +133,7 @@ class Panels:
         Np = -(-N // 32) * 32
         w = torch.zeros(Np, K, dtype=torch.float32)
         w[:N] = weight.detach()
-        return cls(w.view(Np // 16, 16, K).transpose(1, 2).contiguous(), N, 0)
+        return cls(w.view(Np // 32, 32, K).transpose(1, 2).contiguous(), N, 0)
 
     @classmethod
     def pack_swiglu(cls, w1: torch.Tensor, w3: torch.Tensor) -> Panels:
@@ -142,7 +142,7 @@ class Panels:
         Fp = -(-F // 16) * 16
         w = torch.zeros(2, Fp, K, dtype=torch.float32)
         w[0, :F], w[1, :F] = w1.detach(), w3.detach()
-        return cls(w.view(2, Fp // 16, 16, K).permute(1, 0, 3, 2).reshape(2 * Fp // 16, K, 16).contiguous(), F, 2)
+        return cls(w.view(2, Fp // 16, 16, K).permute(1, 3, 0, 2).reshape(Fp // 16, K, 32).contiguous(), F, 2)
 
     @staticmethod
     def mm(x: torch.Tensor, w: Panels, res: torch.Tensor | None = None, threads: int = 1) -> torch.Tensor:
