@@ -319,6 +319,13 @@ def test_c_linear_equals_torch_and_rows_keep_their_bits():
         want = torch.nn.functional.silu(x.double() @ w1.double().T) * (x.double() @ w3.double().T)
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4 * float(want.abs().max()))
         assert torch.equal(Panels.mm(x[3:4], Panels.pack_swiglu(w1, w3))[0], got[3])
+    # gates far outside exp's float range (the kernel clamps exp's argument to [-87, 88]): silu(-200) ~ 0,
+    # silu(200) = 200, no inf or nan
+    x, w1, w3 = torch.ones(1, 16), torch.linspace(-200, 200, 48)[:, None].repeat(1, 16) / 16, torch.ones(48, 16)
+    got = Panels.mm(x, Panels.pack_swiglu(w1, w3))
+    want = torch.nn.functional.silu(x.double() @ w1.double().T) * (x.double() @ w3.double().T)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError):
         Panels.mm(torch.randn(2, 71), Panels.pack(torch.randn(8, 70)))
     with pytest.raises(ValueError):

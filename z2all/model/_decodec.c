@@ -294,18 +294,49 @@ static inline __attribute__((always_inline)) void tile(int mr, const float *rest
     }
 }
 
+/* elementwise max / min of 16 floats by bit select (GCC's C has no vector ?: or fmax) */
+static inline __attribute__((always_inline)) v16 vmax(v16 a, v16 b) {
+    i16 m = a > b;
+    return (v16)(((i16)a & m) | ((i16)b & ~m));
+}
+static inline __attribute__((always_inline)) v16 vmin(v16 a, v16 b) {
+    i16 m = a < b;
+    return (v16)(((i16)a & m) | ((i16)b & ~m));
+}
+
+/* exp_poly on 16 floats in [-87, 88]: the same reduction and polynomial, floor as truncation minus one where
+ * that rounded up. Why by hand: the scalar loop GCC left unvectorized ("no vectype" for the copied lanes)
+ * cost ~2.3 ns an element, 13 of the 37 us of an 8-row 256x1408 SwiGLU call. */
+static inline __attribute__((always_inline)) v16 exp16(v16 x) {
+    v16 t = x * 1.44269504f + 0.5f;
+    i16 ki = __builtin_convertvector(t, i16);  /* toward zero */
+    v16 k = __builtin_convertvector(ki, v16);
+    i16 up = k > t;                             /* -1 where truncation went up (negative t) */
+    ki += up;
+    k += __builtin_convertvector(up, v16);
+    v16 r = x - k * 0.693359375f + k * 2.12194440e-4f;
+    v16 p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    i16 bits = (ki + 127) << 23;
+    v16 two;
+    memcpy(&two, &bits, sizeof two);
+    return p * two;
+}
+
 /* o[0..n) = silu(g) * u = g / (1 + exp(-g)) * u, n <= 16 */
-static inline void swiglu16(float *restrict o, v16 g, v16 u, int64_t n) {
-    float gs[16], us[16], t[16];
-    memcpy(gs, &g, sizeof gs);
-    memcpy(us, &u, sizeof us);
-#pragma omp simd
-    for (int i = 0; i < 16; i++) {
-        float z = -gs[i];
-        z = z < -87.f ? -87.f : (z > 88.f ? 88.f : z);
-        t[i] = gs[i] / (1.f + exp_poly(z)) * us[i];
-    }
-    memcpy(o, t, (size_t)n * sizeof(float));
+static inline __attribute__((always_inline)) void swiglu16(float *restrict o, v16 g, v16 u, int64_t n) {
+    v16 lo = {0}, hi = {0};
+    lo -= 87.f;
+    hi += 88.f;
+    v16 t = g / (1.f + exp16(vmin(vmax(-g, lo), hi))) * u;
+    if (n == 16)
+        memcpy(o, &t, sizeof t);
+    else
+        memcpy(o, &t, (size_t)n * sizeof(float));
 }
 
 /* panel pairs q0..q1-1 (columns 32 q0.. of out; 16 q0.. for SwiGLU) */
