@@ -199,8 +199,8 @@ class FastDecode:
     many threads split it: a batched step gives each row exactly what step() gives it alone, and a prompt
     chunk in prefill_many what it gets alone. Why ours: at decode sizes torch's oneDNN linear costs ~10 us
     a call before any arithmetic and MKL's sgemm runs its AVX2 path on AMD Zen 5; the tiny preset's 8-row
-    step went 867 -> 519 us with it, its 1-row step ~260 -> 245 us, and the 125m preset's decode on 2
-    threads 59 -> 181 tokens/s (docs/performance.md, "Decode speed").
+    step went 867 -> ~440 us with it, its 1-row step ~260 -> 245 us, and the 125m preset's decode on 2
+    threads 56 -> 112 tokens/s (docs/performance.md, "Decode speed").
 
     With kernels "torch", rows of a batch (B >= 2) and prompt prefills take oneDNN where `batched_matmul`
     resolves to "onednn" ("auto": an x86 CPU in fp32; "blas" keeps torch.mm/addmm, the reference): ~250 vs ~108 GFLOP/s
