@@ -62,16 +62,23 @@ static inline void axpy(float *restrict y, float w, const float *restrict x, int
 /* exp(x) for -87 <= x <= 88 (callers clamp): range reduction (x = k ln2 + r, |r| <= ln2/2), a degree-7
  * polynomial for exp(r) (Cephes' expf coefficients) and 2^k built in the exponent bits; ~1 ulp, and a body
  * GCC vectorizes inside an `omp simd` loop (libm's expf is a call per element). */
+/* r = x - k ln2 (ln2 split in two for accuracy), then exp(r) for |r| <= ln2/2; written once for the float
+ * (exp_poly) and the 16-float (exp16) forms, whose operators are the same */
+#define EXP_REDUCE(x, k) ((x) - (k) * 0.693359375f + (k) * 2.12194440e-4f)
+#define EXP_POLY_R(p, r)                   \
+    do {                                   \
+        p = (r) * 1.9875691500e-4f + 1.3981999507e-3f; \
+        p = p * (r) + 8.3334519073e-3f;    \
+        p = p * (r) + 4.1665795894e-2f;    \
+        p = p * (r) + 1.6666665459e-1f;    \
+        p = p * (r) + 5.0000001201e-1f;    \
+        p = p * (r) * (r) + (r) + 1.f;     \
+    } while (0)
+
 static inline float exp_poly(float x) {
     float k = floorf(x * 1.44269504f + 0.5f);
-    float r = x - k * 0.693359375f + k * 2.12194440e-4f;  /* x - k ln2, ln2 split in two for accuracy */
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.f;
+    float r = EXP_REDUCE(x, k), p;
+    EXP_POLY_R(p, r);
     union { int32_t i; float f; } two_k = {.i = ((int32_t)k + 127) << 23};
     return p * two_k.f;
 }
@@ -251,7 +258,8 @@ static PyObject *rms(PyObject *self, PyObject *args) {
 }
 
 /* ------------------------------------------------------------------ matrix multiplies of a few rows
- * linear(out, x, wp, res, M, K, P, N, mode): out [M, N] from x [M, K] (contiguous rows) and a weight W
+ * linear(out, x, wp, res, M, K, P, N, mode, threads): out [M, N] from x [M, K] (contiguous rows), on
+ * `threads` threads (see "threads for linear" below), and a weight W
  * [K, N] packed into P panels of 16 columns, two by two (Panels in model/generate.py): panel pair q is
  * [K, 32] contiguous, wp[(q * K + k) * 32 + i * 16 + j] = panel 2q + i's column j at row k, and panel p
  * holds W[:, 16p..16p+15], zero past the last column; P even. One pair is one sequential stream for the
@@ -314,13 +322,8 @@ static inline __attribute__((always_inline)) v16 exp16(v16 x) {
     i16 up = k > t;                             /* -1 where truncation went up (negative t) */
     ki += up;
     k += __builtin_convertvector(up, v16);
-    v16 r = x - k * 0.693359375f + k * 2.12194440e-4f;
-    v16 p = r * 1.9875691500e-4f + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.f;
+    v16 r = EXP_REDUCE(x, k), p;
+    EXP_POLY_R(p, r);
     i16 bits = (ki + 127) << 23;
     v16 two;
     memcpy(&two, &bits, sizeof two);

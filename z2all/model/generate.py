@@ -302,7 +302,6 @@ class FastDecode:
                 self.panels = (layers, Panels.pack(self.head))
         return self.panels
 
-
     def _ops(self, B: int):
         """(layers, mm, addmm, glu, head) for a B-row step: mm(x, w) = x @ W^T, addmm(r, x, w) = r + x @ W^T,
         glu(x, w13) = silu(x @ W1^T) * (x @ W3^T), head(h) = logits. B = 0: ops whose rows do not depend on
@@ -487,27 +486,25 @@ class FastDecode:
         sdpa = torch.nn.functional.scaled_dot_product_attention
         for i, (wn1, wqkv, wo, wn2, w13, w2) in enumerate(layers):
             qkv = mm(self._rms(x, wn1), wqkv)  # [N, (H + 2K) * D]
+            ys, off = [], 0
             if c_attention:
                 # row r of a chunk writes its key at start + r, then attends to keys 0..start + r: the C code
                 # takes the rows in order, so the chunk's causal mask is implied
-                ys, off = [], 0
                 for (_, _, cache), n, p in zip(parts, lens, chunk_pos):
                     ys.append(self._attend_c(qkv[off:off + n], cache.k[i], cache.v[i], zeros[:n], p, 0, tables))
                     off += n
-                x = self._out_ffn(x, torch.cat(ys) if len(ys) > 1 else ys[0], wo, wn2, w13, w2, addmm, glu)
-                continue
-            qk = qkv[:, :nqk].view(N, H + K, D)
-            qk = torch.addcmul(qk * cos, qk.roll(D // 2, -1), sin)
-            v = qkv[:, nqk:].view(N, K, D)
-            ys, off = [], 0
-            for (_, st, cache), n, mask in zip(parts, lens, masks):
-                kc, vc = cache.k[i], cache.v[i]
-                kc[0, :, st:st + n] = qk[off:off + n, H:].transpose(0, 1)
-                vc[0, :, st:st + n] = v[off:off + n].transpose(0, 1)
-                y = sdpa(qk[off:off + n, :H].transpose(0, 1)[None], kc[:, :, :st + n], vc[:, :, :st + n],
-                         attn_mask=mask, is_causal=mask is None and n > 1, enable_gqa=K != H)  # [1, H, n, D]
-                ys.append(y[0].transpose(0, 1).reshape(n, H * D))
-                off += n
+            else:
+                qk = qkv[:, :nqk].view(N, H + K, D)
+                qk = torch.addcmul(qk * cos, qk.roll(D // 2, -1), sin)
+                v = qkv[:, nqk:].view(N, K, D)
+                for (_, st, cache), n, mask in zip(parts, lens, masks):
+                    kc, vc = cache.k[i], cache.v[i]
+                    kc[0, :, st:st + n] = qk[off:off + n, H:].transpose(0, 1)
+                    vc[0, :, st:st + n] = v[off:off + n].transpose(0, 1)
+                    y = sdpa(qk[off:off + n, :H].transpose(0, 1)[None], kc[:, :, :st + n], vc[:, :, :st + n],
+                             attn_mask=mask, is_causal=mask is None and n > 1, enable_gqa=K != H)  # [1, H, n, D]
+                    ys.append(y[0].transpose(0, 1).reshape(n, H * D))
+                    off += n
             x = self._out_ffn(x, torch.cat(ys) if len(ys) > 1 else ys[0], wo, wn2, w13, w2, addmm, glu)
         last = x.index_select(0, torch.tensor(list(itertools.accumulate(lens)), device=dev) - 1)
         return head(self._rms(last, self.model.norm.weight))
