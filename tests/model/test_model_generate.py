@@ -136,6 +136,15 @@ def test_generate_command_errors(ckpt, tmp_path, capsys):
         assert main(["generate", "--ckpt", str(path), "--prompt", "x", opt, bad]) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and opt[2:].replace("-", "_") in err and "Traceback" not in err
+    # the compiled kernels are fp32-only: a bf16 model with an explicit --decode-kernels c is refused in one
+    # line that says what to use instead (auto takes the torch ops there)
+    assert main(["generate", "--ckpt", str(path), "--prompt", "x", "--dtype", "bf16", "--device", "cpu",
+                 "--max-new-tokens", "4", "--decode-kernels", "c"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--decode-kernels c needs an fp32 model" in err and "Traceback" not in err
+    assert main(["generate", "--ckpt", str(path), "--prompt", "x", "--dtype", "bf16", "--device", "cpu",
+                 "--max-new-tokens", "4"]) == 0
+    capsys.readouterr()
     assert main(["generate", "--ckpt", str(path)]) == 2  # no prompt
     assert main(["generate", "--ckpt", str(tmp_path), "--prompt", "x"]) == 2  # no checkpoint there
     assert main(["generate", "--ckpt", str(path), "--prompt", "x", "--tokenizer", str(tmp_path / "no")]) == 2
