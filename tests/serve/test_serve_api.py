@@ -175,14 +175,22 @@ def test_greedy_concurrent_equals_alone(server, ckpt):
         r = c.chat.completions.create(model=mid, temperature=0, **kw)
         return r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens
 
+    first = server.stats()["steps"]
     alone = [ask(kw) for kw in reqs]
-    before = server.stats()["steps"]
-    with cf.ThreadPoolExecutor(len(reqs)) as ex:
-        together = list(ex.map(ask, reqs))
-    assert together == alone
-    stats = server.stats()
-    assert stats["max_rows"] > 1  # they really shared decode steps
-    assert stats["steps"] - before < sum(a[2] for a in alone)
+    steps_alone = server.stats()["steps"] - first  # one decode step per token after the prefill's first
+    # Whether the requests overlap depends on the clients' timing: a loaded 2-core CI machine once sent all
+    # seven one after another (each is a few ms of decoding). So a round that did not share a step is
+    # repeated, a few times at most; every round must still equal alone.
+    for _ in range(5):
+        before = server.stats()["steps"]
+        with cf.ThreadPoolExecutor(len(reqs)) as ex:
+            together = list(ex.map(ask, reqs))
+        assert together == alone
+        steps = server.stats()["steps"] - before
+        if steps < steps_alone:
+            break
+    # they really shared decode steps: fewer steps than alone, so some step carried several rows
+    assert steps < steps_alone and server.stats()["max_rows"] > 1
     # alone == the reference path (generate(), no slots), for the requests without stop strings
     loaded = load(str(ckpt))
     torch.set_num_threads(1)
