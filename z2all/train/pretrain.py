@@ -207,10 +207,13 @@ def run(cfg: Config) -> int:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     info = dist_mod.init_distributed(cfg.device, cfg.dist.timeout_s)
+    finished = False
     try:
-        return train_loop(cfg, info, Pretraining(cfg, info))
+        status = train_loop(cfg, info, Pretraining(cfg, info))
+        finished = True
+        return status
     finally:
-        dist_mod.cleanup()
+        dist_mod.cleanup(finished)
         torch.set_num_threads(old_threads)
 
 
