@@ -62,6 +62,33 @@ def test_in_order_whoever_computes(workers, helps, start):
     assert _spools() == before
 
 
+def _slow_elsewhere(job: tuple[int, int]) -> tuple[int, int]:
+    """Instant in the parent (whose pid the job carries), 0.3 s in a spawned process."""
+    x, parent = job
+    if os.getpid() != parent:
+        time.sleep(0.3)
+    if x == 4:
+        raise ValueError("job 4 fails")
+    return x, os.getpid()
+
+
+@pytest.mark.parametrize("start", ["spawn", "fork"])
+def test_parent_takes_over_queued_jobs_when_the_jobs_run_out(start):
+    """Jobs 0 and 1 go to the spawned process's queue; the parent runs 2..5 while 0 computes, then, with no
+    jobs left, runs 1 itself instead of waiting 0.3 s more for the process to reach it. Order holds, and a
+    taken-over job that fails still raises at its turn."""
+    me = os.getpid()
+    out = list(ordered_map(_slow_elsewhere, ((i, (i, me)) for i in range(4)), workers=2, helps=True, start=start))
+    assert [tag for tag, _ in out] == [0, 1, 2, 3] and [r[0] for _, r in out] == [0, 1, 2, 3]
+    assert out[0][1][1] != me and [r[1] for _, r in out[1:]] == [me] * 3
+    got = []
+    with pytest.raises(ValueError, match="job 4 fails"):
+        for tag, _ in ordered_map(_slow_elsewhere, ((i, (i, me)) for i in range(6)), workers=2, helps=True,
+                                  start=start):
+            got.append(tag)
+    assert got == [0, 1, 2, 3]
+
+
 @pytest.mark.parametrize("workers,start", [(1, "spawn"), (2, "spawn"), (2, "fork")])
 def test_failing_job_raises_at_its_turn(workers, start):
     before = _spools()
