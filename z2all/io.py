@@ -64,6 +64,34 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", *, fsync: bool = True)
         raise
 
 
+def _sync_file_range():
+    """libc's sync_file_range (Linux), or None where there is none."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return fn
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Ask the kernel to start writing [offset, offset + nbytes) of a file to disk now, without waiting
+    (sync_file_range's SYNC_FILE_RANGE_WRITE; nothing where it does not exist or fails). Why: a file written
+    fast and fsynced once at the end waits there for all of it; started batch by batch, the final fsync of
+    a 93 MB shard took 8 ms instead of ~30 (ext4 on this machine's virtual disk: I/O wait, not CPU). The
+    fsync stays: this only moves the writing earlier."""
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, offset, nbytes, 2)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a text file (UTF-8) so readers see either the old or the new content, never half of it."""
     with atomic_open(path, "w") as f:

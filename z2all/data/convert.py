@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -473,27 +474,35 @@ class Converter:
             self._count(s, "malformed JSON array (rest of file dropped)", 1, [f"{at} ({msg})"])
             ustat["skipped"] += 1
             return
-        _, _, first, n, recs, skipped, repaired = result
+        _, _, first, n, (bodies, texts, hashes, nears), skipped, repaired = result
         writer = self._writer_for(name)
         for reason, (count, ex) in skipped.items():
             self._count(s, reason, count, ex)
             ustat["skipped"] += count
         for reason, (count, ex) in repaired.items():
             self._count(s, reason, count, ex, table="repaired")
-        keep = self.exact.add_new([r[2] for r in recs]) if self.cfg.clean.dedup else [True] * len(recs)
+        kept = len(bodies)
         dups = near_dups = 0
-        docs = []
-        for doc, ok in zip(recs, keep):
-            if not ok:
-                dups += 1
-            elif self.near is not None and self._near_seen(doc[3]):
-                near_dups += 1
-            else:
-                docs.append(doc)
-        writer.write(self.state["next_gid"], docs)
-        self.state["next_gid"] += len(docs)
-        s["documents"] += len(docs)
-        ustat["documents"] += len(docs)
+        if self.cfg.clean.dedup or self.near is not None:
+            fresh = self.exact.add_new(hashes) if self.cfg.clean.dedup else [True] * kept
+            sel = []
+            for i, ok in enumerate(fresh):
+                if not ok:
+                    dups += 1
+                elif self.near is not None and self._near_seen(nears[i]):
+                    near_dups += 1
+                else:
+                    sel.append(i)
+            if len(sel) < kept:  # the columns of the documents that stay
+                kept = len(sel)
+                bodies = [bodies[i] for i in sel]
+                texts = None if texts is None else [texts[i] for i in sel]
+                hashes = array("Q", [hashes[i] for i in sel])
+                nears = None if nears is None else [nears[i] for i in sel]
+        writer.write(self.state["next_gid"], bodies, texts, hashes, nears)
+        self.state["next_gid"] += kept
+        s["documents"] += kept
+        ustat["documents"] += kept
         if dups:
             self._count(s, "duplicate", dups, [])
             ustat["skipped"] += dups

@@ -22,11 +22,12 @@ import hashlib
 import json
 import os
 import re
+from array import array
 from pathlib import Path
 
 import numpy as np
 
-from z2all.io import atomic_write_bytes, atomic_write_text
+from z2all.io import atomic_write_bytes, atomic_write_text, start_writeback
 from z2all.utils import UserError
 
 MANIFEST = "manifest.json"
@@ -43,11 +44,17 @@ class _HashingFile:
         self.f = open(path, "wb")
         self.sha = hashlib.sha256()
         self.bytes = 0
+        self.written_back = 0  # bytes handed to start_writeback
 
     def write(self, data) -> int:
         self.sha.update(data)
         self.bytes += len(data)
-        return self.f.write(data)
+        n = self.f.write(data)
+        if self.bytes - self.written_back >= 8 << 20:  # the final fsync then waits for the last few MB only
+            self.f.flush()
+            start_writeback(self.f.fileno(), self.written_back, self.bytes - self.written_back)
+            self.written_back = self.bytes
+        return n
 
     def flush(self) -> None:
         self.f.flush()
@@ -81,39 +88,38 @@ class ShardWriter:
         self.count = 0
         self.gid_first: int | None = None
         self.gid_last: int | None = None
-        self.hashes: list[int] = []
+        self.hashes = array("Q")
         self.near_keys: list[int] = []
 
-    def write(self, first_gid: int, docs: list[tuple[bytes, bytes | None, int, list[int] | None]]) -> None:
-        """Append `docs` [(body, txt text, content hash, MinHash band keys)] as gids first_gid, first_gid+1,
-        ...; each body is one jsonl line with its leading PLACEHOLDER cut off (sources.serialise)."""
-        if not docs:
+    def write(self, first_gid: int, bodies: list[bytes], texts: list[bytes] | None, hashes: array,
+              nears: list[list[int]] | None) -> None:
+        """Append a batch as gids first_gid, first_gid+1, ...: each body is one jsonl line with its leading
+        PLACEHOLDER cut off (sources.serialise); texts (for the .txt twin, or None), content hashes
+        (array('Q')) and MinHash band keys (or None) are the same documents' columns."""
+        if not bodies:
             return
-        n0, n = self.count, len(docs)
+        n0, n = self.count, len(bodies)
         # the parent's serial share of a --workers N run: list comprehensions, no per-record memoryview (a
         # memoryview slice per record cost ~1 us, 75 ms per 96 MB)
         parts: list = [b""] * (2 * n)
         parts[0::2] = [b'{"gid":%d,"id":%d,' % (first_gid + k, n0 + k) for k in range(n)]
-        parts[1::2] = [d[0] for d in docs]
+        parts[1::2] = bodies
         data = b"".join(parts)
         (self._zw or self.file).write(data)
         self.size += len(data)
-        if self.txt_f is not None:
-            texts = [t for _, t, _, _ in docs if t is not None]
-            if texts:
-                chunk = b"\n\n".join(texts)
-                if n0:  # a blank line between documents, none before the first
-                    chunk = b"\n\n" + chunk
-                self.txt_f.write(chunk)
-                self.txt_bytes += len(chunk)
+        if texts:
+            chunk = b"\n\n".join(texts)
+            if n0:  # a blank line between documents, none before the first
+                chunk = b"\n\n" + chunk
+            self.txt_f.write(chunk)
+            self.txt_bytes += len(chunk)
         if self.gid_first is None:
             self.gid_first = first_gid
-        self.gid_last = first_gid + len(docs) - 1
-        self.count += len(docs)
-        self.hashes.extend(h for _, _, h, _ in docs)
-        for _, _, _, near in docs:
-            if near:
-                self.near_keys.extend(near)
+        self.gid_last = first_gid + n - 1
+        self.count += n
+        self.hashes.extend(hashes)
+        for keys in nears or ():
+            self.near_keys.extend(keys)
 
     def finish(self) -> dict:
         """Flush, fsync, rename into place; returns the manifest entry."""
@@ -124,7 +130,7 @@ class ShardWriter:
                 "sha256": self.file.sha.hexdigest(), "gid_first": self.gid_first, "gid_last": self.gid_last}
         dedup = self.dir / ".dedup"
         dedup.mkdir(exist_ok=True)
-        atomic_write_bytes(dedup / f"part-{self.index:05d}.u64", np.asarray(self.hashes, dtype=np.uint64).tobytes())
+        atomic_write_bytes(dedup / f"part-{self.index:05d}.u64", self.hashes.tobytes())
         if self.near_keys:
             atomic_write_bytes(dedup / f"part-{self.index:05d}.near.u64",
                           np.asarray(self.near_keys, dtype=np.uint64).tobytes())
