@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import http.client
 import json
+import threading
 import time
 
 import pytest
@@ -242,14 +243,21 @@ def test_queue_limit_429_and_api_key(one_slot):
     status, data = raw(s, "GET", "/v1/models", headers={"Authorization": "Bearer wrong"})
     assert status == 401 and json.loads(data)["error"]["code"] == "invalid_api_key"
     assert raw(s, "GET", "/health")[0] == 200
-    body = json.dumps({"prompt": "a", "max_tokens": 150, "ignore_eos": True}).encode()
+    # 250 tokens (~75 ms each on 2 cores) and a barrier, so the six overlap even on a loaded machine
+    body = json.dumps({"prompt": "a", "max_tokens": 250, "ignore_eos": True}).encode()
+    start = threading.Barrier(6)
+
+    def send():
+        start.wait(30)
+        return raw(s, "POST", "/v1/completions", body, KEY)
+
     with cf.ThreadPoolExecutor(6) as ex:
-        futs = [ex.submit(raw, s, "POST", "/v1/completions", body, KEY) for _ in range(6)]
+        futs = [ex.submit(send) for _ in range(6)]
         codes = sorted(f.result()[0] for f in futs)
     assert 429 in codes, codes  # one decodes, one waits, the rest are turned away
     assert codes.count(200) >= 2, codes  # the queued one was served, not refused
     status, data = raw(s, "POST", "/v1/completions", body, KEY)
-    assert status == 200 and json.loads(data)["usage"]["completion_tokens"] == 150
+    assert status == 200 and json.loads(data)["usage"]["completion_tokens"] == 250
 
 
 def test_base_model_chat_and_page(tmp_path):

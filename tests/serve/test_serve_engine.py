@@ -30,16 +30,18 @@ def loaded(tmp_path_factory):
 
 
 def run_all(engine: Engine, jobs: list[tuple[list[int], SamplingParams]]) -> list[tuple[list[int], str]]:
-    """Submit every job at once; (tokens, finish_reason) of each, in order."""
+    """Submit every job at once (the scheduler held until all are queued: on a loaded machine it could
+    otherwise finish the first before the next arrives); (tokens, finish_reason) of each, in order."""
     done = [threading.Event() for _ in jobs]
     out: list = [None] * len(jobs)
     reqs = []
-    for i, (ids, params) in enumerate(jobs):
-        def emit(ev, i=i):
-            if ev.final:
-                out[i] = ev.finish_reason
-                done[i].set()
-        reqs.append(engine.submit(ids, params, emit))
+    with engine.cond:  # reentrant: submit takes it too
+        for i, (ids, params) in enumerate(jobs):
+            def emit(ev, i=i):
+                if ev.final:
+                    out[i] = ev.finish_reason
+                    done[i].set()
+            reqs.append(engine.submit(ids, params, emit))
     for d in done:
         assert d.wait(60)
     return [(list(r.out), reason) for r, reason in zip(reqs, out)]
