@@ -18,6 +18,7 @@ from data_helpers import (
 )
 
 from z2all.data.readers import (
+    FOLLOWS,
     BadLine,
     InputReader,
     LineRange,
@@ -222,9 +223,10 @@ def _batches(path, ranges: bool, start: int, batch_bytes: int):
     for first, batch in r.batches(start, batch_bytes=batch_bytes):
         if ranges:
             assert isinstance(batch, LineRange)
-            lines = read_lines(path, batch.start, batch.end)
-            assert len(lines) == batch.count
-            batch = [bytes(x) for x in lines]
+            batch = [bytes(x) for x in read_lines(path, batch.start, batch.end)]
+            if out:  # a range after the first says FOLLOWS (its caller numbers it) or its own index
+                assert first in (FOLLOWS, out[-1][0] + len(out[-1][1]))
+                first = out[-1][0] + len(out[-1][1])
         out.append((first, batch))
     assert r.position() == r.size
     return out

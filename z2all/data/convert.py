@@ -66,6 +66,7 @@ from z2all.data.clean import CleanConfig
 from z2all.data.dedup import HashSet64
 from z2all.data.pipeline import fork_is_safe, ordered_map, read_state, write_state
 from z2all.data.readers import (
+    FOLLOWS,
     FORMATS,
     TXT_MODES,
     InputReader,
@@ -474,13 +475,17 @@ class Converter:
             self._count(s, "malformed JSON array (rest of file dropped)", 1, [f"{at} ({msg})"])
             ustat["skipped"] += 1
             return
-        _, _, first, n, (bodies, texts, hashes, nears), skipped, repaired = result
+        _, _, first, n, (bodies, texts, hashes, nears), skipped, repaired, kind = result
+        if first == FOLLOWS:  # a byte range cut after the previous one: numbered here, in order
+            first = self.pos[1]
         writer = self._writer_for(name)
-        for reason, (count, ex) in skipped.items():
-            self._count(s, reason, count, ex)
-            ustat["skipped"] += count
-        for reason, (count, ex) in repaired.items():
-            self._count(s, reason, count, ex, table="repaired")
+        path = self.units[u].path
+        for table, found in (("skipped", skipped), ("repaired", repaired)):
+            for reason, (count, ex) in found.items():
+                self._count(s, reason, count, [where(path, kind, first + i) + detail for i, detail in ex],
+                            table=table)
+                if table == "skipped":
+                    ustat["skipped"] += count
         kept = len(bodies)
         dups = near_dups = 0
         if self.cfg.clean.dedup or self.near is not None:

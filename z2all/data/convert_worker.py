@@ -12,7 +12,7 @@ from __future__ import annotations
 from array import array
 
 from z2all.data.clean import CleanConfig, Cleaner
-from z2all.data.readers import BadLine, parse_json_line, read_lines, where
+from z2all.data.readers import BadLine, parse_json_line, read_lines
 from z2all.data.schema import record_text
 from z2all.data.sources import Source, serialise
 
@@ -29,21 +29,24 @@ def init(sources: list[Source], clean: CleanConfig, txt: bool, max_examples: int
     _W.update(sources=sources, cleaner=Cleaner(clean), txt=txt, max_examples=max_examples, minhash=minhash)
 
 
-def _note(table: dict, reason: str, at: str) -> None:
+def _note(table: dict, reason: str, i: int, detail: str = "") -> None:
+    """Count `reason` for the batch's item i; keep (i, detail) as an example (the parent, which knows the
+    batch's first item index, makes it file:line + detail)."""
     entry = table.setdefault(reason, [0, []])
     entry[0] += 1
     if len(entry[1]) < _W["max_examples"]:
-        entry[1].append(at)
+        entry[1].append((i, detail))
 
 
 def work(task: tuple) -> tuple:
     """One batch ("batch", unit, first item, kind, items, path) -> ("batch", unit, first, n_items, docs,
-    skipped, repaired). docs is the kept documents column by column: (bodies [bytes], texts [bytes] or None
-    without --txt, content hashes array('Q'), MinHash band keys [[int]] or None without near dedup).
+    skipped, repaired, kind). docs is the kept documents column by column: (bodies [bytes], texts [bytes] or
+    None without --txt, content hashes array('Q'), MinHash band keys [[int]] or None without near dedup).
     Columns, not a tuple per document: the parent unpickles a spawned worker's result, and a 4 MB batch of
     ~3,000 tuples took 2.1 ms to load against 0.2 ms for the columns (~30 ms of the parent's serial share
-    per 96 MB). skipped and repaired map reason -> [count, [file:line examples]]. kind "range": items is a
-    readers.LineRange of the file, read here."""
+    per 96 MB). skipped and repaired map reason -> [count, [(item in the batch, detail)]]. kind "range":
+    items is a readers.LineRange of the file, read here (first may then be readers.FOLLOWS: the parent
+    numbers it); the kind returned is the items' ("lines" or "records")."""
     _, u, first, kind, items, path = task
     if kind == "range":
         items, kind = read_lines(path, items.start, items.end), "lines"
@@ -59,29 +62,28 @@ def work(task: tuple) -> tuple:
             try:
                 raw, fixed = parse_json_line(item)
             except BadLine as e:
-                at = where(path, kind, first + i)
-                _note(skipped, e.reason, f"{at} ({e})" if str(e) else at)
+                _note(skipped, e.reason, i, f" ({e})" if str(e) else "")
                 continue
             if fixed:
-                _note(repaired, "invalid UTF-8 replaced", where(path, kind, first + i))
+                _note(repaired, "invalid UTF-8 replaced", i)
         else:
             raw = item
         rec = src.to_record(raw)
         if isinstance(rec, str):
-            at = where(path, kind, first + i)
+            detail = ""
             if rec.startswith("missing field") and isinstance(raw, dict):  # says which field was meant
-                at += f" (it has: {', '.join(list(map(str, raw))[:8])})"
-            _note(skipped, rec, at)
+                detail = f" (it has: {', '.join(list(map(str, raw))[:8])})"
+            _note(skipped, rec, i, detail)
             continue
         cleaned = cleaner(rec, src.kind)
         if isinstance(cleaned, str):
-            _note(skipped, cleaned, where(path, kind, first + i))
+            _note(skipped, cleaned, i)
             continue
         rec, h = cleaned
         try:  # without its -1 ids: the writer puts the real ones in front (sources.PLACEHOLDER)
             body = serialise(rec)
         except TypeError as e:  # lone surrogates in code, which is never cleaned
-            _note(skipped, "unencodable text", f"{where(path, kind, first + i)} ({e})")
+            _note(skipped, "unencodable text", i, f" ({e})")
             continue
         bodies.append(body)
         hashes.append(h)
@@ -89,4 +91,4 @@ def work(task: tuple) -> tuple:
             texts.append(record_text(rec).encode("utf-8"))
         if nears is not None:
             nears.append(minhash.band_keys(rec["content"]))
-    return "batch", u, first, len(items), (bodies, texts, hashes, nears), skipped, repaired
+    return "batch", u, first, len(items), (bodies, texts, hashes, nears), skipped, repaired, kind

@@ -16,11 +16,11 @@ A spawned process leaves each result in a file of a private spool directory (/de
 sends back only its path: the pool's result thread would otherwise read megabytes in pipe-sized pieces,
 taking the GIL for each, while this process holds it running jobs itself. `payload=None` marks a job that
 needs no work (an end-of-file marker, a count the parent made): it comes out as `(tag, None)` in its place.
-At most 2 x spawned + 1 jobs are queued to the spawned processes (2 x spawned with helps, plus HELP_AHEAD
-results made here), so memory stays bounded. With helps, once the jobs run out this process also takes over
-queued jobs no spawned process has started, from the last one back, instead of waiting for them: the tail
-of a 96 MB conversion on 2 cores had it idle ~45 ms for the other process's last two jobs. The parent alone
-applies results and commits state, so the output never depends on timing.
+At most 2 x spawned + 1 jobs are queued to the spawned processes (plus HELP_AHEAD results made here), so
+memory stays bounded. With helps, once the jobs run out this process also takes over queued jobs no spawned
+process has started, from the last one back, instead of waiting for them: the tail of a 96 MB conversion on
+2 cores had it idle ~45 ms for the other process's last jobs. The parent alone applies results and commits
+state, so the output never depends on timing.
 
 If the job iterator raises (a truncated archive, an unreadable file), every job submitted before it is
 still yielded, then the exception propagates: a caller can commit what is complete before reporting it. A
@@ -139,11 +139,10 @@ def ordered_map(fn: Callable, jobs: Iterable[tuple[Any, Any]], *, workers: int =
         names = itertools.count()
         with children_ignore_sigint():  # Ctrl-C stops this process, whose `finally` terminates the pool
             pool = mp.get_context(start).Pool(spawned, initializer, initargs)
-    # jobs queued to the spawned processes (all jobs in flight with workers=1), and all jobs in flight
-    # With helps, this process refills the queue between its own jobs (one job's time apart), so two per
-    # spawned process keep each busy: one running, one waiting. One more (2 x spawned + 1) only lengthened
-    # the tail, where it waits for the spawned processes' last jobs.
-    limit = (2 * spawned if helps else 2 * spawned + 1) if pool is not None else 1
+    # jobs queued to the spawned processes (all jobs in flight with workers=1), and all jobs in flight. With
+    # helps this process refills the queue only between its own jobs, so the spare one matters: with 2 x
+    # spawned the spawned process of a 96 MB conversion sat idle up to 10 ms at a time waiting for work
+    limit = 2 * spawned + 1 if pool is not None else 1
     cap = limit + (HELP_AHEAD if helps else 0)
     inflight: deque = deque()  # (tag, result, payload of a pool job or None)
     queued = 0  # pool jobs in `inflight`
