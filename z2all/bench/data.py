@@ -12,7 +12,8 @@ next to the repository when present, else the embedded demo corpus; code_* files
 code is never cleaned and would flatter the converter; --zh keeps only the zh_* files; documents shuffled
 with a fixed seed so that any size mixes every corpus), repeating documents with varying
 ids and a copy number appended to the text (so exact dedup keeps them: an honest write load). Then, each
-run in a fresh process (bench.run_isolated) so peak RSS is the run's own, every row --repeats times in
+run in a fresh process (bench.run_isolated) so peak RSS is the run's own (its clock starts after the
+imports of this module, the converter's and tqdm's, for every row alike), every row --repeats times in
 turn (interleaved, best wall kept: the machine's noise hits every row alike). Each row prints its wall
 time and its CPU time: user + system seconds of the run's process and every process it started and waited
 for (the --workers processes), so on a busy machine the CPU columns still compare; "vs stdlib" is the
