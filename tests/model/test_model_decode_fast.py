@@ -206,6 +206,24 @@ def test_auto_skips_the_packed_copy_when_memory_is_short(monkeypatch):
     assert FastDecode(m).batched_matmul == "onednn"
 
 
+def test_no_fast_decoder_where_its_copy_would_not_fit(monkeypatch, capsys):
+    """Every FastDecode path copies the block weights and the LM head on its first step: with less free
+    memory than that (/0.8), for_model gives None and generate() decodes through the forward, the same
+    tokens, with one note; with room, the fast decoder is back."""
+    from z2all.model import generate as g
+
+    m = model()
+    copy = (sum(p.numel() for p in m.layers.parameters()) + m.output.weight.numel()) * 4
+    monkeypatch.setattr(g, "_available_memory", lambda device: copy)
+    assert FastDecode.for_model(m) is None
+    prompts = [[3, 14, 15, 92, 65]]
+    assert generate(m, prompts, 20, decode="fast") == generate(m, prompts, 20, decode="plain")
+    assert generate(m, prompts, 5, decode="fast") == generate(m, prompts, 5, decode="plain")
+    assert capsys.readouterr().err.count("does not fit") == 1
+    monkeypatch.setattr(g, "_available_memory", lambda device: 2 * copy)
+    assert FastDecode.for_model(m) is not None
+
+
 @needs_c
 @pytest.mark.parametrize("dim,heads,kv", [(48, 6, 2), (36, 6, 3), (256, 4, 2), (512, 4, 2)])
 def test_c_kernels_equal_torch(dim, heads, kv):

@@ -352,12 +352,25 @@ class FastDecode:
     @classmethod
     def for_model(cls, model, batched_matmul: str = "auto", kernels: str = "auto") -> FastDecode | None:
         """The model's FastDecode (built once per weights, batched_matmul and attention), or None when it
-        does not support the model."""
+        does not support the model or its copy of the weights would not fit in memory (a note says so)."""
         if not cls.supports(model):
             return None
         fd = model.__dict__.get("_z2all_fast_decode")
         if (fd is None or fd.key != cls._key(model) or batched_matmul not in ("auto", fd.batched_matmul)
                 or kernels not in ("auto", fd.kernels)):
+            # every path builds one more copy of the block weights and the LM head on its first step: where
+            # that would not fit, decode through the model's forward (no copy) instead of running out of
+            # memory in the middle of a generation
+            w = model.tok_embeddings.weight
+            need = (sum(p.numel() for p in model.layers.parameters()) + model.output.weight.numel()) * w.element_size()
+            free = _available_memory(w.device)
+            if free is not None and need > 0.8 * free:
+                if not model.__dict__.get("_z2all_fast_decode_noted"):
+                    model.__dict__["_z2all_fast_decode_noted"] = True
+                    print(f"note: the fast decoder's copy of the weights ({human_bytes(need)}) does not fit in the "
+                          f"{human_bytes(free)} of free memory; decoding with the model's forward instead (slower, "
+                          f"the same tokens: --decode plain)", file=sys.stderr, flush=True)
+                return None
             fd = cls(model, batched_matmul, kernels)
             model.__dict__["_z2all_fast_decode"] = fd
         return fd
