@@ -74,10 +74,10 @@ def _slow_elsewhere(job: tuple[int, int]) -> tuple[int, int]:
 
 @pytest.mark.parametrize("start", ["spawn", "fork"])
 def test_parent_takes_over_queued_jobs_when_the_jobs_run_out(start):
-    """Jobs 0 and 1 go to the spawned process's queue; the parent runs 2..5 while 0 computes, then, with no
-    jobs left, runs 1 itself instead of waiting 0.3 s more for the process to reach it. Order holds, and a
-    taken-over job that fails still raises at its turn."""
-    me = os.getpid()
+    """Jobs 0-2 go to the spawned process's queue; the parent runs 3 while 0 computes, then, with no jobs
+    left, runs 2 and 1 itself instead of waiting 0.3 s more for each. Order holds, a taken-over job that
+    fails still raises at its turn, and the spool goes."""
+    me, before = os.getpid(), _spools()
     out = list(ordered_map(_slow_elsewhere, ((i, (i, me)) for i in range(4)), workers=2, helps=True, start=start))
     assert [tag for tag, _ in out] == [0, 1, 2, 3] and [r[0] for _, r in out] == [0, 1, 2, 3]
     assert out[0][1][1] != me and [r[1] for _, r in out[1:]] == [me] * 3
@@ -87,6 +87,7 @@ def test_parent_takes_over_queued_jobs_when_the_jobs_run_out(start):
                                   start=start):
             got.append(tag)
     assert got == [0, 1, 2, 3]
+    assert _spools() == before  # the results of the taken-over jobs' twins went with the spool
 
 
 @pytest.mark.parametrize("workers,start", [(1, "spawn"), (2, "spawn"), (2, "fork")])
