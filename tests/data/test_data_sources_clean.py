@@ -160,6 +160,22 @@ def test_hashset64_in_order_and_across_merges():
     assert s.values().dtype == np.uint64 and list(s.values()) == sorted(s.values())
 
 
+def test_hashset64_equals_a_plain_set():
+    """Against a Python set, value by value: repeats inside a call, across calls, and across merges of the
+    pending set into the sorted array (flush 50), on random 64-bit values drawn from a small pool."""
+    rng = np.random.default_rng(0)
+    pool = rng.integers(0, 2**64, size=300, dtype=np.uint64)
+    s, ref = HashSet64(flush=50), set()
+    for _ in range(40):
+        batch = pool[rng.integers(0, len(pool), size=int(rng.integers(0, 40)))].tolist()
+        want = []
+        for v in batch:
+            want.append(v not in ref)
+            ref.add(v)
+        assert s.add_new(batch) == want
+    assert len(s) == len(ref) and set(s.values().tolist()) == ref
+
+
 def test_minhash_flags_near_duplicates_only(shared_corpora):
     docs = [d["text"] for d in real_docs(shared_corpora, "en_kjv_bible", 6)]
     mh = MinHash()
