@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -64,32 +65,28 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", *, fsync: bool = True)
         raise
 
 
-def _sync_file_range():
-    """libc's sync_file_range (Linux), or None where there is none."""
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    return fn
-
-
-_SYNC_FILE_RANGE = _sync_file_range()
+_SYNC_FILE_RANGE: list = []  # [libc's sync_file_range or None], resolved on first use (ctypes stays out of start-up)
 
 
 def start_writeback(fd: int, offset: int, nbytes: int) -> None:
     """Ask the kernel to start writing [offset, offset + nbytes) of a file to disk now, without waiting
-    (sync_file_range's SYNC_FILE_RANGE_WRITE; nothing where it does not exist or fails). Why: a file written
-    fast and fsynced once at the end waits there for all of it; started batch by batch, the final fsync of
-    a 93 MB shard took 8 ms instead of ~30 (ext4 on this machine's virtual disk: I/O wait, not CPU). The
-    fsync stays: this only moves the writing earlier."""
-    if _SYNC_FILE_RANGE is not None:
-        _SYNC_FILE_RANGE(fd, offset, nbytes, 2)
+    (sync_file_range's SYNC_FILE_RANGE_WRITE on Linux; nothing elsewhere or when it fails). Why: a file
+    written fast and fsynced once at the end waits there for all of it; started batch by batch, the final
+    fsync of a 93 MB shard took 8 ms instead of ~30 (ext4 on this machine's virtual disk: I/O wait, not
+    CPU). The fsync stays: this only moves the writing earlier."""
+    if not _SYNC_FILE_RANGE:
+        fn = None
+        if sys.platform.startswith("linux"):
+            import ctypes
+
+            try:
+                fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+                fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+            except (OSError, AttributeError):
+                fn = None
+        _SYNC_FILE_RANGE.append(fn)
+    if _SYNC_FILE_RANGE[0] is not None:
+        _SYNC_FILE_RANGE[0](fd, offset, nbytes, 2)  # 2 = SYNC_FILE_RANGE_WRITE
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

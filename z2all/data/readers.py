@@ -397,9 +397,9 @@ class InputReader:
         parent of `data convert --workers N` that read was ~1.5 ms per 4 MB of serial work."""
         start += index
         first = start
-        if index < start:  # resume: count the lines of the batches before the resume point
+        while index < start:  # resume: count the lines of the batches before the resume point
             import numpy as np  # here: the workers import this module and never cut ranges
-        while index < start:
+
             data = f.read(batch_bytes + 1)
             if not data:
                 return
