@@ -397,3 +397,21 @@ def test_sigkill_at_random_points_then_resume_matches_an_uninterrupted_run(conve
         assert {k: v for k, v in ours.items() if "part-" in k} == {k: v for k, v in theirs.items() if "part-" in k}
         man = json.loads((out / "wikipedia_zh" / "manifest.json").read_text())
         assert man["complete"] and man["documents"] == 200
+
+
+def test_a_conversion_made_with_other_batches_resumes_only_with_them(tmp_path):
+    """--batch-mb decides where shards roll, so a run begun with another value (4 MB, the default before 2)
+    is refused in one line naming the option and both values; its files are untouched; with that value
+    given it is complete and nothing is rewritten."""
+    raw = tmp_path / "raw.jsonl"
+    raw.write_bytes(jsonl(docs(30)))
+    out = tmp_path / "conv"
+    first = z2all("data", "convert", "--inputs", f"wikipedia_zh={raw}", "--out", out, "--batch-mb", "4")
+    assert first.rc == 0, first.err
+    before = snapshot(out)
+    assert_clean_failure(z2all("data", "convert", "--inputs", f"wikipedia_zh={raw}", "--out", out),
+                         "--batch_mb 4.0 -> 2.0", "give that run's values")
+    assert snapshot(out) == before
+    again = z2all("data", "convert", "--inputs", f"wikipedia_zh={raw}", "--out", out, "--batch-mb", "4")
+    assert again.rc == 0 and "nothing to do" in again.text
+    assert snapshot(out) == before
