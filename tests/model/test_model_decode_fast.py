@@ -327,7 +327,7 @@ def test_c_linear_equals_torch_and_rows_keep_their_bits():
         want = (x.double() @ w.double().T)
         got = Panels.mm(x, p)
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4 * K ** 0.5)
-        torch.testing.assert_close(Panels.addmm(r, x, p).double(), want + r.double(), rtol=1e-5, atol=1e-4 * K ** 0.5)
+        torch.testing.assert_close(Panels.mm(x, p, r).double(), want + r.double(), rtol=1e-5, atol=1e-4 * K ** 0.5)
         for M in (*range(1, 10), 16):
             assert torch.equal(Panels.mm(x[:M], p), got[:M])
             assert torch.equal(Panels.mm(x[M:M + 1], p)[0], got[M])  # a row alone == in company

@@ -146,7 +146,7 @@ class Panels:
 
     @staticmethod
     def mm(x: torch.Tensor, w: Panels, res: torch.Tensor | None = None, threads: int = 1) -> torch.Tensor:
-        """x @ W (or silu(gate) * up), plus res when given; on `threads` threads (the caller's and
+        """x @ W (or silu(gate) * up), plus res when given (the add fused into the kernel's store); on `threads` threads (the caller's and
         _decodec's own pool; the bits do not depend on the count)."""
         if not x.is_contiguous():  # a view's strides are not what the C code indexes
             x = x.contiguous()
@@ -156,11 +156,6 @@ class Panels:
         _decodec.linear(out.data_ptr(), x.data_ptr(), w.data.data_ptr(), 0 if res is None else res.data_ptr(),
                         x.shape[0], w.k, w.p, w.n, 1 if res is not None else w.mode, threads)
         return out
-
-    @staticmethod
-    def addmm(res: torch.Tensor, x: torch.Tensor, w: Panels, threads: int = 1) -> torch.Tensor:
-        """res + x @ W (torch.addmm's argument order), the add fused into the kernel's store."""
-        return Panels.mm(x, w, res, threads)
 
 
 class CacheRows:
