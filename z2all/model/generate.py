@@ -124,7 +124,7 @@ class Panels:
 
     def __init__(self, data: torch.Tensor, n: int, mode: int):
         self.data, self.p, self.k = data, 2 * data.shape[0], data.shape[1]
-        self.n, self.mode = n, mode  # mode 0: x @ W; 2: SwiGLU (1, the residual add, is addmm's)
+        self.n, self.mode = n, mode  # mode 0: x @ W; 2: SwiGLU (1, the residual add, is mm's with res)
 
     @classmethod
     def pack(cls, weight: torch.Tensor) -> Panels:
@@ -146,8 +146,8 @@ class Panels:
 
     @staticmethod
     def mm(x: torch.Tensor, w: Panels, res: torch.Tensor | None = None, threads: int = 1) -> torch.Tensor:
-        """x @ W (or silu(gate) * up), plus res when given (the add fused into the kernel's store); on `threads` threads (the caller's and
-        _decodec's own pool; the bits do not depend on the count)."""
+        """x @ W (or silu(gate) * up), plus res when given (the add fused into the kernel's store); on
+        `threads` threads (the caller's and _decodec's own pool; the bits do not depend on the count)."""
         if not x.is_contiguous():  # a view's strides are not what the C code indexes
             x = x.contiguous()
         if x.dtype != torch.float32 or x.shape[-1] != w.k or (res is not None and not res.is_contiguous()):
