@@ -2,7 +2,8 @@
 engines (process and thread) give the same greedy answers; a dead engine process ends the open streams with
 an error, /health and new requests answer 503, and the server stays up; Ctrl-C stops the server and its
 engine process; the engine and the HTTP side run on separate CPUs when there are enough; an error while the
-engine process starts is one line and exit 2."""
+engine process starts is one line and exit 2; with a stream interval the engine process sends the same
+events in fewer messages."""
 
 from __future__ import annotations
 
@@ -227,3 +228,48 @@ def test_engine_process_survives_a_request_it_refuses(ckpt):
     finally:
         ep.close()
     assert not ep.proc.is_alive()
+
+
+def test_engine_process_stream_interval_sends_fewer_messages_same_events(ckpt):
+    """With stream_interval the child holds back events that are neither a request's first nor its final one
+    until the interval has passed: the same events in the same order, in far fewer pipe messages (each wakes
+    the HTTP process) than with per-step messages."""
+    import asyncio
+
+    from z2all.serve.engine import SamplingParams, load_meta
+
+    meta = load_meta(str(ckpt))
+    ids = meta.tok("def main():")["input_ids"]
+
+    def run(interval: float) -> tuple[list[tuple], int]:
+        ep = worker.EngineProcess(worker.EngineSpec(str(meta.path), meta.kind, str(meta.tok_dir), "cpu", "auto", 1,
+                                                    False, dict(max_batch=2), interval))
+        messages = [0]
+        recv = ep.conn.recv_bytes
+
+        def counting_recv():
+            messages[0] += 1
+            return recv()
+
+        ep.conn.recv_bytes = counting_recv
+        try:
+            async def main():
+                fut, got = asyncio.get_running_loop().create_future(), []
+
+                def emit(ev):
+                    got.append((ev.text, ev.final, ev.finish_reason, ev.completion_tokens))
+                    if ev.final:
+                        fut.set_result(None)
+                ep.submit(ids, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True), emit)
+                await asyncio.wait_for(fut, 60)
+                return got
+
+            return asyncio.run(main()), messages[0]
+        finally:
+            ep.close()
+
+    each, n_each = run(0.0)
+    held, n_held = run(30.0)
+    assert "".join(t for t, *_ in held) == "".join(t for t, *_ in each) and held[-1] == each[-1]
+    assert held[-1][1:] == (True, "length", 40)
+    assert n_each > 10 and n_held == 2, (n_each, n_held)  # the first text event, then the rest with the final

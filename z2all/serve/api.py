@@ -23,9 +23,10 @@ Where OpenAI and llama.cpp's server differ or are silent, the choices here:
 - A client that disconnects (streaming or not) cancels its request; the engine frees its slot before the
   next step.
 - Streaming sends each token as it comes (OpenAI, llama.cpp). `--stream-interval S` sends the tokens after
-  the first in chunks at most every S seconds: each wake of the event loop is a thread hand-off (the GIL
-  passes between the engine thread and the loop), and batching them made a single stream of the demo
-  model 4-9% faster (S = 5 ms) on the shared 2-core machine (docs/performance.md).
+  the first in chunks at most every S seconds. Each token otherwise wakes the HTTP side once: with the
+  engine process (the default) a pipe message that the engine pays for (worker.py), with `--engine thread`
+  a thread hand-off (the GIL passes between the engine thread and the loop). A single demo-model stream
+  gains a few percent from S = 2-5 ms (docs/performance.md, "Serving"); a larger model's step dwarfs it.
 - Binding: 127.0.0.1 unless --host says otherwise; with --api-key every /v1 route wants
   `Authorization: Bearer KEY` (compared in constant time). /health and the page stay open; the page asks
   for the key when the API answers 401.
@@ -482,7 +483,7 @@ class Config:
                      choices=("auto", "fp32", "bf16", "fp16"))
     threads: int = opt(0, "CPU threads for torch (0 = torch's default)")
     stream_interval: float = opt(0.0, "seconds: a stream's tokens after the first are sent in chunks at most this "
-                                 "often (fewer thread hand-offs per token); 0 = every token as it comes")
+                                 "often (fewer wake-ups of the HTTP side per token); 0 = every token as it comes")
     decode_threads: int = opt(0, "CPU threads for prefill and decode steps; 0 = auto: 1 for a model under 64 MB of "
                               "weights (per-op threading costs more than it saves there), --threads otherwise")
     batched_matmul: str = opt("auto", "with --decode-kernels torch: the matrix "
@@ -530,7 +531,7 @@ def build(cfg: Config) -> tuple[Service, object]:
         if meta.note:
             print(meta.note, file=sys.stderr, flush=True)
         spec = EngineSpec(str(meta.path), meta.kind, str(meta.tok_dir), cfg.device, cfg.dtype, cfg.threads,
-                          cfg.pin_cpus, engine_kw)
+                          cfg.pin_cpus, engine_kw, cfg.stream_interval)
         engine = EngineProcess(spec, max_queue=cfg.max_queue)
         tok, name, chatml = meta.tok, meta.name, meta.chatml
     else:

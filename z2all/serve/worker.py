@@ -19,6 +19,10 @@ api.py takes either. Protocol over one multiprocessing Pipe (pickled tuples):
                    iteration that emitted anything, one message: (events, stats), where events is a list of
                    (rid, text, final, finish_reason, prompt_tokens, completion_tokens, error).
 One message per step, not per token: at 8 streams that is one wake-up of the event loop for 8 tokens.
+With `stream_interval` > 0 (`--stream-interval`) the child holds a step's events back while none is a
+request's first or final event and its last message is under that many seconds old: each message wakes
+the sleeping HTTP process, and on this 2-core VM the pipe write that does it costs the engine ~9-17 us
+(docs/performance.md, "Serving"), ~6% of a demo-model token.
 
 Admission control stays exact without asking the child: the parent counts its requests that have not
 received their final event; `outstanding - max_batch >= max_queue` is the child's own `waiting - free >=
@@ -66,6 +70,7 @@ class EngineSpec:
     threads: int = 0     # torch intra-op threads of the child (0 = torch's default)
     pin_cpus: bool = True  # the engine on CPUs of its own, the HTTP side on the rest (split_cpus)
     engine: dict = field(default_factory=dict)  # Engine keyword arguments (max_batch, context, ...)
+    stream_interval: float = 0.0  # seconds: hold back events that are not a request's first or final (module doc)
 
 
 def _child(conn, spec: EngineSpec) -> None:
@@ -91,11 +96,21 @@ def _child(conn, spec: EngineSpec) -> None:
         outbox: list[tuple] = []
         reqs: dict[int, object] = {}
         engine = None
+        interval = spec.stream_interval
+        urgent = [False]  # the outbox holds a request's first or final event: send it at this step's end
+        sent: set[int] = set()  # requests with an event sent already (stream_interval > 0)
+        last = [-1.0]  # when the last message went (time.monotonic)
 
         def emit(rid: int, ev: Event) -> None:  # the engine thread, inside an iteration
             with out_lock:
                 outbox.append((rid, ev.text, ev.final, ev.finish_reason, ev.prompt_tokens, ev.completion_tokens,
                                ev.error))
+                if ev.final:
+                    urgent[0] = True
+                    sent.discard(rid)
+                elif interval > 0 and rid not in sent:
+                    urgent[0] = True
+                    sent.add(rid)
             if ev.final:
                 reqs.pop(rid, None)
 
@@ -103,6 +118,13 @@ def _child(conn, spec: EngineSpec) -> None:
             with out_lock:
                 if not outbox:
                     return
+                if interval > 0:
+                    now = time.monotonic()
+                    # held events go with a later step's message: a request that has not finished is still
+                    # decoding, so a step (and this call) follows; its final event is urgent
+                    if not urgent[0] and now - last[0] < interval:
+                        return
+                    last[0], urgent[0] = now, False
                 batch = outbox[:]
                 del outbox[:]
             data = pickle.dumps((batch, engine.stats()), protocol=pickle.HIGHEST_PROTOCOL)
