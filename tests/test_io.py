@@ -138,6 +138,47 @@ def test_atomic_dir_error_keeps_old(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["exp"]
 
 
+def test_atomic_dir_replaces_only_what_it_wrote(tmp_path):
+    """A directory atomic_dir made is replaced whole only while it holds nothing else: a file added at the
+    top or in a subdirectory is named and the replace refused, before the body runs and again before the
+    swap; an older z2all's directory (no manifest) is judged by its checksums or by the caller's names."""
+    from z2all.io import MANIFEST_FILE, check_replaceable
+
+    d = tmp_path / "exp"
+    with atomic_dir(d) as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "w").write_text("1")
+    assert json.loads((d / MANIFEST_FILE).read_text())["files"] == ["sub/w"]
+    with atomic_dir(d) as tmp:  # nothing foreign: replaced
+        (tmp / "w").write_text("2")
+    assert sorted(p.name for p in d.iterdir()) == [MANIFEST_FILE, "w"]
+    (d / "notes.txt").write_text("mine")
+    ran = []
+    with pytest.raises(UserError, match="notes.txt.*nothing was changed"):
+        with atomic_dir(d) as tmp:
+            ran.append(1)
+    assert not ran and (d / "notes.txt").read_text() == "mine" and (d / "w").read_text() == "2"
+    (d / "notes.txt").unlink()
+    with pytest.raises(UserError, match="deep/x"):
+        with atomic_dir(d) as tmp:
+            (tmp / "w").write_text("3")
+            (d / "deep").mkdir()
+            (d / "deep" / "x").write_text("added meanwhile")
+    assert (d / "w").read_text() == "2" and (d / "deep" / "x").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
+    old = tmp_path / "old"  # an older z2all's output: no manifest
+    old.mkdir()
+    (old / "meta.json").write_text("{}")
+    with pytest.raises(UserError, match="no record of writing"):
+        check_replaceable(old)
+    check_replaceable(old, ours=["meta.json"])
+    write_checksums(old)
+    check_replaceable(old)
+    (old / "extra").write_text("x")
+    with pytest.raises(UserError, match="extra"):
+        check_replaceable(old)
+
+
 def test_written_files_and_dirs_get_umask_modes_not_tempfile_modes(tmp_path):
     """mkstemp/mkdtemp make 0600/0700; a user's other tools must read what we write like any other file."""
     from z2all.io import DIR_MODE, FILE_MODE, atomic_path

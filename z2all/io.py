@@ -128,18 +128,61 @@ def atomic_write_json(path: str | os.PathLike, obj, *, indent: int | None = 2) -
     atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False, default=str) + "\n")
 
 
+MANIFEST_FILE = ".z2all-files.json"  # what atomic_dir swapped in: the files a later replace may remove
+
+
+def _written_files(d: Path) -> set[str] | None:
+    """The files (relative paths) an earlier atomic_dir put in `d`: its manifest, else (written by an older
+    z2all) its checksum file's list; None when `d` has neither."""
+    for name, key in ((MANIFEST_FILE, "files"), (CHECKSUM_FILE, "sha256")):
+        try:
+            listed = json.loads((d / name).read_text(encoding="utf-8"))[key]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(listed, (list, dict)):
+            return {str(n) for n in listed} | {CHECKSUM_FILE}
+    return None
+
+
+def check_replaceable(final: str | os.PathLike, option: str = "--out", ours: Iterable[str] = ()) -> None:
+    """Raise a UserError naming them when directory `final` holds files that the command which made it did
+    not write (a user's notes, another command's results such as `z2all eval`'s eval/), since replacing
+    `final` whole (atomic_dir) would delete them. Dot files at the top (the owner file) are ours; `ours`
+    names the command's own files for a directory an older z2all wrote without a manifest or checksums."""
+    d = Path(final)
+    if not d.is_dir():
+        return
+    known = _written_files(d)
+    if known is None and ours:
+        known = set(ours)
+    foreign = sorted(p.relative_to(d).as_posix() for p in d.rglob("*")
+                     if not p.is_dir() and not (p.parent == d and p.name.startswith("."))
+                     and (known is None or p.relative_to(d).as_posix() not in known))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f", ... ({len(foreign)} files)" if len(foreign) > 3 else "")
+        what = "this command did not write" if known is not None else "that z2all has no record of writing"
+        raise UserError(f"{option} {d} holds files {what} ({shown}); replacing the directory would delete them. "
+                        f"Move them out or choose another directory (nothing was changed)")
+
+
 @contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(final: str | os.PathLike, option: str = "--out", ours: Iterable[str] = ()) -> Iterator[Path]:
     """Build a directory in a temp dir beside `final`, then swap it into place: `final` is at every moment
     either absent, the old complete directory, or the new complete one. The caller must already own
-    `final` (see `claim_output_dir`); the old directory is removed only after the new one is in place.
+    `final` (see `claim_output_dir`); the old directory is removed only after the new one is in place, and
+    only when it holds nothing but what an earlier atomic_dir put there (check_replaceable, checked on entry
+    and again before the swap; each swap records its files in MANIFEST_FILE; `ours`: check_replaceable).
     On an error (disk full included) the temp dir is removed and `final` is untouched."""
-    final = Path(final)
+    final, ours = Path(final), tuple(ours)
+    check_replaceable(final, option, ours)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     tmp.chmod(DIR_MODE)
     try:
         yield tmp
+        atomic_write_json(tmp / MANIFEST_FILE, {"files": sorted(
+            p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if not p.is_dir() and p.name != MANIFEST_FILE)})
+        check_replaceable(final, option, ours)  # a file added while the new directory was built
         old = None
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")

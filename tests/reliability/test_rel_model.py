@@ -1,7 +1,8 @@
 """Fault classes of the model commands (`z2all generate`, `z2all export hf`) driven through the real CLI:
-an --out that is not ours is refused byte-identical, a damaged checkpoint or tokenizer is named, a tokenizer
-that does not fit the model is refused, sampling values out of range name their option, and --ckpt pointing
-at the wrong kind of path says exactly what it is. A tiny run directory is built in-process once.
+an --out that is not ours (or an earlier export someone added files to) is refused byte-identical, a damaged
+checkpoint or tokenizer is named, a tokenizer that does not fit the model is refused, sampling values out
+of range name their option, and --ckpt pointing at the wrong kind of path says exactly what it is. A tiny
+run directory is built in-process once.
 
 Each fault class runs one case in a subprocess (`z2all`: the real entry point, a traceback would show) and
 its other variants through `cli.main` in-process (`inproc`), since every subprocess pays ~3 s of torch
@@ -114,6 +115,25 @@ def test_export_replaces_its_own_export_and_generate_reads_it(world):
     b = inproc(*GEN, "--ckpt", out)  # our export is a valid --ckpt, same weights, same text
     assert a.rc == 0 and b.rc == 0, a.text + b.text
     assert a.out == b.out
+
+
+def test_export_keeps_files_a_user_added_to_its_earlier_export(world, tmp_path):
+    """An earlier export that someone added to (notes, `z2all eval`'s eval/ written beside the weights) is not
+    replaced: refused in one line naming a foreign file, every file byte-identical; moved out, it is."""
+    root, run, ckpt = world
+    out = tmp_path / "hf"
+    assert inproc("export", "hf", "--ckpt", ckpt, "--out", out).rc == 0
+    (out / "README_mine.md").write_text("my notes")
+    (out / "eval").mkdir()
+    (out / "eval" / "results.json").write_text("{}")
+    before = snapshot(out)
+    res = z2all("export", "hf", "--ckpt", ckpt, "--out", out)
+    assert_clean_failure(res, "--out", "README_mine.md", "did not write")
+    assert snapshot(out) == before
+    (out / "README_mine.md").unlink()
+    shutil.rmtree(out / "eval")
+    assert inproc("export", "hf", "--ckpt", ckpt, "--out", out).rc == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]
 
 
 @pytest.mark.parametrize("checksums", [True, False])

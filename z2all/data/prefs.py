@@ -328,7 +328,8 @@ def run(cfg: Config) -> int:
             "template_sha256": renderer.template_sha256, "tokenizer_sha256": renderer.tokenizer_sha256,
             "tokenizer_dir": str(Path(cfg.tokenizer).resolve()), "inputs": [str(p) for p in files],
             "max_len": cfg.max_len, "val_fraction": cfg.val_fraction, "seed": cfg.seed, "stats": stats}
-    with atomic_dir(out) as tmp:
+    own = ["meta.json"] + [f"{s}.{ext}" for s in SPLITS for ext in ("bin", "mask", "idx", "plen")]
+    with atomic_dir(out, ours=own) as tmp:
         (tmp / OWNER_FILE).write_bytes((out / OWNER_FILE).read_bytes())
         for s in SPLITS:
             d = data[s]

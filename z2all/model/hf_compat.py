@@ -41,6 +41,7 @@ from z2all.io import (
     OWNER_FILE,
     atomic_dir,
     atomic_write_text,
+    check_replaceable,
     claimed_output_dir,
     verify_checksums,
     write_checksums,
@@ -251,6 +252,7 @@ def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: st
         hf_logging.disable_progress_bar()  # "Writing model shards" bars in CI logs
     # claimed before the (slow) model load, so a refusal is immediate; undone if the export fails
     with claimed_output_dir(out, EXPORT_COMMAND, option="--out", protect=[ckpt_dir, ckpt, tok_dir]):
+        check_replaceable(out)  # before the (slow) load: an earlier export that a user added files to
         model = load_model(ckpt) if kind == "z2all" else load_hf_dir(ckpt)
         if dtype != "auto":
             model = model.to(pick_dtype(dtype, torch.device("cpu")))

@@ -377,7 +377,7 @@ def export_peft_adapter(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike,
     import shutil
 
     from z2all.config import save_config
-    from z2all.io import OWNER_FILE, atomic_dir, claim_output_dir, write_checksums
+    from z2all.io import OWNER_FILE, atomic_dir, check_replaceable, claim_output_dir, write_checksums
     from z2all.model.hf_compat import _NOT_TOKENIZER, EXPORT_CONFIG, default_tokenizer_dir, export_hf
     from z2all.model.llama import WEIGHTS_FILE, read_safetensors, resolve_checkpoint
     from z2all.utils import pick_dtype
@@ -398,6 +398,7 @@ def export_peft_adapter(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike,
     if base_out is not None:
         base_path = export_hf(ref["base"], base_out, dtype, str(tok_dir) if tok_dir.is_dir() else None)
     claim_output_dir(out, ADAPTER_COMMAND, option="--out", protect=[ckpt_dir, ckpt, tok_dir, ref["base"]])
+    check_replaceable(out)
     dt = None if dtype == "auto" else pick_dtype(dtype, torch.device("cpu"))
     with atomic_dir(out) as tmp:
         shutil.copy2(out / OWNER_FILE, tmp / OWNER_FILE)

@@ -41,7 +41,7 @@ from z2all.config import opt, save_config
 from z2all.data import readers
 from z2all.data.schema import FIELDS, record_text
 from z2all.data.shards import MANIFEST, find_shards
-from z2all.io import OWNER_FILE, atomic_dir, atomic_write_bytes, claimed_output_dir, inside
+from z2all.io import MANIFEST_FILE, OWNER_FILE, atomic_dir, atomic_write_bytes, claimed_output_dir, inside
 from z2all.tokenizer import bpe, hf
 from z2all.tokenizer.pretokenize import DEFAULT_HAN_CHUNK, DEFAULT_PATTERN, PATTERN_NAMES, named_pattern
 from z2all.utils import UserError, human_bytes, print0, progress
@@ -388,7 +388,7 @@ def _legacy_tokenizer_dir(d: Path) -> bool:
     provenance, and nothing that is not ours (so replacing it removes nothing a user put there)."""
     names = {e.name for e in d.iterdir()}
     return ({"tokenizer.json", "tokenizer_config.json"} <= names and bool(names & {hf.CLASS_FILE.name, hf.PROVENANCE})
-            and names <= OUR_FILES)
+            and names - {MANIFEST_FILE} <= OUR_FILES)
 
 
 def train_tokenizer(cfg: Config) -> dict:
@@ -452,7 +452,7 @@ def _train_into(cfg: Config, out: Path, files: list[Path], specials: list[str], 
             versions[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
             versions[pkg] = None
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "--out-dir", OUR_FILES) as tmp:
         shutil.copy2(out / OWNER_FILE, tmp / OWNER_FILE)
         hf.save_dir(tok, tmp, specials, cfg.model_max_length)
         if spm_model is not None:
