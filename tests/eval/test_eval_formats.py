@@ -98,6 +98,45 @@ def test_generic_jsonl_answer_encodings_and_gen(tmp_path):
     assert gen.generative and [d.answers for d in gen.docs] == [["2"], ["a", "b"]] and len(gen.skipped) == 1
 
 
+def test_fields_of_the_wrong_json_type_are_skipped_and_counted(tmp_path):
+    """A field of the wrong JSON type (a number where a string goes, null, a bool label) is a bad row like a
+    missing field: skipped with its file:line and a reason naming the field, never a crash of the run."""
+    hs = {"activity_label": "a", "ctx_a": "x", "ctx_b": "y", "endings": ["p", "q"], "label": 0}
+    p = write_jsonl(tmp_path / "hs.jsonl", [hs, {**hs, "endings": [1, 2]}, {**hs, "ctx_b": None},
+                                            {**hs, "activity_label": 7}, {**hs, "label": True},
+                                            {**hs, "label": 1.5}, {**hs, "label": ""}])
+    got = formats.load("hellaswag", p)
+    assert len(got.docs) == 1 and got.docs[0].text == "a: x Y"
+    assert [s.split(": ")[0] for s in got.skipped] == [f"{p}:{n}" for n in range(2, 8)]
+    assert "endings must be a list of at least 2 strings" in got.skipped[0]
+    assert "ctx_b must be a string, got null" in got.skipped[1] and "activity_label" in got.skipped[2]
+    assert all("label" in s for s in got.skipped[3:])
+
+    arc = {"question": "q", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "A"}
+    p = write_jsonl(tmp_path / "arc.jsonl", [arc, {**arc, "choices": {"text": [1, 2], "label": ["A", "B"]}},
+                                             {**arc, "choices": ["a", "b"]}, {**arc, "question": None},
+                                             {**arc, "choices": {"text": ["a", "b"], "label": ["A"]}},
+                                             {"question": {"stem": "q", "choices": ["a", "b"]}, "answerKey": "A"},
+                                             {"question": {"stem": "q", "choices": [{"text": None, "label": "A"},
+                                                                                    {"text": "b", "label": "B"}]},
+                                              "answerKey": "A"}])
+    got = formats.load("arc", p)
+    assert len(got.docs) == 1 and [s.split(": ")[0] for s in got.skipped] == [f"{p}:{n}" for n in range(2, 8)]
+
+    mc = {"context": "c", "choices": ["x", "y"], "answer": 0}
+    p = write_jsonl(tmp_path / "mc.jsonl", [mc, {**mc, "context": None}, {**mc, "choices": ["x", 2]}])
+    got = formats.load("jsonl", p)
+    assert len(got.docs) == 1 and "context must be a string, got null" in got.skipped[0]
+    p = write_jsonl(tmp_path / "gen.jsonl", [{"prompt": "p", "answer": "a"}, {"prompt": "p", "answer": [{"a": 1}]},
+                                             {"prompt": "p", "answer": None}, {"prompt": 3, "answer": "a"}])
+    got = formats.load("gen", p)
+    assert len(got.docs) == 1 and [s.split(": ")[0] for s in got.skipped] == [f"{p}:{n}" for n in range(2, 5)]
+    # every doc that loaded builds items of plain strings (what the scoring concatenates and tokenizes)
+    for fmt, name in (("hellaswag", "hs"), ("arc", "arc"), ("jsonl", "mc")):
+        items = formats.build_items(formats.load(fmt, tmp_path / f"{name}.jsonl"), 1)
+        assert all(isinstance(c, str) for it in items for c in [it.context, *it.continuations])
+
+
 def test_fewshot_from_dev_is_seeded_and_dev_path_found(tmp_path):
     test = _csv(tmp_path / "data" / "test" / "astro_test.csv", "q1,a,b,c,d,A\nq2,a,b,c,d,B\n")
     dev = _csv(tmp_path / "data" / "dev" / "astro_dev.csv", "".join(f"d{i},a,b,c,d,C\n" for i in range(5)))

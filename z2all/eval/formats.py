@@ -23,8 +23,9 @@ comparable with published lm-eval numbers:
                default target_delimiter.
     gen        generative exact match: {"context" (or "prompt"/"question"), "answer": str or [str, ...]}.
 
-A row that cannot be used (malformed JSON, a missing field, an answer letter outside the choices) is
-skipped and counted with its file:line (`Loaded.skipped`); the report says how many items were scored.
+A row that cannot be used (malformed JSON, a missing field, a field of the wrong JSON type, an answer
+letter outside the choices) is skipped and counted with its file:line (`Loaded.skipped`); the report
+says how many items were scored.
 """
 
 from __future__ import annotations
@@ -159,26 +160,63 @@ def _hellaswag_pre(text: str) -> str:
     return text.replace("  ", " ")
 
 
+def _json_type(v) -> str:
+    """How a JSON value's type reads in a message about a row ("got null", "got a number")."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true/false"
+    return {int: "a number", float: "a number", list: "a list", dict: "an object"}.get(type(v), type(v).__name__)
+
+
+def _str(r: dict, key: str) -> str:
+    """r[key] as a string; any other JSON type makes the row a skipped one (the formatting below calls
+    string methods on these fields, which would otherwise crash the whole run on one bad row)."""
+    v = r[key]
+    if not isinstance(v, str):
+        raise _Bad(f"field {key} must be a string, got {_json_type(v)}")
+    return v
+
+
+def _strings(v, what: str) -> list[str]:
+    if not isinstance(v, list) or len(v) < 2 or not all(isinstance(x, str) for x in v):
+        raise _Bad(f"{what} must be a list of at least 2 strings")
+    return list(v)
+
+
 def _doc_hellaswag(r: dict, where: str) -> Doc:
-    ctx = r["ctx_a"] + " " + r["ctx_b"].capitalize()
-    endings = r["endings"]
-    if not isinstance(endings, list) or len(endings) < 2:
-        raise _Bad("endings must be a list of at least 2 strings")
-    label = int(r["label"])
+    activity, ctx_a, ctx_b = _str(r, "activity_label"), _str(r, "ctx_a"), _str(r, "ctx_b")
+    endings = _strings(r["endings"], "endings")
+    raw = r["label"]
+    # int, or "0".."3" as the HF rows have it; a bool or a float is not an index (int() would take them)
+    label = raw if isinstance(raw, int) and not isinstance(raw, bool) else (
+        int(raw) if isinstance(raw, str) and raw.strip().isdigit() else None)
+    if label is None:
+        raise _Bad(f"label {raw!r} is not an ending index (a test split without labels?)")
     if not 0 <= label < len(endings):
         raise _Bad(f"label {label} is outside the {len(endings)} endings")
-    return Doc(_hellaswag_pre(r["activity_label"] + ": " + ctx), [_hellaswag_pre(e) for e in endings], label,
-               where)
+    return Doc(_hellaswag_pre(activity + ": " + ctx_a + " " + ctx_b.capitalize()),
+               [_hellaswag_pre(e) for e in endings], label, where)
 
 
 def _doc_arc(r: dict, where: str) -> Doc:
     q = r["question"]
     if isinstance(q, dict):  # AI2's original layout
         stem, ch = q["stem"], q["choices"]
-        texts, labels = [c["text"] for c in ch], [str(c["label"]) for c in ch]
+        if not isinstance(ch, list) or not all(isinstance(c, dict) for c in ch):
+            raise _Bad("question.choices must be a list of {text, label} objects")
+        texts, labels = [c["text"] for c in ch], [c["label"] for c in ch]
     else:
-        stem, texts = q, list(r["choices"]["text"])
-        labels = [str(x) for x in r["choices"]["label"]]
+        stem, ch = q, r["choices"]
+        if not isinstance(ch, dict) or not isinstance(ch.get("text"), list) or not isinstance(ch.get("label"), list):
+            raise _Bad("choices must be an object {text: [...], label: [...]}")
+        texts, labels = ch["text"], ch["label"]
+    if not isinstance(stem, str):
+        raise _Bad(f"the question must be a string, got {_json_type(stem)}")
+    texts = _strings(texts, "the choice texts")
+    if len(labels) != len(texts) or not all(isinstance(x, (str, int)) for x in labels):
+        raise _Bad("every choice needs a label (a letter or a number)")
+    labels = [str(x) for x in labels]
     key = str(r["answerKey"]).strip()
     if key not in labels:
         raise _Bad(f"answerKey {key!r} is not one of the labels {', '.join(labels)}")
@@ -186,9 +224,8 @@ def _doc_arc(r: dict, where: str) -> Doc:
 
 
 def _doc_generic(r: dict, where: str) -> Doc:
-    choices = r["choices"]
-    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-        raise _Bad("choices must be a list of at least 2 strings")
+    choices = _strings(r["choices"], "choices")
+    context = _str(r, "context")
     ans = r["answer"]
     if isinstance(ans, bool):
         raise _Bad(f"answer {ans!r} is neither an index, a letter nor a choice")
@@ -202,7 +239,7 @@ def _doc_generic(r: dict, where: str) -> Doc:
         gold = int(ans)
     else:
         gold = _letter(ans, len(choices))
-    return Doc(str(r["context"]), list(choices), gold, where)
+    return Doc(context, choices, gold, where)
 
 
 def _doc_gen(r: dict, where: str) -> Doc:
@@ -211,7 +248,7 @@ def _doc_gen(r: dict, where: str) -> Doc:
         raise _Bad("needs a string field context (or prompt / question)")
     ans = r["answer"]
     answers = [ans] if isinstance(ans, (str, int, float)) else ans
-    if not isinstance(answers, list) or not answers:
+    if not isinstance(answers, list) or not answers or not all(isinstance(a, (str, int, float)) for a in answers):
         raise _Bad("answer must be a string or a non-empty list of strings")
     return Doc(ctx, [], 0, where, answers=[str(a) for a in answers])
 

@@ -18,9 +18,13 @@ Inputs:
                              documents (the unigram baseline from its train split), and the "which
                              continuation?" task per domain built from them (tasks.py)
 
+--ckpt may also be a training run directory (runs/<run>/train): its latest checkpoint is scored, as the
+other commands do (llama.resolve_checkpoint), and a note on stderr says which.
+
 Output: results.json and results.md in --out, else in <ckpt>/eval/ for each checkpoint (a directory this
-command owns: it refuses one it did not write); the markdown tables are also printed. Rows that cannot be
-used are skipped and counted with file:line; each table says how many items were scored.
+command owns: it refuses one it did not write; a run that fails before writing results leaves none
+behind); the markdown tables are also printed. Rows that cannot be used are skipped and counted with
+file:line; each table says how many items were scored.
 """
 
 from __future__ import annotations
@@ -44,8 +48,9 @@ COMMAND = "eval"
 
 @dataclass
 class Config:
-    ckpt: list[str] = opt(help="checkpoint directories: ours (model_config.json) or Hugging Face Llama "
-                          "(config.json + safetensors); several give one comparison table", factory=list)
+    ckpt: list[str] = opt(help="checkpoint directories: ours (model_config.json), a training run directory (its "
+                          "latest checkpoint) or Hugging Face Llama (config.json + safetensors); several give one "
+                          "comparison table", factory=list)
     tokenizer: str = opt("", "tokenizer directory for every --ckpt (default: <ckpt>/tokenizer/, else <ckpt>)")
     tasks: list[str] = opt(help="tasks as FORMAT=PATH[@DEV]; formats: " + ", ".join(formats.FORMATS),
                            factory=list)
@@ -151,18 +156,28 @@ def _read_texts(name: str, path: Path) -> list[str]:
 
     docs = []
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                raise UserError(f"{path}:{n}: malformed JSON line") from None
-            text = rec.get("text") if isinstance(rec, dict) else None
-            if text is None and isinstance(rec, dict):
-                text = record_text(rec)
-            if text:
-                docs.append(str(text))
+        try:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    raise UserError(f"{path}:{n}: malformed JSON line") from None
+                text = rec.get("text") if isinstance(rec, dict) else None
+                if text is None and isinstance(rec, dict):
+                    # record_text calls string methods on these fields: a number or a list there would
+                    # surface as an AttributeError far from the line that holds it
+                    bad = next((k for k in ("content", "title", "desc")
+                                if rec.get(k) is not None and not isinstance(rec[k], str)), None)
+                    if bad:
+                        raise UserError(f"{path}:{n}: field {bad} is a {type(rec[bad]).__name__}, not a string")
+                    text = record_text(rec)
+                if text:
+                    docs.append(str(text))
+        except UnicodeDecodeError:
+            # decoding happens line by line while iterating, so this is the only place to catch it
+            raise UserError(f"--texts {name}={path}: not UTF-8 text; convert it to UTF-8") from None
     return docs
 
 
@@ -338,14 +353,38 @@ def _write(out_dir: Path, results: dict) -> None:
     atomic_write_text(out_dir / "results.md", "# z2all eval\n\n" + tables(results))
 
 
+def _resolve_ckpts(paths: list[str]) -> list[str]:
+    """The model directory of each --ckpt, as the other commands read it (llama.resolve_checkpoint): a run
+    directory becomes its latest checkpoint, with a note on stderr saying which. A sharded Hugging Face
+    directory (model.safetensors.index.json), which resolve_checkpoint refuses but score.load_lm reads, is
+    kept as given. A path that needs no resolving is kept as typed, so results are keyed by what the user gave."""
+    import sys
+
+    from z2all.model.llama import CONFIG_FILE, resolve_checkpoint
+
+    out = []
+    for path in paths:
+        p = Path(path)
+        if p.is_dir() and not (p / CONFIG_FILE).is_file() and (p / "model.safetensors.index.json").is_file():
+            out.append(path)
+            continue
+        resolved, _, note = resolve_checkpoint(path, "--ckpt")
+        if note:
+            print(note, file=sys.stderr, flush=True)
+        out.append(str(resolved) if note else path)
+    return out
+
+
 def run(cfg: Config) -> int:
-    from z2all import __version__
+    from contextlib import ExitStack
 
     if not cfg.ckpt:
         raise UserError("give --ckpt DIR (one or more checkpoints or Hugging Face Llama directories)")
     for path in cfg.ckpt:
         if not Path(path).is_dir():
-            raise UserError(f"--ckpt {path} is not a directory (give a checkpoint step-N/ or an HF Llama directory)")
+            raise UserError(f"--ckpt {path} is not a directory (give a checkpoint step-N/, a training run directory "
+                            f"or an HF Llama directory)")
+    ckpts = _resolve_ckpts(cfg.ckpt)
     if not (cfg.tasks or cfg.texts or cfg.heldout):
         raise UserError("nothing to evaluate: give --tasks FORMAT=PATH, --texts NAME=PATH or --heldout TOKENS_DIR")
     if cfg.fewshot < 0 or cfg.batch_size < 1 or cfg.n_choices < 2 or cfg.per_doc < 1 or cfg.window < 0:
@@ -355,14 +394,32 @@ def run(cfg: Config) -> int:
     domains = load_domains(cfg)
     if cfg.continuation:
         task_list += _continuation_tasks(domains, cfg)
-    # claim every output directory before the (long) scoring, so a refusal comes at once
-    from z2all.io import claim_output_dir
+    # Claim every output directory before the (long) scoring, so a refusal comes at once. Each claim is
+    # undone if anything fails before that directory's results are written (a bad model, a window too
+    # large, a refused second claim), so a failed first run leaves no directory holding only the owner
+    # file; once written, a directory's claim is closed and kept, whatever fails later.
+    from z2all.io import claimed_output_dir
 
-    protect = [*cfg.ckpt, cfg.heldout or None, cfg.tokenizer or None]
-    for d in [cfg.out] if cfg.out else [str(Path(p) / "eval") for p in cfg.ckpt]:
-        claim_output_dir(d, COMMAND, option="--out" if cfg.out else "the default output <ckpt>/eval", protect=protect)
+    protect = [*cfg.ckpt, *ckpts, cfg.heldout or None, cfg.tokenizer or None]
+    # deduplicated: one directory claimed twice would be undone by its first claim after results were written
+    out_dirs = [cfg.out] if cfg.out else list(dict.fromkeys(str(Path(p) / "eval") for p in ckpts))
+    with ExitStack() as on_failure:
+        claims: dict[str, ExitStack] = {}
+        for d in out_dirs:
+            claims[d] = ExitStack()
+            on_failure.push(claims[d])  # exited with the exception, if any: undoes a claim still open
+            claims[d].enter_context(claimed_output_dir(
+                d, COMMAND, option="--out" if cfg.out else "the default output <ckpt>/eval", protect=protect))
+        return _score_and_write(cfg, ckpts, task_list, domains, claims)
+
+
+def _score_and_write(cfg: Config, ckpts: list[str], task_list: list[Task], domains: dict,
+                     claims: dict) -> int:
+    """Score every model, write results where `claims` (output dir -> its open claim) say, closing each
+    claim once its directory holds results."""
     import torch
 
+    from z2all import __version__
     from z2all.eval import score
     from z2all.utils import pick_device, pick_dtype
 
@@ -372,7 +429,7 @@ def run(cfg: Config) -> int:
         torch.set_num_threads(cfg.threads)
     results = {"z2all": "eval", "z2all_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "models": {}}
-    for path in cfg.ckpt:
+    for path in ckpts:
         lm = score.load_lm(path, cfg.tokenizer or None, device, dtype)
         if cfg.window:
             if cfg.window > lm.model.cfg.max_seq_len:
@@ -385,7 +442,9 @@ def run(cfg: Config) -> int:
         m["unigram"] = "train split" if unigram is not None else "in-sample"
         results["models"][path] = m
         if not cfg.out:
-            _write(Path(path) / "eval", {**results, "models": {path: m}})
+            out = str(Path(path) / "eval")
+            _write(Path(out), {**results, "models": {path: m}})
+            claims[out].close()
     text = tables(results)
     print0(text)
     for t in task_list:
@@ -393,9 +452,10 @@ def run(cfg: Config) -> int:
             print0(f"{t.name}: skipped {len(t.skipped)} row(s), e.g. {t.skipped[0]}")
     if cfg.out:
         _write(Path(cfg.out), results)
+        claims[cfg.out].close()
         print0(f"z2all eval: results in {Path(cfg.out) / 'results.json'} and results.md")
     else:
-        print0("z2all eval: results in " + ", ".join(str(Path(p) / "eval" / "results.json") for p in cfg.ckpt))
+        print0("z2all eval: results in " + ", ".join(str(Path(p) / "eval" / "results.json") for p in ckpts))
     scored = sum(r.get("n", 0) for m in results["models"].values() for r in m["tasks"].values())
     if not scored and not domains:
         raise UserError("no item could be scored (every row was skipped; see the table)")
