@@ -128,3 +128,33 @@ def test_synthetic_pairs_split_by_prompt_and_refuse_foreign_dirs(tokdir, tmp_pat
     with pytest.raises(UserError):
         prefs.run(prefs.Config(inputs=[str(f)], tokenizer=str(tokdir), out=str(foreign)))
     assert (foreign / "notes.txt").read_text() == "keep" and len(list(foreign.iterdir())) == 1
+
+
+def test_damaged_files_are_one_line_errors_naming_the_file(tokdir, tmp_path):
+    # what `z2all dpo` reads: a byte appended to train.bin crashed np.memmap (internal error); every file's size
+    # is now checked against meta.json's counts before anything is mapped
+    import shutil
+
+    pairs = [{"prompt": f"What is {i} + {i}?", "chosen": str(2 * i), "rejected": str(2 * i + 1)} for i in range(10)]
+    out = tmp_path / "ok"
+    prefs.run(prefs.Config(inputs=[str(_write(tmp_path / "p.jsonl", pairs))], tokenizer=str(tokdir), out=str(out),
+                           val_fraction=0.0))
+    assert len(prefs.PrefData(out, "train")) == 10  # intact: loads
+    cases = [("train.bin", lambda b: b + b"\0", "not a whole number of uint16 tokens"),
+             ("train.bin", lambda b: b + b"\0\0", "holds"),  # a whole token more: the count differs
+             ("train.mask", lambda b: b + b"\1", "holds"),
+             ("train.mask", lambda b: b[:-1], "holds"),
+             ("train.idx", lambda b: b + b"\0", "not a whole number of pair entries"),
+             ("train.idx", lambda b: b[:-32], "holds"),
+             ("train.plen", lambda b: b + b"\0", "not a whole number of prompt-length entries")]
+    for i, (name, change, what) in enumerate(cases):
+        bad = tmp_path / f"bad{i}"
+        shutil.copytree(out, bad)
+        (bad / name).write_bytes(change((bad / name).read_bytes()))
+        with pytest.raises(UserError) as e:
+            prefs.PrefData(bad, "train")
+        msg = str(e.value)
+        assert str(bad / name) in msg and what in msg and "z2all data prefs" in msg and "\n" not in msg, (name, msg)
+    (out / "train.plen").unlink()
+    with pytest.raises(UserError, match=r"train\.plen is missing"):
+        prefs.PrefData(out, "train")

@@ -86,6 +86,13 @@ def test_broken_tokenizer_is_one_line_naming_the_file(setup, tmp_path):
     (tok / "tokenizer_config.json").write_text("{broken")
     assert_clean_failure(chat(setup, "--inputs", src, "--out", tmp_path / "o4", "--tokenizer", tok),
                          "tokenizer_config.json is not valid JSON")
+    (tok / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (tok / "tokenizer.json").write_text('{"model": ')  # cut short: the Rust parser's bare Exception
+    for argv in (("data", "chat", "--inputs", src, "--out", tmp_path / "o5", "--tokenizer", tok),
+                 ("tokenizer", "eval", tok)):
+        line = assert_clean_failure(z2all(*argv), "tokenizer.json is not a readable tokenizer")
+        assert "internal error" not in line
+    assert not (tmp_path / "o5").exists()
 
 
 def test_damaged_input_fails_cleanly_and_a_fixed_one_restarts(setup, tmp_path):

@@ -260,3 +260,20 @@ def test_two_processes_equal_one_process_with_accumulation(inputs, tmp_path):
     wa, wb = load_weights(ckpt.latest_checkpoint(one)), load_weights(ckpt.latest_checkpoint(two))
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
+def test_damaged_preference_files_are_refused_in_one_line_naming_the_file(inputs, tmp_path, capsys):
+    # one byte appended to train.bin was "internal error: ValueError" (np.memmap)
+    import shutil
+
+    for i, (name, extra) in enumerate((("train.bin", b"\0"), ("train.mask", b"\1"), ("val.plen", b"\0"))):
+        data = tmp_path / f"prefs{i}"
+        shutil.copytree(inputs["prefs"], data)
+        with open(data / name, "ab") as f:
+            f.write(extra)
+        args = [a if not a.startswith("--data.dir=") else f"--data.dir={data}"
+                for a in dpo_args(inputs, tmp_path / f"run{i}", "--train.max_steps=1")]
+        assert run_inproc(args) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert str(data / name) in err and "z2all data prefs" in err, err
+        assert "\n" not in err and "internal error" not in err and "Traceback" not in err, err

@@ -155,3 +155,21 @@ def test_refusals(inputs, tmp_path, capsys):
     assert res.returncode == 2 and "data synth" in res.stderr and "Traceback" not in res.stderr
     res = run_sft_cli([a for a in sft_args(inputs, tmp_path / "r2") if not a.startswith("--init")], check=False)
     assert res.returncode == 2 and "--init" in res.stderr
+
+
+def test_damaged_chat_files_are_refused_in_one_line_naming_the_file(inputs, tmp_path, capsys):
+    # one byte appended to the tokens was "internal error: ValueError" (np.memmap); to the mask, a silent run
+    import shutil
+
+    for i, (name, extra) in enumerate((("train-00000.bin", b"\0"), ("train-00000.mask", b"\1"),
+                                       ("val-00000.mask", b"\1"))):
+        data = tmp_path / f"chat{i}"
+        shutil.copytree(inputs["chat"], data)
+        with open(data / name, "ab") as f:
+            f.write(extra)
+        args = [a if not a.startswith("--data.dir=") else f"--data.dir={data}"
+                for a in sft_args(inputs, tmp_path / f"run{i}", "--train.max_steps=1")]
+        assert run_sft_inproc(args) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert str(data / name) in err and "z2all data chat" in err, err
+        assert "\n" not in err and "internal error" not in err and "Traceback" not in err, err

@@ -39,7 +39,9 @@ Output (`--out`, claimed for "data chat"):
                         "train_tokens", "val_tokens", "train_examples", "val_examples", "template_sha256",
                         "tokenizer_sha256", "specials", "max_len", "overlong", "stats", ...}
 No <|endoftext|> is appended: an example is exactly the template's rendering, and the .idx offsets delimit
-examples. `ChatData(dir, split).example(k)` reads one back as (ids, mask).
+examples. `ChatData(dir, split).example(k)` reads one back as (ids, mask); it checks the files on open (each a
+whole number of items, tokens and mask equally long, the index ending at that length, the totals meta.json
+records) and names a damaged file in one UserError.
 Held-out split: by conversation, deterministic: blake2b(seed, messages) below --val-fraction goes to val,
 so identical conversations always land in the same split, whatever the order or batch size.
 
@@ -300,7 +302,7 @@ class Renderer:
     """Conversations -> (ids, mask) with the tokenizer directory's own chat template (see the module doc)."""
 
     def __init__(self, tok_dir: str | os.PathLike):
-        from tokenizers import Tokenizer
+        from z2all.tokenizer.hf import read_tokenizer_json
 
         d = Path(tok_dir)
         tj, tc = d / "tokenizer.json", d / "tokenizer_config.json"
@@ -314,7 +316,7 @@ class Renderer:
         self.template = config.get("chat_template")
         if not isinstance(self.template, str) or not self.template:
             raise UserError(f"{tc} has no chat_template; train the tokenizer with z2all (it writes ChatML)")
-        self.tok = Tokenizer.from_file(str(tj))
+        self.tok = read_tokenizer_json(tj)
         self.tok.encode_special_tokens = True  # message text never becomes a special id
         self.specials = {t.content: i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
@@ -530,6 +532,37 @@ def _ours(name: str) -> bool:
     return bool(re.fullmatch(r"\.?(train|val)-\d{5}\.(bin|mask|idx)(\.tmp)?", name)) or name in ("meta.json", STATE)
 
 
+def _check_part(stem: Path, dtype: np.dtype, meta_path: Path) -> tuple[np.ndarray, int]:
+    """(idx, tokens) of one `<stem>.{bin,mask,idx}` set, checked before anything is mapped: each file exists
+    and is a whole number of items, the token and mask files are equally long, and the index runs from 0 up
+    to that length. A damaged file would otherwise crash np.memmap (an odd byte count) or, worse, train
+    silently on misaligned labels (a mask one byte longer than its tokens)."""
+    redo = "rebuild the directory with `z2all data chat`"
+    sizes = {}
+    for suffix, item, what in ((".bin", dtype, f"{dtype.name} tokens"), (".mask", np.dtype(np.uint8), "mask bytes"),
+                               (".idx", IDX_DTYPE, "uint64 offsets")):
+        path = Path(f"{stem}{suffix}")
+        if not path.is_file():
+            raise UserError(f"{path} (listed in {meta_path}) is missing; {redo}")
+        size = path.stat().st_size
+        if size % item.itemsize:
+            raise UserError(f"{path} has {size:,} bytes, not a whole number of {what} ({item.itemsize} bytes "
+                            f"each): it was truncated or appended to; {redo}")
+        sizes[suffix] = size // item.itemsize
+    idx = np.fromfile(f"{stem}.idx", dtype=IDX_DTYPE)
+    n, n_mask = sizes[".bin"], sizes[".mask"]
+    if not len(idx) or idx[0] != 0 or np.any(np.diff(idx.astype(np.int64)) < 0):
+        raise UserError(f"{stem}.idx is not an offset index (it must start at 0 and never decrease); {redo}")
+    end = int(idx[-1])
+    if n != n_mask or end != n:
+        # name the one file that disagrees with the other two where there is one
+        odd = (".mask" if end == n else ".bin" if end == n_mask else ".idx" if n == n_mask else "")
+        detail = f"{stem}.bin holds {n:,} tokens, {stem}.mask {n_mask:,} mask bytes, {stem}.idx ends at {end:,}"
+        where = f"{stem}{odd} does not match the other two files" if odd else "the files do not match"
+        raise UserError(f"{where} ({detail}): a file was truncated, appended to or replaced; {redo}")
+    return idx, n
+
+
 class ChatData:
     """Read side of the format: `ChatData(dir, "train").example(k)` -> (ids, mask) numpy arrays."""
 
@@ -538,17 +571,32 @@ class ChatData:
         meta_path = self.dir / "meta.json"
         if not meta_path.is_file():
             raise UserError(f"{meta_path} not found: use a directory made by `z2all data chat`")
-        self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        if self.meta.get("format") != FORMAT:
-            raise UserError(f"{meta_path} is not a `z2all data chat` directory (format {self.meta.get('format')})")
+        try:
+            self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise UserError(f"{meta_path} is not valid JSON ({e}); rebuild the directory with `z2all data chat`") \
+                from None
+        fmt = self.meta.get("format") if isinstance(self.meta, dict) else None
+        if fmt != FORMAT:
+            raise UserError(f"{meta_path} is not a `z2all data chat` directory (format {fmt})")
         dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
         self.parts = []
+        tokens = examples = 0
         for name in self.meta[f"{split}_files"]:
             stem = self.dir / Path(name).stem
-            idx = np.fromfile(f"{stem}.idx", dtype=IDX_DTYPE)
-            if idx[-1]:
+            idx, n = _check_part(stem, dtype, meta_path)
+            tokens += n
+            examples += len(idx) - 1
+            if n:  # np.memmap refuses an empty file (an empty split still has one empty file set)
                 self.parts.append((np.memmap(f"{stem}.bin", dtype=dtype, mode="r"),
                                    np.memmap(f"{stem}.mask", dtype=np.uint8, mode="r"), idx))
+        # each file set is consistent on its own; a whole set removed or swapped shows only in the totals
+        for key, got in ((f"{split}_tokens", tokens), (f"{split}_examples", examples)):
+            want = self.meta.get(key)
+            if want is not None and int(want) != got:
+                raise UserError(f"the {split} files of {self.dir} hold {got:,} {key.split('_')[1]} but {meta_path} "
+                                f"says {int(want):,}: a file set was removed, added or replaced; rebuild the "
+                                f"directory with `z2all data chat`")
         self.counts = np.cumsum([0] + [len(p[2]) - 1 for p in self.parts])
 
     def __len__(self) -> int:

@@ -30,7 +30,8 @@ Output (`--out`, claimed for "data prefs"; written in a temp dir and swapped in 
                        (plus the prompt length of each side in .plen, uint32 [n_pairs, 2])
     meta.json          {"format": "z2all-prefs-1", "dtype", "vocab_size", "tokenizer_sha256",
                         "template_sha256", "train_pairs", "val_pairs", "stats", ...}
-`PrefData(dir, split).pair(k)` reads one back: (chosen ids, chosen mask, rejected ids, rejected mask).
+`PrefData(dir, split).pair(k)` reads one back: (chosen ids, chosen mask, rejected ids, rejected mask); it checks
+each file's size against meta.json's counts on open and names a damaged file in one UserError.
 
 Held-out split: by prompt (blake2b of seed + prompt messages below --val-fraction), so the pairs of one
 prompt never straddle the splits. Pairs longer than --max-len on either side are dropped and counted
@@ -60,6 +61,7 @@ COMMAND = "data prefs"
 FORMAT = "z2all-prefs-1"
 SCHEMAS = ("auto", "prompt", "hh", "sharegpt", "fields")
 IDX_DTYPE = np.dtype("<u8")
+PLEN_DTYPE = np.dtype("<u4")
 SPLITS = ("train", "val")
 
 
@@ -211,12 +213,42 @@ class PrefData:
         self.n = n
         if n:
             dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
+            self._check_files(split, dtype, meta_path)
             self.ids = np.memmap(self.dir / f"{split}.bin", dtype=dtype, mode="r")
             self.mask = np.memmap(self.dir / f"{split}.mask", dtype=np.uint8, mode="r")
             self.idx = np.fromfile(self.dir / f"{split}.idx", dtype=IDX_DTYPE).reshape(-1, 4)
-            if len(self.idx) != n or len(self.ids) != len(self.mask):
-                raise UserError(f"{self.dir}: the {split} files do not match meta.json (truncated?); re-run "
+            ends = self.idx[:, [0, 2]] + self.idx[:, [1, 3]]
+            if int(ends.max()) > len(self.ids):
+                raise UserError(f"{self.dir / f'{split}.idx'} points past the end of {self.dir / f'{split}.bin'} "
+                                f"({int(ends.max()):,} > {len(self.ids):,} tokens); rebuild the directory with "
                                 "`z2all data prefs`")
+
+    def _check_files(self, split: str, dtype: np.dtype, meta_path: Path) -> None:
+        """Each file of the split exists and has exactly the size meta.json's counts give, before anything is
+        mapped: a byte appended or cut would otherwise crash np.memmap or shift every label by one."""
+        tokens = self.meta.get(f"{split}_tokens")
+        expect = [("bin", dtype.itemsize, f"{dtype.name} tokens", tokens),
+                  ("mask", 1, "mask bytes", tokens),  # one per token
+                  ("idx", 4 * IDX_DTYPE.itemsize, "pair entries (4 x uint64)", self.n),
+                  ("plen", 2 * PLEN_DTYPE.itemsize, "prompt-length entries (2 x uint32)", self.n)]
+        counts = {}
+        for ext, item, what, want in expect:
+            path = self.dir / f"{split}.{ext}"
+            if not path.is_file():
+                raise UserError(f"{path} is missing ({meta_path} lists {self.n:,} {split} pairs); rebuild the "
+                                "directory with `z2all data prefs`")
+            size = path.stat().st_size
+            if size % item:
+                raise UserError(f"{path} has {size:,} bytes, not a whole number of {what} ({item} bytes each): it "
+                                "was truncated or appended to; rebuild the directory with `z2all data prefs`")
+            if want is not None and size // item != int(want):
+                raise UserError(f"{path} holds {size // item:,} {what} but {meta_path} says {int(want):,}: it was "
+                                "truncated, appended to or replaced; rebuild the directory with `z2all data prefs`")
+            counts[ext] = size // item
+        if counts["bin"] != counts["mask"]:  # a meta.json without {split}_tokens: the two must still agree
+            raise UserError(f"{self.dir / f'{split}.mask'} holds {counts['mask']:,} mask bytes for "
+                            f"{counts['bin']:,} tokens in {self.dir / f'{split}.bin'}; rebuild the directory with "
+                            "`z2all data prefs`")
 
     def __len__(self) -> int:
         return self.n

@@ -81,16 +81,10 @@ class Config:
 
 def load_tokenizer(tok_dir: str | os.PathLike):
     """`tokenizers.Tokenizer` from `<dir>/tokenizer.json`, special-token text encoded as plain text."""
-    from tokenizers import Tokenizer
+    from z2all.tokenizer.hf import read_tokenizer_json
 
     path = Path(tok_dir) / "tokenizer.json"
-    if not path.is_file():
-        raise UserError(f"{path} not found: --tokenizer must be a directory made by `z2all tokenizer train`")
-    try:
-        tok = Tokenizer.from_file(str(path))
-    except Exception as e:  # the Rust side raises a plain Exception for any parse error
-        raise UserError(f"{path} is not a readable tokenizer ({str(e)[:200]}); train it again with "
-                        f"`z2all tokenizer train`") from None
+    tok = read_tokenizer_json(path)
     tok.encode_special_tokens = True
     eos = tok.token_to_id(EOS)
     if eos is None:

@@ -130,9 +130,7 @@ def _stats(encode_batch, decode, held: dict[str, list[str]]) -> dict:
 
 
 def eval_tokenizer_dir(path: str | Path, held: dict[str, list[str]]) -> dict:
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
+    tok = hf.read_tokenizer_json(path, option="tokenizer")
     enc = lambda docs: [e.ids for e in tok.encode_batch(docs, add_special_tokens=False)]
     row = _stats(enc, lambda ids: tok.decode(ids, skip_special_tokens=False), held)
     row["vocab"] = tok.get_vocab_size()
@@ -261,9 +259,12 @@ def training_overlap(tok_dir: Path, eval_files: list[Path]) -> tuple[list[Path],
 
 def evaluate(cfg: Config) -> tuple[list[str], list[list], list[str]]:
     """(table headers, rows, notes: skipped rows and overlap warnings, one line each)."""
+    if cfg.holdout_every < 2:
+        raise UserError(f"--holdout-every must be >= 2 (every N-th document is held out, the rest trains), got "
+                        f"{cfg.holdout_every}")
     corpora = Path(cfg.corpora) if cfg.corpora else default_corpora()
     files = corpus_files(corpora)
-    held, train_docs = split_docs(files, max(2, cfg.holdout_every), cfg.max_chars)
+    held, train_docs = split_docs(files, cfg.holdout_every, cfg.max_chars)
     rows: list[tuple[str, dict]] = []
     notes: list[str] = []
     for d in cfg.tokenizers:

@@ -161,3 +161,22 @@ def load(path: str | Path, trust_remote_code: bool = False, **kwargs):
 
     return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code, local_files_only=True,
                                          **kwargs)
+
+
+def read_tokenizer_json(path: str | Path, option: str = "--tokenizer"):
+    """`tokenizers.Tokenizer` from a tokenizer.json file, or from a directory holding one. A missing or
+    unreadable file is one UserError naming it (the Rust side raises a bare Exception for any parse error)."""
+    from tokenizers import Tokenizer
+
+    from z2all.utils import UserError
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise UserError(f"{option} {p} not found: give a directory made by `z2all tokenizer train`")
+    try:
+        return Tokenizer.from_file(str(p))
+    except Exception as e:  # noqa: BLE001 - tokenizers raises Exception itself
+        raise UserError(f"{p} is not a readable tokenizer ({str(e)[:200]}); train it again with "
+                        f"`z2all tokenizer train`") from None

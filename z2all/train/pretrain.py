@@ -344,9 +344,9 @@ class _Sampler:
         self.seed = cfg.seed
         self.tok = None
         if tok_dir is not None and (tok_dir / "tokenizer.json").is_file():
-            from tokenizers import Tokenizer
+            from z2all.tokenizer.hf import read_tokenizer_json
 
-            self.tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+            self.tok = read_tokenizer_json(tok_dir)
         self.eos = eos_id
 
     def _prompts(self) -> list[list[int]]:

@@ -273,9 +273,9 @@ class SFT(LoraHooks, Objective):
 
     def _decode(self, ids) -> str:
         if self.decoder is None:
-            from tokenizers import Tokenizer
+            from z2all.tokenizer.hf import read_tokenizer_json
 
-            self.decoder = Tokenizer.from_file(str(self.tokenizer_dir / "tokenizer.json"))
+            self.decoder = read_tokenizer_json(self.tokenizer_dir)
         return self.decoder.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def flops_per_token(self, model) -> float:
@@ -313,9 +313,9 @@ class SFT(LoraHooks, Objective):
 # ---------------------------------------------------------------- tokenizer and answers
 
 def special_id(tok_dir: Path, token: str) -> int | None:
-    from tokenizers import Tokenizer
+    from z2all.tokenizer.hf import read_tokenizer_json
 
-    return Tokenizer.from_file(str(tok_dir / "tokenizer.json")).token_to_id(token)
+    return read_tokenizer_json(tok_dir).token_to_id(token)
 
 
 def check_tokenizer(tok_dir: Path, data_dir: Path, explicit: bool) -> Path:
