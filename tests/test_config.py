@@ -76,6 +76,19 @@ def test_invalid_toml_and_missing_file(tmp_path):
         load_config(Stage, bad)
     with pytest.raises(UserError, match="not found"):
         load_config(Stage, tmp_path / "missing.toml")
+    with pytest.raises(UserError, match="is a directory"):
+        load_config(Stage, tmp_path)
+    bad.write_bytes(b"steps = 3\n\x95\xff\x00")
+    with pytest.raises(UserError, match="not UTF-8"):
+        load_config(Stage, bad)
+
+
+@pytest.mark.parametrize("name", ["tpu", "cpu:abc", "gpu"])
+def test_a_device_torch_does_not_know_names_the_option(name):
+    from z2all.utils import pick_device
+
+    with pytest.raises(UserError, match=f"--device '{name}' is not a device"):
+        pick_device(name)
 
 
 def test_saved_config_round_trips(tmp_path):

@@ -205,11 +205,16 @@ def load_config(cls: type[T], toml_path: str | os.PathLike | None = None,
     if toml_path:
         path = Path(toml_path)
         if not path.is_file():
-            raise UserError(f"config file {path} not found")
+            what = "is a directory, not a file" if path.is_dir() else "not found"
+            raise UserError(f"config file {path} {what}; give a TOML file (--config)")
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as e:
             raise UserError(f"{path}: invalid TOML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}: not UTF-8 text (byte {e.start}); a --config file is TOML") from None
+        except OSError as e:
+            raise UserError(f"config file {path} cannot be read ({e.strerror})") from None
         for key, value in _flatten(data):
             _apply(cfg, key, value, f"in {path}")
     for key, value in parse_overrides(overrides):

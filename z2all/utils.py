@@ -71,7 +71,10 @@ def pick_device(name: str = "auto") -> torch.device:  # noqa: F821
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank() % torch.cuda.device_count())
         return torch.device("cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {name!r} is not a device torch knows; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device '{name}' asked for but CUDA is not available; use --device=cpu")
     return dev

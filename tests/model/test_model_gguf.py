@@ -159,6 +159,8 @@ def test_out_is_never_a_foreign_file(ckpt, tmp_path):
     assert foreign.read_bytes() == b"user data"
     with pytest.raises(UserError, match="inside the input"):
         ours.run(ours.Config(ckpt=str(d), out=str(d / "m.gguf")))
+    with pytest.raises(UserError, match="names a directory"):  # not a file named "newdir"
+        ours.run(ours.Config(ckpt=str(d), out=str(tmp_path / "newdir") + "/"))
     mine = tmp_path / "m.gguf"
     ours.run(ours.Config(ckpt=str(d), out=str(mine)))
     ours.run(ours.Config(ckpt=str(d), out=str(mine), dtype="f16"))  # an earlier export is replaced

@@ -165,6 +165,12 @@ def test_export_merge_lora_and_peft_adapter_match_our_logits(tmp_path):
     with pytest.raises(UserError, match="not a LoRA checkpoint"):
         export_peft_adapter(tmp_path / "base", tmp_path / "y")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    mine = tmp_path / "mine"  # --base-out on someone's directory: the message names --base-out, not --out,
+    mine.mkdir()              # and the adapter's --out is left as it was (not created)
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(UserError, match="^--base-out .*mine is not empty"):
+        hf_compat.run(hf_compat.Config(ckpt=str(ck), out=str(tmp_path / "z"), adapter=True, base_out=str(mine)))
+    assert not (tmp_path / "z").exists() and [p.name for p in mine.iterdir()] == ["notes.txt"]
     conf = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert conf["peft_type"] == "LORA" and conf["r"] == 4 and sorted(conf["target_modules"]) == [
         "gate_proj", "q_proj", "v_proj"]

@@ -191,12 +191,14 @@ def test_bad_sampling_values_name_the_option(world, option, value, words):
     assert_clean_failure(run_(*GEN, "--ckpt", ckpt, option, value), *words)
 
 
-@pytest.mark.parametrize("case", ["missing", "empty-run", "not-a-ckpt", "file"])
+@pytest.mark.parametrize("case", ["missing", "empty-run", "not-a-ckpt", "file", "no-model-config"])
 def test_wrong_ckpt_path_says_what_it_is(world, case, tmp_path):
-    """--ckpt on a missing path, a run without checkpoints, some other dir or a file: the message names
-    --ckpt and what was found, never 'tokenizer directory not found'."""
+    """--ckpt on a missing path, a run without checkpoints, some other dir, a file, or a training checkpoint
+    that lost its model_config.json (its config.json is the run's, not a Hugging Face one): the message
+    names --ckpt and what was found, never 'tokenizer directory not found' or 'model_type None'."""
     _, _, ckpt = world
     path, words = {
+        "no-model-config": (tmp_path / "c", ["--ckpt", "model_config.json", "incomplete"]),
         "missing": (tmp_path / "nope", ["--ckpt", "no such directory"]),
         "empty-run": (tmp_path / "run", ["--ckpt", "without", "checkpoint"]),
         "not-a-ckpt": (tmp_path / "other", ["--ckpt", "not a checkpoint", "notes.txt"]),
@@ -208,5 +210,12 @@ def test_wrong_ckpt_path_says_what_it_is(world, case, tmp_path):
     if case == "not-a-ckpt":
         path.mkdir()
         (path / "notes.txt").write_text("x")
+    if case == "no-model-config":
+        shutil.copytree(ckpt, path)
+        (path / "model_config.json").unlink()
+        (path / "config.json").write_text('{"config": {"seed": 1}}')
+        (path / "state.json").write_text('{"step": 3}')
+        line = assert_clean_failure(inproc("export", "hf", "--ckpt", path, "--out", tmp_path / "hf"), *words)
+        assert "model_type" not in line and not (tmp_path / "hf").exists()
     line = assert_clean_failure((z2all if case == "missing" else inproc)(*GEN, "--ckpt", path), *words)
     assert "tokenizer" not in line

@@ -24,11 +24,13 @@ TEXT = "def add(a, b):\n    return a + b\n\n# 注释：两数相加\nprint(add(1
     ("spm", TEXT, 64000, ["--vocab-size 64000", "too large", "spm"]),
     ("hf", TEXT, 200, ["--vocab-size 200 is too small", "use --vocab-size 320"]),
     ("z2all", TEXT, 260, ["--vocab-size 260 is too small"]),
+    ("z2all", TEXT, 320, ["--workers must be >= 0"]),  # --workers -3 (below), was taken as 1
 ])
 def test_corpus_or_vocab_that_cannot_work_says_what_to_change(tmp_path, backend, content, vocab, words):
     (tmp_path / "in.txt").write_text(content, encoding="utf-8")
+    workers = "-3" if "--workers must be >= 0" in words else "1"
     res = z2all("tokenizer", "train", tmp_path / "in.txt", "--out-dir", tmp_path / "tok", "--backend", backend,
-                "--vocab-size", vocab, "--workers", "1")
+                "--vocab-size", vocab, "--workers", workers)
     line = assert_clean_failure(res, *words)
     assert "internal error" not in line and "RuntimeError" not in line
     assert not (tmp_path / "tok").exists()  # the claim is undone: no empty marked directory left

@@ -100,3 +100,6 @@ def test_eval_cli_prints_markdown(setup, capsys):
     assert cli.main(["tokenizer", "eval", str(d / "ours"), "--corpora", str(corpora),
                      "--references", str(d / "no-such-dir")]) == 2
     assert "--references" in capsys.readouterr().err
+    for bad in ("0", "-1"):  # was silently taken as 2
+        assert cli.main(["tokenizer", "eval", str(d / "ours"), "--corpora", str(corpora), "--holdout-every", bad]) == 2
+        assert "--holdout-every must be >= 2" in capsys.readouterr().err

@@ -327,6 +327,9 @@ def run(cfg: Config) -> int:
 
     if not cfg.ckpt or not cfg.out:
         raise UserError("give both --ckpt (a checkpoint, run or HF directory) and --out (the .gguf file)")
+    if cfg.out.endswith(("/", os.sep)):  # Path() drops the slash: "newdir/" would become a file named newdir
+        raise UserError(f"--out {cfg.out} names a directory; give the .gguf file to write, such as "
+                        f"{Path(cfg.out) / 'model.gguf'}")
     model, directory, kind, note = load_checkpoint(cfg.ckpt)
     if note:
         print0(note)

@@ -222,14 +222,14 @@ def _token_ids(tok) -> dict:
 
 
 def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "auto",
-              tokenizer_dir: str | os.PathLike | None = None, config=None) -> Path:
+              tokenizer_dir: str | os.PathLike | None = None, config=None, option: str = "--out") -> Path:
     """Write a standard LlamaForCausalLM directory at out_dir from a checkpoint (anything
     `resolve_checkpoint` accepts). Tokenizer files come from tokenizer_dir, else <ckpt>/tokenizer/ when
     present. out_dir must be new, empty or an earlier export (its owner file), and must not contain the
     checkpoint or the tokenizer; it is built in a temp dir and swapped into place (z2all.io.atomic_dir), so
     it is either the old or the complete new export. dtype 'auto' keeps the checkpoint's. Next to the
     files go checksums.json and z2all_export.json (save_config: the resolved `config`, a Config, and what
-    was read)."""
+    was read). `option` names out_dir in messages (--base-out when `export hf --adapter` exports the base)."""
     from transformers import GenerationConfig
 
     out = Path(out_dir)
@@ -244,15 +244,15 @@ def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: st
     if not has_tok:
         tok_dir = None
     if kind == "z2all" and out.resolve().is_relative_to(ckpt.resolve()):
-        raise UserError(f"--out {out} lies inside the checkpoint {ckpt}; checkpoint retention would delete it with "
-                        f"the checkpoint. Choose an --out outside it")
+        raise UserError(f"{option} {out} lies inside the checkpoint {ckpt}; checkpoint retention would delete it "
+                        f"with the checkpoint. Choose an {option} outside it")
     if quiet_progress():
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # "Writing model shards" bars in CI logs
     # claimed before the (slow) model load, so a refusal is immediate; undone if the export fails
-    with claimed_output_dir(out, EXPORT_COMMAND, option="--out", protect=[ckpt_dir, ckpt, tok_dir]):
-        check_replaceable(out)  # before the (slow) load: an earlier export that a user added files to
+    with claimed_output_dir(out, EXPORT_COMMAND, option=option, protect=[ckpt_dir, ckpt, tok_dir]):
+        check_replaceable(out, option)  # before the (slow) load: an earlier export that a user added files to
         model = load_model(ckpt) if kind == "z2all" else load_hf_dir(ckpt)
         if dtype != "auto":
             model = model.to(pick_dtype(dtype, torch.device("cpu")))
@@ -264,7 +264,7 @@ def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: st
             check_vocab_fits(tok, model.cfg.vocab_size, tok_dir, ckpt)
         ids = _token_ids(tok)
         hf = to_hf(model, **ids)
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, option) as tmp:
             shutil.copy2(out / OWNER_FILE, tmp / OWNER_FILE)
             hf.save_pretrained(tmp, safe_serialization=True)
             # transformers 5 writes rope_theta inside rope_parameters only; 4.x reads the top-level key and

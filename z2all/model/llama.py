@@ -387,6 +387,10 @@ def resolve_checkpoint(path: str | os.PathLike, option: str = "--ckpt") -> tuple
         raise UserError(f"{option} {p} is a file, not a directory{hint or '; ' + expected}")
     if (p / CONFIG_FILE).is_file():
         return p, "z2all", None
+    if (p / WEIGHTS_FILE).is_file() and ((p / "state.json").is_file() or (p / "optimizer.pt").is_file()):
+        # our checkpoint's config.json is the run's config, not a Hugging Face one: say what is missing
+        raise UserError(f"{option} {p} is a training checkpoint without its {CONFIG_FILE}; the checkpoint is "
+                        f"incomplete: use another checkpoints/step-N (or the run directory)")
     if (p / "config.json").is_file() and (p / WEIGHTS_FILE).is_file():
         return p, "hf", None
     for ckpts in (p / "checkpoints", p):

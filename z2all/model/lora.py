@@ -377,7 +377,7 @@ def export_peft_adapter(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike,
     import shutil
 
     from z2all.config import save_config
-    from z2all.io import OWNER_FILE, atomic_dir, check_replaceable, claim_output_dir, write_checksums
+    from z2all.io import OWNER_FILE, atomic_dir, check_replaceable, claimed_output_dir, write_checksums
     from z2all.model.hf_compat import _NOT_TOKENIZER, EXPORT_CONFIG, default_tokenizer_dir, export_hf
     from z2all.model.llama import WEIGHTS_FILE, read_safetensors, resolve_checkpoint
     from z2all.utils import pick_dtype
@@ -394,20 +394,22 @@ def export_peft_adapter(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike,
     model = load_base(ref, ckpt)  # before anything is written: a missing or changed base is refused first
     apply_lora(model, config_of(ref))
     load_adapters(model, read_safetensors(ckpt / WEIGHTS_FILE), ckpt)
-    base_path = None
-    if base_out is not None:
-        base_path = export_hf(ref["base"], base_out, dtype, str(tok_dir) if tok_dir.is_dir() else None)
-    claim_output_dir(out, ADAPTER_COMMAND, option="--out", protect=[ckpt_dir, ckpt, tok_dir, ref["base"]])
-    check_replaceable(out)
-    dt = None if dtype == "auto" else pick_dtype(dtype, torch.device("cpu"))
-    with atomic_dir(out) as tmp:
-        shutil.copy2(out / OWNER_FILE, tmp / OWNER_FILE)
-        save_peft_adapter(model, tmp, base_name=str(Path(base_path).resolve()) if base_path else "", dtype=dt)
-        if tok_dir.is_dir():
-            for f in sorted(tok_dir.iterdir()):
-                if f.is_file() and f.name not in _NOT_TOKENIZER and not f.name.startswith("."):
-                    shutil.copy2(f, tmp / f.name)
-        save_config(config, tmp / EXPORT_CONFIG, checkpoint=str(ckpt), lora_base=ref["base"],
-                    base_export=str(base_path) if base_path else None) if config is not None else None
-        write_checksums(tmp)
+    # --out is claimed (and checked) before the base is exported: a refused --out leaves no base export behind
+    with claimed_output_dir(out, ADAPTER_COMMAND, option="--out", protect=[ckpt_dir, ckpt, tok_dir, ref["base"]]):
+        check_replaceable(out)
+        base_path = None
+        if base_out is not None:
+            base_path = export_hf(ref["base"], base_out, dtype, str(tok_dir) if tok_dir.is_dir() else None,
+                                  option="--base-out")
+        dt = None if dtype == "auto" else pick_dtype(dtype, torch.device("cpu"))
+        with atomic_dir(out) as tmp:
+            shutil.copy2(out / OWNER_FILE, tmp / OWNER_FILE)
+            save_peft_adapter(model, tmp, base_name=str(Path(base_path).resolve()) if base_path else "", dtype=dt)
+            if tok_dir.is_dir():
+                for f in sorted(tok_dir.iterdir()):
+                    if f.is_file() and f.name not in _NOT_TOKENIZER and not f.name.startswith("."):
+                        shutil.copy2(f, tmp / f.name)
+            save_config(config, tmp / EXPORT_CONFIG, checkpoint=str(ckpt), lora_base=ref["base"],
+                        base_export=str(base_path) if base_path else None) if config is not None else None
+            write_checksums(tmp)
     return base_path, out

@@ -80,6 +80,8 @@ class Config:
                             f"tokens + at least one merge need {need}; use --vocab-size {_round64(need)} or more")
         if self.han_chunk < 1:
             raise UserError(f"--han-chunk must be >= 1 (got {self.han_chunk})")
+        if self.workers < 0:
+            raise UserError(f"--workers must be >= 0 (0 = all cores), got {self.workers}")
         parse_bytes(self.memory_budget)
 
 
