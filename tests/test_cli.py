@@ -86,6 +86,18 @@ def test_unknown_option_names_it(capsys):
     assert "--no-such-option" in capsys.readouterr().err
 
 
+def test_an_abbreviation_of_two_spellings_of_one_option_is_that_option(capsys):
+    """`--out` abbreviates both `--out_dir` and `--out-dir`: one option, not an ambiguity (it was one for
+    `demo --out`); an abbreviation of two different options still is."""
+    from z2all.demo import Config
+
+    p = cli.build_parser("z2all demo", cli.STAGES["demo"], Config)
+    assert p.parse_args(["--out", "/tmp/x"]).out_dir == "/tmp/x"
+    with pytest.raises(SystemExit):
+        p.parse_args(["--s", "1"])  # --steps? --seed? ...
+    assert "ambiguous option" in capsys.readouterr().err
+
+
 def test_bad_value_in_toml_is_a_clear_error(tmp_path, capsys):
     toml = tmp_path / "bad.toml"
     toml.write_text("nonexistent_key = 3\n")

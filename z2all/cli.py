@@ -97,9 +97,21 @@ def _type_name(hint) -> str:
     return getattr(base, "__name__", str(base)).upper()
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one change: an abbreviation that matches two spellings of the same option (`--out` for
+    `--out_dir` and `--out-dir`) picks that option instead of failing as ambiguous."""
+
+    def _get_option_tuples(self, option_string):  # argparse's own hook for prefix matches
+        seen, out = set(), []
+        for t in super()._get_option_tuples(option_string):
+            if id(t[0]) not in seen:
+                seen.add(id(t[0]))
+                out.append(t)
+        return out
+
+
 def build_parser(prog: str, cmd: Command, config_cls) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=cmd.help,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(prog=prog, description=cmd.help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", metavar="TOML", help="a TOML preset; command-line options override it")
     top = {f.name for f in dataclasses.fields(config_cls)}
     for key, f, hint in leaves(config_cls):
