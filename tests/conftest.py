@@ -5,6 +5,8 @@ without CUDA, and `shared_corpora` points at ../shared/corpora (tests that need 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,3 +43,23 @@ def shared_corpora() -> Path:
     if not path.is_dir():
         pytest.skip("../shared/corpora is not present")
     return path
+
+
+@pytest.fixture
+def lock_holder():
+    """start(path, command) -> a child process holding z2all.io.dir_lock(path, command), started and holding
+    when it returns; killed (SIGKILL: no cleanup runs, the kernel drops the lock) when the test ends."""
+    procs = []
+
+    def start(path, command):
+        code = ("import sys, time; from z2all.io import dir_lock\n"
+                "with dir_lock(sys.argv[1], sys.argv[2]):\n    print('held', flush=True); time.sleep(120)\n")
+        p = subprocess.Popen([sys.executable, "-c", code, str(path), command], stdout=subprocess.PIPE, text=True)
+        procs.append(p)
+        assert p.stdout.readline().strip() == "held"
+        return p
+
+    yield start
+    for p in procs:
+        p.kill()
+        p.wait()

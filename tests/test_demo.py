@@ -84,6 +84,15 @@ def test_demo_never_deletes_what_it_did_not_make(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="not empty"):
         demo.run(demo.Config(out_dir=str(foreign), fresh=True))
     assert (foreign / "thesis.tex").read_text() == "years of work"
+    # someone's own pipeline outputs side by side look like an older (unmarked) demo dir: --fresh refuses
+    own = tmp_path / "mine"
+    for stage in ("converted", "tokens", "train"):
+        (own / stage).mkdir(parents=True)
+        (own / stage / "data.bin").write_text("a week of compute")
+    with pytest.raises(UserError, match="--fresh: .* was not marked by an earlier `z2all demo`"):
+        demo.run(demo.Config(out_dir=str(own), fresh=True))
+    assert all((own / stage / "data.bin").is_file() for stage in ("converted", "tokens", "train"))
+    assert sorted(p.name for p in own.iterdir()) == ["converted", "tokens", "train"]  # not even marked
 
     out = claim_output_dir(tmp_path / "demo", "demo")
     (out / "notes.txt").write_text("mine")

@@ -159,6 +159,11 @@ def test_atomic_dir_replaces_only_what_it_wrote(tmp_path):
             ran.append(1)
     assert not ran and (d / "notes.txt").read_text() == "mine" and (d / "w").read_text() == "2"
     (d / "notes.txt").unlink()
+    (d / ".gitattributes").write_text("*.safetensors filter=lfs")  # a user's dot file is not ours either
+    with pytest.raises(UserError, match=r"\.gitattributes"):
+        with atomic_dir(d) as tmp:
+            pass
+    (d / ".gitattributes").unlink()
     with pytest.raises(UserError, match="deep/x"):
         with atomic_dir(d) as tmp:
             (tmp / "w").write_text("3")
@@ -166,6 +171,16 @@ def test_atomic_dir_replaces_only_what_it_wrote(tmp_path):
             (d / "deep" / "x").write_text("added meanwhile")
     assert (d / "w").read_text() == "2" and (d / "deep" / "x").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
+    import shutil
+
+    shutil.rmtree(d / "deep")
+    link = tmp_path / "link"  # an output given as a link: the directory it points to is replaced
+    link.symlink_to(d)
+    with atomic_dir(link) as tmp:
+        (tmp / "w").write_text("4")
+    assert link.is_symlink() and (d / "w").read_text() == "4"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp", "link"]
+    link.unlink()
     old = tmp_path / "old"  # an older z2all's output: no manifest
     old.mkdir()
     (old / "meta.json").write_text("{}")
@@ -177,6 +192,32 @@ def test_atomic_dir_replaces_only_what_it_wrote(tmp_path):
     (old / "extra").write_text("x")
     with pytest.raises(UserError, match="extra"):
         check_replaceable(old)
+
+
+def test_dir_lock_refuses_a_second_process_and_leaves_nothing_behind(tmp_path, lock_holder):
+    """Another process holding the directory: refused naming its command and pid, nothing created; the
+    same process may nest; on exit the lock file goes, and a directory the lock created goes if empty; a
+    killed holder's lock is gone with it (flock)."""
+    from z2all.io import LOCK_FILE, dir_lock
+
+    d = tmp_path / "out"
+    p = lock_holder(d, "train")
+    with pytest.raises(UserError, match=rf"--out_dir .*out is being written by `z2all train` \(pid {p.pid}\)"):
+        with dir_lock(d, "sft", "--out_dir"):
+            pass
+    p.kill()  # SIGKILL: no cleanup code runs, the kernel drops the lock
+    p.wait()
+    assert (d / LOCK_FILE).exists()  # left by the killed holder, but not locked
+    with dir_lock(d, "sft") as got:
+        assert got == d and f"pid {os.getpid()}" in (d / LOCK_FILE).read_text()
+        with dir_lock(d, "sft"):  # nested in one process
+            pass
+        (d / "result").write_text("x")
+    assert sorted(p.name for p in d.iterdir()) == ["result"]
+    fresh = tmp_path / "new" / "dir"
+    with dir_lock(fresh, "train"):
+        assert fresh.is_dir()
+    assert not fresh.exists()  # created by the lock and left empty: removed
 
 
 def test_written_files_and_dirs_get_umask_modes_not_tempfile_modes(tmp_path):

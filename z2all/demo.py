@@ -59,7 +59,7 @@ from pathlib import Path
 import numpy as np
 
 from z2all.config import opt
-from z2all.io import claim_output_dir, remove_listed
+from z2all.io import claim_output_dir, read_owner, remove_listed
 from z2all.utils import UserError, print0
 
 DEMO_DIR = Path(__file__).resolve().parent / "data" / "demo"
@@ -168,9 +168,17 @@ def run(cfg: Config) -> int:
     _TOTAL[0] = 12 + 3 * cfg.chat_dpo + cfg.chat_lora if cfg.chat else 8
     if cfg.chat:
         _check_chat_options(cfg)
-    # an older demo dir (before owner files) is recognised by its stage directories
+    # an older demo dir (before owner files) is recognised by its stage directories and nothing else in it;
+    # --fresh deletes only from a directory an earlier demo marked (a user's own convert/tokenize/train
+    # outputs side by side look the same as an unmarked demo dir, and are theirs)
+    d = Path(cfg.out_dir)
+    if cfg.fresh and d.is_dir() and read_owner(d) != "demo" and any(e.name in STAGE_DIRS for e in d.iterdir()):
+        raise UserError(f"--fresh: {d} was not marked by an earlier `z2all demo` (no .z2all-owner.json naming "
+                        f"it), so its stage directories may be someone's own outputs; remove them yourself or "
+                        f"choose another --out_dir (nothing was changed)")
     out = claim_output_dir(cfg.out_dir, "demo", option="--out_dir",
-                           legacy=lambda p: (p / "converted").is_dir() and (p / "tokens").is_dir())
+                           legacy=lambda p: (p / "converted").is_dir() and (p / "tokens").is_dir()
+                           and all(e.name in STAGE_DIRS for e in p.iterdir()))
     if cfg.fresh:  # only the stage directories the demo itself makes; anything else in out_dir stays
         removed = remove_listed(out, STAGE_DIRS)
         print0(f"--fresh: removed {removed} stage directories of an earlier demo in {out}")

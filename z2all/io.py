@@ -129,6 +129,7 @@ def atomic_write_json(path: str | os.PathLike, obj, *, indent: int | None = 2) -
 
 
 MANIFEST_FILE = ".z2all-files.json"  # what atomic_dir swapped in: the files a later replace may remove
+LOCK_FILE = ".z2all-lock"  # held (flock) by the process writing the directory: dir_lock
 
 
 def _written_files(d: Path) -> set[str] | None:
@@ -147,16 +148,18 @@ def _written_files(d: Path) -> set[str] | None:
 def check_replaceable(final: str | os.PathLike, option: str = "--out", ours: Iterable[str] = ()) -> None:
     """Raise a UserError naming them when directory `final` holds files that the command which made it did
     not write (a user's notes, another command's results such as `z2all eval`'s eval/), since replacing
-    `final` whole (atomic_dir) would delete them. Dot files at the top (the owner file) are ours; `ours`
-    names the command's own files for a directory an older z2all wrote without a manifest or checksums."""
+    `final` whole (atomic_dir) would delete them. Our own dot files (OWNER_FILE, MANIFEST_FILE, LOCK_FILE)
+    are ours, a user's (.gitattributes, .env) are not; `ours` names the command's own files for a directory
+    an older z2all wrote without a manifest or checksums."""
     d = Path(final)
     if not d.is_dir():
         return
     known = _written_files(d)
     if known is None and ours:
         known = set(ours)
+    mine = {OWNER_FILE, MANIFEST_FILE, LOCK_FILE}
     foreign = sorted(p.relative_to(d).as_posix() for p in d.rglob("*")
-                     if not p.is_dir() and not (p.parent == d and p.name.startswith("."))
+                     if not p.is_dir() and not (p.parent == d and p.name in mine)
                      and (known is None or p.relative_to(d).as_posix() not in known))
     if foreign:
         shown = ", ".join(foreign[:3]) + (f", ... ({len(foreign)} files)" if len(foreign) > 3 else "")
@@ -174,6 +177,8 @@ def atomic_dir(final: str | os.PathLike, option: str = "--out", ours: Iterable[s
     and again before the swap; each swap records its files in MANIFEST_FILE; `ours`: check_replaceable).
     On an error (disk full included) the temp dir is removed and `final` is untouched."""
     final, ours = Path(final), tuple(ours)
+    if final.is_symlink():  # replace what the link points to, not the link (the link stays a link)
+        final = final.resolve()
     check_replaceable(final, option, ours)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
@@ -235,7 +240,7 @@ def claim_output_dir(path: str | os.PathLike, command: str, *, option: str = "--
         raise UserError(f"{option} {out} is a file, not a directory; choose a directory path")
     if out.is_dir():
         owner = read_owner(out)
-        entries = [e.name for e in out.iterdir() if e.name != OWNER_FILE]
+        entries = [e.name for e in out.iterdir() if e.name not in (OWNER_FILE, LOCK_FILE)]
         if owner is not None and owner != command:
             raise UserError(f"{option} {out} holds the output of `z2all {owner}`, not of `z2all {command}`; "
                             f"choose another directory")
@@ -252,28 +257,113 @@ def claim_output_dir(path: str | os.PathLike, command: str, *, option: str = "--
     return out
 
 
+class NewOutput:
+    """Taken before `claim_output_dir(path, ...)`: whether `path` is new or empty (our lock file aside), and
+    which directories the claim will create. `undo()` hands such a directory back as it was found (our owner
+    file removed, the created directories removed while empty) once the run's own files are gone. A
+    resumable command calls undo() itself when it ends with nothing worth keeping; claimed_output_dir does
+    it on any exception."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.out = Path(path)
+        self.fresh = not self.out.exists() or (self.out.is_dir()
+                                               and not any(e.name != LOCK_FILE for e in self.out.iterdir()))
+        self.made: list[Path] = []  # deepest first
+        d = self.out
+        while not d.exists() and d != d.parent:
+            self.made.append(d)
+            d = d.parent
+
+    def undo(self) -> None:
+        """Remove the claim of a directory that was new or empty (call after removing the run's files)."""
+        if not self.fresh:
+            return
+        (self.out / OWNER_FILE).unlink(missing_ok=True)
+        for d in self.made:  # a directory that existed (empty) stays, as it was found
+            try:
+                d.rmdir()
+            except OSError:  # not empty: something else lives there now
+                break
+
+
 @contextlib.contextmanager
 def claimed_output_dir(path: str | os.PathLike, command: str, **claim) -> Iterator[Path]:
     """`claim_output_dir` for a command that may still fail before writing anything useful: if the claim
-    created the directory (or found it empty) and the body raises, the claim is undone (the owner file,
-    then the directories it created while they are empty), so a failed first run leaves no trace."""
-    out = Path(path)
-    fresh = not out.exists() or (out.is_dir() and not any(out.iterdir()))
-    stop = out if out.exists() else next((a for a in out.parents if a.exists()), out.anchor)
-    out = claim_output_dir(out, command, **claim)
+    created the directory (or found it empty) and the body raises, the claim is undone (NewOutput.undo), so
+    a failed first run leaves no trace."""
+    new = NewOutput(path)
+    out = claim_output_dir(path, command, **claim)
     try:
         yield out
     except BaseException:
-        if fresh:
-            (out / OWNER_FILE).unlink(missing_ok=True)
-            d = out
-            while d != Path(stop) and d != d.parent:
-                try:
-                    d.rmdir()
-                except OSError:
-                    break
-                d = d.parent
+        new.undo()
         raise
+
+
+_HELD: dict[str, int] = {}  # directories this process holds dir_lock on -> nesting depth
+
+
+@contextlib.contextmanager
+def dir_lock(path: str | os.PathLike, command: str, option: str = "--out") -> Iterator[Path]:
+    """Hold directory `path` for `command` while the body writes it: a second z2all process that asks for
+    the same directory meanwhile is refused in one line naming the first (its command and pid), instead of
+    the two interleaving checkpoints, metrics or shards. The lock is flock(2) on LOCK_FILE inside the
+    directory (created if missing; removed on exit, with the directories this call created while they are
+    empty): the kernel drops it when the process dies, so a killed run never leaves a stale lock. Nested use
+    on the same directory in one process is allowed. Local filesystems only: flock over NFS may not lock."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no lock (the claim rules still hold)
+        yield Path(path)
+        return
+    d = Path(path)
+    if not str(path) or (d.exists() and not d.is_dir()):  # the command's claim says what is wrong with it
+        yield d
+        return
+    key = str(d.resolve())
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield d
+        finally:
+            _HELD[key] -= 1
+        return
+    new = NewOutput(d)
+    d.mkdir(parents=True, exist_ok=True)
+    lock = d / LOCK_FILE
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
+            finally:
+                os.close(fd)
+            raise UserError(f"{option} {d} is being written by {holder}; wait for it to finish or choose another "
+                            f"directory (nothing was changed)") from None
+        try:  # the file may have been removed by its previous holder after we opened it: lock the new one
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"`z2all {command}` (pid {os.getpid()})".encode())
+    _HELD[key] = 1
+    try:
+        yield d
+    finally:
+        del _HELD[key]
+        with contextlib.suppress(OSError):
+            lock.unlink()  # while still held: a process that opened the old file retries on the new one
+        os.close(fd)
+        for made in new.made:  # while empty: a failed first run leaves no directory behind
+            try:
+                made.rmdir()
+            except OSError:
+                break
 
 
 def inside(child: str | os.PathLike, parent: str | os.PathLike) -> bool:

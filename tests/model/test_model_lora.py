@@ -171,6 +171,10 @@ def test_export_merge_lora_and_peft_adapter_match_our_logits(tmp_path):
     with pytest.raises(UserError, match="^--base-out .*mine is not empty"):
         hf_compat.run(hf_compat.Config(ckpt=str(ck), out=str(tmp_path / "z"), adapter=True, base_out=str(mine)))
     assert not (tmp_path / "z").exists() and [p.name for p in mine.iterdir()] == ["notes.txt"]
+    with pytest.raises(UserError, match="separate directories"):  # was: a base export written, then refused
+        hf_compat.run(hf_compat.Config(ckpt=str(ck), out=str(tmp_path / "ad"), adapter=True,
+                                       base_out=str(tmp_path / "ad" / "base")))
+    assert not (tmp_path / "ad").exists()
     conf = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert conf["peft_type"] == "LORA" and conf["r"] == 4 and sorted(conf["target_modules"]) == [
         "gate_proj", "q_proj", "v_proj"]

@@ -377,7 +377,7 @@ def export_peft_adapter(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike,
     import shutil
 
     from z2all.config import save_config
-    from z2all.io import OWNER_FILE, atomic_dir, check_replaceable, claimed_output_dir, write_checksums
+    from z2all.io import OWNER_FILE, atomic_dir, check_replaceable, claimed_output_dir, inside, write_checksums
     from z2all.model.hf_compat import _NOT_TOKENIZER, EXPORT_CONFIG, default_tokenizer_dir, export_hf
     from z2all.model.llama import WEIGHTS_FILE, read_safetensors, resolve_checkpoint
     from z2all.utils import pick_dtype
@@ -388,8 +388,9 @@ def export_peft_adapter(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike,
         raise UserError(f"--adapter: {ckpt} is not a LoRA checkpoint (trained with --lora.rank); export it "
                         "without --adapter")
     out = Path(out_dir)
-    if base_out is not None and Path(base_out).resolve() == out.resolve():
-        raise UserError("--base-out must differ from --out (the adapter directory)")
+    if base_out is not None and (inside(base_out, out) or inside(out, base_out)):
+        raise UserError(f"--base-out {base_out} and --out {out} must be separate directories (neither inside the "
+                        f"other): each is replaced whole")
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else default_tokenizer_dir(ckpt, kind)
     model = load_base(ref, ckpt)  # before anything is written: a missing or changed base is refused first
     apply_lora(model, config_of(ref))
