@@ -1,7 +1,8 @@
 """`z2all dpo` (train/dpo.py): the loss and its gradient against hand-computed values on a 2-token toy (sigmoid,
 conservative, IPO); a few steps on a handful of pairs raise the reward margin and accuracy (overfit); a run killed
 with SIGKILL resumes with identical losses; precomputed reference log-probs equal the live reference model's; with
-LoRA only the adapters train, checkpoints hold only them and the reference is the base without adapters."""
+LoRA only the adapters train, checkpoints hold only them and the reference is the base without adapters; a resume
+with other DPO settings or another --init is refused in one line."""
 
 from __future__ import annotations
 
@@ -149,6 +150,49 @@ def test_sigkill_then_resume_matches_uninterrupted(inputs, tmp_path, capsys):
     assert [got[s] for s in range(1, steps + 1)] == [want[s] for s in range(1, steps + 1)]  # bit for bit
     a, b = load_weights(ckpt.latest_checkpoint(ref)), load_weights(ckpt.latest_checkpoint(killed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_other_dpo_settings_or_another_init(inputs, tmp_path, capsys):
+    import shutil
+
+    from z2all.model.llama import load_model, save_model
+
+    out = tmp_path / "run"
+    common = ["--ckpt.every=2", "--eval.every=0", "--dpo.beta=0.5"]
+    assert run_inproc(dpo_args(inputs, out, *common, "--train.max_steps=2", data="few")) == 0
+    metrics = (out / "metrics.jsonl").read_text()
+    capsys.readouterr()
+
+    # the loss would change meaning within one metrics.jsonl: refused, naming the run's values
+    assert run_inproc([*dpo_args(inputs, out, *common, "--train.max_steps=4", data="few"), "--dpo.beta=0.9",
+                       "--dpo.loss=ipo", "--resume=true"]) == 2
+    err = capsys.readouterr().err
+    assert "--dpo.beta=0.5 --dpo.loss=sigmoid, now --dpo.beta=0.9 --dpo.loss=ipo" in err, err
+    assert "--out_dir" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    # another starting policy would silently become another reference: refused, naming the run's --init
+    other = tmp_path / "other"
+    model = load_model(inputs["base"])
+    with torch.no_grad():
+        model.tok_embeddings.weight.mul_(1.5)
+    save_model(model, other)
+    shutil.copytree(inputs["base"] / "tokenizer", other / "tokenizer")
+    args = [a if not a.startswith("--init=") else f"--init={other}"
+            for a in dpo_args(inputs, out, *common, "--train.max_steps=4", data="few")]
+    assert run_inproc([*args, "--resume=true"]) == 2
+    err = capsys.readouterr().err
+    assert f"--init {inputs['base']}" in err and f"now --init {other}" in err and "Traceback" not in err, err
+    assert (out / "metrics.jsonl").read_text() == metrics
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-000002"]
+
+    # the same weights in another place, and the options that may change (length, intervals, how the reference
+    # log-probs are obtained): the resume continues
+    moved = tmp_path / "moved"
+    shutil.copytree(inputs["base"], moved)
+    args = [a if not a.startswith("--init=") else f"--init={moved}"
+            for a in dpo_args(inputs, out, *common, "--train.max_steps=4", "--ckpt.every=3", data="few")]
+    assert run_inproc([*args, "--dpo.reference=live", "--resume=true"]) == 0
+    assert "at step 2" in capsys.readouterr().out
+    assert sorted(train_losses(out)) == [1, 2, 3, 4]
 
 
 def test_lora_dpo_trains_adapters_only_with_the_base_as_reference(inputs, tmp_path, capsys):

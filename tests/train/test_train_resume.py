@@ -1,5 +1,7 @@
 """Exact resume: a run killed with SIGKILL (no chance to clean up) and resumed with --resume logs the same
-loss at every step, and ends with the same weights, as an uninterrupted run."""
+loss at every step, and ends with the same weights, as an uninterrupted run. A resume onto another seed or a
+tokenizer retrained in place is refused in one line; retention on resume keeps a checkpoint holding files
+training did not write (`z2all eval`'s eval/)."""
 
 from __future__ import annotations
 
@@ -10,10 +12,13 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from train_helpers import REPO, TINY, cli_env, load_weights, run_inproc, train_losses, write_token_dir
 
+from z2all.io import write_checksums
 from z2all.train import checkpoint as ckpt
+from z2all.utils import UserError
 
 
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, capsys):
@@ -47,3 +52,58 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, capsys):
     assert [got[s] for s in range(1, steps + 1)] == [want[s] for s in range(1, steps + 1)]  # bit for bit
     a, b = load_weights(ckpt.latest_checkpoint(ref)), load_weights(ckpt.latest_checkpoint(killed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _word_tokenizer(tok_dir, prefix: str, vocab: int = 96) -> None:
+    """A word-level tokenizer.json of `vocab` ids ("<prefix>0".. ): two prefixes = a tokenizer retrained in place."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"{prefix}{i}": i for i in range(vocab)}, unk_token=f"{prefix}0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(tok_dir / "tokenizer.json"))
+
+
+def test_resume_refuses_another_seed_or_tokenizer_and_keeps_a_checkpoint_holding_others_files(tmp_path, capsys):
+    tokens = write_token_dir(tmp_path / "tok")
+    _word_tokenizer(tmp_path / "tokenizer", "w")
+    meta = json.loads((tokens / "meta.json").read_text())
+    (tokens / "meta.json").write_text(json.dumps({**meta, "tokenizer_dir": str(tmp_path / "tokenizer")}))
+    run = tmp_path / "run"
+    common = ["train", *TINY, f"--data.dir={tokens}", f"--out_dir={run}", "--train.log_every=1", "--eval.every=0",
+              "--ckpt.every=2", "--ckpt.keep_last=1", "--optim.decay_steps=12"]
+    assert run_inproc([*common, "--train.max_steps=2"]) == 0
+    step2 = run / "checkpoints" / "step-000002"
+    assert ckpt.read_state(step2)["seed"] == 1337 and ckpt.read_state(step2)["tokenizer_sha256"]
+    metrics = (run / "metrics.jsonl").read_text()
+
+    # the data order would change mid-run: refused by name, with the run's value, nothing written
+    with pytest.raises(UserError, match=r"--seed=1337, now --seed=999.*resume with --seed=1337.*--out_dir"):
+        run_inproc([*common, "--train.max_steps=4", "--resume=true", "--seed=999"])
+    # the tokenizer retrained in place: the token files are unchanged, their ids would mean other text
+    _word_tokenizer(tmp_path / "tokenizer", "v")
+    with pytest.raises(UserError, match=r"tokenizer .* is not the one .*step-000002.*sha256"):
+        run_inproc([*common, "--train.max_steps=4", "--resume=true"])
+    assert (run / "metrics.jsonl").read_text() == metrics and ckpt.list_checkpoints(run) == [step2]
+    # a checkpoint of a run that recorded no tokenizer hash (an older z2all) is not refused for it
+    state = ckpt.read_state(step2)
+    del state["tokenizer_sha256"]
+    (step2 / "state.json").write_text(json.dumps(state))
+    write_checksums(step2)
+
+    # `z2all eval --ckpt RUN` wrote into step-2, and a note of the user's: retention keeps that checkpoint
+    # (saying which file), while the options that may change on a resume (length, intervals) are accepted
+    (step2 / "eval").mkdir()
+    (step2 / "eval" / "results.json").write_text('{"mine": 1}')
+    capsys.readouterr()
+    assert run_inproc([*common, "--train.max_steps=8", "--ckpt.every=3", "--eval.every=4", "--resume=true"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "at step 2" in out
+    kept = [ln for ln in out.splitlines() if ln.startswith("note: kept the old checkpoint")]
+    assert len(kept) == 1 and str(step2) in kept[0] and "eval/results.json" in kept[0], out
+    assert (step2 / "eval" / "results.json").read_text() == '{"mine": 1}'
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-000002", "step-000008"]
+    # the kept checkpoint is older: a later resume continues from the newest one
+    assert run_inproc([*common, "--train.max_steps=10", "--resume=true"]) == 0
+    assert "at step 8" in capsys.readouterr().out
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-000002", "step-000010"]

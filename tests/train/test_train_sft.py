@@ -1,7 +1,8 @@
 """`z2all sft` end to end on a tiny model: it trains from a pretrained checkpoint, evaluates and answers held-out
 prompts, and its checkpoints carry the tokenizer; a run killed with SIGKILL resumes with identical losses; 2 gloo
 processes equal 1 process with 2 accumulation steps; after `z2all export hf`, transformers' apply_chat_template
-gives our renderer's ids and model.generate stops at <|im_end|>; wrong inputs are refused with one line."""
+gives our renderer's ids and model.generate stops at <|im_end|>; wrong inputs are refused with one line; a LoRA
+resume onto another --init base is refused."""
 
 from __future__ import annotations
 
@@ -173,3 +174,33 @@ def test_damaged_chat_files_are_refused_in_one_line_naming_the_file(inputs, tmp_
         err = capsys.readouterr().err.strip()
         assert str(data / name) in err and "z2all data chat" in err, err
         assert "\n" not in err and "internal error" not in err and "Traceback" not in err, err
+
+
+def test_lora_resume_refuses_another_base(inputs, tmp_path, capsys):
+    """LoRA adapters only mean something on the base they were trained on: a resume with another --init is
+    refused naming the run's; the same weights copied elsewhere are the same base."""
+    import shutil
+
+    from z2all.model.llama import load_model, save_model
+
+    out = tmp_path / "run"
+    common = ["--lora.rank=2", "--ckpt.every=2", "--eval.every=0", "--eval.samples=0"]
+    assert run_sft_inproc(sft_args(inputs, out, *common, "--train.max_steps=2")) == 0
+    other, moved = tmp_path / "other", tmp_path / "moved"
+    model = load_model(inputs["base"])
+    with torch.no_grad():
+        model.tok_embeddings.weight.mul_(1.5)
+    save_model(model, other)
+    shutil.copytree(inputs["base"] / "tokenizer", other / "tokenizer")
+    shutil.copytree(inputs["base"], moved)
+    capsys.readouterr()
+
+    def resume(init):
+        return run_sft_inproc([a if not a.startswith("--init=") else f"--init={init}"
+                               for a in sft_args(inputs, out, *common, "--train.max_steps=4", "--resume=true")])
+
+    assert resume(other) == 2
+    err = capsys.readouterr().err
+    assert f"--init {inputs['base']}" in err and f"now --init {other}" in err and "Traceback" not in err, err
+    assert resume(moved) == 0
+    assert "at step 2" in capsys.readouterr().out

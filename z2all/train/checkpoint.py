@@ -19,7 +19,9 @@ renames it into place, so a crash (SIGKILL, power loss) leaves either the previo
 complete new one, never half. A save that fails (disk full) removes its temp dir and leaves the earlier
 checkpoints as they were; the error reaches the user as an OSError ("disk full"), never as the
 RuntimeError/SafetensorError that torch.save and safetensors wrap it in. Retention: the last `keep_last`
-checkpoints plus the best by validation loss; the rest are deleted after the new one is in place.
+checkpoints plus the best by validation loss; the rest are deleted after the new one is in place, except a
+checkpoint holding files training did not write (`z2all eval --ckpt RUN`'s default eval/, a user's notes):
+that one is kept whole, complete as it is, and the run says which file kept it so the user can remove it.
 
 Integrity: `--resume` takes the newest checkpoint whose files match its checksums (`intact_checkpoint`);
 newer ones that do not (a truncated optimizer.pt, a damaged model.safetensors) are renamed to
@@ -50,8 +52,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from z2all.io import atomic_dir, atomic_write_json, verify_checksums, write_checksums
-from z2all.utils import UserError
+from z2all.io import MANIFEST_FILE, _written_files, atomic_dir, atomic_write_json, verify_checksums, write_checksums
+from z2all.utils import UserError, print0
 
 STEP_RE = re.compile(r"^step-(\d+)$")
 
@@ -317,16 +319,61 @@ def best_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return best
 
 
+# what a checkpoint written before checksums.json held (save_checkpoint's files; tokenizer/ is a copied tree)
+_LEGACY_FILES = (*_REQUIRED, "config.json", "checksums.json")
+
+
+def foreign_files(ckpt: str | os.PathLike) -> list[str]:
+    """Files (relative paths) in checkpoint `ckpt` that training did not write, e.g. `z2all eval`'s eval/ or
+    a user's notes: not in its manifest (.z2all-files.json) or, for an older checkpoint, its checksums.json;
+    for one older still (neither), not among the files save_checkpoint writes."""
+    d = Path(ckpt)
+    listed = _written_files(d)
+    manifest = (d / MANIFEST_FILE).is_file()
+    found = []
+    for p in sorted(d.rglob("*")):
+        if p.is_dir() and not p.is_symlink():
+            continue
+        rel = p.relative_to(d).as_posix()
+        if rel == MANIFEST_FILE:
+            continue
+        if listed is not None:
+            # checksums.json never lists dot files, so without a manifest those in tokenizer/ (e.g. the owner
+            # file copied with the tokenizer dir) are taken as the copy's; a dot file elsewhere is not
+            if rel in listed or (not manifest and rel.startswith("tokenizer/") and p.name.startswith(".")):
+                continue
+        elif rel in _LEGACY_FILES or rel.startswith("tokenizer/"):
+            continue
+        found.append(rel)
+    return found
+
+
+_reported: set[tuple[str, tuple[str, ...]]] = set()  # kept checkpoints already named by this process
+
+
 def prune(run_dir: str | os.PathLike, keep_last: int) -> None:
-    """Keep the last `keep_last` checkpoints and the best by val loss; rewrite index.json."""
+    """Keep the last `keep_last` checkpoints and the best by val loss; rewrite index.json. An older one
+    that holds files training did not write is kept too (deleting it would delete them), said once per
+    process: it stays complete, so it is still a valid, just older, checkpoint for `latest`/`best`."""
     ckpts = list_checkpoints(run_dir)
     best = best_checkpoint(run_dir)
     keep = set(ckpts[-keep_last:]) if keep_last > 0 else set(ckpts)
     if best is not None:
         keep.add(best)
     for p in ckpts:
-        if p not in keep:
-            shutil.rmtree(p, ignore_errors=True)
+        if p in keep:
+            continue
+        foreign = foreign_files(p)
+        if foreign:
+            keep.add(p)
+            key = (str(p), tuple(foreign))
+            if key not in _reported:
+                _reported.add(key)
+                shown = ", ".join(foreign[:3]) + (f", ... ({len(foreign)} files)" if len(foreign) > 3 else "")
+                print0(f"note: kept the old checkpoint {p} (retention would delete it) because it holds files "
+                       f"training did not write ({shown}); move them out or remove the checkpoint yourself")
+            continue
+        shutil.rmtree(p, ignore_errors=True)
     latest = ckpts[-1] if ckpts else None
     index = {"latest": latest.name if latest else None, "best": best.name if best else None,
              "best_val_loss": read_state(best).get("val_loss") if best else None,

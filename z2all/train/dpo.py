@@ -36,6 +36,10 @@ Reference model (`--dpo.reference`):
 LoRA (`--lora.rank/alpha/dropout/targets`, model/lora.py): only the adapters train; the optimizer state and
 the checkpoints hold only them, with a reference to the base (`z2all export hf` merges, `--adapter` writes
 a PEFT directory).
+
+`--resume` continues only the same run: besides the loop's checks (model shape, seed, tokenizer), the pairs per
+step, the data, LoRA, `--dpo.beta/loss/label_smoothing` and the --init weights (the reference) must be the
+run's; `--dpo.reference` may change (it is how the reference log-probs are obtained, not what they are).
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ from z2all.train.distributed import DistConfig
 from z2all.train.loop import Objective
 from z2all.train.optim import OptimConfig
 from z2all.train.pretrain import CkptSection, MetricsSection
-from z2all.train.sft import SFTTrain, run_objective, validate_finetune
+from z2all.train.sft import SFTTrain, check_resume_init, run_objective, validate_finetune
 from z2all.utils import UserError, print0
 
 COMMAND = "dpo"
@@ -268,7 +272,7 @@ class DPO(LoraHooks, Objective):
     def __init__(self, cfg: Config, info):
         from z2all.data.prefs import PrefData
         from z2all.model.hf_compat import default_tokenizer_dir
-        from z2all.train.sft import check_tokenizer, load_init
+        from z2all.train.sft import check_tokenizer, init_identity, load_init
 
         self.cfg, self.info, d = cfg, info, cfg.data
         self.lora = cfg.lora
@@ -280,6 +284,8 @@ class DPO(LoraHooks, Objective):
         self.model_config = self._init_model.cfg
         tok_dir = Path(cfg.tokenizer) if cfg.tokenizer else default_tokenizer_dir(self.init_path, kind)
         self.tokenizer_dir = check_tokenizer(tok_dir, self.data_dir, explicit=bool(cfg.tokenizer))
+        self.tokenizer_from = "--tokenizer" if cfg.tokenizer else f"--init {cfg.init}"
+        self.init_id = init_identity(self.init_path)
         meta = self.train_data.meta
         if int(meta["vocab_size"]) > self.model_config.vocab_size:
             raise UserError(f"--data.dir {self.data_dir} uses a vocabulary of {meta['vocab_size']} ids but the --init "
@@ -448,7 +454,7 @@ class DPO(LoraHooks, Objective):
         return {"global_pairs": self.batches.pairs_per_step, "batch_size": d.batch_size, "data": self.data_id,
                 "dpo": {"beta": self.cfg.dpo.beta, "loss": self.cfg.dpo.loss,
                         "label_smoothing": self.cfg.dpo.label_smoothing, "reference": self.reference},
-                **self.lora_state()}
+                "init": self.init_id, **self.lora_state()}
 
     def check_resume(self, ckpt: Path, state: dict) -> None:
         if state.get("global_pairs") != self.batches.pairs_per_step:
@@ -459,6 +465,17 @@ class DPO(LoraHooks, Objective):
             raise UserError(f"--resume: --data.dir {self.data_dir} is not the preference data {ckpt} was trained on; "
                             "point --data.dir at the original files, or start a new run in another --out_dir")
         self.check_lora_resume(ckpt, state)
+        # the loss must mean the same in every step of one metrics.jsonl; `reference` (precomputed or live) is
+        # how the reference log-probs are obtained, not what they are, so it may change (e.g. to save memory)
+        saved = state.get("dpo") or {}
+        diff = [k for k in ("beta", "loss", "label_smoothing") if k in saved and saved[k] != getattr(self.cfg.dpo, k)]
+        if diff:
+            was = " ".join(f"--dpo.{k}={saved[k]}" for k in diff)
+            now = " ".join(f"--dpo.{k}={getattr(self.cfg.dpo, k)}" for k in diff)
+            raise UserError(f"--resume: {ckpt} was trained with {was}, now {now} (the loss would change meaning "
+                            f"mid-run); resume with {was} or start a new run in another --out_dir")
+        # the reference is the starting policy: another --init would silently become another reference
+        check_resume_init(ckpt, state.get("init"), self.init_id, "the reference model is the --init policy")
 
     def config_extras(self) -> dict:
         return {"data_meta": {k: v for k, v in self.train_data.meta.items() if k != "stats"},

@@ -5,7 +5,7 @@ optimizer step, the loss of one micro-batch, validation batches, optional sample
 must match. `train_loop(cfg, info, objective)` owns everything else:
 
 - setup: the run directory (claimed, never a user's; a fresh start over an earlier run refused), the resume
-  point (newest intact checkpoint; model shape and the objective's state checked), device placement,
+  point (newest intact checkpoint; model shape, seed, tokenizer and the objective's state checked), device placement,
   activation checkpointing, compile, DDP/FSDP2 wrapping, AdamW, the warmup+cosine schedule, RNG states;
 - one optimizer step: `grad_accum` micro-batches, each loss divided by grad_accum, gradient sync on the last
   only (no_sync before), clip, a finite check (a NaN/inf loss or norm skips the update; `train.max_bad_steps`
@@ -35,7 +35,7 @@ import torch
 
 from z2all.config import save_config, to_dict
 from z2all.eval import intrain
-from z2all.io import claim_output_dir, read_owner
+from z2all.io import claim_output_dir, read_owner, sha256_file
 from z2all.model.config import ModelConfig
 from z2all.train import checkpoint as ckpt_mod
 from z2all.train import distributed as dist_mod
@@ -49,7 +49,8 @@ class Objective:
     `model_config` (the ModelConfig it trains), `grad_accum` (micro-batches per optimizer step on each
     process), `tokens_per_step` (global, for throughput and MFU), `protect` (input paths the run directory
     must not contain), `tokenizer_dir` (copied into checkpoints, or None), `command` (the owner name the run
-    directory is claimed for: a `z2all sft` run dir is never resumed by `z2all train`, nor the reverse)."""
+    directory is claimed for: a `z2all sft` run dir is never resumed by `z2all train`, nor the reverse),
+    `tokenizer_from` (where tokenizer_dir came from, for messages)."""
 
     command: str = "train"
     model_config: ModelConfig
@@ -57,6 +58,7 @@ class Objective:
     tokens_per_step: int = 0
     protect: tuple = ()
     tokenizer_dir: Path | None = None
+    tokenizer_from: str = "--tokenizer"
     heldout_dir: Path | None = None  # default --eval.heldout: a tokenize output whose val documents are scored
     eval_window: int = 0  # tokens per window of the held-out scores (the training row length); 0 = max_seq_len
 
@@ -160,6 +162,17 @@ def _is_legacy_run_dir(path: Path) -> bool:
         (path / "metrics.jsonl").is_file() and (path / "config.json").is_file())
 
 
+def run_dir_lock(out_dir, info, command: str):
+    """Rank 0 holds the run directory for the whole run (z2all.io.dir_lock): a second `z2all train`, `sft`
+    or `dpo` on the same --out_dir, resumed or not, is refused in one line naming the first instead of the
+    two interleaving checkpoints, pruning each other's and mixing metrics.jsonl. Only rank 0 writes there."""
+    import contextlib
+
+    from z2all.io import dir_lock
+
+    return dir_lock(out_dir, command, "--out_dir") if info.is_main else contextlib.nullcontext()
+
+
 def prepare_run_dir(run_dir: Path, protect: Iterable, resume: bool, command: str = "train") -> None:
     """Rank 0, before anything is written: claim `run_dir` for `z2all train` (new, empty, or a train run
     dir; never one holding an input), refuse a fresh start over an earlier run (its metrics and checkpoints
@@ -208,6 +221,28 @@ def check_resume_model(ckpt: Path, mcfg: ModelConfig) -> None:
         now = ", ".join(f"{f}={getattr(mcfg, f)}" for f in diff)
         raise UserError(f"--resume: {ckpt} holds a model with {was.replace('--model.', '')} but the options give "
                         f"{now}; resume with the run's shape ({was}) or start a new run in another --out_dir")
+
+
+def tokenizer_sha256(tok_dir: Path | None) -> str | None:
+    """sha256 of the tokenizer.json a run trains with (recorded in each checkpoint's state), or None."""
+    f = Path(tok_dir) / "tokenizer.json" if tok_dir else None
+    return sha256_file(f) if f is not None and f.is_file() else None
+
+
+def check_resume_run(ckpt: Path, state: dict, seed: int, objective: Objective, tok_sha: str | None) -> None:
+    """What every objective's resume must keep besides its own state: the seed (it fixes the data order and
+    dropout) and the tokenizer (token files stay byte-identical when the tokenizer is retrained in place, yet
+    their ids would then mean other text). A checkpoint that recorded no tokenizer hash is not checked."""
+    if "seed" in state and state["seed"] != seed:
+        raise UserError(f"--resume: {ckpt} was trained with --seed={state['seed']}, now --seed={seed} (the data "
+                        f"order would change mid-run); resume with --seed={state['seed']} or start a new run in "
+                        "another --out_dir")
+    was = state.get("tokenizer_sha256")
+    if was and tok_sha and was != tok_sha:
+        raise UserError(f"--resume: the tokenizer {objective.tokenizer_dir} (from {objective.tokenizer_from}) is not "
+                        f"the one {ckpt} was trained with (tokenizer.json sha256 {was[:12]}... then, {tok_sha[:12]}... "
+                        f"now); restore the run's tokenizer (a copy is in {ckpt / 'tokenizer'}) or start a new run in "
+                        "another --out_dir")
 
 
 def _build_heldout(cfg, info, objective: Objective):
@@ -266,9 +301,11 @@ def train_loop(cfg, info, objective: Objective) -> int:
     dist_mod.barrier()
     ckpt = ckpt_mod.latest_checkpoint(run_dir) if cfg.resume else None
     state = ckpt_mod.read_state(ckpt) if ckpt else {}
+    tok_sha = tokenizer_sha256(objective.tokenizer_dir)
     if ckpt:
         objective.check_resume(ckpt, state)
         check_resume_model(ckpt, mcfg)
+        check_resume_run(ckpt, state, cfg.seed, objective, tok_sha)
 
     # ---- model: same init on every rank (DDP also broadcasts rank 0's), then placement and wrapping
     seed_everything(cfg.seed)
@@ -367,7 +404,7 @@ def train_loop(cfg, info, objective: Objective) -> int:
         path = None
         if info.is_main:
             st = {"next_step": step, **objective.resume_state(), "world_size": info.world_size,
-                  "grad_accum": objective.grad_accum, "seed": cfg.seed,
+                  "grad_accum": objective.grad_accum, "seed": cfg.seed, "tokenizer_sha256": tok_sha,
                   "lr": lr_at(max(step - 1, 0), cfg.optim, cfg.train.max_steps),
                   "val_loss": val_loss, "tokens_seen": step * tokens_per_iter}
             path = ckpt_mod.save_checkpoint(run_dir, step, model_to_save=model, model_state=full,

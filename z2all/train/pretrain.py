@@ -32,7 +32,8 @@ checkpoint.py), and train.log lines on the console (rank 0).
 What is refused, each with one line naming the file or option: an `out_dir` that holds anything but a
 `z2all train` run (or holds the token files); a fresh start into a dir with an earlier run's metrics or
 checkpoints (pass --resume, or choose another dir); token files that do not match meta.json; a resume
-whose model shape, global batch or training tokens differ from its checkpoint's; option values the loop
+whose model shape, global batch, training tokens, seed or tokenizer (its tokenizer.json's sha256, recorded
+in each checkpoint's state) differ from its checkpoint's; option values the loop
 cannot use (NaN learning rate, ...). `--resume` skips a corrupt latest checkpoint for the newest intact
 one and says so (checkpoint.py).
 """
@@ -55,7 +56,7 @@ from z2all.model.config import ModelConfig, model_preset
 from z2all.ops import OpsConfig
 from z2all.train import distributed as dist_mod
 from z2all.train.distributed import DistConfig
-from z2all.train.loop import Objective, TrainingDiverged, accumulate, train_loop  # noqa: F401 - re-exported
+from z2all.train.loop import Objective, TrainingDiverged, accumulate, run_dir_lock, train_loop  # noqa: F401 - re-exported
 from z2all.train.optim import OptimConfig, validate_optim
 from z2all.utils import UserError, print0
 
@@ -209,7 +210,8 @@ def run(cfg: Config) -> int:
     info = dist_mod.init_distributed(cfg.device, cfg.dist.timeout_s)
     finished = False
     try:
-        status = train_loop(cfg, info, Pretraining(cfg, info))
+        with run_dir_lock(cfg.out_dir, info, "train"):
+            status = train_loop(cfg, info, Pretraining(cfg, info))
         finished = True
         return status
     finally:
@@ -233,6 +235,7 @@ class Pretraining(Objective):
         self.meta = meta = self.loader.meta
         self.val_loader = TokenLoader(self.data_dir, "val", **kw) if meta.get("val_tokens", 0) > d.seq_len else None
         self.tokenizer_dir = tokenizer_dir_of(self.data_dir, meta)
+        self.tokenizer_from = f"meta.json of --data.dir {self.data_dir}"
         self.model_config = resolve_model_config(cfg.model, int(meta["vocab_size"]), d.seq_len)
         self.grad_accum = d.grad_accum
         self.world_size = info.world_size

@@ -31,7 +31,8 @@ metrics.jsonl + TensorBoard, Ctrl-C/SIGTERM save, checksummed checkpoints, `z2al
   held-out answer and the share that ended with <|im_end|> (`--eval.sample_tokens` new tokens at most).
 
 Run directory (`--out_dir`, claimed for "sft"; never a `z2all train` run dir): config.json, metrics.jsonl,
-checkpoints/step-N/ with tokenizer/ (as `z2all train`).
+checkpoints/step-N/ with tokenizer/ (as `z2all train`). `--resume` keeps the data, packing, global batch, seed,
+tokenizer and LoRA options of the run, and with LoRA its --init base (the weights, wherever they now lie).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from z2all.model.lora import LoraConfig, LoraHooks, trainable_params
 from z2all.ops import OpsConfig
 from z2all.train import distributed as dist_mod
 from z2all.train.distributed import DistConfig
-from z2all.train.loop import Objective, train_loop
+from z2all.train.loop import Objective, run_dir_lock, train_loop
 from z2all.train.optim import OptimConfig, validate_optim
 from z2all.train.pretrain import CkptSection, MetricsSection
 from z2all.utils import UserError, print0
@@ -159,7 +160,8 @@ def run_objective(cfg, objective) -> int:
     info = dist_mod.init_distributed(cfg.device, cfg.dist.timeout_s)
     finished = False
     try:
-        status = train_loop(cfg, info, objective(cfg, info))
+        with run_dir_lock(cfg.out_dir, info, objective.command):
+            status = train_loop(cfg, info, objective(cfg, info))
         finished = True
         return status
     finally:
@@ -201,6 +203,8 @@ class SFT(LoraHooks, Objective):
         self.model_config = self._init_model.cfg
         tok_dir = Path(cfg.tokenizer) if cfg.tokenizer else default_tokenizer_dir(self.init_path, kind)
         self.tokenizer_dir = check_tokenizer(tok_dir, self.data_dir, explicit=bool(cfg.tokenizer))
+        self.tokenizer_from = "--tokenizer" if cfg.tokenizer else f"--init {cfg.init}"
+        self.init_id = init_identity(self.init_path)
         kw = dict(seq_len=d.seq_len, batch_size=d.batch_size, mode=d.packing, seed=cfg.seed, rank=info.rank,
                   world_size=info.world_size, grad_accum=d.grad_accum)
         self.batches = SFTBatches(self.data_dir, "train", **kw)
@@ -291,7 +295,7 @@ class SFT(LoraHooks, Objective):
     def resume_state(self) -> dict:
         d = self.cfg.data
         return {"seq_len": d.seq_len, "global_batch": self.batches.rows_per_step, "batch_size": d.batch_size,
-                "packing": d.packing, "data": self.data_id, **self.lora_state()}
+                "packing": d.packing, "data": self.data_id, "init": self.init_id, **self.lora_state()}
 
     def check_resume(self, ckpt: Path, state: dict) -> None:
         d = self.cfg.data
@@ -305,9 +309,39 @@ class SFT(LoraHooks, Objective):
             raise UserError(f"--resume: --data.dir {self.data_dir} is not the chat data {ckpt} was trained on; point "
                             "--data.dir at the original files, or start a new run in another --out_dir")
         self.check_lora_resume(ckpt, state)
+        if self.lora.enabled:  # the adapters only mean something on their base (a full checkpoint holds it all)
+            check_resume_init(ckpt, state.get("init"), self.init_id, "the adapters were trained on that base")
 
     def config_extras(self) -> dict:
         return {"data_meta": self.meta, "init": str(self.init_path)}
+
+
+# ---------------------------------------------------------------- --init on resume
+
+def init_identity(init_path: Path) -> dict:
+    """What --init was, for a resume to compare: its resolved directory and the size and head/tail hash of
+    each weights file in it (no mtime: a copied checkpoint is the same model)."""
+    files = sorted(p for p in Path(init_path).iterdir() if p.is_file() and (
+        p.suffix == ".safetensors" or (p.suffix == ".bin" and p.name.startswith("pytorch_model"))))
+    return {"path": str(init_path),
+            "weights": {p.name: {k: v for k, v in fingerprint(p).items() if k != "mtime_ns"} for p in files}}
+
+
+def check_resume_init(ckpt: Path, saved: dict | None, now: dict, why: str) -> None:
+    """A resume starts from the --init the run started from: the same weights (wherever the directory now
+    lies), or the same path when the weights cannot be told. Checkpoints that recorded nothing: not checked."""
+    if not isinstance(saved, dict) or not saved.get("path"):
+        return
+    if saved.get("weights") and now["weights"]:
+        same = saved["weights"] == now["weights"]
+    else:
+        same = saved["path"] == now["path"]
+    if same:
+        return
+    was, cur = saved["path"], now["path"]
+    detail = f"now --init {cur}" if was != cur else f"--init {cur} now holds other weights"
+    raise UserError(f"--resume: {ckpt} was trained from --init {was}; {detail} ({why}). Resume with --init {was} "
+                    "as it was, or start a new run in another --out_dir")
 
 
 # ---------------------------------------------------------------- tokenizer and answers
