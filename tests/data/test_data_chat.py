@@ -321,6 +321,37 @@ def test_sigkill_and_resume_give_identical_files(tokdir, tmp_path, where):
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_rerun_with_another_input_never_deletes_a_users_files(tokdir, tmp_path):
+    """Only the files the earlier run's state lists are removed; one of our names that no state lists is
+    not ours: the run refuses, naming it, before it deletes anything."""
+    a = write_jsonl(tmp_path / "a.jsonl", [openai_rec(conv(i)) for i in range(6)])
+    b = write_jsonl(tmp_path / "b.jsonl", [openai_rec(conv(i, turns=2)) for i in range(6)])
+    out = tmp_path / "out"
+    run_chat(tokdir, out, [a])
+    (out / "train-00005.bin").write_bytes(b"mine")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(UserError, match=r"holds train-00005\.bin.*nothing was changed") as e:
+        run_chat(tokdir, out, [b])
+    assert "\n" not in str(e.value)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    (out / "train-00005.bin").rename(tmp_path / "moved.bin")
+    meta = run_chat(tokdir, out, [b])
+    ref = run_chat(tokdir, tmp_path / "ref", [b])
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "ref").iterdir())
+    assert {**meta, "inputs": 0} == {**ref, "inputs": 0}
+
+
+def test_an_empty_train_split_fails_in_one_line_and_leaves_no_output(tokdir, tmp_path):
+    picked = [m for m in (conv(i) for i in range(200)) if chat.is_val(m, 0, 0.9)][:3]
+    src = write_jsonl(tmp_path / "c.jsonl", [openai_rec(m) for m in picked])
+    out = tmp_path / "new" / "out"
+    p = cli("--inputs", src, "--tokenizer", tokdir, "--out", out, "--val-fraction", "0.9")
+    err = [ln for ln in p.stderr.splitlines() if "error:" in ln]
+    assert p.returncode != 0 and "Traceback" not in p.stderr and len(err) == 1, p.stderr
+    assert "train split is empty" in err[0] and "lower --val-fraction or add data" in err[0]
+    assert not (tmp_path / "new").exists()  # made by this run: handed back
+
+
 def test_another_template_renders_like_transformers_and_may_refuse_records(tokdir, tmp_path):
     import shutil
 

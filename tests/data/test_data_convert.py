@@ -338,3 +338,39 @@ def test_adding_a_source_continues_gids_and_dedup(docs, tmp_path):
         convert.run(cfg_for({"github_python": code}, out, **{**kw, "shard_mb": 0.5}))
     with pytest.raises(UserError, match="other inputs"):  # an existing source with other files
         convert.run(cfg_for({"wikipedia_zh": code}, out, **kw))
+
+
+def test_user_files_named_like_shards_survive_adding_a_source_and_overwrite(docs, tmp_path):
+    """Cleanup goes by the state's record of what convert wrote, never by a file's name: a user's
+    part-00009.jsonl / part-00003.txt in a source directory outlive an added source and --overwrite."""
+    zh = write_jsonl(tmp_path / "zh.jsonl", raw_rows("wikipedia_zh", docs["zh"][:20]))
+    code = write_jsonl(tmp_path / "py.jsonl", raw_rows("github_python", docs["code"][:5]))
+    out = tmp_path / "out"
+    convert.run(cfg_for({"wikipedia_zh": zh}, out, txt=True))
+    mine = {out / "wikipedia_zh" / "part-00009.jsonl": b'{"mine": 1}\n', out / "wikipedia_zh" / "part-00003.txt": b"x"}
+    for p, data in mine.items():
+        p.write_bytes(data)
+    assert convert.run(cfg_for({"wikipedia_zh": zh, "github_python": code}, out, txt=True)) == 0  # adds a source
+    assert (out / "github_python" / "part-00000.jsonl").is_file()
+    assert all(p.read_bytes() == data for p, data in mine.items())
+    other = write_jsonl(tmp_path / "zh2.jsonl", raw_rows("wikipedia_zh", docs["zh"][20:40]))
+    assert convert.run(cfg_for({"wikipedia_zh": other}, out, txt=True, overwrite=True)) == 0  # other inputs
+    assert all(p.read_bytes() == data for p, data in mine.items())
+    assert not (out / "github_python").exists()  # what the replaced conversion wrote is gone
+
+
+def test_a_user_file_where_the_next_shard_goes_is_refused_then_the_run_continues(docs, tmp_path):
+    zh = write_jsonl(tmp_path / "zh.jsonl", raw_rows("wikipedia_zh", docs["zh"][:20]))
+    code = write_jsonl(tmp_path / "py.jsonl", raw_rows("github_python", docs["code"][:5]))
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    convert.run(cfg_for({"wikipedia_zh": zh}, out))
+    (out / "github_python").mkdir()
+    theirs = out / "github_python" / "part-00000.jsonl"
+    theirs.write_bytes(b"not ours\n")
+    with pytest.raises(UserError, match=r"github_python/part-00000\.jsonl is in the way.*move it out") as e:
+        convert.run(cfg_for({"github_python": code}, out))
+    assert "\n" not in str(e.value) and theirs.read_bytes() == b"not ours\n"
+    theirs.rename(tmp_path / "moved.jsonl")
+    assert convert.run(cfg_for({"github_python": code}, out)) == 0  # the same command continues
+    convert.run(cfg_for({"wikipedia_zh": zh, "github_python": code}, ref))
+    assert shard_bytes(out) == shard_bytes(ref)

@@ -169,6 +169,36 @@ def test_tokenize_user_errors(corpus, tmp_path):
         tokenize.run(tokenize.Config(shards=str(tmp_path / "none"), tokenizer=str(tok), out=str(tmp_path / "o")))
 
 
+def test_rerun_with_other_settings_never_deletes_a_users_token_files(corpus, tmp_path):
+    """Only the files the earlier run's state lists are removed; a token-file name no state lists is not
+    ours: the run refuses, naming it, before it deletes anything."""
+    out, meta = tokenize_to(corpus, "rerun", workers=1, val_fraction=0.1)
+    mine = {out / "train-00007.bin": b"mine", out / "val-00003.bin": b"mine too"}
+    for p, data in mine.items():
+        p.write_bytes(data)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(UserError, match=r"holds train-00007\.bin, val-00003\.bin.*nothing was changed") as e:
+        tokenize_to(corpus, "rerun", workers=1, val_fraction=0.3)
+    assert "\n" not in str(e.value)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    for p in mine:
+        p.rename(tmp_path / p.name)
+    _, meta = tokenize_to(corpus, "rerun", workers=1, val_fraction=0.3)
+    ref, ref_meta = tokenize_to(corpus, "rerun-ref", workers=1, val_fraction=0.3)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())
+    assert {**meta, "tokenizer_dir": 0} == {**ref_meta, "tokenizer_dir": 0}
+
+
+def test_an_empty_train_split_fails_and_leaves_no_output(corpus):
+    d, tok = corpus
+    out = d / "all-val"
+    with pytest.raises(UserError, match="train split is empty.*lower --val-fraction or add data") as e:
+        tokenize.run(tokenize.Config(shards=str(d / "conv" / "github_python"), tokenizer=str(tok), out=str(out),
+                                     workers=1, val_fraction=0.99))
+    assert "\n" not in str(e.value)
+    assert not out.exists()  # made by this run: handed back
+
+
 # ---------------------------------------------------------------- loader
 
 @pytest.fixture

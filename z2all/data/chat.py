@@ -53,11 +53,14 @@ refuses with raise_exception) are skipped and counted by reason with their file:
 when no conversation survives or when more than --max-skipped of the records were skipped; the files stay,
 and rerunning with a higher --max-skipped finishes instantly.
 
-Resume and atomicity: files are written under hidden temp names and renamed when complete; after every
-input batch the state (input position, bytes per open file, counts) is committed to `.chat_state.json`.
-A killed run resumes from the last commit (open files truncated back to it) and produces byte-identical
-files; meta.json is written last, so a directory without it is unfinished. Changed inputs, tokenizer or
-options restart from scratch (only files this command wrote are removed).
+Resume and atomicity: files are written under hidden temp names and renamed when complete, after the
+commit that lists them; after every input batch the state (input position, bytes per open file, counts) is
+committed to `.chat_state.json`. A killed run resumes from the last commit (open files truncated back to it)
+and produces byte-identical files; meta.json is written last, so a directory without it is unfinished.
+Changed inputs, tokenizer or options restart from scratch, removing only the files the earlier run's state
+(or meta.json) lists and our own temp files; a file with one of our names that no state lists is never
+removed, and a run refuses to start (naming it) while one is there. A run whose train split comes out empty
+(--val-fraction too high for the data) fails and removes what it wrote (and --out, when it made it).
 """
 
 from __future__ import annotations
@@ -76,7 +79,7 @@ import orjson
 
 from z2all.config import opt
 from z2all.data.readers import InputReader, MalformedJSON, expand_inputs
-from z2all.io import atomic_write_text, claim_output_dir, fingerprint
+from z2all.io import NewOutput, atomic_write_text, claim_output_dir, fingerprint
 from z2all.utils import UserError, markdown_table, print0, progress
 
 COMMAND = "data chat"
@@ -449,7 +452,9 @@ def is_val(messages: list[dict], seed: int, fraction: float) -> bool:
 
 class _SplitWriter:
     """`<split>-NNNNN.{bin,mask,idx}` of one split; each file appears (renamed) only when complete.
-    `files`, `tokens`, `examples`, `open_tokens`, `open_examples` come from a committed state on resume."""
+    `files`, `tokens`, `examples`, `open_tokens`, `open_examples` come from a committed state on resume.
+    A finished set keeps its temp names until `publish()`, called after the commit that lists it: a file
+    with one of our names is then always one a state lists, and a name no state lists is never ours."""
 
     def __init__(self, out: Path, split: str, dtype: np.dtype, file_tokens: int, files: list[str] | None = None,
                  tokens: int = 0, examples: int = 0, open_tokens: int = 0, open_examples: int = 0):
@@ -458,6 +463,12 @@ class _SplitWriter:
         self.tokens, self.examples = tokens, examples
         self._f: list | None = None
         self._n = self._k = 0
+        self._pending: list[tuple[Path, Path]] = []  # finished, listed by the next commit, then renamed
+        for name in self.files:  # committed by a killed run that did not get to rename them
+            for s in SUFFIXES:
+                tmp, final = out / f".{Path(name).stem}{s}.tmp", out / f"{Path(name).stem}{s}"
+                if not final.exists() and tmp.exists():
+                    os.replace(tmp, final)
         if open_tokens or open_examples:
             self._reopen(open_tokens, open_examples)
 
@@ -475,7 +486,8 @@ class _SplitWriter:
         self._f = []
         for (tmp, final), size in zip(self._paths(), sizes):
             if not tmp.exists() and final.exists():
-                os.replace(final, tmp)  # killed after the rename, before the commit
+                # a z2all before publish() renamed a set before its commit: the state names it open, so it is ours
+                os.replace(final, tmp)
             if not tmp.exists() or tmp.stat().st_size < size:
                 raise UserError(f"{tmp} is missing or shorter than {STATE} says; remove {self.out} and rerun")
             f = open(tmp, "r+b")
@@ -489,10 +501,15 @@ class _SplitWriter:
             f.flush()
             os.fsync(f.fileno())
             f.close()
-        for tmp, final in self._paths():
-            os.replace(tmp, final)
+        self._pending.extend(self._paths())
         self.files.append(self._paths()[0][1].name)
         self._f = None
+
+    def publish(self) -> None:
+        """Rename the finished file sets into place: only once a committed state lists them."""
+        for tmp, final in self._pending:
+            os.replace(tmp, final)
+        self._pending.clear()
 
     def add(self, ids: list[int], mask: list[int]) -> None:
         if self._f is not None and self._n and self._n + len(ids) > self.file_tokens:
@@ -516,8 +533,9 @@ class _SplitWriter:
                 "open_tokens": self._n if self._f else 0, "open_examples": self._k if self._f else 0}
 
     def keep(self) -> set[str]:
-        names = {Path(f).stem + s for f in self.files for s in SUFFIXES}
-        return names | ({tmp.name for tmp, _ in self._paths()} if self._f is not None else set())
+        """Names in `out` this writer owns (finished sets, their temp names and the open set's temp files)."""
+        return _listed({"files": self.files, "open_tokens": self._n if self._f is not None else 0,
+                        "open_examples": self._k if self._f is not None else 0}, self.split)
 
     def finish(self) -> list[str]:
         if self._f is not None or not self.files:  # an empty split still gets one (empty) file set
@@ -527,9 +545,46 @@ class _SplitWriter:
         return self.files
 
 
-def _ours(name: str) -> bool:
-    """A file name this command writes (what a restart may remove)."""
-    return bool(re.fullmatch(r"\.?(train|val)-\d{5}\.(bin|mask|idx)(\.tmp)?", name)) or name in ("meta.json", STATE)
+_NAME = re.compile(r"(train|val)-\d{5}\.(bin|mask|idx)")
+_TMP = re.compile(r"\.(train|val)-\d{5}\.(bin|mask|idx)\.tmp")  # only _SplitWriter makes these hidden names
+
+
+def _listed(writer: dict, split: str) -> set[str]:
+    """The names in `out` a writer's committed state says it wrote: each file set (under its temp names
+    too, when a kill came between the commit and the rename) and the set it had open."""
+    stems = [Path(f).stem for f in writer.get("files") or [] if isinstance(f, str)]
+    names = {f"{stem}{s}" for stem in stems for s in SUFFIXES} | {f".{stem}{s}.tmp" for stem in stems for s in SUFFIXES}
+    if writer.get("open_tokens") or writer.get("open_examples"):
+        names |= {f".{split}-{len(stems):05d}{s}.tmp" for s in SUFFIXES}
+    return names
+
+
+def _written(out: Path, state) -> set[str]:
+    """Every file an earlier run says it wrote: from its state, else (unreadable) from its meta.json."""
+    if isinstance(state, dict):
+        writers = state.get("writers") if isinstance(state.get("writers"), dict) else {}
+        return set().union(*(_listed(w, s) for s, w in writers.items() if isinstance(w, dict)))
+    try:
+        meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+        files = [f for s in ("train", "val") for f in meta.get(f"{s}_files") or [] if isinstance(f, str)]
+        return {f"{Path(f).stem}{s}" for f in files for s in SUFFIXES}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return set()
+
+
+def _check_foreign(out: Path, listed: set[str]) -> None:
+    """Refuse (before anything is removed) when `out` holds one of our file names that no state lists: a
+    user's file, which would read as part of the output, or be overwritten by a later file of that name."""
+    foreign = sorted(p.name for p in out.iterdir() if p.is_file() and _NAME.fullmatch(p.name) and p.name not in listed)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f", ... ({len(foreign)} files)" if len(foreign) > 3 else "")
+        raise UserError(f"--out {out} holds {shown}, which `z2all {COMMAND}` did not write (its state does not list "
+                        f"them); move them out or choose another --out (nothing was changed)")
+
+
+def _temps(out: Path) -> list[Path]:
+    """Our temp files in `out` (a killed run's unfinished file sets)."""
+    return [p for p in out.iterdir() if p.is_file() and _TMP.fullmatch(p.name)]
 
 
 def _check_part(stem: Path, dtype: np.dtype, meta_path: Path) -> tuple[np.ndarray, int]:
@@ -628,7 +683,8 @@ def _new_stats() -> dict:
 
 
 def _start(out: Path, sig: dict) -> dict | None:
-    """The committed state of an earlier run of the same job, else None (and our old files are removed)."""
+    """The committed state of an earlier run of the same job, else None (and the files the earlier run
+    wrote are removed: those its state, or meta.json when the state is unreadable, lists, and our temp files)."""
     state = None
     try:
         state = json.loads((out / STATE).read_text(encoding="utf-8"))
@@ -636,9 +692,10 @@ def _start(out: Path, sig: dict) -> dict | None:
         pass
     if isinstance(state, dict) and state.get("signature") == sig:
         return state
-    for p in out.iterdir():
-        if p.is_file() and _ours(p.name):
-            p.unlink()
+    listed = _written(out, state)
+    _check_foreign(out, listed)
+    for p in [*(out / n for n in sorted(listed)), *_temps(out), out / "meta.json", out / STATE]:
+        p.unlink(missing_ok=True)
     return None
 
 
@@ -727,10 +784,19 @@ def stats_table(meta: dict) -> str:
 
 
 def run(cfg: Config) -> int:
+    """The command, holding --out (z2all.io.dir_lock): a second process writing it meanwhile is refused."""
+    from z2all.io import dir_lock
+
+    with dir_lock(cfg.out, COMMAND):
+        return _run(cfg)
+
+
+def _run(cfg: Config) -> int:
     cfg.validate()
     t0 = time.perf_counter()
     files = [f for p in cfg.inputs for f in expand_inputs(p)]
     renderer = Renderer(cfg.tokenizer)  # a broken tokenizer is reported before anything is created
+    new = NewOutput(cfg.out)
     out = claim_output_dir(cfg.out, COMMAND, protect=[*cfg.inputs, cfg.tokenizer])
     dtype = dtype_for(renderer.vocab_size)
     sig = _signature(cfg, files, renderer, dtype)
@@ -747,14 +813,17 @@ def run(cfg: Config) -> int:
     file_tokens = max(1, int(cfg.file_mb * 2**20) // dtype.itemsize)
     writers = {s: _SplitWriter(out, s, dtype, file_tokens, **state["writers"].get(s, {})) for s in ("train", "val")}
     keep = set().union(*(w.keep() for w in writers.values()))
-    for p in out.iterdir():  # written after the last commit of a killed run
-        if p.is_file() and _ours(p.name) and p.name not in keep and p.name not in ("meta.json", STATE):
+    _check_foreign(out, keep)
+    for p in _temps(out):  # opened after the last commit of a killed run
+        if p.name not in keep:
             p.unlink()
     job = _Job(cfg, out, renderer, state)
 
     def commit(fi: int, item: int) -> None:
         state.update(file=fi, item=item, writers={s: w.state() for s, w in writers.items()})
         atomic_write_text(out / STATE, json.dumps(state, ensure_ascii=False) + "\n")
+        for w in writers.values():
+            w.publish()
 
     if not state["done"]:
         total = sum(p.stat().st_size for p in files)
@@ -783,6 +852,8 @@ def run(cfg: Config) -> int:
         files_out = {s: w.finish() for s, w in writers.items()}
         state.update(done=True, file=len(files), item=0, writers={s: w.state() for s, w in writers.items()})
         atomic_write_text(out / STATE, json.dumps(state, ensure_ascii=False) + "\n")
+        for w in writers.values():
+            w.publish()
     else:
         files_out = {s: list(w.files) for s, w in writers.items()}
     stats = state["stats"]
@@ -794,6 +865,13 @@ def run(cfg: Config) -> int:
                         f"({skipped} skipped{', first: ' + first_bad if first_bad else ''}; "
                         f"{stats['dropped_too_long']} longer than --max-len {cfg.max_len}); check --schema and the "
                         f"inputs")
+    if not stats["conversations"]["train"]:  # nothing to fine-tune on: a failure, not an output to resume
+        for p in [*(out / n for n in sorted(set().union(*(w.keep() for w in writers.values())))), *_temps(out),
+                  out / "meta.json", out / STATE]:
+            p.unlink(missing_ok=True)
+        new.undo()
+        raise UserError(f"the train split is empty: all {kept:,} conversations went to validation (--val-fraction "
+                        f"{cfg.val_fraction}); lower --val-fraction or add data (nothing was kept in {out})")
     if stats["records"] and skipped / stats["records"] > cfg.max_skipped:
         raise UserError(f"{skipped} of {stats['records']} records were skipped, more than --max-skipped "
                         f"{cfg.max_skipped} (first: {first_bad}); fix the inputs or raise --max-skipped (a rerun "

@@ -41,7 +41,10 @@ would have written. The cleaning and shard settings must be the same; rerunning 
 
 Output directory: --out is claimed (z2all.io.claim_output_dir): new, empty, or an earlier convert output;
 an input inside it is refused. --overwrite removes exactly the files the state (or, when it is unreadable,
-the manifests) lists as written by convert, and directories left empty; anything else stays.
+the manifests) lists as written by convert, and directories left empty; anything else stays. Before a shard
+is started the state records its file names ("open_shard"), so a resume removes a killed run's unfinished
+shard by that record, never by its name: a user's part-00009.jsonl in a source directory stays, and a run
+that would write a shard over such a file stops, naming it, before touching it.
 
 No silent failure: a source that yields no records, or whose records are mostly skipped for a reason other
 than duplication (more than --max-skipped-fraction, default 0.5: a wrong --text-field, a file in another
@@ -84,6 +87,7 @@ from z2all.data.shards import (
     load_shard_hashes,
     read_manifest,
     remove_stale,
+    shard_name,
     write_manifest,
 )
 from z2all.data.sources import KINDS, SOURCES, Source, get_source
@@ -226,11 +230,28 @@ def remove_conversion(out: Path, state: dict | None) -> None:
         if not d.is_dir():
             continue
         remove_listed(d, [*_listed_names(shards), MANIFEST])
-        remove_stale(d, set())
+        remove_stale(d, _uncommitted(state or {}, name))
         for sub in (d / ".dedup", d):
             if sub.is_dir() and not any(sub.iterdir()):
                 sub.rmdir()
     remove_listed(out, [STATE, "stats.md", "convert.json"])
+
+
+def _shard_files(index: int, cfg: Config) -> list[str]:
+    """The files convert writes for shard `index` of a source (relative to the source directory)."""
+    return [shard_name(index, cfg.compress), *([f"part-{index:05d}.txt"] if cfg.txt else []),
+            f".dedup/part-{index:05d}.u64", f".dedup/part-{index:05d}.near.u64"]
+
+
+def _uncommitted(state: dict, name: str) -> list[str]:
+    """The files of the shard of source `name` that the state says was open and no committed shard list
+    has: what a killed run wrote (perhaps renamed into place) before its commit."""
+    rec = state.get("open_shard")
+    if not isinstance(rec, dict) or rec.get("source") != name or not isinstance(rec.get("files"), list):
+        return []
+    shards = (state.get("sources") or {}).get(name, {}).get("shards", [])
+    listed = set(_listed_names(shards))
+    return [f for f in rec["files"] if isinstance(f, str) and f not in listed]
 
 
 def _is_legacy(out: Path) -> bool:
@@ -245,6 +266,10 @@ def _size(u: Unit, st: dict) -> int:
     """An input's size: as recorded (an input of an earlier run may be gone), else from the disk."""
     fp = st.get("fingerprint")
     return fp["size"] if fp else u.path.stat().st_size
+
+
+class _InTheWay(Exception):
+    """A file convert did not write sits where its next shard goes (reported as a UserError by run)."""
 
 
 class Converter:
@@ -383,7 +408,7 @@ class Converter:
         """After a kill: drop files no commit lists, reload dedup hashes, rewrite manifests."""
         for name in dict.fromkeys(u.source.name for u in self.units):
             shards = self.state["sources"].get(name, {}).get("shards", [])
-            remove_stale(self.out / name, {sh["file"] for sh in shards} | {sh["txt"] for sh in shards if "txt" in sh})
+            remove_stale(self.out / name, _uncommitted(self.state, name))
             for sh in shards:
                 index = int(sh["file"][5:10])
                 self.exact.add_all(load_shard_hashes(self.out / name, index))
@@ -421,6 +446,7 @@ class Converter:
             s["shards"].append(info)
         else:
             self.writer.abort()
+        self.state.pop("open_shard", None)  # listed now (or never written): the next commit drops the record
         self.writer = None
 
     def _writer_for(self, name: str) -> ShardWriter:
@@ -429,6 +455,17 @@ class Converter:
             self._commit()
         if self.writer is None:
             index = len(self._src(name)["shards"])
+            files = _shard_files(index, self.cfg)
+            d = self.out / name
+            in_way = [d / f for f in files if not f.startswith(".") and ((d / f).exists() or (d / f).is_symlink())]
+            if in_way:  # not ours (a killed run's shard was removed by _restore): never written over
+                raise _InTheWay(f"{in_way[0]} is in the way: `z2all data convert` did not write it (no state or "
+                                f"manifest lists it) and its next shard of '{name}' has that name; move it out of "
+                                f"{d} and rerun the same command to continue ({self.out / STATE} keeps what is done)")
+            # recorded and committed before the first byte: a resume after a kill removes these files by this
+            # record, not by their names (all documents applied so far are in finished shards: consistent)
+            self.state["open_shard"] = {"source": name, "index": index, "files": files}
+            self._commit()
             self.writer = ShardWriter(self.out / name, index, compress=self.cfg.compress, txt=self.cfg.txt)
             self.writer_source = name
         return self.writer
@@ -558,6 +595,7 @@ class Converter:
         # a batch travels as its payload with a small tag; markers ("end", "repaired", ...) are their own tag
         jobs = (((t[0], t[1]), t) if t[0] == "batch" else (t, None) for t in self._tasks())
         error: UserError | None = None
+        in_way: _InTheWay | None = None
         results = ordered_map(convert_worker.work, jobs, workers=cfg.workers, helps=True,
                               initializer=convert_worker.init,
                               initargs=(sources, cfg.clean, cfg.txt, cfg.max_examples), submitted=submitted,
@@ -566,10 +604,14 @@ class Converter:
             with contextlib.closing(results):
                 for tag, result in results:
                     self._apply(tag if result is None else result)
+        except _InTheWay as e:  # a user's file where the next shard goes: stop, nothing of theirs touched
+            in_way = e
         except UserError as e:  # ReadError from the inputs (truncated archive, unreadable parquet), after
             error = e  # every batch before it was applied
         finally:
             bar.close()
+        if in_way is not None:
+            raise UserError(str(in_way)) from None
         self._finish_shard()
         if error is not None:
             u = self.pos[0]
@@ -638,6 +680,14 @@ def check_output(state: dict, cfg: Config, out: Path) -> None:
 
 
 def run(cfg: Config) -> int:
+    """The command, holding --out (z2all.io.dir_lock): a second process writing it meanwhile is refused."""
+    from z2all.io import dir_lock
+
+    with dir_lock(cfg.out, "data convert"):
+        return _run(cfg)
+
+
+def _run(cfg: Config) -> int:
     cfg.validate()
     units = plan(cfg)
     t0 = time.perf_counter()

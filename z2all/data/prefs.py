@@ -281,6 +281,14 @@ def stats_table(meta: dict) -> str:
 
 
 def run(cfg: Config) -> int:
+    """The command, holding --out (z2all.io.dir_lock): a second process writing it meanwhile is refused."""
+    from z2all.io import dir_lock
+
+    with dir_lock(cfg.out, COMMAND):
+        return _run(cfg)
+
+
+def _run(cfg: Config) -> int:
     cfg.validate()
     t0 = time.perf_counter()
     files = [f for p in cfg.inputs for f in expand_inputs(p)]

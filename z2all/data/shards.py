@@ -159,17 +159,22 @@ def load_shard_hashes(out_dir: Path, index: int, kind: str = "") -> np.ndarray:
     return np.fromfile(path, dtype=np.uint64) if path.exists() else np.empty(0, dtype=np.uint64)
 
 
-_OURS = re.compile(r"part-\d{5}\.(jsonl|jsonl\.zst|txt)|\.part-\d{5}\.(jsonl|jsonl\.zst|txt)\.tmp")
+_TEMP = re.compile(r"\.part-\d{5}\.(jsonl|jsonl\.zst|txt)\.tmp")  # only ShardWriter makes these hidden names
 
 
-def remove_stale(out_dir: Path, keep: set[str]) -> None:
-    """Delete shard files and temp files a killed run left behind that no committed manifest lists: only
-    names the shard writer makes (part-NNNNN.jsonl[.zst], part-NNNNN.txt and their hidden temp files)."""
+def remove_stale(out_dir: Path, written: list[str] = ()) -> None:
+    """Delete what a killed run left in a source directory: the shard writer's hidden temp files and
+    `written`, the files the caller's state says that run wrote but never committed (the shard it had open).
+    A visible file is never judged by its name: a user's part-00009.jsonl that no state lists is not ours."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         return
     for p in out_dir.iterdir():
-        if p.is_file() and _OURS.fullmatch(p.name) and p.name not in keep:
+        if p.is_file() and _TEMP.fullmatch(p.name):
+            p.unlink()
+    for name in written:
+        p = out_dir / name
+        if p.is_file() and not p.is_symlink():
             p.unlink()
 
 

@@ -25,11 +25,15 @@ on all cores). The encoder is tiktoken when the tokenizer converts to it exactly
 refuses any tokenizer it cannot reproduce id for id), else `tokenizers`' `encode_batch_fast`; the ids are
 the same either way (tested), tiktoken is ~4-5x faster; results are written in order, at most 2 x workers + 1
 blocks in flight, so memory is bounded and the output does not depend on timing. Files are written under
-hidden temp names and renamed when complete; meta.json is written last, so a directory without meta.json
-is an unfinished run. After each block the position and open files are committed to .tokenize_state.json;
-a killed run resumes from there, and a run with other shards, tokenizer or settings starts over, removing
-only its own token files. --out is claimed (z2all.io.claim_output_dir): a new or empty directory or an
-earlier tokenize output, never a directory holding other files or the inputs.
+hidden temp names and renamed when complete, after the commit that lists them; meta.json is written last,
+so a directory without meta.json is an unfinished run. After each block the position and files are
+committed to .tokenize_state.json; a killed run resumes from there, and a run with other shards, tokenizer
+or settings starts over, removing only the token files the earlier run's state (or meta.json) lists and our
+own temp files. A token file name that no state lists is not ours: it is never deleted, and a run refuses to
+start (naming it) while one is there, since it would read as part of the output or be overwritten. --out is
+claimed (z2all.io.claim_output_dir): a new or empty directory or an earlier tokenize output, never a
+directory holding other files or the inputs. A run whose train split comes out empty (--val-fraction too
+high for the data) fails, removing what it wrote (and the directory, when it made it).
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ from z2all.data.pipeline import ordered_map, read_state
 from z2all.data.readers import InputReader
 from z2all.data.schema import record_text
 from z2all.data.shards import MANIFEST, converted_shards, verify_shard
-from z2all.io import atomic_write_text, claim_output_dir
+from z2all.io import NewOutput, atomic_write_text, claim_output_dir
 from z2all.utils import UserError, human_bytes, print0, progress
 
 EOS = "<|endoftext|>"
@@ -161,7 +165,9 @@ def _work(task: tuple) -> tuple:
 
 class _BinWriter:
     """`<out>/<split>-NNNNN.bin`, rolled at `file_tokens`; each file appears only when complete.
-    `files`, `tokens` and `open_tokens` come from a committed state when resuming."""
+    `files`, `tokens` and `open_tokens` come from a committed state when resuming. A finished file keeps its
+    temp name until `publish()`, called after the commit that lists it: a token file in `out` is then always
+    one a state lists, and a name no state lists is never taken for ours."""
 
     def __init__(self, out: Path, split: str, itemsize: int, file_tokens: int, files: list[str] | None = None,
                  tokens: int = 0, open_tokens: int = 0):
@@ -170,6 +176,10 @@ class _BinWriter:
         self.tokens = tokens  # every token written, the open file's included
         self._f = None
         self._n = 0
+        self._pending: list[tuple[Path, Path]] = []  # finished, committed at the next commit, then renamed
+        for name in self.files:  # committed by a killed run that did not get to rename it
+            if not (out / name).exists() and (out / f".{name}.tmp").exists():
+                os.replace(out / f".{name}.tmp", out / name)
         if open_tokens:
             self._reopen(open_tokens)
 
@@ -186,7 +196,8 @@ class _BinWriter:
         """Continue the open file of a killed run from its committed `n` tokens."""
         self._name, self._tmp = self._names()
         if not self._tmp.exists() and (self.out / self._name).exists():
-            os.replace(self.out / self._name, self._tmp)  # killed after the rename, before the commit
+            # a z2all before publish() renamed a file before its commit: the state names it open, so it is ours
+            os.replace(self.out / self._name, self._tmp)
         if not self._tmp.exists() or self._tmp.stat().st_size < n * self.itemsize:
             raise UserError(f"{self._tmp} is missing or shorter than {STATE} says; delete {self.out} and rerun")
         self._f = open(self._tmp, "r+b")
@@ -198,9 +209,15 @@ class _BinWriter:
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
-        os.replace(self._tmp, self.out / self._name)
+        self._pending.append((self._tmp, self.out / self._name))
         self.files.append(self._name)
         self._f = None
+
+    def publish(self) -> None:
+        """Rename the finished files into place: only once a committed state lists them."""
+        for tmp, final in self._pending:
+            os.replace(tmp, final)
+        self._pending.clear()
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -225,8 +242,8 @@ class _BinWriter:
         return {"files": list(self.files), "tokens": self.tokens, "open_tokens": self._n if self._f else 0}
 
     def keep(self) -> set[str]:
-        """Names in `out` this writer owns (finished files and the open temp file)."""
-        return set(self.files) | ({self._tmp.name} if self._f is not None else set())
+        """Names in `out` this writer owns (finished files, their temp names and the open temp file)."""
+        return _listed({"files": self.files, "open_tokens": self._n if self._f is not None else 0}, self.split)
 
     def finish(self) -> list[str]:
         if self._f is not None or not self.files:  # an empty split still gets one (empty) file
@@ -244,24 +261,66 @@ def _signature(cfg: Config, shards: list[tuple[Path, dict]], vocab: int, dtype: 
             "dtype": dtype.name, "val_fraction": cfg.val_fraction, "seed": cfg.seed, "file_mb": cfg.file_mb}
 
 
+def _listed(writer: dict, split: str) -> set[str]:
+    """The names in `out` a writer's committed state says it wrote: its files (under their temp names too,
+    when a kill came between the commit and the rename) and the temp file it had open."""
+    files = [f for f in writer.get("files") or [] if isinstance(f, str)]
+    names = set(files) | {f".{f}.tmp" for f in files}
+    if writer.get("open_tokens"):
+        names.add(f".{split}-{len(files):05d}.bin.tmp")
+    return names
+
+
+def _written(out: Path, state: dict | None) -> set[str]:
+    """Every token file an earlier run says it wrote: from its state, else (unreadable) from its meta.json."""
+    if state is not None:
+        writers = state.get("writers") if isinstance(state.get("writers"), dict) else {}
+        return set().union(*(_listed(w, s) for s, w in writers.items() if isinstance(w, dict)))
+    try:
+        meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+        return {f for s in ("train", "val") for f in meta.get(f"{s}_files") or [] if isinstance(f, str)}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return set()
+
+
+def _check_foreign(out: Path, listed: set[str]) -> None:
+    """Refuse (before anything is removed) when `out` holds a token file name that no state lists: a user's
+    file, which would read as part of the output, or be overwritten by a later file of that name."""
+    foreign = sorted(p.name for p in out.iterdir() if p.is_file() and _BIN.fullmatch(p.name) and p.name not in listed)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f", ... ({len(foreign)} files)" if len(foreign) > 3 else "")
+        raise UserError(f"--out {out} holds {shown}, which `z2all data tokenize` did not write (its state does not "
+                        f"list them); move them out or choose another --out (nothing was changed)")
+
+
 def _load_state(out: Path, sig: dict) -> dict | None:
-    """The committed state of an earlier run of the same job, else None (and the directory is cleared)."""
+    """The committed state of an earlier run of the same job, else None (and the files the earlier run
+    wrote are removed: those its state, or meta.json when the state is unreadable, lists, and its temp files)."""
     path = out / STATE
-    state = read_state(path, corrupt_ok=True)  # unreadable: start over (every file in `out` is ours)
+    state = read_state(path, corrupt_ok=True)
     if state is not None and state.get("signature") == sig:
         return state
-    for p in [*_ours(out), out / "meta.json", path]:
-        if p.exists():
-            p.unlink()
+    listed = _written(out, state)
+    _check_foreign(out, listed)
+    for p in [*(out / n for n in sorted(listed)), *_temps(out), out / "meta.json", path]:
+        p.unlink(missing_ok=True)
     return None
 
 
-_BIN = re.compile(r"\.?(train|val)-\d{5}\.bin(\.tmp)?")
+_BIN = re.compile(r"(train|val)-\d{5}\.bin")
+_TMP = re.compile(r"\.(train|val)-\d{5}\.bin\.tmp")  # only _BinWriter makes these hidden names
 
 
-def _ours(out: Path) -> list[Path]:
-    """The token files (and their temp files) in `out`: the names _BinWriter makes, nothing else."""
-    return [p for p in out.iterdir() if p.is_file() and _BIN.fullmatch(p.name)]
+def _temps(out: Path) -> list[Path]:
+    """Our temp files in `out` (a killed run's unfinished token files)."""
+    return [p for p in out.iterdir() if p.is_file() and _TMP.fullmatch(p.name)]
+
+
+def _remove_run(out: Path, writers: dict) -> None:
+    """Remove everything this job wrote into `out` (its token files, temp files, meta.json and state)."""
+    names = set().union(*(w.keep() for w in writers.values()))
+    for p in [*(out / n for n in sorted(names)), *_temps(out), out / "meta.json", out / STATE]:
+        p.unlink(missing_ok=True)
 
 
 def _legacy(out: Path) -> bool:
@@ -270,6 +329,14 @@ def _legacy(out: Path) -> bool:
 
 
 def run(cfg: Config) -> int:
+    """The command, holding --out (z2all.io.dir_lock): a second process writing it meanwhile is refused."""
+    from z2all.io import dir_lock
+
+    with dir_lock(cfg.out, "data tokenize"):
+        return _run(cfg)
+
+
+def _run(cfg: Config) -> int:
     cfg.validate()
     t0 = time.perf_counter()
     listed = converted_shards(cfg.shards)
@@ -281,6 +348,7 @@ def run(cfg: Config) -> int:
     tok, eos = load_tokenizer(cfg.tokenizer)
     vocab = tok.get_vocab_size(with_added_tokens=True)
     dtype = dtype_for(vocab)
+    new = NewOutput(cfg.out)
     out = claim_output_dir(cfg.out, "data tokenize", protect=[cfg.shards, cfg.tokenizer], legacy=_legacy)
     sig = _signature(cfg, listed, vocab, dtype)
     state = _load_state(out, sig)
@@ -297,7 +365,8 @@ def run(cfg: Config) -> int:
     writers = {s: _BinWriter(out, s, dtype.itemsize, file_tokens, **state["writers"].get(s, {}))
                for s in ("train", "val")}
     keep = set().union(*(w.keep() for w in writers.values()))
-    for p in _ours(out):  # written after the last commit of a killed run
+    _check_foreign(out, keep)
+    for p in _temps(out):  # opened after the last commit of a killed run
         if p.name not in keep:
             p.unlink()
     _encoder(str(cfg.tokenizer), cfg.encoder, 1)  # an impossible --encoder tiktoken fails here, before any work
@@ -341,9 +410,21 @@ def run(cfg: Config) -> int:
                 docs["val"] += nva
                 state.update(shard=si, line=line, writers={s: w.state() for s, w in writers.items()})
                 atomic_write_text(out / STATE, json.dumps(state) + "\n")
+                for w in writers.values():
+                    w.publish()
     finally:
         bar.close()
     files = {s: w.finish() for s, w in writers.items()}
+    state.update(writers={s: w.state() for s, w in writers.items()})
+    atomic_write_text(out / STATE, json.dumps(state) + "\n")  # lists the last files, then they are renamed
+    for w in writers.values():
+        w.publish()
+    if not docs["train"]:  # a model cannot train on it: a failure, not an output
+        _remove_run(out, writers)
+        new.undo()
+        raise UserError(f"the train split is empty: all {docs['val']:,} documents went to validation "
+                        f"(--val-fraction {cfg.val_fraction}); lower --val-fraction or add data (nothing was kept "
+                        f"in {out})")
     meta = {
         "dtype": dtype.name, "vocab_size": vocab, "eos_id": eos,
         "train_tokens": writers["train"].tokens, "val_tokens": writers["val"].tokens,
