@@ -210,3 +210,34 @@ def test_num_threads_sets_and_restores_and_zero_leaves_it():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(old)
+
+
+def test_generate_command_stops_at_im_end_for_a_chatml_vocabulary(tmp_path, capsys):
+    """A ChatML vocabulary's <|im_end|> ends the completion as EOS does (generate.stop_ids, the ids chat and
+    serve stop at too): an SFT model's turn ends there. Before, `z2all generate` ran past it, dropping it from
+    the text and printing what followed. The model is made to emit <|im_end|> by giving its output row ten
+    times the row of a token it picks greedily."""
+    from transformers import AutoTokenizer
+
+    from z2all.model.generate import stop_ids
+
+    path = tmp_path / "ckpt"
+    tok = AutoTokenizer.from_pretrained(str(make_tokenizer_dir(path / "tokenizer")))
+    assert stop_ids(tok) == [tok.eos_token_id]  # no ChatML: EOS only
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.save_pretrained(str(path / "tokenizer"))
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert stop_ids(tok) == [tok.eos_token_id, end]
+    torch.manual_seed(0)
+    model = Z2all(small_config(vocab_size=len(tok))).eval()
+    prompt = tok("import os\n")["input_ids"]
+    free = generate(model, [prompt], 12)[0]
+    with torch.no_grad():
+        model.output.weight[end] = 10 * model.output.weight[free[3]]
+    free = generate(model, [prompt], 12)[0]
+    assert end in free and free.index(end) < 11, free  # it emits <|im_end|> with more to follow
+    save_model(model, path)
+    assert main(["generate", "--ckpt", str(path), "--prompt", "import os\n", "--max-new-tokens", "12",
+                 "--temperature", "0", "--device", "cpu"]) == 0
+    want = tok.decode(free[:free.index(end)], skip_special_tokens=True)
+    assert capsys.readouterr().out == "import os\n" + want + "\n"

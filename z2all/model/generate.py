@@ -700,6 +700,15 @@ def generate(model, input_ids: list[list[int]], max_new_tokens: int = 64, *, tem
 
 # ---------------------------------------------------------------------- the command
 
+def stop_ids(tok) -> list[int]:
+    """The ids that end a completion: the tokenizer's EOS and, for a ChatML vocabulary, <|im_end|> (a chat
+    model ends its turn there; a base model never emits it from text). generate, chat and serve stop at
+    these, so `z2all generate` on an SFT checkpoint stops where `z2all chat` does."""
+    vocab = tok.get_vocab()
+    chatml = "<|im_start|>" in vocab and "<|im_end|>" in vocab
+    return [i for i in dict.fromkeys((tok.eos_token_id, vocab.get("<|im_end|>") if chatml else None)) if i is not None]
+
+
 def load_tokenizer(path: str | Path, trust_remote_code: bool | None = None, option: str = "--tokenizer"):
     """A transformers tokenizer from a local directory (no network). Trusts the directory's own Python
     tokenizer class only when its tokenizer_config.json names one (auto_map), as a local checkpoint of
@@ -985,7 +994,7 @@ def run(cfg: Config) -> int:
         sys.stdout.write(prompts[0])
         sys.stdout.flush()
     out = generate(model, ids, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                   top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty, eos_id=tok.eos_token_id,
+                   top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty, eos_id=stop_ids(tok),
                    should_stop=_stop_checker(tok, cfg.stop) if cfg.stop else None, on_token=streamer,
                    generator=gen, pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
                    vocab_limit=vocab_limit, decode=cfg.decode,

@@ -492,7 +492,7 @@ def load_meta(ckpt: str, tokenizer: str = "", option: str = "--ckpt") -> Meta:
     may be a checkpoint, a run directory or a Hugging Face Llama directory (llama.resolve_checkpoint)."""
     from pathlib import Path
 
-    from z2all.model.generate import load_tokenizer
+    from z2all.model.generate import load_tokenizer, stop_ids
     from z2all.model.hf_compat import default_tokenizer_dir
     from z2all.model.llama import resolve_checkpoint
 
@@ -504,7 +504,7 @@ def load_meta(ckpt: str, tokenizer: str = "", option: str = "--ckpt") -> Meta:
     tok = load_tokenizer(tok_dir)
     vocab = tok.get_vocab()
     chatml = IM_START in vocab and IM_END in vocab
-    eos = [i for i in (tok.eos_token_id, vocab.get(IM_END) if chatml else None) if i is not None]
+    eos = stop_ids(tok)
     # runs/<run>/checkpoints/step-N -> "<run>-step-N"; anything else: its directory name
     name = f"{path.parent.parent.name}-{path.name}" if path.parent.name == "checkpoints" else path.name
     return Meta(tok, tok_dir, path, kind, note, name or "z2all", chatml, eos)
