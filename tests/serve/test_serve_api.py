@@ -120,6 +120,12 @@ def test_errors_are_openai_shaped_and_the_server_keeps_serving(server):
         (json.dumps({"model": mid, "messages": MSGS, "stop": 3}).encode(), 400, "stop"),
         (json.dumps({"model": "gpt-4", "messages": MSGS}).encode(), 404, "does not exist"),
         (json.dumps({"model": mid, "messages": MSGS, "pad": "x" * (5 << 20)}).encode(), 413, "--max-body"),
+        # found by an audit: these were a plain-text 500 (the first two) or a silent 200 with "logprobs": null
+        (b'{"messages": [{"role": "user", "content": "a\\ud800"}]}', 400, "not valid Unicode"),
+        (b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply"),
+        (json.dumps({"model": mid, "messages": MSGS, "logprobs": True}).encode(), 400, "'logprobs' = true"),
+        (json.dumps({"model": mid, "messages": MSGS, "top_logprobs": 3}).encode(), 400, "'top_logprobs' = 3"),
+        (json.dumps({"model": 5, "messages": MSGS}).encode(), 400, "'model' must be a string"),
     ]
     for body, status, text in cases:
         got, data = raw(server, "POST", "/v1/chat/completions", body)

@@ -83,6 +83,9 @@ def test_trimming_in_process(ckpt):
     assert s.params["temperature"] == 0.5 and s.params["top_k"] == 5
     with pytest.raises(UserError, match="top_p"):
         s.command("/params top_p=2")
+    with pytest.raises(UserError, match="No closing quotation"):  # was an internal error that ended the chat
+        s.command('/params temperature="0.5')
+    assert s.params["temperature"] == 0.5
 
 
 def test_ctrl_c_stops_the_answer_not_the_chat(ckpt, monkeypatch):

@@ -273,3 +273,25 @@ def test_engine_process_stream_interval_sends_fewer_messages_same_events(ckpt):
     assert "".join(t for t, *_ in held) == "".join(t for t, *_ in each) and held[-1] == each[-1]
     assert held[-1][1:] == (True, "length", 40)
     assert n_each > 10 and n_held == 2, (n_each, n_held)  # the first text event, then the rest with the final
+
+
+def test_port_0_serves_on_the_port_it_prints(ckpt):
+    """--port 0: the OS picks a free port, and the start-up line names it (it said :0 before), so a user (or
+    a script) can connect."""
+    import re
+
+    p = subprocess.Popen(cli_argv("serve", "--ckpt", str(ckpt), "--port", "0"), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        line = ""
+        end = time.monotonic() + 120
+        while "serving" not in line and time.monotonic() < end and p.poll() is None:
+            line = p.stderr.readline()
+        port = int(re.search(r"on http://127\.0\.0\.1:(\d+) ", line).group(1))
+        assert port > 0
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30) as r:
+            assert json.loads(r.read())["status"] == "ok"
+    finally:
+        os.killpg(p.pid, signal.SIGINT)
+        assert p.wait(timeout=30) == 0

@@ -93,10 +93,13 @@ def parse_params(body: dict, chat: bool) -> tuple[SamplingParams, int | None]:
             raise ApiError(400, f"'n' = {n} is not supported: this server returns one choice per request; send "
                                 f"{n} requests (with different seeds) instead", "n")
         raise ApiError(400, f"'n' must be 1, got {n!r}", "n")
-    for key in ("logprobs", "echo", "suffix", "tools", "functions", "best_of"):
+    # what we do not implement is accepted only in its "off" spelling; anything else is a 400, not a silent
+    # null (type-exact: in Python True == 1 and False == 0, and `logprobs: 0` asks for the chosen token's)
+    for key, offs in (("logprobs", (None, False)), ("top_logprobs", (None, 0)), ("echo", (None, False)),
+                      ("suffix", (None, "")), ("tools", (None, [])), ("functions", (None, [])), ("best_of", (None, 1))):
         v = body.get(key)
-        if v not in (None, False, 0, 1, [], "") or (key == "best_of" and v not in (None, 1)):
-            raise ApiError(400, f"'{key}' is not supported by this server", key)
+        if not any(v is None if off is None else (type(v) is type(off) and v == off) for off in offs):
+            raise ApiError(400, f"'{key}' = {json.dumps(v)[:40]} is not supported by this server", key)
     mt = body.get("max_tokens")
     if mt is None and chat:
         mt = body.get("max_completion_tokens")
@@ -262,9 +265,13 @@ def create_app(svc: Service):
             body = json.loads(b"".join(chunks))
         except ValueError as e:
             raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+        except RecursionError:
+            raise ApiError(400, "the request body is not valid JSON for this server (nested too deeply)") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
         model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise ApiError(400, f"'model' must be a string, got {json.dumps(model)[:40]}", "model")
         if model is not None and model != svc.name:
             raise ApiError(404, f"the model '{model}' does not exist; this server serves '{svc.name}' (GET /v1/models)",
                            "model", "model_not_found")
@@ -291,10 +298,15 @@ def create_app(svc: Service):
     async def run_request(request: Request, body: dict, chat: bool):
         params, explicit = parse_params(body, chat)
         with svc.engine.tok_lock:
-            if chat:
-                ids = render_chat(svc.tok, parse_messages(body), svc.chatml)
-            else:
-                ids = parse_prompt(body, svc.tok)
+            try:
+                if chat:
+                    ids = render_chat(svc.tok, parse_messages(body), svc.chatml)
+                else:
+                    ids = parse_prompt(body, svc.tok)
+            except (TypeError, UnicodeError) as e:  # a lone surrogate ("\ud800") is valid JSON, not Unicode text
+                where = "messages" if chat else "prompt"
+                raise ApiError(400, f"'{where}' holds text that is not valid Unicode (a lone surrogate?): "
+                                    f"{str(e)[:80]}", where) from None
         if chat and not svc.chatml:
             params.stop = params.stop + BASE_CHAT_STOPS
         svc.fill_max_tokens(params, explicit, len(ids), chat)
@@ -549,9 +561,10 @@ def build(cfg: Config) -> tuple[Service, object]:
     return svc, create_app(svc)
 
 
-def _check_bind(host: str, port: int) -> None:
-    """Refuse early, in one line, what uvicorn would only log after the model loaded: a port in use, an
-    address this machine does not have, a privileged port."""
+def _listen(host: str, port: int):
+    """The server's listening socket, bound before the model loads: what uvicorn would only log after the
+    load (a port in use, an address this machine does not have, a privileged port) is refused at once in
+    one line, and --port 0 gets its real port for the start-up line (uvicorn serves on this socket)."""
     import errno
     import socket
 
@@ -562,16 +575,19 @@ def _check_bind(host: str, port: int) -> None:
     except socket.gaierror as e:
         raise UserError(f"--host {host}: cannot resolve it ({e.strerror}); use an address such as 127.0.0.1") from None
     fam, kind, proto, _, addr = infos[0]
-    with socket.socket(fam, kind, proto) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(addr)
-        except OSError as e:
-            why = {errno.EADDRINUSE: "is already in use (another server?); choose another --port",
-                   errno.EADDRNOTAVAIL: "is not an address of this machine; use 127.0.0.1 or 0.0.0.0",
-                   errno.EACCES: "needs privileges (ports below 1024); use a port >= 1024"}.get(
-                       e.errno, f"cannot be bound ({e.strerror})")
-            raise UserError(f"--host {host} --port {port}: {host}:{port} {why}") from None
+    s = socket.socket(fam, kind, proto)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind(addr)
+        s.listen(2048)
+    except OSError as e:
+        s.close()
+        why = {errno.EADDRINUSE: "is already in use (another server?); choose another --port",
+               errno.EADDRNOTAVAIL: "is not an address of this machine; use 127.0.0.1 or 0.0.0.0",
+               errno.EACCES: "needs privileges (ports below 1024); use a port >= 1024"}.get(
+                   e.errno, f"cannot be bound ({e.strerror})")
+        raise UserError(f"--host {host} --port {port}: {host}:{port} {why}") from None
+    return s
 
 
 def _where(eng) -> str:
@@ -591,9 +607,14 @@ def run(cfg: Config) -> int:
         import uvicorn
     except ImportError as e:
         raise UserError(f"z2all serve needs {e.name}: pip install 'llm-zero2all[serve]' (fastapi, uvicorn)") from None
-    _check_bind(cfg.host, cfg.port)
-    svc, app = build(cfg)
-    where = f"http://{cfg.host}:{cfg.port}"
+    sock = _listen(cfg.host, cfg.port)
+    try:
+        svc, app = build(cfg)
+    except BaseException:
+        sock.close()
+        raise
+    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+    where = f"http://{host}:{sock.getsockname()[1]}"
     eng = svc.engine
     print(f"serving '{svc.name}' on {where}  (chat page: {where}/, OpenAI API: {where}/v1)\n"
           f"  {eng.max_batch} slot(s) x {eng.slot_len} positions, KV cache {human_bytes(eng.cache_bytes)}, "
@@ -604,7 +625,14 @@ def run(cfg: Config) -> int:
         print(f"note: --host {cfg.host} makes the server reachable from other machines, without an API key; "
               f"add --api-key KEY to require one", file=sys.stderr, flush=True)
     try:
-        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=2)
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: a normal stop
+            pass
+        if not server.started:
+            raise UserError("the HTTP server did not start; its error is printed above")
     finally:
+        sock.close()
         eng.close()
     return 0

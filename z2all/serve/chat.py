@@ -68,7 +68,11 @@ class Session:
         from z2all.model.generate import check_sampling
 
         new = dict(self.params)
-        for item in shlex.split(args):
+        try:
+            items = shlex.split(args)
+        except ValueError as e:  # an unbalanced quote
+            raise UserError(f"/params {args}: {e}; write key=value pairs, e.g. /params temperature=0.7") from None
+        for item in items:
             key, eq, value = item.partition("=")
             key = key.replace("-", "_")
             if not eq or key not in PARAMS:
