@@ -145,8 +145,8 @@ def test_bench_llamacpp_preset_engine_and_thread_rows(capsys):
     assert "preset tiny (random weights, demo BPE)" in out
     rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in out.splitlines()
             if r.startswith("| z2all") or r.startswith("| llama.cpp")}
-    assert set(rows) == {"z2all generate, plain forward (1 thr)", "z2all generate, fast decode (1 thr)",
-                         "z2all generate, fast decode (2 thr, forced)",
+    assert set(rows) == {"generate() in-process, plain forward (1 thr)", "generate() in-process, fast decode (1 thr)",
+                         "generate() in-process, fast decode (2 thr, forced)",
                          "z2all engine, 3 streams aggregate (in-process, 1 thr)",
                          "llama.cpp f32 (28.8 MB)", "llama.cpp f32-1 (1 thr)"}, out
     assert all(cells[1].endswith("x") and cells[2].endswith("/8") for cells in rows.values())

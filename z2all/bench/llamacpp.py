@@ -13,7 +13,7 @@ trained on the demo corpus in a second (bench/serve.py demo_tokenizer; the GGUF 
 preset's rows): decode speed does not depend on the weights' values, and both sides run the same weights.
 
 What each number counts: "tokens/s" = new tokens / wall seconds of one generation call, prompt prefill
-included (the prompt is short: ~10 tokens), model building, loading and GGUF export excluded; best of
+included (the prompt is short: a few tokens, --prompt), model building, loading and GGUF export excluded; best of
 --repeats rounds, the rows alternating within each round so background load hits every row alike. Our rows
 name the threads their decode steps ran on: the auto rule (model/generate.py decode_threads) runs a model
 under 64 MB on one thread and a larger one on --threads; the "forced" row runs the other choice. The engine
@@ -131,11 +131,12 @@ def run(cfg: Config) -> int:
         tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
         ids = tok.encode(cfg.prompt, add_special_tokens=False).ids
         auto = decode_threads(model)
-        plain, fast = f"z2all generate, plain forward ({auto} thr)", f"z2all generate, fast decode ({auto} thr)"
+        plain = f"generate() in-process, plain forward ({auto} thr)"
+        fast = f"generate() in-process, fast decode ({auto} thr)"
         rows: dict[str, list[float]] = {plain: [], fast: []}
         # the other thread choice, forced, so the auto rule's pick can be checked on the machine at hand
         alt = cfg.threads if auto == 1 else 1
-        forced = f"z2all generate, fast decode ({alt} thr, forced)"
+        forced = f"generate() in-process, fast decode ({alt} thr, forced)"
         if alt != auto:
             rows[forced] = []
         engine = None
