@@ -208,3 +208,39 @@ def test_hf_directory_exports_directly(ckpt, tmp_path):
     for k in ta:
         np.testing.assert_array_equal(ta[k], tb[k], err_msg=k)
     assert _read(a)[1]["tokenizer.ggml.tokens"] == _read(b)[1]["tokenizer.ggml.tokens"]
+
+
+def test_f16_refuses_weights_out_of_its_range_and_q8_0_names_what_stays_f16(tmp_path, capsys):
+    """An f16 export of weights beyond float16's range (65504) is refused naming the tensor, for GGUF and for
+    `export hf --dtype fp16` (they became inf, and both said "exported"); q8_0 keeps a matrix whose rows are
+    not a multiple of its 32-value blocks in f16 and now says so (it printed "q8_0" and nothing else)."""
+    from z2all.model import hf_compat
+
+    tok = make_tokenizer(tmp_path / "tok")
+    tj = json.loads((tok / "tokenizer.json").read_text())
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_seq_len=128,
+                      vocab_size=len(tj["model"]["vocab"]) + len(tj["added_tokens"]))
+    torch.manual_seed(0)
+    model = Z2all(cfg).eval()
+    d = save_model(model, tmp_path / "step-000001")
+    shutil.copytree(tok, d / "tokenizer")
+    out = tmp_path / "m.gguf"
+    ours.run(ours.Config(ckpt=str(d), out=str(out), dtype="q8_0"))
+    said = capsys.readouterr().out
+    assert "note: 2 of " in said and "are f16, not q8_0" in said and "blk.0.ffn_down.weight" in said, said
+    r, _ = _read(out)
+    types = {t.name: t.tensor_type for t in r.tensors}
+    assert types["blk.0.ffn_down.weight"] == gguf.GGMLQuantizationType.F16  # rows of 48
+    assert types["blk.0.ffn_up.weight"] == gguf.GGMLQuantizationType.Q8_0  # rows of 64
+    assert json.loads(ours.sidecar(out).read_text())["f16_in_q8_0"] == ["blk.0.ffn_down.weight",
+                                                                         "blk.1.ffn_down.weight"]
+    with torch.no_grad():
+        model.layers[1].attention.wo.weight[0, 0] = 1e6
+    big = save_model(model, tmp_path / "big")
+    shutil.copytree(tok, big / "tokenizer")
+    with pytest.raises(UserError, match=r"layers\.1\.attention\.wo\.weight holds values up to 1e\+06, beyond float16"):
+        ours.run(ours.Config(ckpt=str(big), out=str(tmp_path / "big.gguf"), dtype="f16"))
+    with pytest.raises(UserError, match="beyond float16's range"):
+        hf_compat.run(hf_compat.Config(ckpt=str(big), out=str(tmp_path / "hf"), dtype="fp16"))
+    assert not (tmp_path / "big.gguf").exists() and not (tmp_path / "hf").exists()
+    assert hf_compat.run(hf_compat.Config(ckpt=str(big), out=str(tmp_path / "hf"), dtype="bf16")) == 0

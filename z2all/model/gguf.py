@@ -256,6 +256,11 @@ def write_gguf(model, tok_dir: Path, out: str | os.PathLike, dtype: str = "f32",
             w.add_chat_template(voc.chat_template)
         n_bytes = 0
         sd = model.state_dict()
+        if dtype == "f16":
+            from z2all.model.llama import check_fp16_range
+
+            check_fp16_range(sd.items())
+        as_f16 = []  # q8_0: matrices whose rows are not a multiple of its 32-value blocks stay f16
         for key, t in sd.items():
             if key == "output.weight" and cfg.tie_embeddings:
                 continue
@@ -265,6 +270,8 @@ def write_gguf(model, tok_dir: Path, out: str | os.PathLike, dtype: str = "f32",
             elif key.endswith("attention.wk.weight"):
                 arr = torch.from_numpy(rotate_half_to_interleaved(arr.numpy(), cfg.n_kv_heads))
             data, raw = _tensor_data(key, arr, dtype)
+            if dtype == "q8_0" and data.dtype == np.float16:
+                as_f16.append(gguf_name(key))
             if raw is None:
                 w.add_tensor(gguf_name(key), data)
             else:
@@ -281,7 +288,7 @@ def write_gguf(model, tok_dir: Path, out: str | os.PathLike, dtype: str = "f32",
         if tmp.exists():
             tmp.unlink()
     return {"tensors": len(sd) - (1 if cfg.tie_embeddings else 0), "tensor_bytes": n_bytes, "pre": voc.pre,
-            "warning": voc.warning, "file_bytes": out.stat().st_size}
+            "warning": voc.warning, "file_bytes": out.stat().st_size, "f16_in_q8_0": as_f16}
 
 
 # ---------------------------------------------------------------------- command
@@ -342,6 +349,10 @@ def run(cfg: Config) -> int:
     save_config(cfg, sidecar(out), command=GGUF_COMMAND, source=str(directory), **info)
     if info["warning"]:
         print0(f"warning: {info['warning']}")
+    if info["f16_in_q8_0"]:
+        n = len(info["f16_in_q8_0"])
+        print0(f"note: {n} of {info['tensors']} tensors are f16, not q8_0: their rows are not a multiple of "
+               f"q8_0's 32-value blocks (e.g. {info['f16_in_q8_0'][0]}; all are listed in {sidecar(out)})")
     print0(f"exported {directory} -> {out} ({cfg.dtype}, {info['file_bytes'] / 1e6:.1f} MB, "
            f"pre-tokenizer {info['pre']}); run with llama.cpp: llama-cli -m {out}")
     return 0

@@ -47,7 +47,14 @@ from z2all.io import (
     write_checksums,
 )
 from z2all.model.config import ModelConfig
-from z2all.model.llama import Z2all, load_model, model_from_state_dict, read_safetensors, resolve_checkpoint
+from z2all.model.llama import (
+    Z2all,
+    check_fp16_range,
+    load_model,
+    model_from_state_dict,
+    read_safetensors,
+    resolve_checkpoint,
+)
 from z2all.utils import UserError, pick_dtype, print0, quiet_progress
 
 # (our regex, HF template) for per-layer tensors
@@ -254,6 +261,8 @@ def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: st
     with claimed_output_dir(out, EXPORT_COMMAND, option=option, protect=[ckpt_dir, ckpt, tok_dir]):
         check_replaceable(out, option)  # before the (slow) load: an earlier export that a user added files to
         model = load_model(ckpt) if kind == "z2all" else load_hf_dir(ckpt)
+        if dtype == "fp16":
+            check_fp16_range(model.state_dict().items())
         if dtype != "auto":
             model = model.to(pick_dtype(dtype, torch.device("cpu")))
         tok = None

@@ -278,6 +278,21 @@ class Z2all(nn.Module):
 
 # ---------------------------------------------------------------------- checkpoints
 
+FP16_MAX = 65504.0  # the largest finite float16
+
+
+def check_fp16_range(tensors, option: str = "--dtype") -> None:
+    """Refuse, in one line naming the tensor, weights that float16 cannot hold: a cast would turn them into
+    inf and the export would still look fine (found with a model trained at lr 1e30). bf16 has fp32's range."""
+    for name, t in tensors:
+        if not t.is_floating_point() or t.numel() == 0:
+            continue
+        m = float(t.detach().abs().max())
+        if not m <= FP16_MAX:  # nan too
+            raise UserError(f"{option} fp16: {name} holds values up to {m:.3g}, beyond float16's range "
+                            f"({FP16_MAX:g}); they would become inf. Export with bf16 or fp32 (nothing was written)")
+
+
 def save_model(model: Z2all, path: str | os.PathLike, state_dict: dict | None = None) -> Path:
     """Write <path>/model.safetensors and <path>/model_config.json, each through a temp file + rename
     (z2all.io), so a crash never leaves a half-written file under the final name. A tied LM head is stored once (as
