@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from eval_helpers import write_jsonl
 
 from z2all.eval import formats
@@ -173,3 +174,18 @@ def test_task_specs_directories_dev_splits_and_limits(tmp_path):
     assert "about astro" not in explicit[0].items[0].context and "d0" in explicit[0].items[0].context
     with pytest.raises(UserError, match="no .csv file"):
         load_tasks(Config(tasks=[f"ceval={tmp_path}"]))
+
+
+def test_chance_is_the_mean_over_items_of_one_over_their_choices(tmp_path):
+    """Items with 4, 3, 3, 2 and 2 choices: a uniform guess scores (1/4 + 2/3 + 2/2) / 5 = 0.383, not
+    1/max = 0.25 (which made a model look better than chance when it was not)."""
+    from z2all.eval.run import Config, load_tasks
+
+    rows = [{"context": f"q{i}", "choices": [f"c{j}" for j in range(n)], "answer": 0}
+            for i, n in enumerate((4, 3, 3, 2, 2))]
+    p = tmp_path / "mc.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (task,) = load_tasks(Config(tasks=[f"jsonl={p}"]))
+    assert task.chance == pytest.approx((1 / 4 + 2 / 3 + 2 / 2) / 5)
+    (first2,) = load_tasks(Config(tasks=[f"jsonl={p}"], limit=2))  # over the items scored
+    assert first2.chance == pytest.approx((1 / 4 + 1 / 3) / 2)

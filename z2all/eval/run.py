@@ -138,9 +138,14 @@ def load_tasks(cfg: Config) -> list[Task]:
             total = len(items) + len(loaded.skipped)
             if cfg.limit:
                 items = items[:cfg.limit]
-            n = max((len(d.choices) for d in loaded.docs), default=0)
+            # chance = the expected accuracy of a uniform guess over the items scored: the mean of 1/choices
+            # (1/max(choices) understated it when items have different numbers of choices)
+            scored = [d for d in loaded.docs[:len(items)] if d.choices]
+            chance = None
+            if scored and not loaded.generative:
+                chance = sum(1.0 / len(d.choices) for d in scored) / len(scored)
             out.append(Task(f"{fmt}/{path.stem}", "gen" if loaded.generative else "mc", items, loaded.skipped,
-                            total, None if loaded.generative or not n else 1.0 / n))
+                            total, chance))
     return out
 
 
