@@ -107,3 +107,13 @@ def test_resume_refuses_another_seed_or_tokenizer_and_keeps_a_checkpoint_holding
     assert run_inproc([*common, "--train.max_steps=10", "--resume=true"]) == 0
     assert "at step 8" in capsys.readouterr().out
     assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-000002", "step-000010"]
+
+
+def test_a_val_split_under_one_window_is_said_not_silent(tmp_path, capsys):
+    """A val split shorter than seq_len + 1 tokens cannot give one window: the run trains without a val loss
+    and without a best checkpoint, and now says so (it was silent)."""
+    tokens = write_token_dir(tmp_path / "tok", n_val=10)
+    assert run_inproc([*TINY, f"--data.dir={tokens}", f"--out_dir={tmp_path / 'run'}", "--train.max_steps=2",
+                       "--eval.every=1", "--ckpt.every=2"]) == 0
+    out = capsys.readouterr().out
+    assert "note: the val split of" in out and "has 10 tokens, under one window of --data.seq_len 16 + 1" in out

@@ -234,6 +234,10 @@ class Pretraining(Objective):
         self.loader = TokenLoader(self.data_dir, "train", **kw)  # checks meta.json and the token files against it
         self.meta = meta = self.loader.meta
         self.val_loader = TokenLoader(self.data_dir, "val", **kw) if meta.get("val_tokens", 0) > d.seq_len else None
+        if self.val_loader is None:  # said, not silent: no val loss means no best checkpoint either
+            print0(f"note: the val split of {self.data_dir} has {meta.get('val_tokens', 0):,} tokens, under one window "
+                   f"of --data.seq_len {d.seq_len} + 1: no validation loss and no best checkpoint in this run "
+                   f"(tokenize with a larger --val-fraction for them)")
         self.tokenizer_dir = tokenizer_dir_of(self.data_dir, meta)
         self.tokenizer_from = f"meta.json of --data.dir {self.data_dir}"
         self.model_config = resolve_model_config(cfg.model, int(meta["vocab_size"]), d.seq_len)
