@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 from train_helpers import TINY, train_losses, write_token_dir  # noqa: E402
 
 from z2all.io import verify_checksums  # noqa: E402
+from z2all.utils import UserError  # noqa: E402
 
 ENV = {"OMP_NUM_THREADS": "1"}
 STEPS = ["--train.log_every=1", "--eval.every=0", "--ckpt.every=2", "--ckpt.keep_last=2", "--optim.decay_steps=8"]
@@ -159,6 +160,10 @@ def test_bad_option_values_name_the_option(trained, tmp_path):
     out = tmp_path / "out"
     assert_clean_failure(train(tokens, out, "--optim.lr=nan"), "--optim.lr=nan", "finite")
     assert_clean_failure(train(tokens, out, "--optim.beta2=1.5"), "--optim.beta2")
+    from z2all.train.optim import OptimConfig, validate_optim  # in-process: a third subprocess costs ~3 s
+
+    with pytest.raises(UserError, match=r"--optim.lr=3e\+38: must be a finite number in \[0, 1e3\]"):
+        validate_optim(OptimConfig(lr=3e38))  # AdamW's step size overflowed: an internal error at step 1
     assert not out.exists()
 
 

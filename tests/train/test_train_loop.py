@@ -63,11 +63,13 @@ def _nan_after(monkeypatch, bad_calls):
     monkeypatch.setattr(Z2all, "forward", forward)
 
 
-def test_a_nan_step_is_skipped_and_counted(tmp_path, monkeypatch):
+def test_a_nan_step_is_skipped_and_counted(tmp_path, monkeypatch, capsys):
     tokens = write_token_dir(tmp_path / "tok")
     _nan_after(monkeypatch, lambda n: n == 3)  # step 4
     cfg = make_cfg(tmp_path, tokens, "--train.max_steps=8", "--train.log_every=1", "--eval.every=0")
     assert run(cfg) == 0
+    # the line names what was not finite (it printed the finite one too, as if both were)
+    assert "step 4: non-finite loss nan and grad norm nan: update skipped" in capsys.readouterr().out
     recs = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     skips = [r for r in recs if r["kind"] == "skip"]
     assert [r["step"] for r in skips] == [4]

@@ -445,7 +445,9 @@ def train_loop(cfg, info, objective: Objective) -> int:
                 optimizer.zero_grad(set_to_none=True)
                 bad_in_row += 1
                 skipped += 1
-                print0(f"step {done}: non-finite loss {step_loss} / grad norm {grad_norm}: update skipped "
+                what = " and ".join(f"{k} {v}" for k, v in (("loss", step_loss), ("grad norm", grad_norm))
+                                    if not math.isfinite(v))
+                print0(f"step {done}: non-finite {what}: update skipped "
                        f"({bad_in_row} in a row, {skipped} total)")
                 if writer:
                     writer.log({"kind": "skip", "step": done, "loss": step_loss, "grad_norm": grad_norm})

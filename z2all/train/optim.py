@@ -40,7 +40,9 @@ def validate_optim(cfg: OptimConfig, prefix: str = "optim") -> None:
     learning rate would silently turn every weight into NaN at the first step)."""
     from z2all.utils import UserError
 
-    rules = [("lr", ">= 0", lambda v: v >= 0), ("min_lr", ">= 0", lambda v: v >= 0),
+    # an upper bound too: past ~3e37 AdamW's step size overflows float32 (an internal error at step 1), and
+    # no AdamW learning rate above 1e3 trains anything
+    rules = [("lr", "in [0, 1e3]", lambda v: 0 <= v <= 1e3), ("min_lr", "in [0, 1e3]", lambda v: 0 <= v <= 1e3),
              ("weight_decay", ">= 0", lambda v: v >= 0), ("beta1", "in [0, 1)", lambda v: 0 <= v < 1),
              ("beta2", "in [0, 1)", lambda v: 0 <= v < 1), ("eps", "> 0", lambda v: v > 0),
              ("grad_clip", ">= 0 (0 = no clipping)", lambda v: v >= 0)]
