@@ -201,3 +201,49 @@ def test_converted_corpus_dir_is_read_once(tmp_path):
     assert len(texts) == sum(s["count"] for s in manifest["shards"])
     assert stats.no_text == 0
     assert expand_inputs([str(out / "wikipedia_zh")]) == files  # one source directory works the same way
+
+
+def test_invalid_utf8_is_shown_and_recorded(tmp_path, capsys):
+    """Bytes that are not UTF-8 are trained on as U+FFFD: the run says how many and where, and the
+    provenance file keeps the count (it used to be counted and dropped)."""
+    good = tmp_path / "good.txt"
+    good.write_text("plain text to learn from\n" * 30, encoding="utf-8")
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("café crème, déjà vu\n".encode("latin-1") * 20)  # 4 invalid bytes a line
+    out = tmp_path / "tok"
+    assert cli.main(["tokenizer", "train", f"{good},{bad}", "--out-dir", str(out), "--vocab-size", "320",
+                     "--workers", "1"]) == 0
+    err = capsys.readouterr().err
+    assert f"note: 80 invalid UTF-8 sequence(s) in {bad} were read as U+FFFD" in err
+    read = json.loads((out / hf.PROVENANCE).read_text())["summary"]["read"]
+    assert (read["utf8_replaced"], read["utf8_files"], read["utf8_first"]) == (80, 1, str(bad))
+    assert cli.main(["tokenizer", "train", str(good), "--out-dir", str(out), "--vocab-size", "320",
+                     "--workers", "1"]) == 0
+    assert "UTF-8" not in capsys.readouterr().err  # clean input: no note
+
+
+@pytest.mark.parametrize("backend, special, words, not_words", [
+    ("z2all", " ", ["--special-tokens ' '", "visible characters"], []),
+    ("spm", "\t", ["--special-tokens '\\t'", "visible characters"], []),
+    # a single character is one of the 256 byte tokens: refused up front, without blaming the corpus
+    ("z2all", "a", ["--special-tokens 'a'", "256 byte tokens", "<|a|>"], ["often", "--backend z2all"]),
+    ("hf", "é", ["--special-tokens 'é'", "256 byte tokens"], ["often", "--backend"]),
+    ("spm", "<0x41>", ["--special-tokens '<0x41>'", "every spm vocabulary"], []),
+    # learned from this corpus: the advice fits the backend in use (z2all was told to "use --backend z2all")
+    ("z2all", "hello", ["--special-tokens 'hello'", "z2all backend learned", "<|hello|>"], ["--backend z2all"]),
+    ("spm", "hello", ["--special-tokens 'hello'", "spm backend learned", "--backend z2all or hf"], []),
+])
+def test_special_tokens_that_cannot_get_an_id_say_why(tmp_path, capsys, backend, special, words, not_words):
+    corpus = tmp_path / "in.txt"
+    # varied enough for spm to make 320 pieces, with "hello" frequent enough for every backend to learn it
+    names = [a + b + c for a in "bdfgkmpst" for b in "aeiou" for c in "lnrx"]
+    corpus.write_text("".join(f"hello {w}, hello there\n" for w in names) * 3, encoding="utf-8")
+    out = tmp_path / "tok"
+    assert cli.main(["tokenizer", "train", str(corpus), "--out-dir", str(out), "--backend", backend,
+                     "--vocab-size", "320", "--workers", "1", "--special-tokens", special]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert all(w in err for w in words) and not any(w in err for w in not_words), err
+    assert not out.exists()
+    with pytest.raises(UserError, match="--special-tokens ''"):  # an empty item from a config file
+        Config(inputs=[str(corpus)], special_tokens=["<|tool|>", ""]).check()

@@ -21,7 +21,10 @@ not resumable: a run either writes a complete directory (built in a temp dir and
 new. `--out-dir` is claimed through z2all.io: new, empty, an earlier `tokenizer train` output (owner file)
 or an older z2all's tokenizer directory; anything else, or a directory holding an input, is refused.
 Corpora that cannot make a tokenizer (empty, whitespace only, too small for spm's --vocab-size) are
-UserErrors that say what to change; sentencepiece's own errors never escape as tracebacks.
+UserErrors that say what to change; sentencepiece's own errors never escape as tracebacks. So are
+--special-tokens that cannot get an id of their own: empty or whitespace-only ones, and names the vocabulary
+already has (a byte token, a spm byte piece, or a token learned from the corpus). Invalid UTF-8 is read as
+U+FFFD, not refused: the count is printed and recorded under summary.read in z2all_tokenizer.json.
 """
 
 from __future__ import annotations
@@ -43,7 +46,14 @@ from z2all.data.schema import FIELDS, record_text
 from z2all.data.shards import MANIFEST, find_shards
 from z2all.io import MANIFEST_FILE, OWNER_FILE, atomic_dir, atomic_write_bytes, claimed_output_dir, inside
 from z2all.tokenizer import bpe, hf
-from z2all.tokenizer.pretokenize import DEFAULT_HAN_CHUNK, DEFAULT_PATTERN, PATTERN_NAMES, named_pattern
+from z2all.tokenizer.pretokenize import (
+    DEFAULT_HAN_CHUNK,
+    DEFAULT_PATTERN,
+    PATTERN_NAMES,
+    bytes_to_unicode,
+    named_pattern,
+    pretokenize,
+)
 from z2all.utils import UserError, human_bytes, print0, progress
 
 
@@ -83,6 +93,50 @@ class Config:
         if self.workers < 0:
             raise UserError(f"--workers must be >= 0 (0 = all cores), got {self.workers}")
         parse_bytes(self.memory_budget)
+        for t in self.special_tokens:
+            _check_special(t, self.backend)
+
+
+# sentencepiece's vocabulary always holds <unk> and the 256 byte-fallback pieces <0x00>..<0xFF>
+_SPM_FIXED = re.compile(r"<unk>|<0x[0-9A-F]{2}>")
+
+
+def _check_special(t: str, backend: str) -> None:
+    """A --special-tokens entry that cannot work whatever the corpus, as a UserError (before any reading)."""
+    if not t.strip():
+        # an empty one used to be dropped without a word (hf.special_tokens), a whitespace one was kept and then
+        # matched the spaces of any text encoded with specials on (chat templates)
+        raise UserError(f"--special-tokens {t!r}: a special token must have visible characters (an empty or "
+                        "whitespace-only one would match the spaces of ordinary text); give names like <|tool|>, "
+                        "comma separated, with no empty items")
+    # a special token is an added token named `t` in tokenizer.json, whose names share one namespace with the
+    # vocabulary's: these names are in every vocabulary of the backend, so the special could never get an id
+    if backend in ("z2all", "hf") and len(t) == 1 and t in bytes_to_unicode().values():
+        raise UserError(f"--special-tokens {t!r}: a single character of the byte-level alphabet is the name of one "
+                        f"of the 256 byte tokens every {backend} vocabulary has; use a name like <|{t}|> instead")
+    if backend == "spm" and _SPM_FIXED.fullmatch(t):
+        raise UserError(f"--special-tokens {t!r} is the name of a piece every spm vocabulary has (<unk> and the "
+                        f"byte pieces <0x00>..<0xFF>); use another name, like <|tool|>")
+
+
+def _learned_special_error(cfg: Config, t: str) -> UserError:
+    """The trained vocabulary already has an ordinary token named `t` (a merge or piece this backend learned
+    from the corpus), so `t` cannot also be a special token: say why and what to change, for this backend."""
+    head = (f"--special-tokens {t!r}: the {cfg.backend} backend learned an ordinary token of that name from this "
+            f"corpus, and a special token cannot share a name with a vocabulary entry")
+    pattern = named_pattern(cfg.pattern, cfg.han_chunk)
+    if cfg.backend == "spm":
+        # spm learns from whole lines (no split pattern), so any string frequent in the text (any character of
+        # it, even) can become a piece; the byte-level backends never merge across the pieces the split pattern
+        # cuts, so a name the pattern cuts can never be one of their tokens
+        fix = "remove it from the corpus, " if len(t) > 1 else ""
+        if len(pretokenize(t, pattern)) > 1:
+            return UserError(f"{head}; {fix}leave it out of --special-tokens, or use --backend z2all or hf, whose "
+                             f"split pattern keeps it from becoming one token")
+        return UserError(f"{head}; {fix}leave it out of --special-tokens, or use a name like <|{t}|> with --backend "
+                         f"z2all or hf, whose split pattern keeps such a name from becoming one token")
+    return UserError(f"{head}; leave it out of --special-tokens, or use a name that --pattern {cfg.pattern} cuts "
+                     f"into pieces, like <|{t}|> (the built-in specials are named so for that reason)")
 
 
 def _round64(n: int) -> int:
@@ -109,7 +163,9 @@ class ReadStats:
     bad_lines: int = 0
     no_text: int = 0
     blank_docs: int = 0
-    utf8_replaced: int = 0
+    utf8_replaced: int = 0  # invalid UTF-8 sequences read as U+FFFD
+    utf8_files: int = 0  # files holding them
+    utf8_first: str = ""  # the first such file
     first_bad: str = ""
 
 
@@ -223,7 +279,11 @@ def read_texts(path: Path, text_field: str = "text", stats: ReadStats | None = N
     except readers.ReadError as e:
         raise UserError(f"{e} (tokenizer input: repair the file or its permissions, or leave it out)") from None
     finally:
-        stats.utf8_replaced += readers.utf8_errors() - utf8_before
+        replaced = readers.utf8_errors() - utf8_before
+        if replaced:
+            stats.utf8_replaced += replaced
+            stats.utf8_files += 1
+            stats.utf8_first = stats.utf8_first or str(path)
 
 
 def iter_texts(files: list[Path], text_field: str = "text", stats: ReadStats | None = None,
@@ -439,11 +499,11 @@ def _train_into(cfg: Config, out: Path, files: list[Path], specials: list[str], 
         elif rstats.bad_lines:
             hint = f" ({rstats.bad_lines} lines were not valid JSON, first: {rstats.first_bad})"
         raise UserError(f"no text found in {', '.join(cfg.inputs)}{hint}: give files with text in them")
-    try:
-        info = hf.add_specials(tok, specials, pad_to=64)
-    except ValueError as e:  # the corpus itself made a special string an ordinary token (spm: whole lines)
-        raise UserError(f"{e} in the trained vocabulary: the text contains that string often; remove it from the "
-                        f"corpus, leave it out of --special-tokens, or use --backend z2all") from None
+    # the names no corpus can avoid were refused by cfg.check(); what is left was learned from this corpus
+    for t in specials:
+        if tok.token_to_id(t) is not None:
+            raise _learned_special_error(cfg, t)
+    info = hf.add_specials(tok, specials, pad_to=64)
     summary.update(seconds=round(seconds, 3), read=dataclasses.asdict(rstats), vocab=info,
                    requested_vocab_size=cfg.vocab_size)
     spm_model = summary.pop("spm_model", None)
@@ -472,6 +532,10 @@ def run(cfg: Config) -> int:
     if r["bad_lines"] or r["no_text"]:
         print0(f"  skipped {r['bad_lines']} bad JSON lines and {r['no_text']} records without text "
                f"(first: {r['first_bad']})")
+    if r["utf8_replaced"]:  # not an error (as in `data convert`), but the vocabulary learned U+FFFD from them
+        where = r["utf8_first"] if r["utf8_files"] == 1 else f"{r['utf8_files']} files (first: {r['utf8_first']})"
+        print0(f"  note: {r['utf8_replaced']:,} invalid UTF-8 sequence(s) in {where} were read as U+FFFD and "
+               f"trained on; re-encode the input as UTF-8 if it is in another encoding", file=sys.stderr)
     if s["vocab"]["vocab_size"] < _round64(cfg.vocab_size):
         print0(f"  note: the corpus ran out of pairs to merge ({s['vocab']['base_vocab']} base tokens): the vocabulary "
                f"is {s['vocab']['vocab_size']}, not the --vocab-size {_round64(cfg.vocab_size)} asked for; give more "
