@@ -189,3 +189,18 @@ def test_chance_is_the_mean_over_items_of_one_over_their_choices(tmp_path):
     assert task.chance == pytest.approx((1 / 4 + 2 / 3 + 2 / 2) / 5)
     (first2,) = load_tasks(Config(tasks=[f"jsonl={p}"], limit=2))  # over the items scored
     assert first2.chance == pytest.approx((1 / 4 + 1 / 3) / 2)
+
+
+def test_an_empty_task_file_is_refused_and_too_few_shots_are_said(tmp_path, capsys):
+    """An empty task file is refused before anything loads (it was "every row was skipped" after results
+    were written); --fewshot above what the file can give is said (it silently used fewer)."""
+    from z2all.eval.run import Config, load_tasks
+    from z2all.utils import UserError
+
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(UserError, match="empty.jsonl holds no rows"):
+        load_tasks(Config(tasks=[f"jsonl={tmp_path / 'empty.jsonl'}"]))
+    rows = [{"context": f"q{i}", "choices": ["a", "b"], "answer": 0} for i in range(5)]
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    load_tasks(Config(tasks=[f"jsonl={tmp_path / 'mc.jsonl'}"], fewshot=10))
+    assert "note: jsonl/mc: --fewshot 10 but only 4 other example(s) to draw from: 4-shot" in capsys.readouterr().out

@@ -127,6 +127,8 @@ def load_tasks(cfg: Config) -> list[Task]:
         path_s, _, dev_s = rest.partition("@")
         for path in _task_files(Path(path_s), fmt):
             loaded = formats.load(fmt, path)
+            if not loaded.docs and not loaded.skipped:  # refused before any model loads or result is written
+                raise UserError(f"--tasks {spec}: {path} holds no rows; give a file of {fmt} items")
             dev = None
             if cfg.fewshot > 0:
                 dev_path = Path(dev_s) if dev_s else formats.dev_path_for(path)
@@ -135,6 +137,10 @@ def load_tasks(cfg: Config) -> list[Task]:
                     if not dev:
                         raise UserError(f"few-shot split {dev_path} has no usable row")
             items = formats.build_items(loaded, cfg.fewshot, dev, cfg.seed)
+            pool = len(dev) if dev is not None else len(loaded.docs) - 1
+            if 0 < pool < cfg.fewshot:  # said, not silent: the numbers are then not --fewshot's
+                print0(f"note: {fmt}/{path.stem}: --fewshot {cfg.fewshot} but only {pool} other example(s) to draw "
+                       f"from: {pool}-shot")
             total = len(items) + len(loaded.skipped)
             if cfg.limit:
                 items = items[:cfg.limit]
