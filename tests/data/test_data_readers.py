@@ -211,6 +211,10 @@ def test_parse_json_line():
     assert parse_json_line(b'{"a": 1}\n') == ({"a": 1}, False)
     before = utf8_errors()
     assert parse_json_line(b'{"a": "x\xffy"}') == ({"a": "x\ufffdy"}, True) and utf8_errors() == before + 1
+    # a lone surrogate escape is valid JSON (json.dumps writes it) that orjson refuses: the record is kept,
+    # the surrogate becomes U+FFFD and a proper pair its character (it was dropped as "malformed JSON")
+    line = b'{"t": "lone \\ud800 here \\ud83d\\ude00", "\\udc00k": ["\\udfff"]}'
+    assert parse_json_line(line) == ({"t": "lone \ufffd here \U0001f600", "\ufffdk": ["\ufffd"]}, True)
     for line, reason in ((b"  \n", "blank line"), (b'{"a": ', "malformed JSON")):
         with pytest.raises(BadLine) as e:
             parse_json_line(line)

@@ -65,6 +65,15 @@ def test_generic_source():
         get_source("forum")
     with pytest.raises(UserError, match="letters, digits"):
         get_source("a/b", text_field="x")
+    # --kind code: the training text is the code alone, byte for byte (the path went in front of it when
+    # the category was the source's name), and a category that would say otherwise is refused
+    from z2all.data.schema import record_text
+
+    code = get_source("mycode", text_field="code", title_field="path", kind="code")
+    rec = code.to_record({"path": "pkg/a.py", "code": "import os\r\n"})
+    assert rec["category"] == "code" and rec["title"] == "pkg/a.py" and record_text(rec) == "import os\r\n"
+    with pytest.raises(UserError, match="--kind code takes its category from the kind"):
+        get_source("mycode", text_field="code", kind="code", category="snippets")
 
 
 @pytest.fixture

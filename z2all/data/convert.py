@@ -111,7 +111,8 @@ class Config:
     category_field: str = opt("", "generic source: raw field with the category")
     category: str = opt("", "generic source: fixed category label (default: the source name)")
     kind: str = opt("", "generic source: prose (cleaned) or code (kept byte for byte)", choices=("",) + KINDS)
-    txt_mode: str = opt("paragraph", "txt inputs: one document per blank-line block, line, or file",
+    txt_mode: str = opt("paragraph", "txt inputs: one document per blank-line block, line, or file (a block or "
+                        "file longer than 1,000,000 characters becomes several documents, cut at line ends)",
                         choices=TXT_MODES)
     workers: int = opt(1, "processes parsing and cleaning, this one included: N spawns N-1 helpers (1 = all in "
                        "this process)")

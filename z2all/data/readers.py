@@ -33,6 +33,7 @@ from __future__ import annotations
 import bz2
 import codecs
 import io
+import json
 import os
 import zlib
 from collections.abc import Iterator
@@ -113,8 +114,26 @@ def parse_json_line(line: bytes | memoryview) -> tuple[Any, bool]:
     try:
         value = orjson.loads(text)
     except orjson.JSONDecodeError as e:
-        raise BadLine("malformed JSON", str(e)) from None
+        # valid JSON that orjson refuses: a lone surrogate escape ("\ud800"), which json.dumps writes. The
+        # record is kept with U+FFFD in its place (repaired), not dropped as malformed
+        try:
+            value = _without_lone_surrogates(json.loads(text))
+        except (ValueError, RecursionError):
+            raise BadLine("malformed JSON", str(e)) from None
+        return value, True
     return value, utf8_errors() > before
+
+
+def _without_lone_surrogates(v):
+    """`v` (a parsed JSON value) with each lone surrogate in its strings replaced by U+FFFD (a proper pair
+    becomes its character): text that UTF-8 can hold."""
+    if isinstance(v, str):
+        return v.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(v, list):
+        return [_without_lone_surrogates(x) for x in v]
+    if isinstance(v, dict):
+        return {_without_lone_surrogates(k): _without_lone_surrogates(x) for k, x in v.items()}
+    return v
 
 
 # ---------------------------------------------------------------- compression

@@ -111,5 +111,16 @@ def get_source(name: str, *, text_field: str = "", title_field: str = "", desc_f
                         f"--category-field, --category, --kind)")
     if not name or not name.replace("_", "").replace("-", "").isalnum():
         raise UserError(f"source name '{name}' must be letters, digits, '_' or '-' (it names a directory)")
+    if kind == "code":
+        # a record's training text is chosen by its category (schema.record_text): only a code category keeps
+        # the content alone, byte for byte; with the source's name as its category a --title-field (a path)
+        # was put in front of the code
+        from z2all.data.schema import CODE_CATEGORIES
+
+        if category_field or (category and category not in CODE_CATEGORIES):
+            raise UserError(f"source '{name}': --kind code takes its category from the kind (one of "
+                            f"{', '.join(sorted(CODE_CATEGORIES))}); drop --category-field/--category or give one "
+                            f"of those")
+        category = category or "code"
     return Source(name, content=text_field, title=title_field, desc=desc_field, category_field=category_field,
                   category=category or name, kind=kind or "prose")
