@@ -54,6 +54,39 @@ def test_plot_draws_an_sft_run(trained, tmp_path):
     assert plot.written_by_us(tmp_path / "png" / "loss.png") and (tmp_path / "png" / "throughput.png").is_file()
 
 
+def test_val_loss_is_the_per_token_loss_whatever_the_packing(inputs, tmp_path):
+    """The val loss is the mean over every labelled val token: padded rows (10 batches) and packed rows (fewer)
+    give the same number on the same weights (lr 0: the base model), which a direct per-example computation
+    gives too. It was a mean of batch means, so it moved with batching (8.8533 padded vs 8.7035 packed)."""
+    import numpy as np
+
+    from z2all.data.sft_loader import IGNORE, load_examples
+    from z2all.model.llama import load_model
+
+    vals = {}
+    for packing in ("pack", "pad"):
+        out = tmp_path / packing
+        assert run_sft_inproc(sft_args(inputs, out, "--train.max_steps=1", "--optim.lr=0", "--optim.min_lr=0",
+                                       "--eval.samples=0", "--eval.max_batches=1000", f"--data.packing={packing}")) == 0
+        [rec] = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "val"]
+        vals[packing] = rec["val_loss"]
+        assert rec["val_ppl"] == pytest.approx(np.exp(rec["val_loss"]))  # a per-token loss: ppl is meaningful
+
+    torch.manual_seed(0)
+    model = load_model(inputs["base"]).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, mask in load_examples(inputs["chat"], "val", 128)[0]:
+            x = torch.from_numpy(ids)[None]
+            y = torch.from_numpy(np.append(np.where(mask[1:], ids[1:], IGNORE), IGNORE))[None]
+            n = int((y != IGNORE).sum())
+            total += float(model(x, y)[1]) * n
+            count += n
+    direct = total / count
+    assert vals["pack"] == pytest.approx(direct, rel=1e-5)
+    assert vals["pad"] == pytest.approx(direct, rel=1e-5)
+
+
 def test_sigkill_then_resume_matches_uninterrupted(inputs, tmp_path, capsys):
     steps = 120
     common = ["--train.max_steps=" + str(steps), "--train.log_every=1", "--ckpt.every=10", "--ckpt.keep_last=1",
@@ -204,3 +237,27 @@ def test_lora_resume_refuses_another_base(inputs, tmp_path, capsys):
     assert f"--init {inputs['base']}" in err and f"now --init {other}" in err and "Traceback" not in err, err
     assert resume(moved) == 0
     assert "at step 2" in capsys.readouterr().out
+
+
+def test_plot_draws_a_single_point_and_names_a_dpo_loss(trained, tmp_path, monkeypatch):
+    """A run with one train record: its point is drawn with a marker (a lone point of a plain line was
+    invisible); a `z2all dpo` run's loss axis says it is a DPO loss, not a cross-entropy."""
+    pytest.importorskip("matplotlib")
+    import json
+
+    from z2all.io import OWNER_FILE
+    from z2all.train import plot
+
+    figs = {}
+    monkeypatch.setattr(plot, "_save", lambda fig, path: figs.__setitem__(path.name, fig))
+    one = tmp_path / "one"
+    one.mkdir()
+    first = next(line for line in (trained / "metrics.jsonl").read_text().splitlines() if '"kind": "train"' in line)
+    (one / "metrics.jsonl").write_text(first + "\n")
+    assert plot.run(plot.Config(run=str(one))) == 0
+    (line,) = figs["loss.png"].axes[0].get_lines()
+    assert len(line.get_xdata()) == 1 and line.get_marker() == "o"
+    assert figs["loss.png"].axes[0].get_ylabel() == "cross-entropy (nats/token)"
+    (one / OWNER_FILE).write_text(json.dumps({"command": "dpo"}))
+    assert plot.run(plot.Config(run=str(one))) == 0
+    assert figs["loss.png"].axes[0].get_ylabel() == "DPO loss (preference pairs)"

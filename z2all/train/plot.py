@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from z2all.config import opt
-from z2all.io import atomic_open
+from z2all.io import atomic_open, read_owner
 from z2all.train.metrics import read_metrics
 from z2all.utils import UserError, print0
 
@@ -103,12 +103,14 @@ def run(cfg: Config) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    if train:
-        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
+    if train:  # a single point is drawn only with a marker (a line needs two)
+        ax.plot([r["step"] for r in train], [r["loss"] for r in train], "o-" if len(train) < 2 else "-",
+                label="train loss", lw=1)
     if val:
         ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val loss", lw=1.5)
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    dpo = read_owner(run_dir) == "dpo"  # a preference loss, not a per-token cross-entropy
+    ax.set_ylabel("DPO loss (preference pairs)" if dpo else "cross-entropy (nats/token)")
     ax.set_title(f"{run_dir.name}: loss")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left")
@@ -128,7 +130,8 @@ def run(cfg: Config) -> int:
     if train:
         fig, ax = plt.subplots(figsize=(8, 4.5))
         steps = [r["step"] for r in train]
-        ax.plot(steps, [r.get("tokens_per_s") or math.nan for r in train], color="tab:blue", lw=1)
+        ax.plot(steps, [r.get("tokens_per_s") or math.nan for r in train], "o-" if len(train) < 2 else "-",
+                color="tab:blue", lw=1)
         ax.set_xlabel("step")
         ax.set_ylabel("tokens/s", color="tab:blue")
         ax.grid(alpha=0.3)
