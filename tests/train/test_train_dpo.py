@@ -127,6 +127,36 @@ def test_precomputed_reference_equals_live_and_eval_is_logged(inputs, tmp_path):
     assert {"val_dpo_margin", "val_logp_chosen", "val_logp_rejected"} <= set(ev[0])
 
 
+def test_val_loss_is_the_mean_over_val_pairs_logged_once_without_ppl(inputs, tmp_path):
+    """At an evaluation the "val" record's val_loss is the DPO loss averaged over every val pair (batches of 4
+    pairs, the last one smaller, weighted by their pairs), computed directly here from the checkpoint of that
+    step; the "sample" record carries the other val metrics but no second val_loss (it was a different
+    number: 0.2909 against 0.2779), and there is no val_ppl (exp of a preference loss is no perplexity)."""
+    from z2all.data.prefs import PrefData
+    from z2all.model.llama import load_model
+    from z2all.train.dpo import PairBatches, policy_logps, reference_logps
+
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    val = PrefData(inputs["prefs"], "val")
+    assert len(val) % 4, "the last val batch should be smaller, or batch means would weigh pairs alike"
+    assert run_inproc(dpo_args(inputs, out, "--train.max_steps=4", "--eval.every=0", "--eval.max_batches=1000",
+                               "--optim.lr=3e-2", "--dpo.reference=precomputed")) == 0
+    [rec] = records(out, "val")
+    [sample] = records(out, "sample")
+    assert rec["step"] == sample["step"] == 4
+    assert "val_ppl" not in rec and "val_loss" not in sample and 0 <= sample["val_dpo_acc"] <= 1
+
+    pairs = PairBatches(val, "val", batch_size=len(val), shuffle=False).collate(list(range(len(val))))
+    device = torch.device("cpu")
+    with torch.no_grad():
+        rc, rr = reference_logps(load_model(inputs["base"]), pairs, device)
+        pc, pr = policy_logps(load_model(ckpt.latest_checkpoint(out)).eval(), pairs, device)
+    losses = dpo_loss(pc, pr, rc, rr, 0.1, "sigmoid", 0.0)[0]
+    assert rec["val_loss"] == pytest.approx(float(losses.mean()), rel=1e-4)
+    assert float(losses.std()) > 1e-3  # the pairs' losses differ: a mean of batch means would not match
+
+
 def test_sigkill_then_resume_matches_uninterrupted(inputs, tmp_path, capsys):
     steps = 60
     common = [f"--train.max_steps={steps}", "--ckpt.every=5", "--ckpt.keep_last=1", "--eval.every=30"]

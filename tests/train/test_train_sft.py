@@ -116,8 +116,9 @@ def test_sigkill_then_resume_matches_uninterrupted(inputs, tmp_path, capsys):
 
 @pytest.mark.parametrize("packing", ["pack", pytest.param("pad", marks=pytest.mark.slow)])
 def test_two_processes_equal_one_process_with_accumulation(inputs, tmp_path, packing):
+    # the whole val split (max_batches is per process): each process scores its share of the rows
     common = ["--train.max_steps=6", "--train.log_every=1", "--eval.every=0", "--eval.samples=0",
-              f"--data.packing={packing}", "--data.batch_size=2"]
+              f"--data.packing={packing}", "--data.batch_size=2", "--eval.max_batches=1000"]
     one, two = tmp_path / "one", tmp_path / "two"
     run_sft_cli(sft_args(inputs, one, *common, "--data.grad_accum=2"))
     run_sft_cli(sft_args(inputs, two, *common), nproc=2)  # CPU: gloo
@@ -128,6 +129,10 @@ def test_two_processes_equal_one_process_with_accumulation(inputs, tmp_path, pac
     wa, wb = load_weights(ckpt.latest_checkpoint(one)), load_weights(ckpt.latest_checkpoint(two))
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+    # the val loss over the same val set: summed over the processes, not a mean of per-process means
+    va, vb = ([r["val_loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+               if r["kind"] == "val"] for d in (one, two))
+    assert len(va) == len(vb) == 1 and va[0] == pytest.approx(vb[0], rel=1e-5)
 
 
 def test_export_hf_chat_template_and_generate_stop_at_im_end(inputs, trained, tmp_path):

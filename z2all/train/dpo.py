@@ -21,7 +21,9 @@ data's mask) for the policy pi and the reference pi_ref, let
 Rewards: r_w = beta (log pi(y_w|x) - log pi_ref(y_w|x)), r_l likewise; reward accuracy = share of pairs
 with r_w > r_l, reward margin = mean(r_w - r_l). These, the loss and the policy's chosen/rejected log-probs
 are logged per step ("train" records: dpo_acc, dpo_margin, logp_chosen, logp_rejected, reward_chosen,
-reward_rejected, averaged since the last log) and at each evaluation on the val pairs ("sample" records).
+reward_rejected, averaged since the last log) and at each evaluation on the val pairs ("sample" records:
+val_dpo_acc, ...; the val loss, a mean over every process's val pairs, is the "val" record's val_loss alone,
+with no val_ppl: exp of a preference loss is no perplexity).
 
 Reference model (`--dpo.reference`):
 - `precomputed`: the starting policy's log-probs of every train and val pair are computed once, before the
@@ -268,6 +270,7 @@ def reference_logps(model, batch: DPOBatch, device) -> tuple[torch.Tensor, torch
 
 class DPO(LoraHooks, Objective):
     command = COMMAND
+    val_ppl = False  # exp of a preference loss is no perplexity
 
     def __init__(self, cfg: Config, info):
         from z2all.data.prefs import PrefData
@@ -428,12 +431,18 @@ class DPO(LoraHooks, Objective):
         m.pop("loss", None)  # the loop logs the step loss itself
         return m
 
+    def eval_loss(self, model, batch: DPOBatch, device: torch.device):
+        return self.loss(model, batch, device), len(batch.pairs)  # the loss is a mean over pairs
+
     def eval_batches(self):
         self._acc[False] = {}
         return None if self.val is None else self.val.eval_batches(self.cfg.eval.max_batches)
 
     def sample(self, model, device, autocast, step: int):
         m = self._take(False)
+        # the loop's "val" record carries the val loss, over every process's pairs; this one (rank 0's pairs
+        # only under DDP) would be a second, differing number for the same step
+        m.pop("loss", None)
         if m:
             print0(f"step {step}: val reward accuracy {m['dpo_acc']:.1%}, margin {m['dpo_margin']:.3f}, "
                    f"logp chosen {m['logp_chosen']:.2f} / rejected {m['logp_rejected']:.2f}")

@@ -10,7 +10,8 @@ must match. `train_loop(cfg, info, objective)` owns everything else:
 - one optimizer step: `grad_accum` micro-batches, each loss divided by grad_accum, gradient sync on the last
   only (no_sync before), clip, a finite check (a NaN/inf loss or norm skips the update; `train.max_bad_steps`
   in a row stop the run with the last good checkpoint untouched), step;
-- evaluation: the objective's validation loss and samples, and (when `eval.bpb_max_tokens` /
+- evaluation: the objective's validation loss (each batch weighted by what its mean is over, summed over the
+  processes: the loss over the whole val set, whatever the batching) and samples, and (when `eval.bpb_max_tokens` /
   `eval.tasks_max_items` are set, z2all/eval/intrain.py) bits per byte and "which continuation?" accuracy
   per held-out domain, scored by rank 0 without touching any RNG or the data order;
 - checkpoints (interval, final, retention), metrics (metrics.jsonl, TensorBoard, tokens/s, MFU),
@@ -59,6 +60,7 @@ class Objective:
     protect: tuple = ()
     tokenizer_dir: Path | None = None
     tokenizer_from: str = "--tokenizer"
+    val_ppl: bool = True  # the val loss is a per-token cross-entropy, so exp(loss) is a perplexity (not DPO's)
     heldout_dir: Path | None = None  # default --eval.heldout: a tokenize output whose val documents are scored
     eval_window: int = 0  # tokens per window of the held-out scores (the training row length); 0 = max_seq_len
 
@@ -74,6 +76,13 @@ class Objective:
     def loss(self, model: torch.nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
         """The mean loss of one micro-batch (called under autocast)."""
         raise NotImplementedError
+
+    def eval_loss(self, model: torch.nn.Module, batch: Any, device: torch.device) -> tuple[torch.Tensor, int]:
+        """(mean loss, count) of one validation batch (under autocast, no grad): the count is what the mean
+        is over (tokens with a label, pairs), so the val loss is the mean over the whole val set and not a mean
+        of batch means that changes with batch size or packing. The default weighs every batch alike: an
+        objective whose batches differ in size must override it."""
+        return self.loss(model, batch, device), 1
 
     def eval_batches(self) -> Iterable | None:
         """Validation micro-batches (the same on every call and rank), or None when there is no validation."""
@@ -374,17 +383,28 @@ def train_loop(cfg, info, objective: Objective) -> int:
         if batches is None:
             return None
         wrapped.eval()
-        total, n = torch.zeros((), device=device), 0
+        # [sum of mean x count, count] on this process; summed over the processes (whose shares of the val set
+        # may differ in size), their ratio is the mean over every counted token or pair
+        sums, n = torch.zeros(2, device=device), 0
         with torch.no_grad(), autocast:
             for batch in batches:
-                total += objective.loss(wrapped, batch, device).float()
+                mean, count = objective.eval_loss(wrapped, batch, device)
+                if count:  # a batch with nothing counted has a NaN mean (0/0) and no weight
+                    sums[0] += mean.float() * count
+                    sums[1] += count
                 n += 1
         dist_mod.reshard(wrapped)
         wrapped.train()
-        val = float(dist_mod.all_reduce_mean(total / max(n, 1)))
+        sums = dist_mod.all_reduce_sum(sums)
+        val = float(sums[0] / sums[1]) if float(sums[1]) > 0 else float("nan")
         if info.is_main:
-            writer.log({"kind": "val", "step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50))})
-            print0(f"step {step}: val loss {val:.4f} (ppl {math.exp(min(val, 50)):.1f}) over {n} batches")
+            rec = {"kind": "val", "step": step, "val_loss": val}
+            ppl = ""
+            if objective.val_ppl:
+                rec["val_ppl"] = math.exp(min(val, 50))
+                ppl = f" (ppl {rec['val_ppl']:.1f})"
+            writer.log(rec)
+            print0(f"step {step}: val loss {val:.4f}{ppl} over {n} batches")
             if not fsdp:  # sampling calls the single-device model; FSDP2 shards need every rank
                 texts = objective.sample(model, device, autocast, step)
                 if isinstance(texts, dict):

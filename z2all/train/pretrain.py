@@ -265,6 +265,10 @@ class Pretraining(Objective):
         _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
         return loss
 
+    def eval_loss(self, model, batch, device: torch.device):
+        # every target counts, so the count is the batch's size (the last val batch may be smaller)
+        return self.loss(model, batch, device), batch[1].numel()
+
     def eval_batches(self):
         return None if self.val_loader is None else self.val_loader.eval_batches(self.cfg.eval.max_batches)
 

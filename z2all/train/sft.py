@@ -253,6 +253,13 @@ class SFT(LoraHooks, Objective):
 
         return sft_loss(model, batch, device)
 
+    def eval_loss(self, model, batch, device: torch.device):
+        from z2all.data.sft_loader import IGNORE
+
+        # the mean is over the labelled (assistant) targets, which differ per batch, the more so padded;
+        # counted on the CPU copy of the targets: no device sync per batch
+        return self.loss(model, batch, device), int((batch.y != IGNORE).sum())
+
     def eval_batches(self):
         return None if self.val is None else self.val.eval_batches(self.cfg.eval.max_batches)
 
