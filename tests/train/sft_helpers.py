@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from train_helpers import REPO, cli_env
+from train_helpers import REPO, cli_env, run_cli
 
 # a tiny model and short rows: steps take milliseconds on one thread
 TINY_SFT = ["--data.seq_len=128", "--data.batch_size=4", "--eval.max_batches=2", "--eval.samples=2",
@@ -54,17 +54,12 @@ def sft_args(inputs: dict[str, Path], out: Path, *extra: str) -> list[str]:
 
 def run_sft_cli(args: list[str], *, nproc: int = 1, timeout: float = 300, check: bool = True,
                 popen: bool = False):
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "z2all", *args]
-    else:
-        cmd = [sys.executable, "-m", "z2all", *args]
+    """train_helpers.run_cli (the same handling of a rank that aborts at exit after the run finished), or a
+    Popen with its output discarded."""
     if popen:
+        cmd = [sys.executable, "-m", "z2all", *args]
         return subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    res = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=timeout)
-    if check and res.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
-    return res
+    return run_cli(args, nproc=nproc, timeout=timeout, check=check)
 
 
 def run_sft_inproc(args: list[str]) -> int:
