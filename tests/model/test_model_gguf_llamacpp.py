@@ -130,7 +130,7 @@ def test_bench_llamacpp_table(exported, capsys):
     assert llamacpp.run(llamacpp.Config(ckpt=str(ckpt), new_tokens=16, repeats=1, threads=1,
                                         dtypes=["f32"])) == 0
     out = capsys.readouterr().out
-    rows = [r for r in out.splitlines() if r.startswith("| llama.cpp f32") or r.startswith("| z2all generate")]
+    rows = [r for r in out.splitlines() if r.startswith("| llama.cpp f32") or r.startswith("| generate() in-process")]
     assert len(rows) == 3 and all("| 16/16" in r for r in rows), out
 
 
@@ -144,7 +144,7 @@ def test_bench_llamacpp_preset_engine_and_thread_rows(capsys):
     out = capsys.readouterr().out
     assert "preset tiny (random weights, demo BPE)" in out
     rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in out.splitlines()
-            if r.startswith("| z2all") or r.startswith("| llama.cpp")}
+            if r.startswith(("| z2all", "| generate()", "| llama.cpp"))}
     assert set(rows) == {"generate() in-process, plain forward (1 thr)", "generate() in-process, fast decode (1 thr)",
                          "generate() in-process, fast decode (2 thr, forced)",
                          "z2all engine, 3 streams aggregate (in-process, 1 thr)",

@@ -176,7 +176,7 @@ def run(cfg: Config) -> int:
                             outs, s = _engine(engine, ids, cfg.new_tokens, cfg.streams)
                             out, s = min(outs, key=lambda o: sum(a == b for a, b in zip(o, tokens[plain]))), s
                             s /= cfg.streams  # seconds per stream's worth of tokens: tokens/s = aggregate
-                        elif name.startswith("z2all"):
+                        elif name in (plain, fast, forced):
                             out, s = _ours(model, ids, cfg.new_tokens, "plain" if name == plain else "fast",
                                            alt if name == forced else 0)
                         else:
