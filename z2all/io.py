@@ -145,25 +145,39 @@ def _written_files(d: Path) -> set[str] | None:
     return None
 
 
-def check_replaceable(final: str | os.PathLike, option: str = "--out", ours: Iterable[str] = ()) -> None:
-    """Raise a UserError naming them when directory `final` holds files that the command which made it did
-    not write (a user's notes, another command's results such as `z2all eval`'s eval/), since replacing
-    `final` whole (atomic_dir) would delete them. Our own dot files (OWNER_FILE, MANIFEST_FILE, LOCK_FILE)
-    are ours, a user's (.gitattributes, .env) are not; `ours` names the command's own files for a directory
-    an older z2all wrote without a manifest or checksums."""
-    d = Path(final)
-    if not d.is_dir():
-        return
+def unlisted_files(directory: str | os.PathLike, ours: Iterable[str] = ()) -> list[str]:
+    """Files (relative paths, sorted) in `directory` that the command which made it did not write: not in
+    its record (MANIFEST_FILE, else for an older z2all its checksum file's list, else `ours`, the command's
+    own file names); with no record at all, every file. Our bookkeeping files (OWNER_FILE, MANIFEST_FILE,
+    LOCK_FILE) are ours wherever they lie (a copied tokenizer dir carries its owner file); a user's dot files
+    (.gitattributes, .env) are not."""
+    d = Path(directory)
     known = _written_files(d)
     if known is None and ours:
         known = set(ours)
     mine = {OWNER_FILE, MANIFEST_FILE, LOCK_FILE}
-    foreign = sorted(p.relative_to(d).as_posix() for p in d.rglob("*")
-                     if not p.is_dir() and not (p.parent == d and p.name in mine)
-                     and (known is None or p.relative_to(d).as_posix() not in known))
+    out = []
+    for p in d.rglob("*"):
+        if (p.is_dir() and not p.is_symlink()) or p.name in mine:
+            continue
+        rel = p.relative_to(d).as_posix()
+        if known is None or rel not in known:
+            out.append(rel)
+    return sorted(out)
+
+
+def check_replaceable(final: str | os.PathLike, option: str = "--out", ours: Iterable[str] = ()) -> None:
+    """Raise a UserError naming them when directory `final` holds files that the command which made it did
+    not write (unlisted_files: a user's notes, another command's results such as `z2all eval`'s eval/),
+    since replacing `final` whole (atomic_dir) would delete them."""
+    d = Path(final)
+    if not d.is_dir():
+        return
+    foreign = unlisted_files(d, ours)
     if foreign:
         shown = ", ".join(foreign[:3]) + (f", ... ({len(foreign)} files)" if len(foreign) > 3 else "")
-        what = "this command did not write" if known is not None else "that z2all has no record of writing"
+        recorded = _written_files(d) is not None or bool(tuple(ours))
+        what = "this command did not write" if recorded else "that z2all has no record of writing"
         raise UserError(f"{option} {d} holds files {what} ({shown}); replacing the directory would delete them. "
                         f"Move them out or choose another directory (nothing was changed)")
 

@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from z2all.io import MANIFEST_FILE, _written_files, atomic_dir, atomic_write_json, verify_checksums, write_checksums
+from z2all.io import atomic_dir, atomic_write_json, unlisted_files, verify_checksums, write_checksums
 from z2all.utils import UserError, print0
 
 STEP_RE = re.compile(r"^step-(\d+)$")
@@ -325,27 +325,12 @@ _LEGACY_FILES = (*_REQUIRED, "config.json", "checksums.json")
 
 def foreign_files(ckpt: str | os.PathLike) -> list[str]:
     """Files (relative paths) in checkpoint `ckpt` that training did not write, e.g. `z2all eval`'s eval/ or
-    a user's notes: not in its manifest (.z2all-files.json) or, for an older checkpoint, its checksums.json;
-    for one older still (neither), not among the files save_checkpoint writes."""
+    a user's notes (io.unlisted_files: its manifest, else its checksums.json; for a checkpoint older than
+    both, the files save_checkpoint writes and its tokenizer/ copy)."""
     d = Path(ckpt)
-    listed = _written_files(d)
-    manifest = (d / MANIFEST_FILE).is_file()
-    found = []
-    for p in sorted(d.rglob("*")):
-        if p.is_dir() and not p.is_symlink():
-            continue
-        rel = p.relative_to(d).as_posix()
-        if rel == MANIFEST_FILE:
-            continue
-        if listed is not None:
-            # checksums.json never lists dot files, so without a manifest those in tokenizer/ (e.g. the owner
-            # file copied with the tokenizer dir) are taken as the copy's; a dot file elsewhere is not
-            if rel in listed or (not manifest and rel.startswith("tokenizer/") and p.name.startswith(".")):
-                continue
-        elif rel in _LEGACY_FILES or rel.startswith("tokenizer/"):
-            continue
-        found.append(rel)
-    return found
+    tok = d / "tokenizer"
+    legacy = [*_LEGACY_FILES, *(p.relative_to(d).as_posix() for p in tok.rglob("*"))] if tok.is_dir() else _LEGACY_FILES
+    return unlisted_files(d, legacy)
 
 
 _reported: set[tuple[str, tuple[str, ...]]] = set()  # kept checkpoints already named by this process
