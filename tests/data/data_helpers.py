@@ -139,3 +139,23 @@ def read_records(out: Path, source: str) -> list[dict]:
             data = zstandard.ZstdDecompressor().decompressobj().decompress(data)
         recs += [orjson.loads(line) for line in data.splitlines()]
     return recs
+
+
+def assert_damaged_copies_refused(src: Path, tmp: Path, cases, open_split, remedy: str) -> None:
+    """For each (file name, change(bytes) -> bytes, words) in `cases`: a copy of data directory `src` with
+    that file changed makes `open_split(copy)` raise one UserError line naming the file, `words` and the
+    command that rebuilds it (`remedy`)."""
+    import shutil
+
+    import pytest
+
+    from z2all.utils import UserError
+
+    for i, (name, change, words) in enumerate(cases):
+        bad = tmp / f"bad{i}"
+        shutil.copytree(src, bad)
+        (bad / name).write_bytes(change((bad / name).read_bytes()))
+        with pytest.raises(UserError) as e:
+            open_split(bad)
+        msg = str(e.value)
+        assert str(bad / name) in msg and words in msg and remedy in msg and "\n" not in msg, (name, msg)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_helpers import write_json_array, write_jsonl, write_parquet
+from data_helpers import assert_damaged_copies_refused, write_json_array, write_jsonl, write_parquet
 
 from z2all.data import chat
 from z2all.utils import UserError
@@ -398,15 +398,6 @@ def test_another_template_renders_like_transformers_and_may_refuse_records(tokdi
         run_chat(tok, tmp_path / "out2", [tmp_path / "c.jsonl"])
 
 
-def _damaged(src: Path, dst: Path, name: str, change) -> Path:
-    """A copy of the chat directory `src` with `change(bytes) -> bytes` applied to one of its files."""
-    import shutil
-
-    shutil.copytree(src, dst)
-    (dst / name).write_bytes(change((dst / name).read_bytes()))
-    return dst
-
-
 def test_damaged_token_mask_and_index_files_are_one_line_errors_naming_the_file(tokdir, tmp_path):
     # what `z2all sft` reads: a byte appended to the tokens crashed np.memmap (internal error), one appended to
     # the mask trained silently on labels that no longer line up with the tokens
@@ -421,12 +412,7 @@ def test_damaged_token_mask_and_index_files_are_one_line_errors_naming_the_file(
              ("train-00000.bin", lambda b: b + b"\0\0", "does not match the other two files"),  # a whole token more
              ("train-00000.idx", lambda b: b + b"\0", "not a whole number of uint64 offsets"),
              ("train-00000.idx", lambda b: b[:-8], "does not match the other two files")]
-    for i, (name, change, what) in enumerate(cases):
-        bad = _damaged(out, tmp_path / f"bad{i}", name, change)
-        with pytest.raises(UserError) as e:
-            chat.ChatData(bad, "train")
-        msg = str(e.value)
-        assert str(bad / name) in msg and what in msg and "z2all data chat" in msg and "\n" not in msg, (name, msg)
+    assert_damaged_copies_refused(out, tmp_path, cases, lambda d: chat.ChatData(d, "train"), "z2all data chat")
     (out / "train-00000.mask").unlink()
     with pytest.raises(UserError, match=r"train-00000\.mask .*is missing"):
         chat.ChatData(out, "train")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from data_helpers import assert_damaged_copies_refused
 
 from z2all.data import prefs
 from z2all.data.chat import Renderer
@@ -133,7 +134,6 @@ def test_synthetic_pairs_split_by_prompt_and_refuse_foreign_dirs(tokdir, tmp_pat
 def test_damaged_files_are_one_line_errors_naming_the_file(tokdir, tmp_path):
     # what `z2all dpo` reads: a byte appended to train.bin crashed np.memmap (internal error); every file's size
     # is now checked against meta.json's counts before anything is mapped
-    import shutil
 
     pairs = [{"prompt": f"What is {i} + {i}?", "chosen": str(2 * i), "rejected": str(2 * i + 1)} for i in range(10)]
     out = tmp_path / "ok"
@@ -147,14 +147,7 @@ def test_damaged_files_are_one_line_errors_naming_the_file(tokdir, tmp_path):
              ("train.idx", lambda b: b + b"\0", "not a whole number of pair entries"),
              ("train.idx", lambda b: b[:-32], "holds"),
              ("train.plen", lambda b: b + b"\0", "not a whole number of prompt-length entries")]
-    for i, (name, change, what) in enumerate(cases):
-        bad = tmp_path / f"bad{i}"
-        shutil.copytree(out, bad)
-        (bad / name).write_bytes(change((bad / name).read_bytes()))
-        with pytest.raises(UserError) as e:
-            prefs.PrefData(bad, "train")
-        msg = str(e.value)
-        assert str(bad / name) in msg and what in msg and "z2all data prefs" in msg and "\n" not in msg, (name, msg)
+    assert_damaged_copies_refused(out, tmp_path, cases, lambda d: prefs.PrefData(d, "train"), "z2all data prefs")
     (out / "train.plen").unlink()
     with pytest.raises(UserError, match=r"train\.plen is missing"):
         prefs.PrefData(out, "train")

@@ -95,3 +95,20 @@ def run_inproc(args: list[str]) -> int:
     from z2all.train.pretrain import Config, run
 
     return run(load_config(Config, None, [a for a in args if a != "train"]))
+
+
+def assert_damaged_data_refused(src: Path, tmp: Path, damages, args_for, run, remedy: str, capsys) -> None:
+    """For each (file name, bytes) in `damages`: a copy of data directory `src` with those bytes appended;
+    `run(args_for(copy, out))` (the real command, in-process) exits 2 with one line naming the file and the
+    command that rebuilds it (`remedy`): no internal error, no traceback."""
+    import shutil
+
+    for i, (name, extra) in enumerate(damages):
+        data = tmp / f"data{i}"
+        shutil.copytree(src, data)
+        with open(data / name, "ab") as f:
+            f.write(extra)
+        assert run(args_for(data, tmp / f"run{i}")) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert str(data / name) in err and remedy in err, err
+        assert "\n" not in err and "internal error" not in err and "Traceback" not in err, err
